@@ -1,0 +1,65 @@
+"""ZOConfig: the engine and optimizer settings (the ``[optim]`` section of a job config)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from zo2.config.base import require, require_choice
+from zo2.optim.estimators import ESTIMATORS
+from zo2.optim.rng import DISTRIBUTIONS
+from zo2.optim.schedule import SCHEDULES
+
+
+@dataclass(kw_only=True)
+class ZOConfig:
+    """Zeroth-order optimizer and engine settings."""
+
+    lr: float = 1e-6
+    """Peak learning rate η (MeZO uses 1e-6..1e-7 for OPT full fine-tuning)."""
+    eps: float = 1e-3
+    """Perturbation scale ε: the forwards run at θ ± εz."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay λ in θ ← θ − η(g z + λθ); skipped for biases and norm weights."""
+    seed: int = 0
+    """Base seed: the direction of step t is a pure function of (seed, t, direction index)."""
+    estimator: str = "central"
+    """'central': two-sided SPSA as MeZO (L(θ+εz), L(θ−εz)); 'forward': one-sided (L(θ), L(θ+εz))."""
+    q: int = 1
+    """Directions per step; the projected gradients of the q directions are averaged."""
+    distribution: str = "gaussian"
+    """Direction distribution: 'gaussian' (N(0, I)) or 'rademacher' (±1, nearly free to generate)."""
+    lr_schedule: str = "constant"
+    """'constant', 'linear' or 'cosine' decay (after the warm-up) to min_lr_ratio·lr at total_steps."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr/warmup_steps to lr."""
+    total_steps: int | None = None
+    """Length of the decay for the linear and cosine schedules (the trainer fills it in from train.steps)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the linear/cosine schedules, as a fraction of lr."""
+    deferred_update: bool = True
+    """Apply step t's update at the start of step t+1, unit by unit, as the offload engine streams them.
+    Bit-identical to the immediate update; flush() applies a pending update at once."""
+    device: str | None = None
+    """Compute device ('cpu', 'cuda', 'cuda:1'); None keeps the model's own device."""
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.lr) and self.lr >= 0, "optim.lr", self.lr, "it must be a finite number >= 0.")
+        require(math.isfinite(self.eps) and self.eps > 0, "optim.eps", self.eps,
+                "it must be a finite number > 0 (MeZO uses 1e-3).")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                self.weight_decay, "it must be >= 0.")
+        require(isinstance(self.seed, int) and self.seed >= 0, "optim.seed", self.seed,
+                "it must be a non-negative integer.")
+        require_choice("optim.estimator", self.estimator, ESTIMATORS)
+        require(isinstance(self.q, int) and self.q >= 1, "optim.q", self.q, "it must be an integer >= 1.")
+        require_choice("optim.distribution", self.distribution, DISTRIBUTIONS)
+        require_choice("optim.lr_schedule", self.lr_schedule, SCHEDULES)
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "optim.warmup_steps",
+                self.warmup_steps, "it must be an integer >= 0.")
+        require(self.total_steps is None or (isinstance(self.total_steps, int) and self.total_steps >= 1),
+                "optim.total_steps", self.total_steps, "it must be a positive integer or unset.")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
+                "it must lie in [0, 1].")
+        require(self.lr_schedule == "constant" or self.total_steps is not None, "optim.total_steps",
+                self.total_steps, f"the {self.lr_schedule!r} schedule needs the number of steps it decays over.")

@@ -1,0 +1,349 @@
+"""ZOEngine: MeZO-style zeroth-order steps on a Hugging Face causal LM.
+
+A step evaluates the estimator's perturbed points (θ + εz, θ − εz for MeZO) by running every point's hidden
+states through the model unit by unit (``embed → blocks → head``), each unit's parameters perturbed out of place
+(θ itself is never modified by a perturbation, so nothing drifts in low precision). The losses give the
+projected gradient and an :class:`~zo2.optim.estimators.Update`; by default the update is *deferred*: it is
+applied to each unit at the start of its visit in the next step, the schedule the offload engine streams with.
+Deferred and immediate updates run the same arithmetic on the same values and are bit-identical.
+
+Every unit records the last update applied to it, so ``flush()`` (and a step that stopped half-way) never
+applies an update twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from zo2.config.zo import ZOConfig
+from zo2.errors import CheckpointError, ModelError
+from zo2.models.base import adapter_for, causal_lm_loss
+from zo2.optim.estimators import Point, Update, build_estimator
+from zo2.optim.rng import direction, param_key
+from zo2.optim.schedule import lr_at
+from zo2.optim.update import combined_direction, perturbed, updated
+
+LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+"""``loss_fn(logits, batch) -> scalar tensor``: any scalar function of the logits (need not be differentiable)."""
+
+_NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
+
+
+@dataclass
+class StepResult:
+    """What one ``ZOEngine.step`` reports."""
+
+    step: int
+    loss: float
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    lr: float
+    skipped: bool
+    update: Update | None
+    tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    """The loss of every evaluated point, in the estimator's order."""
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    logits: torch.Tensor
+
+
+@dataclass
+class _Slot:
+    """One place a unit's forward reads a trainable parameter: ``module._parameters[attr]``."""
+
+    module: nn.Module
+    attr: str
+    name: str
+
+
+@dataclass
+class _Unit:
+    """Embedding, one block or the head: parameters perturbed, updated and (later) streamed together."""
+
+    name: str
+    kind: str  # "embed" | "block" | "head"
+    index: int
+    slots: list[_Slot]
+    owned: list[str]
+    """Parameters this unit updates (a tied parameter is owned by the first unit that uses it)."""
+    applied: int = -1
+    """Step of the last update applied to the owned parameters."""
+
+
+def default_no_decay(name: str, param: torch.Tensor) -> bool:
+    """MeZO's rule: no weight decay on biases and norm weights (any 1-D parameter, or a norm by name)."""
+    lowered = name.lower()
+    return param.dim() < 2 or any(marker in lowered for marker in _NO_DECAY_MARKERS)
+
+
+def default_labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``batch['labels']``, or the input ids with padding masked out when the batch has no labels."""
+    if "labels" in batch:
+        return batch["labels"]
+    labels = batch["input_ids"].clone()
+    if "attention_mask" in batch:
+        labels[batch["attention_mask"] == 0] = -100
+    return labels
+
+
+def default_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return causal_lm_loss(logits, default_labels(batch))
+
+
+class ZOEngine:
+    """Zeroth-order fine-tuning of ``model`` (a transformers causal LM) with the settings of ``config``."""
+
+    def __init__(self, model: nn.Module, config: ZOConfig | None = None, *, loss_fn: LossFn | None = None):
+        self.config = config or ZOConfig()
+        if self.config.device is not None:
+            model.to(self.config.device)
+        self.model = model.eval()  # ZO forwards run with dropout off, as MeZO's
+        self.adapter = adapter_for(model)
+        self.loss_fn = loss_fn or default_loss
+        self.params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ModelError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False).")
+        self.keys = {n: param_key(n) for n in self.params}
+        if len(set(self.keys.values())) != len(self.keys):
+            raise ModelError("Two parameter names hash to the same perturbation key; rename one of them.")
+        self.decay = {n: not default_no_decay(n, p) for n, p in self.params.items()}
+        self.units = self._build_units()
+        read_by = [n for u in self.units for n in {s.name for s in u.slots}]
+        self._shared_names = {n for n in read_by if read_by.count(n) > 1}
+        self.estimator = build_estimator(self.config.estimator, self.config.seed, self.config.eps, self.config.q)
+        self.step_count = 0
+        self.pending: Update | None = None
+        self.device = next(iter(self.params.values())).device
+
+    # ------------------------------------------------------------------ setup
+    def _build_units(self) -> list[_Unit]:
+        names_by_id = {id(p): n for n, p in self.params.items()}
+        groups = [("embed", "embed", 0, self.adapter.embed_modules())]
+        groups += [(f"block.{i}", "block", i, [b]) for i, b in enumerate(self.adapter.blocks())]
+        groups.append(("head", "head", 0, self.adapter.head_modules()))
+        owned_so_far: set[str] = set()
+        units = []
+        for name, kind, index, modules in groups:
+            slots = self._slots(modules, names_by_id)
+            owned = [s.name for s in slots if s.name not in owned_so_far]
+            owned = list(dict.fromkeys(owned))
+            owned_so_far.update(owned)
+            units.append(_Unit(name, kind, index, slots, owned))
+        missing = set(self.params) - owned_so_far
+        if missing:
+            raise ModelError(
+                f"The {type(self.adapter).__name__} adapter does not cover the trainable parameters "
+                f"{sorted(missing)[:5]}; they would never be perturbed. Freeze them (requires_grad=False) or "
+                "fix the adapter's embed_modules/blocks/head_modules."
+            )
+        return units
+
+    @staticmethod
+    def _slots(modules: Sequence[nn.Module], names_by_id: dict[int, str]) -> list[_Slot]:
+        slots, seen = [], set()
+        for root in modules:
+            for module in root.modules():
+                for attr, p in module._parameters.items():
+                    if p is not None and id(p) in names_by_id and (id(module), attr) not in seen:
+                        seen.add((id(module), attr))
+                        slots.append(_Slot(module, attr, names_by_id[id(p)]))
+        return slots
+
+    # ------------------------------------------------------------------ the math on one tensor
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        return lr_at(step, c.lr, c.lr_schedule, c.warmup_steps, c.total_steps, c.min_lr_ratio)
+
+    def _z(self, name: str, seed: int) -> torch.Tensor:
+        p = self.params[name]
+        return direction(seed, self.keys[name], p.numel(), distribution=self.config.distribution, device=p.device)
+
+    def _apply_to_unit(self, unit: _Unit, update: Update) -> None:
+        if unit.applied >= update.step:
+            return  # already applied (flush after a partial step, or a replayed update)
+        for name in unit.owned:
+            p = self.params[name]
+            d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s))
+            wd = self.config.weight_decay if self.decay[name] else 0.0
+            p.data.copy_(updated(p.data, d, update.lr, wd).view(p.shape))
+        unit.applied = update.step
+
+    # ------------------------------------------------------------------ forwards
+    @contextlib.contextmanager
+    def _swapped(self, unit: _Unit, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Make the unit's modules read ``values[name]`` instead of their parameters, then restore them."""
+        saved = [(s, s.module._parameters[s.attr]) for s in unit.slots]
+        try:
+            for s in unit.slots:
+                s.module._parameters[s.attr] = values[s.name]
+            yield
+        finally:
+            for s, p in saved:
+                s.module._parameters[s.attr] = p
+
+    def _point_values(self, unit: _Unit, point: Point, unit_z: dict, step_z: dict) -> dict[str, torch.Tensor]:
+        """θ + ε Σ sign z for each parameter the unit reads; z is cached per unit (per step if shared)."""
+        values = {}
+        for s in unit.slots:
+            if s.name in values:
+                continue
+            cache = step_z if s.name in self._shared_names else unit_z
+
+            def z_of(seed: int, n: str = s.name, cache: dict = cache) -> torch.Tensor:
+                if (n, seed) not in cache:
+                    cache[(n, seed)] = self._z(n, seed)
+                return cache[(n, seed)]
+
+            values[s.name] = perturbed(self.params[s.name].data, point.terms, self.config.eps, z_of)
+        return values
+
+    def _run(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None,
+             keep_logits: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run every point through the units in order; apply ``pending`` to each unit on its visit."""
+        hidden: list[Any] = [None] * len(points)
+        losses: list[torch.Tensor] = []
+        logits_out: list[torch.Tensor] = []
+        ctx: dict[str, Any] = {}
+        step_z: dict = {}  # z of parameters read by several units (tied embeddings), kept for the whole step
+        for unit in self.units:
+            if pending is not None:
+                self._apply_to_unit(unit, pending)
+            unit_z: dict = {}
+            for i, point in enumerate(points):
+                values = self._point_values(unit, point, unit_z, step_z)
+                with self._swapped(unit, values):
+                    if unit.kind == "embed":
+                        hidden[i], ctx = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
+                    elif unit.kind == "block":
+                        hidden[i] = self.adapter.block(unit.index, hidden[i], ctx)
+                    else:
+                        logits = self.adapter.head(hidden[i], ctx)
+                        losses.append(self.loss_fn(logits, batch).detach().float().reshape(()))
+                        if keep_logits:
+                            logits_out.append(logits)
+                        hidden[i] = None
+        return losses, logits_out
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
+        """One ZO step on ``batch`` (input_ids, attention_mask, labels)."""
+        start = time.perf_counter()
+        step = self.step_count
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        points = self.estimator.points(step)
+        losses_t, _ = self._run(self._to_device(batch), points, self.pending)
+        self.pending = None
+        losses = torch.stack(losses_t).tolist()  # host sync: the step's only one, the loss scalars
+        lr = self.lr_at(step)
+        self.step_count += 1
+        if not all(math.isfinite(x) for x in losses):
+            nan = float("nan")
+            return StepResult(step, nan, nan, nan, nan, lr, True, None, tokens, time.perf_counter() - start, losses)
+        est = self.estimator.combine(step, losses, lr)
+        if self.config.deferred_update:
+            self.pending = est.update
+        else:
+            self.apply_update(est.update)
+        return StepResult(step, est.loss, est.loss_plus, est.loss_minus, est.projected_grad, lr, False, est.update,
+                          tokens, time.perf_counter() - start, losses)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the pending deferred update now; afterwards ``model`` holds the current weights."""
+        if self.pending is not None:
+            for unit in self.units:
+                self._apply_to_unit(unit, self.pending)
+            self.pending = None
+
+    @torch.no_grad()
+    def apply_update(self, update: Update) -> None:
+        """Apply ``update`` to every parameter (replay of a logged step), flushing any pending one first."""
+        self.flush()
+        for unit in self.units:
+            self._apply_to_unit(unit, update)
+
+    @torch.no_grad()
+    def evaluate(self, batch: Mapping[str, torch.Tensor]) -> EvalResult:
+        """Loss and logits at the current, unperturbed parameters."""
+        self.flush()
+        losses, logits = self._run(self._to_device(batch), [Point(())], None, keep_logits=True)
+        return EvalResult(float(losses[0]), logits[0])  # host sync: the reported loss
+
+    def perturbation(self, step: int, direction_index: int = 0) -> dict[str, torch.Tensor]:
+        """The direction z of step ``step`` (direction ``direction_index`` of q), keyed by parameter name."""
+        seed = self.estimator.seeds(step)[direction_index]
+        return {n: self._z(n, seed).view(p.shape) for n, p in self.params.items()}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The current trainable parameters (after a flush), by name."""
+        self.flush()
+        return {n: p.detach() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        missing = set(self.params) - set(tensors)
+        if missing:
+            raise CheckpointError(f"The saved weights lack {len(missing)} parameters, e.g. {sorted(missing)[:3]}; "
+                                  "they were saved from a different model.")
+        self.pending = None
+        for n, p in self.params.items():
+            if tensors[n].shape != p.shape:
+                raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
+                                      f"{tuple(p.shape)}: the checkpoint belongs to a different model shape.")
+            p.data.copy_(tensors[n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.flush()
+        self.step_count = int(state["step"])
+        for unit in self.units:
+            unit.applied = self.step_count - 1
+
+    def save(self, path: str | Path) -> None:
+        """Write the current weights (safetensors) and the engine state (JSON) to the folder ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.contiguous().cpu() for n, t in self.trainable_state().items()}
+        save_file(tensors, str(path / "weights.safetensors"))
+        meta = {"state": self.state_dict(), "config": asdict(self.config)}
+        (path / "engine.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, config: ZOConfig | None = None,
+             loss_fn: LossFn | None = None) -> "ZOEngine":
+        """An engine on ``model`` with the weights and state saved by :meth:`save` in ``path``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "engine.json").is_file() or not (path / "weights.safetensors").is_file():
+            raise CheckpointError(f"{path} is not a saved zo2 engine (engine.json and weights.safetensors are "
+                                  "expected there); pass the folder given to ZOEngine.save.")
+        meta = json.loads((path / "engine.json").read_text())
+        engine = cls(model, config or ZOConfig(**meta["config"]), loss_fn=loss_fn)
+        engine.load_trainable_state(load_file(str(path / "weights.safetensors"), device=str(engine.device)))
+        engine.load_state_dict(meta["state"])
+        return engine

@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every error a user can cause (bad config, missing file, empty data, a loss that keeps coming out NaN) is a
+:class:`ZO2Error`: its message is one paragraph naming the problem and the fix. The command line prints it
+without a traceback (unless ``--debug``) and exits with :attr:`ZO2Error.exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class ZO2Error(Exception):
+    """An error caused by the user's input, with a message that says how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(ZO2Error):
+    """A config key that does not exist, or a value that is impossible."""
+
+
+class ModelError(ZO2Error):
+    """A model path that is missing, unreadable or not a causal LM; an unsupported model family."""
+
+
+class DataError(ZO2Error):
+    """A dataset file that is missing, empty or malformed."""
+
+
+class CheckpointError(ZO2Error):
+    """A run folder, trajectory log or snapshot that is missing, corrupt or inconsistent."""
+
+
+class NonFiniteLossError(ZO2Error):
+    """The loss came out NaN/inf for too many steps in a row."""
+
+
+class ResourceError(ZO2Error):
+    """The job does not fit in host or device memory."""
