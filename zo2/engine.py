@@ -30,7 +30,7 @@ from zo2.models.base import adapter_for, causal_lm_loss
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
-from zo2.optim.update import combined_direction, perturbed, updated
+from zo2.optim.update import combined_direction, math_dtype, perturbed, updated
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss_fn(logits, batch) -> scalar tensor``: any scalar function of the logits (need not be differentiable)."""
@@ -178,7 +178,7 @@ class ZOEngine:
             return  # already applied (flush after a partial step, or a replayed update)
         for name in unit.owned:
             p = self.params[name]
-            d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s))
+            d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s), math_dtype(p.dtype))
             wd = self.config.weight_decay if self.decay[name] else 0.0
             p.data.copy_(updated(p.data, d, update.lr, wd).view(p.shape))
         unit.applied = update.step
@@ -233,7 +233,7 @@ class ZOEngine:
                         hidden[i] = self.adapter.block(unit.index, hidden[i], ctx)
                     else:
                         logits = self.adapter.head(hidden[i], ctx)
-                        losses.append(self.loss_fn(logits, batch).detach().float().reshape(()))
+                        losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))  # exact for any dtype
                         if keep_logits:
                             logits_out.append(logits)
                         hidden[i] = None

@@ -27,7 +27,9 @@ def reference_loss(model, params: dict, batch) -> torch.Tensor:
 
 
 def test_projected_grad_is_the_finite_difference_and_tends_to_the_directional_derivative():
-    model = tiny_model("opt", dtype=torch.float64).eval()
+    # GPT-2 is smooth (GELU) and computes everything in float64; OPT's ReLU kinks and Llama's float32
+    # RMSNorm would put a floor under the ε→0 error.
+    model = tiny_model("gpt2", dtype=torch.float64).eval()
     batch = padded_batch()
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     # autograd directional derivative ∇L·z at θ
@@ -35,7 +37,7 @@ def test_projected_grad_is_the_finite_difference_and_tends_to_the_directional_de
     loss = reference_loss(model, params, batch)
     grads = torch.autograd.grad(loss, list(params.values()))
     errors = []
-    for eps in (1e-2, 1e-3, 1e-4):
+    for eps in (1e-3, 1e-5, 1e-6):
         engine = ZOEngine(clone_model(model), ZOConfig(lr=0.0, eps=eps, seed=7))
         r = engine.step(batch)
         z = engine.perturbation(0)
@@ -46,7 +48,8 @@ def test_projected_grad_is_the_finite_difference_and_tends_to_the_directional_de
         assert r.loss_plus == pytest.approx(lp, rel=1e-12) and r.loss_minus == pytest.approx(lm, rel=1e-12)
         dd = sum((g * z[n].double()).sum() for g, n in zip(grads, params)).item()
         errors.append(abs(r.projected_grad - dd))
-    assert errors[2] < errors[0] and errors[2] < 1e-4 * max(1.0, abs(dd))
+    assert errors[0] > errors[1] > errors[2]  # O(eps²) truncation error
+    assert errors[2] < 1e-5 * max(1.0, abs(dd))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -18,11 +18,12 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def combined_direction(seeds: Sequence[int], coeffs: Sequence[float], z_of: DirectionFn) -> torch.Tensor:
-    """Σ coeff_i z(seed_i), accumulated in float32 in the given order."""
+def combined_direction(seeds: Sequence[int], coeffs: Sequence[float], z_of: DirectionFn,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Σ coeff_i z(seed_i), accumulated in ``dtype`` (the :func:`math_dtype` of θ) in the given order."""
     acc = None
     for seed, c in zip(seeds, coeffs):
-        term = z_of(seed) * c
+        term = z_of(seed).to(dtype) * c
         acc = term if acc is None else acc.add_(term)
     return acc
 
@@ -41,6 +42,6 @@ def perturbed(theta: torch.Tensor, terms: Sequence[tuple[int, float]], eps: floa
     t = theta.reshape(-1).to(math_dtype(theta.dtype))
     acc = None
     for seed, sign in terms:
-        term = z_of(seed) * (sign * eps)
+        term = z_of(seed).to(t.dtype) * (sign * eps)
         acc = term if acc is None else acc.add_(term)
     return (t + acc).to(theta.dtype).reshape(theta.shape)
