@@ -30,6 +30,8 @@ from zo2.models.base import adapter_for, causal_lm_loss
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
+from zo2.offload.build import build_offload
+from zo2.offload.streamer import TransferStats
 from zo2.optim.update import combined_direction, math_dtype, perturbed, updated
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -83,6 +85,8 @@ class _Unit:
     """Parameters this unit updates (a tied parameter is owned by the first unit that uses it)."""
     applied: int = -1
     """Step of the last update applied to the owned parameters."""
+    store_index: int | None = None
+    """Index in the parameter store when the unit is streamed, else None (resident on the device)."""
 
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -110,8 +114,6 @@ class ZOEngine:
 
     def __init__(self, model: nn.Module, config: ZOConfig | None = None, *, loss_fn: LossFn | None = None):
         self.config = config or ZOConfig()
-        if self.config.device is not None:
-            model.to(self.config.device)
         self.model = model.eval()  # ZO forwards run with dropout off, as MeZO's
         self.adapter = adapter_for(model)
         self.loss_fn = loss_fn or default_loss
@@ -128,9 +130,20 @@ class ZOEngine:
         self.estimator = build_estimator(self.config.estimator, self.config.seed, self.config.eps, self.config.q)
         self.step_count = 0
         self.pending: Update | None = None
-        self.device = next(iter(self.params.values())).device
+        self.device = self._compute_device()
+        self.plan, self.store, self.streamer = build_offload(self, self.device)
+        self.last_transfer: TransferStats | None = None
 
     # ------------------------------------------------------------------ setup
+    def _compute_device(self) -> torch.device:
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        device = next(iter(self.params.values())).device
+        if device.type == "meta":
+            raise ModelError("The model is on the meta device; set optim.device (e.g. 'cuda') so the engine knows "
+                             "where to compute, and load the weights into the parameter store.")
+        return device
+
     def _build_units(self) -> list[_Unit]:
         names_by_id = {id(p): n for n, p in self.params.items()}
         groups = [("embed", "embed", 0, self.adapter.embed_modules())]
@@ -170,18 +183,45 @@ class ZOEngine:
         return lr_at(step, c.lr, c.lr_schedule, c.warmup_steps, c.total_steps, c.min_lr_ratio)
 
     def _z(self, name: str, seed: int) -> torch.Tensor:
-        p = self.params[name]
-        return direction(seed, self.keys[name], p.numel(), distribution=self.config.distribution, device=p.device)
+        return direction(seed, self.keys[name], self.params[name].numel(), distribution=self.config.distribution,
+                         device=self.device)
+
+    def _update_tensors(self, unit: _Unit, theta: Mapping[str, torch.Tensor], update: Update) -> None:
+        """θ ← θ − lr (Σ c z + λθ) on the unit's owned parameters, wherever ``theta`` holds them."""
+        for name in unit.owned:
+            t = theta[name]
+            d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s), math_dtype(t.dtype))
+            wd = self.config.weight_decay if self.decay[name] else 0.0
+            t.copy_(updated(t, d, update.lr, wd).view(t.shape))
+
+    @contextlib.contextmanager
+    def _visit(self, unit: _Unit, pending: Update | None) -> Iterator[dict[str, torch.Tensor]]:
+        """The unit's parameters on the compute device, with ``pending`` applied (once) on the way in.
+
+        A streamed unit is uploaded (or was prefetched), updated on the device and written back to the store
+        while its forwards run; a resident unit is used in place.
+        """
+        streamed = unit.store_index is not None
+        if streamed:
+            flat = self.streamer.acquire(unit.store_index)
+            theta = self.store.views(flat, self.store.layout(unit.store_index))
+        else:
+            theta = {s.name: self.params[s.name].data for s in unit.slots}
+        if pending is not None and unit.applied < pending.step:
+            self._update_tensors(unit, theta, pending)
+            unit.applied = pending.step
+            if streamed:
+                self.streamer.write_back(unit.store_index)
+        try:
+            yield theta
+        finally:
+            if streamed:
+                self.streamer.release(unit.store_index)
 
     def _apply_to_unit(self, unit: _Unit, update: Update) -> None:
-        if unit.applied >= update.step:
-            return  # already applied (flush after a partial step, or a replayed update)
-        for name in unit.owned:
-            p = self.params[name]
-            d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s), math_dtype(p.dtype))
-            wd = self.config.weight_decay if self.decay[name] else 0.0
-            p.data.copy_(updated(p.data, d, update.lr, wd).view(p.shape))
-        unit.applied = update.step
+        if unit.applied < update.step:
+            with self._visit(unit, update):
+                pass
 
     # ------------------------------------------------------------------ forwards
     @contextlib.contextmanager
@@ -196,7 +236,8 @@ class ZOEngine:
             for s, p in saved:
                 s.module._parameters[s.attr] = p
 
-    def _point_values(self, unit: _Unit, point: Point, unit_z: dict, step_z: dict) -> dict[str, torch.Tensor]:
+    def _point_values(self, unit: _Unit, theta: Mapping[str, torch.Tensor], point: Point, unit_z: dict,
+                      step_z: dict) -> dict[str, torch.Tensor]:
         """θ + ε Σ sign z for each parameter the unit reads; z is cached per unit (per step if shared)."""
         values = {}
         for s in unit.slots:
@@ -209,7 +250,7 @@ class ZOEngine:
                     cache[(n, seed)] = self._z(n, seed)
                 return cache[(n, seed)]
 
-            values[s.name] = perturbed(self.params[s.name].data, point.terms, self.config.eps, z_of)
+            values[s.name] = perturbed(theta[s.name], point.terms, self.config.eps, z_of)
         return values
 
     def _run(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None,
@@ -220,23 +261,25 @@ class ZOEngine:
         logits_out: list[torch.Tensor] = []
         ctx: dict[str, Any] = {}
         step_z: dict = {}  # z of parameters read by several units (tied embeddings), kept for the whole step
+        if self.streamer is not None:
+            self.streamer.begin([u.store_index for u in self.units if u.store_index is not None])
         for unit in self.units:
-            if pending is not None:
-                self._apply_to_unit(unit, pending)
-            unit_z: dict = {}
-            for i, point in enumerate(points):
-                values = self._point_values(unit, point, unit_z, step_z)
-                with self._swapped(unit, values):
-                    if unit.kind == "embed":
-                        hidden[i], ctx = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
-                    elif unit.kind == "block":
-                        hidden[i] = self.adapter.block(unit.index, hidden[i], ctx)
-                    else:
-                        logits = self.adapter.head(hidden[i], ctx)
-                        losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))  # exact for any dtype
-                        if keep_logits:
-                            logits_out.append(logits)
-                        hidden[i] = None
+            with self._visit(unit, pending) as theta:
+                unit_z: dict = {}
+                for i, point in enumerate(points):
+                    values = self._point_values(unit, theta, point, unit_z, step_z)
+                    with self._swapped(unit, values):
+                        if unit.kind == "embed":
+                            hidden[i], ctx = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
+                        elif unit.kind == "block":
+                            hidden[i] = self.adapter.block(unit.index, hidden[i], ctx)
+                        else:
+                            logits = self.adapter.head(hidden[i], ctx)
+                            # .double() is exact for any dtype and keeps float64 checks exact
+                            losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))
+                            if keep_logits:
+                                logits_out.append(logits)
+                            hidden[i] = None
         return losses, logits_out
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,6 +297,8 @@ class ZOEngine:
         losses_t, _ = self._run(self._to_device(batch), points, self.pending)
         self.pending = None
         losses = torch.stack(losses_t).tolist()  # host sync: the step's only one, the loss scalars
+        if self.streamer is not None:
+            self.last_transfer = self.streamer.collect_stats()
         lr = self.lr_at(step)
         self.step_count += 1
         if not all(math.isfinite(x) for x in losses):
@@ -274,6 +319,8 @@ class ZOEngine:
             for unit in self.units:
                 self._apply_to_unit(unit, self.pending)
             self.pending = None
+        if self.streamer is not None:
+            self.streamer.synchronize()
 
     @torch.no_grad()
     def apply_update(self, update: Update) -> None:
@@ -281,6 +328,8 @@ class ZOEngine:
         self.flush()
         for unit in self.units:
             self._apply_to_unit(unit, update)
+        if self.streamer is not None:
+            self.streamer.synchronize()
 
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, torch.Tensor]) -> EvalResult:
@@ -310,7 +359,7 @@ class ZOEngine:
             if tensors[n].shape != p.shape:
                 raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
                                       f"{tuple(p.shape)}: the checkpoint belongs to a different model shape.")
-            p.data.copy_(tensors[n])
+            p.data.copy_(tensors[n])  # streamed blocks' parameters are views of the store: this fills it
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count}

@@ -42,6 +42,17 @@ class ZOConfig:
     Bit-identical to the immediate update; flush() applies a pending update at once."""
     device: str | None = None
     """Compute device ('cpu', 'cuda', 'cuda:1'); None keeps the model's own device."""
+    offload: bool | str = "auto"
+    """'auto': keep every block on the device if the budget allows, else keep as many as fit and stream the
+    rest from host memory; true: stream every block; false: no streaming."""
+    prefetch: int = 1
+    """Blocks uploaded ahead of the one being computed (device memory holds prefetch + 2 streamed blocks)."""
+    gpu_memory_budget: int | float | str | None = None
+    """Device memory the engine may plan for: bytes (int or '18GB'), a fraction of free memory (0.9), or None
+    for NVML's free memory minus a margin (on CPU, None means no limit)."""
+    shared_store: bool = False
+    """Allocate the parameter store as named files in /dev/shm (pinned with cudaHostRegister where CUDA exists)
+    so other processes on the node can map it; otherwise private pinned memory."""
 
     def __post_init__(self) -> None:
         require(math.isfinite(self.lr) and self.lr >= 0, "optim.lr", self.lr, "it must be a finite number >= 0.")
@@ -61,5 +72,9 @@ class ZOConfig:
                 "optim.total_steps", self.total_steps, "it must be a positive integer or unset.")
         require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
                 "it must lie in [0, 1].")
+        require(self.offload in (True, False, "auto"), "optim.offload", self.offload,
+                "it must be true, false or 'auto'.")
+        require(isinstance(self.prefetch, int) and self.prefetch >= 1, "optim.prefetch", self.prefetch,
+                "it must be an integer >= 1.")
         require(self.lr_schedule == "constant" or self.total_steps is not None, "optim.total_steps",
                 self.total_steps, f"the {self.lr_schedule!r} schedule needs the number of steps it decays over.")

@@ -1,0 +1,70 @@
+"""Set an engine up for offloading: plan residency, build the store, place the rest on the device."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from zo2.errors import ModelError
+from zo2.offload.planner import Plan, make_plan, parse_budget
+from zo2.offload.store import ParameterStore
+from zo2.offload.streamer import BlockStreamer
+
+if TYPE_CHECKING:
+    from zo2.engine import ZOEngine
+
+log = logging.getLogger("zo2.offload")
+
+
+def _nbytes(params: list[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _place(model: nn.Module, device: torch.device, keep_on_host: set[int]) -> None:
+    """Move every parameter and buffer to ``device`` except the parameters of the modules in ``keep_on_host``."""
+    for module in model.modules():
+        if id(module) not in keep_on_host:
+            for name, p in module._parameters.items():
+                if p is not None and p.device != device:
+                    p.data = p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device)
+
+
+def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, ParameterStore | None, BlockStreamer | None]:
+    cfg = engine.config
+    blocks = [u for u in engine.units if u.kind == "block"]
+    block_params = [[engine.params[n] for n in u.owned] for u in blocks]
+    block_bytes = [_nbytes(ps) for ps in block_params]
+    fixed = _nbytes([engine.params[n] for u in engine.units if u.kind != "block" for n in u.owned])
+    largest = max((p.numel() for ps in block_params for p in ps), default=0)
+    largest_block = max((sum(p.numel() for p in ps) for ps in block_params), default=0)
+    # perturbed copy of a block + float32 directions of its largest parameter (twice: θ± and the update)
+    reserve = largest_block * max((p.element_size() for ps in block_params for p in ps), default=4) + 8 * largest
+    budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
+                                                            device.type == "cuda") else None
+    plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
+    store = streamer = None
+    if plan.streamed:
+        streamed_units = [blocks[i] for i in plan.streamed]
+        for u in streamed_units:
+            if any(n in engine._shared_names for n in u.owned):
+                raise ModelError(f"{u.name} shares parameters with another unit and cannot be streamed.")
+        dtypes = {engine.params[n].dtype for u in streamed_units for n in u.owned}
+        if len(dtypes) != 1:
+            raise ModelError(f"Streamed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
+                             "one dtype (model.dtype) before building the engine.")
+        store = ParameterStore.from_blocks([[(n, engine.params[n]) for n in u.owned] for u in streamed_units],
+                                           dtypes.pop(), pin=device.type == "cuda", shared=cfg.shared_store)
+        for k, u in enumerate(streamed_units):
+            u.store_index = k
+        streamer = BlockStreamer(store, device, cfg.prefetch)
+    keep = {id(m) for u in blocks if u.store_index is not None for m in engine.adapter.blocks()[u.index].modules()}
+    _place(engine.model, device, keep)
+    if plan.streamed or cfg.offload is not False:
+        log.info(plan.describe())
+    return plan, store, streamer

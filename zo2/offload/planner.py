@@ -1,0 +1,134 @@
+"""The residency planner: which blocks stay on the device and which stream from the store.
+
+Under a device-memory budget (default: what NVML reports free on the GPU, minus a margin), keep as many blocks
+resident as fit after the embedding, the head, the streaming slots and a working reserve; stream the rest. A
+model that fits runs with no offloading at all. Resident blocks are the first ones, so the uploads of the
+first streamed blocks overlap the compute of the resident ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zo2.errors import ResourceError
+
+MARGIN_FRACTION = 0.05
+MARGIN_MIN_BYTES = 1 << 30
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` from NVML (CUDA), or None where it cannot be read."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:  # no NVML library / driver: fall back to torch's view
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:
+            return None
+
+
+def parse_budget(budget: int | float | str | None, device: torch.device) -> int | None:
+    """Bytes from a budget given as bytes (int or '18GB'/'512MiB'), a fraction of free memory, or None (auto)."""
+    free = device_free_bytes(device)
+    if budget is None:
+        if free is None:
+            return None
+        return int(free - max(MARGIN_MIN_BYTES, MARGIN_FRACTION * free))
+    if isinstance(budget, str):
+        text = budget.strip().upper().replace(" ", "")
+        units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9,
+                 "MB": 10**6, "KB": 10**3, "B": 1}
+        for suffix, scale in units.items():
+            if text.endswith(suffix):
+                return int(float(text[: -len(suffix)]) * scale)
+        return int(float(text))
+    if isinstance(budget, float) and 0 < budget <= 1:
+        if free is None:
+            raise ResourceError("optim.gpu_memory_budget is a fraction of free device memory, but the free memory "
+                                f"of {device} cannot be read; give the budget in bytes (e.g. '18GB').")
+        return int(budget * free)
+    return int(budget)
+
+
+@dataclass
+class Plan:
+    """The outcome of planning: block indices resident on the device and streamed from the store."""
+
+    resident: list[int]
+    streamed: list[int]
+    block_bytes: list[int]
+    fixed_bytes: int
+    """Embedding + head (always resident)."""
+    slot_bytes: int
+    """Device buffers of the streamer: (prefetch + 2) × the largest streamed block."""
+    reserve_bytes: int
+    """Working memory kept free for perturbed copies, directions and activations."""
+    budget: int | None
+    prefetch: int
+
+    @property
+    def bytes_per_step_h2d(self) -> int:
+        return sum(self.block_bytes[i] for i in self.streamed)
+
+    @property
+    def bytes_per_step_d2h(self) -> int:
+        return self.bytes_per_step_h2d
+
+    @property
+    def expected_peak(self) -> int:
+        resident = sum(self.block_bytes[i] for i in self.resident)
+        return self.fixed_bytes + resident + self.slot_bytes + self.reserve_bytes
+
+    def describe(self) -> str:
+        n = len(self.block_bytes)
+        lines = [
+            f"residency plan: {len(self.resident)}/{n} blocks resident, {len(self.streamed)}/{n} streamed "
+            f"(prefetch {self.prefetch})",
+            f"  embed+head {_gb(self.fixed_bytes)}, resident blocks {_gb(sum(self.block_bytes[i] for i in self.resident))}, "
+            f"stream buffers {_gb(self.slot_bytes)}, working reserve {_gb(self.reserve_bytes)}",
+            f"  per step: {_gb(self.bytes_per_step_h2d)} host→device, up to {_gb(self.bytes_per_step_d2h)} device→host",
+            f"  expected peak device memory {_gb(self.expected_peak)}"
+            + (f" of a {_gb(self.budget)} budget" if self.budget is not None else ""),
+        ]
+        return "\n".join(lines)
+
+
+def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,
+              budget: int | None, prefetch: int) -> Plan:
+    """Choose the resident blocks. ``offload``: False (all resident), True (all streamed) or 'auto'."""
+    n = len(block_bytes)
+    slot = (prefetch + 2) * max(block_bytes, default=0)
+    if offload is False or (offload == "auto" and (budget is None or fixed_bytes + sum(block_bytes) + reserve_bytes <= budget)):
+        return Plan(list(range(n)), [], block_bytes, fixed_bytes, 0, reserve_bytes, budget, prefetch)
+    if offload is True:
+        return Plan([], list(range(n)), block_bytes, fixed_bytes, slot, reserve_bytes, budget, prefetch)
+    room = budget - fixed_bytes - slot - reserve_bytes
+    if room < 0:
+        raise ResourceError(
+            f"The model does not fit the device budget even fully streamed: embedding+head {_gb(fixed_bytes)} + "
+            f"{prefetch + 2} stream buffers {_gb(slot)} + working reserve {_gb(reserve_bytes)} > budget "
+            f"{_gb(budget)}. Lower optim.prefetch, raise optim.gpu_memory_budget, or use a smaller storage dtype."
+        )
+    resident: list[int] = []
+    for i, b in enumerate(block_bytes):
+        if b > room:
+            break
+        room -= b
+        resident.append(i)
+    streamed = [i for i in range(n) if i not in resident]
+    if not streamed:
+        slot = 0
+    return Plan(resident, streamed, block_bytes, fixed_bytes, slot, reserve_bytes, budget, prefetch)

@@ -1,0 +1,147 @@
+"""The parameter store: every streamed block's parameters in one flat host buffer, pinned.
+
+Block ``i``'s parameters are packed back to back in ``store.flat(i)`` (storage dtype), in the order of
+``store.layout(i)``. The module's own parameters are re-pointed at views of that buffer, so ``model`` always
+reads and writes the store and nothing is held twice. The buffer is page-locked (``pin_memory`` or
+``cudaHostRegister``) where CUDA exists, because DMA from pageable memory runs at an eighth of the speed
+(DESIGN.md §7); with ``shared=True`` it is a named file in ``/dev/shm`` that other processes on the node can map.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import psutil
+import torch
+from torch import nn
+
+from zo2.errors import ResourceError
+
+_SHM_DIR = Path("/dev/shm")
+HOST_MARGIN_BYTES = 2 << 30
+"""Host memory left free for the rest of the process when checking that a store fits."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One parameter inside a block's flat buffer."""
+
+    name: str
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def check_host_memory(nbytes: int, what: str, dtype: torch.dtype) -> None:
+    """Raise ResourceError with the numbers when ``nbytes`` does not fit in available host memory."""
+    available = psutil.virtual_memory().available
+    if nbytes + HOST_MARGIN_BYTES > available:
+        raise ResourceError(
+            f"{what} needs {_gb(nbytes)} of host memory in {str(dtype).replace('torch.', '')}, but only "
+            f"{_gb(available)} is available (keeping {_gb(HOST_MARGIN_BYTES)} free). Use a smaller storage dtype "
+            "(optim.storage_dtype = 'bf16' halves fp32), fewer layers, or a machine with more memory."
+        )
+
+
+class ParameterStore:
+    """Flat host buffers, one per block, in a single storage dtype."""
+
+    def __init__(self, layouts: list[list[Segment]], dtype: torch.dtype, *, pin: bool | None = None,
+                 shared: bool = False, name: str | None = None):
+        self.layouts = layouts
+        self.dtype = dtype
+        self.shared = shared
+        self.name = name or f"zo2-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        pin = torch.cuda.is_available() if pin is None else pin
+        numels = [sum(s.numel for s in layout) for layout in layouts]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        check_host_memory(sum(numels) * itemsize, f"The parameter store ({len(layouts)} blocks)", dtype)
+        self._paths: list[Path] = []
+        self._registered: list[torch.Tensor] = []
+        self.buffers = [self._allocate(i, n, pin) for i, n in enumerate(numels)]
+
+    def _allocate(self, index: int, numel: int, pin: bool) -> torch.Tensor:
+        if not self.shared:
+            return torch.empty(numel, dtype=self.dtype, pin_memory=pin)
+        # Allocate in shared memory from the start and fill in place: sharing a filled tensor copies it.
+        path = _SHM_DIR / f"{self.name}-block{index}"
+        buf = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=self.dtype)[:numel]
+        self._paths.append(path)
+        if pin and numel:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+            if int(err) != 0:
+                raise ResourceError(f"cudaHostRegister failed ({err}) for {path}: cannot pin the shared store.")
+            self._registered.append(buf)
+        return buf
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def flat(self, index: int) -> torch.Tensor:
+        return self.buffers[index]
+
+    def layout(self, index: int) -> list[Segment]:
+        return self.layouts[index]
+
+    def block_bytes(self, index: int) -> int:
+        return self.buffers[index].numel() * self.buffers[index].element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.block_bytes(i) for i in range(len(self)))
+
+    @staticmethod
+    def views(flat: torch.Tensor, layout: Iterable[Segment]) -> dict[str, torch.Tensor]:
+        """Parameter-shaped views of a block's flat buffer (host or device)."""
+        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in layout}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_blocks(cls, blocks: list[list[tuple[str, nn.Parameter]]], dtype: torch.dtype, **kwargs) -> "ParameterStore":
+        """Copy each block's parameters into the store and re-point them at its host buffer.
+
+        ``blocks[i]`` lists (canonical name, parameter) of block ``i``. Parameters on the meta device are
+        re-pointed without a copy (their values are filled into the store later, e.g. from safetensors shards).
+        """
+        layouts = []
+        for params in blocks:
+            offset, layout = 0, []
+            for name, p in params:
+                layout.append(Segment(name, offset, p.numel(), tuple(p.shape)))
+                offset += p.numel()
+            layouts.append(layout)
+        store = cls(layouts, dtype, **kwargs)
+        for i, params in enumerate(blocks):
+            views = cls.views(store.flat(i), store.layout(i))
+            for name, p in params:
+                if not p.is_meta:
+                    views[name].copy_(p.detach())
+                p.data = views[name]  # the module now reads and writes the store
+        return store
+
+    def close(self) -> None:
+        """Unpin and unlink shared buffers (the tensors stay valid in processes that still map them)."""
+        if self._registered:
+            cudart = torch.cuda.cudart()
+            for buf in self._registered:
+                cudart.cudaHostUnregister(buf.data_ptr())
+            self._registered.clear()
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+        self._paths.clear()
+
+    def __del__(self) -> None:  # best effort: never leave /dev/shm files behind
+        try:
+            self.close()
+        except Exception:
+            pass

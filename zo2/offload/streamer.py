@@ -1,0 +1,155 @@
+"""The block streamer: moves streamed blocks between the store and reusable device buffers.
+
+Per streamed block and step: upload (H2D stream) → deferred update on the compute stream → write-back of the
+updated block (D2H stream, overlapping the forwards) → the forwards read the device copy → the slot is released.
+Uploads run ``prefetch`` blocks ahead of the compute. CUDA events order the three streams; nothing in the hot
+loop synchronizes with the host. On a CPU device the same schedule runs with plain copies.
+
+Device memory: ``prefetch + 2`` slots of the largest block, allocated once: one computing, ``prefetch``
+arriving, one whose write-back may still be in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zo2.offload.store import ParameterStore
+
+
+@dataclass
+class TransferStats:
+    """Bytes moved and (CUDA only) milliseconds the compute stream waited for uploads, since the last reset."""
+
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    wait_ms: float = 0.0
+    uploads: int = 0
+    write_backs: int = 0
+    _pending_waits: list = field(default_factory=list)
+
+
+class BlockStreamer:
+    """Streams the blocks of ``store`` through ``prefetch + 2`` device buffers on ``device``."""
+
+    def __init__(self, store: ParameterStore, device: torch.device, prefetch: int = 1, measure: bool = True):
+        self.store = store
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.cuda = self.device.type == "cuda"
+        largest = max((store.flat(i).numel() for i in range(len(store))), default=0)
+        self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
+        self.stats = TransferStats()
+        self.measure = measure and self.cuda
+        self._order: list[int] = []
+        self._position: dict[int, int] = {}
+        self._slot_of: dict[int, int] = {}
+        self._next_slot = 0
+        self._uploaded: dict[int, object] = {}
+        self._written: dict[int, object] = {}  # block -> D2H-done event of its last write-back
+        self._slot_busy: list[list] = [[] for _ in self.slots]  # events to wait on before reusing a slot
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(self.device)  # uploads run beside the compute
+            self.d2h = torch.cuda.Stream(self.device)  # write-backs too, in the other direction
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.slots)
+
+    # ------------------------------------------------------------------ schedule
+    def begin(self, order: list[int]) -> None:
+        """Start a pass over the blocks ``order`` (store indices, visit order): prefetch the first ones."""
+        self._order = list(order)
+        self._position = {b: k for k, b in enumerate(self._order)}
+        self._uploaded.clear()
+        self._slot_of.clear()
+        for b in self._order[: self.prefetch]:
+            self._upload(b)
+
+    def acquire(self, block: int) -> torch.Tensor:
+        """The device copy of ``block``, ready for the compute stream; prefetches the following blocks."""
+        if block not in self._position:
+            self.begin([block])
+        if block not in self._uploaded:
+            self._upload(block)
+        pos = self._position[block]
+        for nxt in self._order[pos + 1 : pos + 1 + self.prefetch]:
+            if nxt not in self._uploaded:
+                self._upload(nxt)
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            if self.measure:
+                ready = torch.cuda.Event(enable_timing=True)
+                ready.record(compute)
+                self.stats._pending_waits.append((ready, self._uploaded[block]))
+            compute.wait_event(self._uploaded[block])  # the forwards need the whole block
+        n = self.store.flat(block).numel()
+        return self.slots[self._slot_of[block]][:n]
+
+    def write_back(self, block: int) -> None:
+        """Copy the (updated) device copy of ``block`` back to the store, after the work queued so far."""
+        src = self.slots[self._slot_of[block]][: self.store.flat(block).numel()]
+        dst = self.store.flat(block)
+        if self.cuda:
+            updated = torch.cuda.Event()
+            updated.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.d2h):
+                self.d2h.wait_event(updated)  # the update kernels have written the slot
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.d2h)
+            self._written[block] = done
+            self._slot_busy[self._slot_of[block]].append(done)
+        else:
+            dst.copy_(src)
+        self.stats.bytes_d2h += dst.numel() * dst.element_size()
+        self.stats.write_backs += 1
+
+    def release(self, block: int) -> None:
+        """The compute stream is done with ``block``'s slot once the work queued so far has run."""
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._slot_busy[self._slot_of[block]].append(done)
+        self._uploaded.pop(block, None)
+
+    def synchronize(self) -> None:
+        """Wait for every write-back: afterwards the store (and the module parameters) are current."""
+        if self.cuda:
+            for event in self._written.values():
+                event.synchronize()  # host sync: only at flush/save/evaluate, never inside a step
+        self._written.clear()
+
+    def collect_stats(self) -> TransferStats:
+        """Stats since the last call (resolves the wait timings: call it after the step's host sync)."""
+        stats = self.stats
+        for ready, uploaded in stats._pending_waits:
+            stats.wait_ms += max(0.0, ready.elapsed_time(uploaded))
+        stats._pending_waits = []
+        self.stats = TransferStats()
+        return stats
+
+    # ------------------------------------------------------------------ internals
+    def _upload(self, block: int) -> None:
+        slot = self._next_slot
+        self._next_slot = (self._next_slot + 1) % len(self.slots)
+        self._slot_of[block] = slot
+        src = self.store.flat(block)
+        dst = self.slots[slot][: src.numel()]
+        if self.cuda:
+            with torch.cuda.stream(self.h2d):
+                for event in self._slot_busy[slot]:
+                    self.h2d.wait_event(event)  # the slot's previous block is computed and written back
+                if block in self._written:
+                    self.h2d.wait_event(self._written[block])  # the store holds this block's last update
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event(enable_timing=self.measure)
+                done.record(self.h2d)
+            self._uploaded[block] = done
+        else:
+            dst.copy_(src)
+            self._uploaded[block] = None
+        self._slot_busy[slot] = []
+        self.stats.bytes_h2d += src.numel() * src.element_size()
+        self.stats.uploads += 1
