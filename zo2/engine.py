@@ -56,6 +56,14 @@ class StepResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     """The loss of every evaluated point, in the estimator's order."""
+    bytes_h2d: int = 0
+    """Bytes uploaded from the parameter store this step (0 when nothing streams)."""
+    bytes_d2h: int = 0
+    """Bytes written back to the parameter store this step."""
+    transfer_wait_ms: float = 0.0
+    """Time the compute stream waited for uploads (CUDA only)."""
+    peak_device_bytes: int = 0
+    """Peak memory allocated on the compute device during the step (CUDA only)."""
 
 
 @dataclass
@@ -294,23 +302,29 @@ class ZOEngine:
         mask = batch.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         points = self.estimator.points(step)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         losses_t, _ = self._run(self._to_device(batch), points, self.pending)
         self.pending = None
         losses = torch.stack(losses_t).tolist()  # host sync: the step's only one, the loss scalars
-        if self.streamer is not None:
-            self.last_transfer = self.streamer.collect_stats()
+        transfer = self.streamer.collect_stats() if self.streamer is not None else TransferStats()
+        self.last_transfer = transfer
+        measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
+                        peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0)
         lr = self.lr_at(step)
         self.step_count += 1
         if not all(math.isfinite(x) for x in losses):
             nan = float("nan")
-            return StepResult(step, nan, nan, nan, nan, lr, True, None, tokens, time.perf_counter() - start, losses)
+            return StepResult(step, nan, nan, nan, nan, lr, True, None, tokens, time.perf_counter() - start, losses,
+                              **measured)
         est = self.estimator.combine(step, losses, lr)
         if self.config.deferred_update:
             self.pending = est.update
         else:
             self.apply_update(est.update)
         return StepResult(step, est.loss, est.loss_plus, est.loss_minus, est.projected_grad, lr, False, est.update,
-                          tokens, time.perf_counter() - start, losses)
+                          tokens, time.perf_counter() - start, losses, **measured)
 
     @torch.no_grad()
     def flush(self) -> None:
