@@ -24,11 +24,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from zo2.config.zo import ZOConfig
+from zo2.config.zo import ZOConfig, torch_dtype
 from zo2.errors import CheckpointError, ModelError
 from zo2.models.base import adapter_for, causal_lm_loss
 from zo2.optim.estimators import Point, Update, build_estimator
-from zo2.optim.rng import direction, param_key
+from zo2.optim.rng import direction, direction_seed, param_key
+from zo2_kernels.reference import stochastic_round
 from zo2.optim.schedule import lr_at
 from zo2.offload.build import build_offload
 from zo2.offload.streamer import TransferStats
@@ -38,6 +39,7 @@ LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss_fn(logits, batch) -> scalar tensor``: any scalar function of the logits (need not be differentiable)."""
 
 _NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
+_ROUNDING_STREAM = 0x5352_0000_0000  # separates the rounding seeds from the direction seeds
 
 
 @dataclass
@@ -128,6 +130,7 @@ class ZOEngine:
         self.params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ModelError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False).")
+        self._set_dtypes()
         self.keys = {n: param_key(n) for n in self.params}
         if len(set(self.keys.values())) != len(self.keys):
             raise ModelError("Two parameter names hash to the same perturbation key; rename one of them.")
@@ -143,6 +146,20 @@ class ZOEngine:
         self.last_transfer: TransferStats | None = None
 
     # ------------------------------------------------------------------ setup
+    def _set_dtypes(self) -> None:
+        """Cast trainable weights to the storage dtype; frozen ones to the compute dtype (they are never stored)."""
+        storage = torch_dtype(self.config.storage_dtype)
+        if storage is not None:
+            for p in self.params.values():
+                if p.dtype != storage and not p.is_meta:
+                    p.data = p.data.to(storage)
+        compute = torch_dtype(self.config.compute_dtype)
+        self.compute_dtype = compute or next(iter(self.params.values())).dtype
+        if compute is not None:
+            for p in self.model.parameters():
+                if not p.requires_grad and p.is_floating_point() and p.dtype != compute:
+                    p.data = p.data.to(compute)
+
     def _compute_device(self) -> torch.device:
         if self.config.device is not None:
             return torch.device(self.config.device)
@@ -200,7 +217,14 @@ class ZOEngine:
             t = theta[name]
             d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s), math_dtype(t.dtype))
             wd = self.config.weight_decay if self.decay[name] else 0.0
-            t.copy_(updated(t, d, update.lr, wd).view(t.shape))
+            new = updated(t, d, update.lr, wd)
+            if t.dtype in (torch.bfloat16, torch.float16) and self.config.stochastic_rounding:
+                new = stochastic_round(new, t.dtype, self._rounding_seed(update), self.keys[name])
+            t.copy_(new.view(t.shape))
+
+    def _rounding_seed(self, update: Update) -> int:
+        """Seed of the stochastic rounding of ``update``: a pure function of (base seed, step), so replay agrees."""
+        return direction_seed(self.config.seed ^ _ROUNDING_STREAM, update.step)
 
     @contextlib.contextmanager
     def _visit(self, unit: _Unit, pending: Update | None) -> Iterator[dict[str, torch.Tensor]]:
@@ -258,7 +282,7 @@ class ZOEngine:
                     cache[(n, seed)] = self._z(n, seed)
                 return cache[(n, seed)]
 
-            values[s.name] = perturbed(theta[s.name], point.terms, self.config.eps, z_of)
+            values[s.name] = perturbed(theta[s.name], point.terms, self.config.eps, z_of, self.compute_dtype)
         return values
 
     def _run(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None,

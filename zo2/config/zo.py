@@ -5,10 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from zo2.config.base import require, require_choice
 from zo2.optim.estimators import ESTIMATORS
 from zo2.optim.rng import DISTRIBUTIONS
 from zo2.optim.schedule import SCHEDULES
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype names configs accept."""
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a config dtype name ('fp32', 'bf16', 'fp16'), or None."""
+    return None if name is None else DTYPES[name]
 
 
 @dataclass(kw_only=True)
@@ -50,6 +61,15 @@ class ZOConfig:
     gpu_memory_budget: int | float | str | None = None
     """Device memory the engine may plan for: bytes (int or '18GB'), a fraction of free memory (0.9), or None
     for NVML's free memory minus a margin (on CPU, None means no limit)."""
+    storage_dtype: str | None = None
+    """dtype the trainable weights are kept (and streamed) in: 'fp32', 'bf16' or 'fp16'; None keeps the
+    model's dtype. Updates of low-precision weights use stochastic rounding (see stochastic_rounding)."""
+    compute_dtype: str | None = None
+    """dtype the forwards run in ('fp32', 'bf16', 'fp16'); None computes in the storage dtype. The perturbed
+    weights θ ± εz are formed in float32 from the stored θ and cast to this dtype."""
+    stochastic_rounding: bool = True
+    """Round updates of bf16/fp16 weights stochastically (unbiased, seeded, reproducible) so updates far
+    below the dtype's resolution still move the weights on average; false rounds to nearest."""
     shared_store: bool = False
     """Allocate the parameter store as named files in /dev/shm (pinned with cudaHostRegister where CUDA exists)
     so other processes on the node can map it; otherwise private pinned memory."""
@@ -74,6 +94,10 @@ class ZOConfig:
                 "it must lie in [0, 1].")
         require(self.offload in (True, False, "auto"), "optim.offload", self.offload,
                 "it must be true, false or 'auto'.")
+        for name in ("storage_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                require_choice(f"optim.{name}", value, DTYPES)
         require(isinstance(self.prefetch, int) and self.prefetch >= 1, "optim.prefetch", self.prefetch,
                 "it must be an integer >= 1.")
         require(self.lr_schedule == "constant" or self.total_steps is not None, "optim.total_steps",

@@ -35,13 +35,15 @@ def updated(theta: torch.Tensor, direction: torch.Tensor, lr: float, weight_deca
     return t - step * lr
 
 
-def perturbed(theta: torch.Tensor, terms: Sequence[tuple[int, float]], eps: float, z_of: DirectionFn) -> torch.Tensor:
-    """θ + ε Σ sign_i z(seed_i), out of place in :func:`math_dtype`, cast back to θ's dtype and shape."""
+def perturbed(theta: torch.Tensor, terms: Sequence[tuple[int, float]], eps: float, z_of: DirectionFn,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """θ + ε Σ sign_i z(seed_i), out of place in :func:`math_dtype`, cast to ``out_dtype`` (default θ's dtype)."""
+    out_dtype = out_dtype or theta.dtype
     if not terms:
-        return theta
+        return theta if theta.dtype == out_dtype else theta.to(out_dtype)
     t = theta.reshape(-1).to(math_dtype(theta.dtype))
     acc = None
     for seed, sign in terms:
         term = z_of(seed).to(t.dtype) * (sign * eps)
         acc = term if acc is None else acc.add_(term)
-    return (t + acc).to(theta.dtype).reshape(theta.shape)
+    return (t + acc).to(out_dtype).reshape(theta.shape)

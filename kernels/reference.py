@@ -1,0 +1,284 @@
+"""Pure-torch reference implementations of every fused kernel, with the same signatures.
+
+These are built on :mod:`zo2.optim.rng` (the definition of ``z``) and :mod:`zo2.optim.update` (the definition
+of the step arithmetic), so there is one definition of the math; the Triton kernels in
+:mod:`zo2_kernels.triton_ops` must compute the same functions (bit for bit for Rademacher directions and for
+stochastic rounding of equal inputs; to float rounding for Gaussian directions, whose sin/cos/log differ in
+their last bits between libraries).
+
+They run on any device (CPU or CUDA) and are the ``"torch"`` backend of :func:`zo2_kernels.get_backend`.
+They favour clarity over speed: each perturbation regenerates ``z`` in chunks with int64 tensor Philox.
+
+Stochastic rounding is defined here (:func:`stochastic_round`, :func:`sr_words`): the random word of element
+``k`` of parameter ``key`` under rounding seed ``sr_seed`` is word ``k % 4`` of Philox4x32-10 with key
+``(sr_seed, key)`` at counter ``k // 4 + 2**62``. The ``2**62`` tag puts the rounding stream in a counter range
+direction counters never reach (they would need ``k >= 2**64``), so rounding bits are independent of every
+direction even when ``sr_seed`` equals a direction seed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from .segments import Segment, SegmentTable, SegmentLike
+
+BACKEND = "torch"
+
+SR_COUNTER_TAG = 1 << 62
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+Seeds = Union[Sequence[int], torch.Tensor]
+Coeffs = Union[Sequence[float], torch.Tensor]
+Segments = Union[SegmentTable, Sequence[SegmentLike]]
+
+_MASK32 = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _rng():
+    """:mod:`zo2.optim.rng`, imported on first use.
+
+    Not at module import: ``zo2/__init__`` imports the engine, which imports this module, so a module-level
+    ``from zo2.optim import rng`` would be circular whenever ``zo2_kernels`` is imported before ``zo2``.
+    """
+    from zo2.optim import rng
+
+    return rng
+
+
+def _upd():
+    """:mod:`zo2.optim.update`, imported on first use (see :func:`_rng`)."""
+    from zo2.optim import update
+
+    return update
+
+
+def _as_list(values, cast) -> list:
+    """A Python list from a sequence or a (device) tensor. Tensors sync; fine for a reference."""
+    if isinstance(values, torch.Tensor):
+        return [cast(v) for v in values.reshape(-1).tolist()]
+    return [cast(v) for v in values]
+
+
+def _check_distribution(distribution: str) -> None:
+    if distribution not in _rng().DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; expected one of {_rng().DISTRIBUTIONS}")
+
+
+def _flat(theta: torch.Tensor, table: SegmentTable) -> torch.Tensor:
+    if not theta.is_contiguous():
+        raise ValueError("theta must be contiguous (a flat parameter buffer)")
+    flat = theta.view(-1)
+    if table.end > flat.numel():
+        raise ValueError(f"segments reach element {table.end} but theta has {flat.numel()}")
+    return flat
+
+
+def _out_like(theta: torch.Tensor, out: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``out`` checked against ``theta``'s shape, or a new tensor like ``theta``."""
+    if out is None:
+        return torch.empty_like(theta)
+    if out.numel() != theta.numel() or not out.is_contiguous() or out.device != theta.device:
+        raise ValueError(f"{name} must be a contiguous tensor of {theta.numel()} elements on {theta.device}")
+    if not out.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor")
+    return out
+
+
+def _z_of(seg: Segment, distribution: str, device: torch.device):
+    """seed -> the float32 direction of segment ``seg`` (a slice of parameter ``seg.key``)."""
+    direction_fn = _rng().direction
+    return lambda seed: direction_fn(
+        int(seed), seg.key, seg.start + seg.numel, start=seg.start, count=seg.numel,
+        distribution=distribution, device=device,
+    )
+
+
+def _int64_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """float32 whose bit pattern is the uint32 held in an int64 tensor."""
+    signed = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ stochastic rounding
+def sr_words(seed: int, key: int, offset: int, count: int, device=None) -> torch.Tensor:
+    """The 32-bit random words (int64 tensor) that round elements ``offset .. offset+count`` of ``key``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    m0, m1 = offset // 4, (offset + count + 3) // 4
+    counters = torch.arange(m0, m1, dtype=torch.int64, device=device) + SR_COUNTER_TAG
+    words = torch.stack(_rng().philox4x32(counters, seed, key), dim=1).reshape(-1)  # index 4(m-m0)+j
+    return words[offset - 4 * m0 : offset - 4 * m0 + count]
+
+
+def stochastic_round(
+    x: torch.Tensor, dtype: torch.dtype, seed: int, key: int, offset: int = 0
+) -> torch.Tensor:
+    """Round float32 ``x`` (elements ``offset..`` of parameter ``key``) to ``dtype``, unbiased and seeded.
+
+    Each element becomes one of the two ``dtype`` values bracketing it, the upper one with probability equal
+    to its distance from the lower one in units of their spacing, so ``E[round(x)] = x``:
+
+    * bfloat16: add the top 16 bits of the element's random word to the float32 bit pattern and truncate the
+      low 16 bits (bfloat16 is the top half of float32, so this is exact, subnormals included);
+    * float16: with ``ulp`` the float16 spacing at ``|x|`` (``2**-24`` below the normal range),
+      ``s = |x|/ulp``, round ``|x|`` up iff ``u < s - floor(s)`` with ``u`` the top 24 bits of the word times
+      ``2**-24``; every operation is exact in float32.
+
+    NaN stays NaN, ±inf stays ±inf; values beyond the float16 range become ±inf as with a plain cast.
+    float32 ``dtype`` returns ``x`` unchanged. Returns a flat tensor of ``dtype``.
+    """
+    x = x.reshape(-1).to(torch.float32)
+    if dtype == torch.float32:
+        return x.clone()
+    if dtype not in LOW_PRECISION:
+        raise ValueError(f"stochastic rounding targets bfloat16 or float16, not {dtype}")
+    words = sr_words(seed, key, offset, x.numel(), x.device)
+    bits = x.view(torch.int32).to(torch.int64) & _MASK32
+    if dtype == torch.bfloat16:
+        y = _int64_bits_to_float((bits + (words >> 16)) & 0xFFFF0000)
+        # A NaN with only low mantissa bits set would truncate to inf: keep NaNs as they are.
+        y = torch.where(torch.isnan(x), x, y)
+    else:
+        u = (words >> 8).to(torch.float32) * (2.0**-24)
+        exp = (bits >> 23) & 0xFF
+        ulp_exp = torch.clamp(exp - 127, min=-14) - 10  # float16: 10 mantissa bits, min normal 2**-14
+        ulp = _int64_bits_to_float((ulp_exp + 127) << 23)
+        inv_ulp = _int64_bits_to_float((127 - ulp_exp) << 23)
+        s = x.abs() * inv_ulp
+        fl = torch.floor(s)
+        mag = (fl + (u < s - fl).to(torch.float32)) * ulp
+        mag_bits = mag.view(torch.int32).to(torch.int64) & _MASK32
+        y = _int64_bits_to_float(mag_bits | (bits & 0x80000000))
+    return y.to(dtype)
+
+
+def _store_value(
+    value: torch.Tensor, dtype: torch.dtype, sr_seed: int | None, key: int, start: int
+) -> torch.Tensor:
+    """The stored form of an updated segment: stochastically rounded when asked and low precision."""
+    if sr_seed is not None and dtype in LOW_PRECISION:
+        return stochastic_round(value, dtype, int(sr_seed), key, start)
+    return value.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+def direction(
+    seed: int, key: int, start: int, count: int, distribution: str = "gaussian", *, device=None
+) -> torch.Tensor:
+    """Elements ``start .. start+count`` of the direction of parameter ``key`` at ``seed`` (float32)."""
+    _check_distribution(distribution)
+    return _rng().direction(int(seed), int(key), start + count, start=start, count=count,
+                         distribution=distribution, device=device)
+
+
+def perturb_pair(
+    theta: torch.Tensor,
+    segments: Segments,
+    seed: int,
+    eps: float,
+    distribution: str = "gaussian",
+    *,
+    out_plus: torch.Tensor | None = None,
+    out_minus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(θ + εz, θ − εz)`` for every segment of the flat buffer ``theta``; math in float32.
+
+    Outputs have ``theta``'s dtype and shape unless ``out_plus`` / ``out_minus`` are given (any float dtype).
+    """
+    _check_distribution(distribution)
+    table = SegmentTable.coerce(segments)
+    flat = _flat(theta, table)
+    plus = _out_like(theta, out_plus, "out_plus")
+    minus = _out_like(theta, out_minus, "out_minus")
+    _perturb_into(flat, table, int(seed), float(eps), distribution, plus.view(-1), minus.view(-1))
+    return plus, minus
+
+
+def _perturb_into(flat, table, seed, eps, distribution, plus, minus) -> None:
+    upd = _upd()
+    for seg in table:
+        # Math in update.math_dtype(θ) (float32 but for float64 θ), cast once, straight to each output's dtype.
+        t = flat[seg.offset : seg.end]
+        z_of = _z_of(seg, distribution, flat.device)
+        plus[seg.offset : seg.end] = upd.perturbed(t, [(seed, 1.0)], eps, z_of, out_dtype=plus.dtype)
+        minus[seg.offset : seg.end] = upd.perturbed(t, [(seed, -1.0)], eps, z_of, out_dtype=minus.dtype)
+
+
+def update(
+    theta: torch.Tensor,
+    segments: Segments,
+    seeds: Seeds,
+    coeffs: Coeffs,
+    lr: float,
+    weight_decay: float,
+    distribution: str = "gaussian",
+    *,
+    stochastic_rounding_seed: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """θ − lr (Σ cᵢ z(seedᵢ) + λ·decay·θ) per segment, math in float32, stored in ``out``'s dtype.
+
+    (Math in float64 for a float64 θ, following :func:`zo2.optim.update.math_dtype`; the Triton backend takes
+    16- and 32-bit floats only.)
+
+    ``out`` defaults to a new tensor like ``theta``; ``out=theta`` updates in place. With no seeds there is
+    no step: θ is copied (rounded to ``out``'s dtype). ``stochastic_rounding_seed`` turns on stochastic
+    rounding when ``out`` is bfloat16/float16 (ignored for float32).
+    """
+    _check_distribution(distribution)
+    table = SegmentTable.coerce(segments)
+    flat = _flat(theta, table)
+    seeds_l = _as_list(seeds, int)
+    coeffs_l = _as_list(coeffs, float)
+    if len(seeds_l) != len(coeffs_l):
+        raise ValueError(f"{len(seeds_l)} seeds but {len(coeffs_l)} coefficients")
+    new = _out_like(theta, out, "out")
+    _update_into(flat, table, seeds_l, coeffs_l, float(lr), float(weight_decay), distribution,
+                 stochastic_rounding_seed, new.view(-1))
+    return new
+
+
+def _update_into(flat, table, seeds, coeffs, lr, wd, distribution, sr_seed, new) -> None:
+    upd = _upd()
+    math = upd.math_dtype(flat.dtype)  # float32 (float64 for float64 θ, as the engine does)
+    for seg in table:
+        t = flat[seg.offset : seg.end]
+        if seeds:
+            d = upd.combined_direction(seeds, coeffs, _z_of(seg, distribution, flat.device), math)
+            value = upd.updated(t, d, lr, wd if seg.decay else 0.0)
+        else:
+            value = t.to(math)
+        new[seg.offset : seg.end] = _store_value(value, new.dtype, sr_seed, seg.key, seg.start)
+
+
+def update_and_perturb(
+    theta: torch.Tensor,
+    segments: Segments,
+    prev_seeds: Seeds,
+    prev_coeffs: Coeffs,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    eps: float,
+    distribution: str = "gaussian",
+    *,
+    stochastic_rounding_seed: int | None = None,
+    out: torch.Tensor | None = None,
+    out_plus: torch.Tensor | None = None,
+    out_minus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The deferred update then the dual perturbation: ``(θ_new, θ_new + εz, θ_new − εz)``.
+
+    θ_new is :func:`update` stored in ``out``'s dtype (stochastically rounded if asked); θ± are computed from
+    the *stored* θ_new, so they are exactly what perturbing the store afterwards would give.
+    """
+    new = update(theta, segments, prev_seeds, prev_coeffs, lr, weight_decay, distribution,
+                 stochastic_rounding_seed=stochastic_rounding_seed, out=out)
+    plus, minus = perturb_pair(new, segments, seed, eps, distribution,
+                               out_plus=_out_like(theta, out_plus, "out_plus"),
+                               out_minus=_out_like(theta, out_minus, "out_minus"))
+    return new, plus, minus
