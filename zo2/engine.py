@@ -151,7 +151,7 @@ class ZOEngine:
         storage = torch_dtype(self.config.storage_dtype)
         if storage is not None:
             for p in self.params.values():
-                if p.dtype != storage and not p.is_meta:
+                if p.dtype != storage:
                     p.data = p.data.to(storage)
         compute = torch_dtype(self.config.compute_dtype)
         self.compute_dtype = compute or next(iter(self.params.values())).dtype

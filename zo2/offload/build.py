@@ -10,7 +10,7 @@ from torch import nn
 
 from zo2.errors import ModelError
 from zo2.offload.planner import Plan, make_plan, parse_budget
-from zo2.offload.store import ParameterStore
+from zo2.offload.store import ParameterStore, repoint
 from zo2.offload.streamer import BlockStreamer
 
 if TYPE_CHECKING:
@@ -28,7 +28,9 @@ def _place(model: nn.Module, device: torch.device, keep_on_host: set[int]) -> No
     for module in model.modules():
         if id(module) not in keep_on_host:
             for name, p in module._parameters.items():
-                if p is not None and p.device != device:
+                if p is not None and p.is_meta:
+                    repoint(p, torch.empty(p.shape, dtype=p.dtype, device=device))  # filled by the loader
+                elif p is not None and p.device != device:
                     p.data = p.data.to(device)
         for name, b in module._buffers.items():
             if b is not None and b.device != device:

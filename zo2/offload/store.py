@@ -51,6 +51,14 @@ def check_host_memory(nbytes: int, what: str, dtype: torch.dtype) -> None:
         )
 
 
+def repoint(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """Make ``param`` (the same Python object) hold ``tensor``, also across devices (meta → real)."""
+    if param.device == tensor.device and param.dtype == tensor.dtype:
+        param.data = tensor
+    else:
+        torch.utils.swap_tensors(param, nn.Parameter(tensor, requires_grad=param.requires_grad))
+
+
 class ParameterStore:
     """Flat host buffers, one per block, in a single storage dtype."""
 
@@ -126,7 +134,7 @@ class ParameterStore:
             for name, p in params:
                 if not p.is_meta:
                     views[name].copy_(p.detach())
-                p.data = views[name]  # the module now reads and writes the store
+                repoint(p, views[name])  # the module now reads and writes the store
         return store
 
     def close(self) -> None:

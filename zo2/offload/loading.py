@@ -1,0 +1,127 @@
+"""Building models too large to materialize, and streaming their weights into the parameter store.
+
+``empty_model`` builds a transformers causal LM with every parameter on the meta device (buffers such as
+rotary frequencies stay real), so a 175B-shaped model costs no memory until the engine has decided what is
+resident and what lives in the store. ``load_safetensors`` then reads the checkpoint's shards one tensor at a
+time straight into the store (streamed blocks) or onto the device (resident units); ``init_random`` fills
+the same places with a seeded normal initialization for benchmarks and shape experiments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from zo2.errors import ModelError
+from zo2.optim.rng import param_key
+
+if TYPE_CHECKING:
+    from zo2.engine import ZOEngine
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """While active, every parameter a module registers is created on the meta device (buffers are not)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A causal LM for ``config`` (a transformers config) whose parameters take no memory (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model.eval()
+
+
+def _targets(engine: "ZOEngine") -> dict[str, torch.Tensor]:
+    """Where each trainable parameter's values live: a view of the store, or the (device) parameter itself."""
+    targets = {n: p.data for n, p in engine.params.items()}
+    if engine.store is not None:
+        for i in range(len(engine.store)):
+            targets.update(engine.store.views(engine.store.flat(i), engine.store.layout(i)))
+    return targets
+
+
+def _resolve(name: str, targets: dict[str, torch.Tensor], prefix: str) -> str | None:
+    """The model's name for a checkpoint tensor name (checkpoints may omit or add the base-model prefix)."""
+    for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if candidate in targets:
+            return candidate
+    return None
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The safetensors shards of a Hugging Face checkpoint folder, in index order."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / f for f in dict.fromkeys(weight_map.values())]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"No *.safetensors files in {folder}: the offload loader streams safetensors shards. "
+                         "Convert the checkpoint with save_pretrained(..., safe_serialization=True).")
+    return files
+
+
+@torch.no_grad()
+def load_safetensors(engine: "ZOEngine", folder: str | Path) -> None:
+    """Stream a checkpoint's tensors, one at a time, into the store or onto the device."""
+    from safetensors import safe_open
+
+    targets = _targets(engine)
+    prefix = getattr(engine.model, "base_model_prefix", "model")
+    filled: set[str] = set()
+    for path in checkpoint_files(folder):
+        with safe_open(str(path), framework="pt") as shard:
+            for key in shard.keys():
+                name = _resolve(key, targets, prefix)
+                if name is None or name in filled:
+                    continue  # buffers, tied copies (lm_head of tied models)
+                tensor = shard.get_tensor(key)
+                if tuple(tensor.shape) != tuple(targets[name].shape):
+                    raise ModelError(f"{path.name}: tensor {key} has shape {tuple(tensor.shape)} but the model's "
+                                     f"{name} has {tuple(targets[name].shape)}; the checkpoint does not match the "
+                                     "model config.")
+                targets[name].copy_(tensor)
+                filled.add(name)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        raise ModelError(f"The checkpoint in {folder} lacks {len(missing)} parameters, e.g. {missing[:3]}.")
+    engine.flush()
+
+
+@torch.no_grad()
+def init_random(engine: "ZOEngine", seed: int = 0, std: float = 0.02) -> None:
+    """Fill every trainable parameter with N(0, std²) (norm weights with 1, biases with 0), deterministically.
+
+    Generated one parameter at a time on the compute device and copied into place, so even a store far larger
+    than the device fills quickly.
+    """
+    gen = torch.Generator(device=engine.device)
+    for name, target in _targets(engine).items():
+        lowered = name.lower()
+        if target.dim() == 1:
+            target.fill_(1.0 if "norm" in lowered or "ln" in lowered else 0.0)
+            continue
+        gen.manual_seed((seed << 32) ^ param_key(name))
+        values = torch.randn(target.shape, generator=gen, device=engine.device, dtype=torch.float32) * std
+        target.copy_(values.to(target.dtype))
+    engine.flush()
