@@ -57,15 +57,11 @@ def direction_seed(base_seed: int, step: int, direction: int = 0) -> int:
 def _mulhilo(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of a * c for a 32-bit constant ``a`` and int64 tensor ``c`` of uint32 values.
 
-    Split c into 16-bit halves so no int64 product overflows.
+    The product needs 64 unsigned bits; int64 multiplication wraps modulo 2**64, so the bit pattern is the
+    exact product and the halves are read off with a shift and masks (the known-answer test pins this).
     """
-    c_hi = c >> 16
-    c_lo = c & 0xFFFF
-    p_hi = c_hi * a  # < 2**48
-    p_lo = c_lo * a  # < 2**48
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    return hi & _MASK32, lo
+    p = c * a
+    return (p >> 32) & _MASK32, p & _MASK32
 
 
 def philox4x32(counters: torch.Tensor, k0: int, k1: int) -> tuple[torch.Tensor, ...]:
