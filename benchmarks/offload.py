@@ -1,0 +1,162 @@
+"""Offloaded ZO steps on OPT shapes vs all-on-GPU and vs the transfer floor (DESIGN.md §2, §7).
+
+For each shape a model with a few layers is built on the meta device (time and memory are per block, so the
+depth only scales them), filled with random weights, and stepped three ways: all blocks resident, all blocks
+streamed, and (for the largest shape) streamed under an 18 GB device budget. In the same run it measures the
+pinned host↔device bandwidths for one block and the time of two forwards of one block, and reports
+
+    floor = Σ_blocks max(2·forward, bytes_up / BW_h2d, bytes_down / BW_d2h)
+
+next to the measured streamed step. Prints a table, writes JSON.
+
+    python benchmarks/offload.py                         # GPU: 1.3b 6.7b 13b 30b 175b-shaped
+    python benchmarks/offload.py --shapes opt-1.3b --layers 4 --batches 1x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from common import OPT_SHAPES, cuda_timed, environment, opt_config, print_table, write_json  # noqa: E402
+from zo2 import ZOConfig, ZOEngine  # noqa: E402
+from zo2.offload.loading import empty_model, init_random  # noqa: E402
+
+
+def bandwidths(nbytes: int) -> tuple[float, float]:
+    """Pinned host→device and device→host GB/s for a buffer of ``nbytes``."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    up = cuda_timed(lambda: dev.copy_(host, non_blocking=True))
+    down = cuda_timed(lambda: host.copy_(dev, non_blocking=True))
+    del host, dev
+    return nbytes / up / 1e9, nbytes / down / 1e9
+
+
+def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto") -> ZOEngine:
+    cfg = dict(lr=1e-7, eps=1e-3, offload=offload, device="cuda", gpu_memory_budget=budget, prefetch=1)
+    if "kernels" in ZOConfig.__dataclass_fields__:
+        cfg["kernels"] = kernels
+    engine = ZOEngine(empty_model(opt_config(shape, layers), torch.bfloat16), ZOConfig(**cfg))
+    init_random(engine, seed=0)
+    return engine
+
+
+def batch_of(b: int, s: int) -> dict:
+    ids = torch.randint(3, 50272, (b, s))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def step_time(engine: ZOEngine, batch: dict, repeat: int) -> tuple[float, dict]:
+    for _ in range(2):
+        engine.step(batch)
+    torch.cuda.synchronize()
+    times, last = [], None
+    for _ in range(repeat):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        last = engine.step(batch)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2], {"peak_gb": last.peak_device_bytes / 1e9, "wait_ms": last.transfer_wait_ms,
+                                    "h2d_gb": last.bytes_h2d / 1e9, "d2h_gb": last.bytes_d2h / 1e9}
+
+
+@torch.no_grad()
+def block_forward_time(engine: ZOEngine, batch: dict) -> float:
+    """Median time of one forward of one block at ``batch`` (resident weights)."""
+    adapter = engine.adapter
+    ids = batch["input_ids"].cuda()
+    hidden, ctx = adapter.embed(ids, batch["attention_mask"].cuda())
+    block = adapter.blocks()[0]
+    params = {n: p for n, p in block.named_parameters()}
+    if any(p.device.type != "cuda" for p in params.values()):
+        return float("nan")
+    return cuda_timed(lambda: adapter.block(0, hidden, ctx), warmup=2, repeat=5)
+
+
+def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, budget_cap: str | None,
+              kernels: str) -> list[dict]:
+    rows = []
+    resident = engine_for(shape, layers, False, kernels=kernels)
+    block_bytes = resident.plan.block_bytes[0]
+    bw_up, bw_down = bandwidths(block_bytes)
+    measured = {}
+    for b, s in batches:
+        batch = batch_of(b, s)
+        fwd = block_forward_time(resident, batch)
+        t_res, _ = step_time(resident, batch, repeat)
+        measured[(b, s)] = (fwd, t_res)
+    del resident
+    gc.collect()
+    torch.cuda.empty_cache()
+    streamed = engine_for(shape, layers, True, kernels=kernels)
+    for b, s in batches:
+        fwd, t_res = measured[(b, s)]
+        t_str, info = step_time(streamed, batch_of(b, s), repeat)
+        per_block = max(2 * fwd, block_bytes / (bw_up * 1e9), block_bytes / (bw_down * 1e9))
+        floor = layers * per_block
+        rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
+                     "bw_h2d": bw_up, "bw_d2h": bw_down, "fwd2_ms": 2 * fwd * 1e3, "resident_ms": t_res * 1e3,
+                     "streamed_ms": t_str * 1e3, "ratio": t_str / t_res, "floor_ms": floor * 1e3,
+                     "vs_floor": t_str / floor, "budget": None, **info})
+        print(rows[-1], flush=True)
+    del streamed
+    gc.collect()
+    torch.cuda.empty_cache()
+    if budget_cap:
+        capped = engine_for(shape, layers, "auto", budget=budget_cap, kernels=kernels)
+        print(capped.plan.describe())
+        b, s = batches[0]
+        t_cap, info = step_time(capped, batch_of(b, s), repeat)
+        rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
+                     "streamed_ms": t_cap * 1e3, "budget": budget_cap, **info})
+        print(rows[-1], flush=True)
+        del capped
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="*", default=["opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-175b"])
+    parser.add_argument("--layers", type=int, default=4, help="layers per model (time and memory are per block)")
+    parser.add_argument("--batches", nargs="*", default=["1x2048", "8x2048"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--budget-shape", default="opt-175b", help="shape also run under --budget")
+    parser.add_argument("--budget", default="18GB")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--out", default="benchmarks/out/offload.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/offload.py measures host↔GPU streaming and needs CUDA; nothing to do on this machine.")
+        return
+    batches = [tuple(int(x) for x in b.split("x")) for b in args.batches]
+    rows = []
+    for shape in args.shapes:
+        if shape not in OPT_SHAPES:
+            parser.error(f"unknown shape {shape}; known: {', '.join(OPT_SHAPES)}")
+        cap = args.budget if shape == args.budget_shape else None
+        rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels)
+    print()
+    print_table(rows, [("shape", "shape", "s"), ("batch", "batch", "s"), ("block_gb", "block GB", ".2f"),
+                       ("bw_h2d", "H2D GB/s", ".1f"), ("bw_d2h", "D2H GB/s", ".1f"), ("fwd2_ms", "2 fwd ms", ".1f"),
+                       ("resident_ms", "resident ms", ".1f"), ("streamed_ms", "streamed ms", ".1f"),
+                       ("ratio", "str/res", ".2f"), ("floor_ms", "floor ms", ".1f"), ("vs_floor", "str/floor", ".2f"),
+                       ("wait_ms", "wait ms", ".1f"), ("peak_gb", "peak GB", ".2f"), ("budget", "budget", "s")])
+    write_json(args.out, {"benchmark": "offload", "env": environment(), "layers": args.layers, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
