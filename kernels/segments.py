@@ -99,8 +99,8 @@ class SegmentTable:
     def pack(cls, params: Iterable[tuple[int, int, bool]], *, align: int = 1) -> "SegmentTable":
         """Pack whole parameters ``(key, numel, decay)`` back to back, each offset rounded up to ``align``.
 
-        ``align=8`` keeps every segment 16-byte aligned in bf16, which lets the Triton kernels use vector
-        loads (see :attr:`aligned8`).
+        ``align=8`` keeps every offset a multiple of 8 elements; with numels that are multiples of 8 too the
+        table is :attr:`aligned8` and the Triton kernels use 16-byte vector loads and stores.
         """
         segs, off = [], 0
         for key, numel, decay in params:
