@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from zo2.config.zo import ZOConfig, torch_dtype
-from zo2.errors import CheckpointError, ModelError
+from zo2.errors import CheckpointError, ConfigError, ModelError
 from zo2.models.base import adapter_for, causal_lm_loss
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.rng import direction, direction_seed, param_key
-from zo2_kernels.reference import stochastic_round
+import zo2_kernels
 from zo2.optim.schedule import lr_at
 from zo2.offload.build import build_offload
 from zo2.offload.streamer import TransferStats
-from zo2.optim.update import combined_direction, math_dtype, perturbed, updated
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss_fn(logits, batch) -> scalar tensor``: any scalar function of the logits (need not be differentiable)."""
@@ -97,6 +96,22 @@ class _Unit:
     """Step of the last update applied to the owned parameters."""
     store_index: int | None = None
     """Index in the parameter store when the unit is streamed, else None (resident on the device)."""
+    layout: list = field(default_factory=list)
+    """Where each owned parameter sits in the unit's flat buffer (zo2.offload.store.Segment)."""
+    table: Any = None
+    """The kernels' segment table of that flat buffer."""
+    flat: torch.Tensor | None = None
+    """The flat device buffer of a resident unit (the parameters are views of it)."""
+
+
+def _select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
+    """The perturbation/update backend: zo2_kernels' Triton kernels or the torch reference."""
+    if torch.float64 in dtypes and name != "triton":
+        return zo2_kernels.reference  # the Triton kernels take 16- and 32-bit floats only
+    try:
+        return zo2_kernels.get_backend(name, device)
+    except RuntimeError as err:
+        raise ConfigError(f"optim.kernels = 'triton' cannot be used: {err}. Use 'auto' or 'torch'.") from None
 
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -143,6 +158,7 @@ class ZOEngine:
         self.pending: Update | None = None
         self.device = self._compute_device()
         self.plan, self.store, self.streamer = build_offload(self, self.device)
+        self.kernels = _select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
         self.last_transfer: TransferStats | None = None
 
     # ------------------------------------------------------------------ setup
@@ -159,6 +175,9 @@ class ZOEngine:
             for p in self.model.parameters():
                 if not p.requires_grad and p.is_floating_point() and p.dtype != compute:
                     p.data = p.data.to(compute)
+
+    def _unit_dtype(self, unit: _Unit) -> torch.dtype:
+        return self.params[unit.owned[0]].dtype if unit.owned else self.compute_dtype
 
     def _compute_device(self) -> torch.device:
         if self.config.device is not None:
@@ -211,44 +230,54 @@ class ZOEngine:
         return direction(seed, self.keys[name], self.params[name].numel(), distribution=self.config.distribution,
                          device=self.device)
 
-    def _update_tensors(self, unit: _Unit, theta: Mapping[str, torch.Tensor], update: Update) -> None:
-        """θ ← θ − lr (Σ c z + λθ) on the unit's owned parameters, wherever ``theta`` holds them."""
-        for name in unit.owned:
-            t = theta[name]
-            d = combined_direction(update.seeds, update.coeffs, lambda s, n=name: self._z(n, s), math_dtype(t.dtype))
-            wd = self.config.weight_decay if self.decay[name] else 0.0
-            new = updated(t, d, update.lr, wd)
-            if t.dtype in (torch.bfloat16, torch.float16) and self.config.stochastic_rounding:
-                new = stochastic_round(new, t.dtype, self._rounding_seed(update), self.keys[name])
-            t.copy_(new.view(t.shape))
-
-    def _rounding_seed(self, update: Update) -> int:
-        """Seed of the stochastic rounding of ``update``: a pure function of (base seed, step), so replay agrees."""
+    def _rounding_seed(self, update: Update, dtype: torch.dtype) -> int | None:
+        """Seed of the stochastic rounding of ``update`` (a pure function of base seed and step, so replays and
+        offloaded runs round alike); None when the weights are not low precision or rounding is off."""
+        if dtype not in (torch.bfloat16, torch.float16) or not self.config.stochastic_rounding:
+            return None
         return direction_seed(self.config.seed ^ _ROUNDING_STREAM, update.step)
 
     @contextlib.contextmanager
-    def _visit(self, unit: _Unit, pending: Update | None) -> Iterator[dict[str, torch.Tensor]]:
-        """The unit's parameters on the compute device, with ``pending`` applied (once) on the way in.
+    def _visit(self, unit: _Unit, pending: Update | None, seeds: Sequence[int] = ()
+               ) -> Iterator[tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]]:
+        """The unit's flat buffer on the compute device with ``pending`` applied (once), and θ ± εz(seed).
 
         A streamed unit is uploaded (or was prefetched), updated on the device and written back to the store
-        while its forwards run; a resident unit is used in place.
+        while its forwards run; a resident unit is updated in place. With one seed and an update to apply,
+        the update and both perturbations are one fused pass (``update_and_perturb``).
         """
         streamed = unit.store_index is not None
-        if streamed:
-            flat = self.streamer.acquire(unit.store_index)
-            theta = self.store.views(flat, self.store.layout(unit.store_index))
-        else:
-            theta = {s.name: self.params[s.name].data for s in unit.slots}
-        if pending is not None and unit.applied < pending.step:
-            self._update_tensors(unit, theta, pending)
-            unit.applied = pending.step
-            if streamed:
-                self.streamer.write_back(unit.store_index)
+        flat = self.streamer.acquire(unit.store_index) if streamed else unit.flat
+        cfg, k = self.config, self.kernels
+        pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
-            yield theta
+            if pending is not None and unit.applied < pending.step:
+                sr = self._rounding_seed(pending, flat.dtype)
+                if len(seeds) == 1:
+                    plus, minus = self._pair_buffers(flat)
+                    k.update_and_perturb(flat, unit.table, pending.seeds, pending.coeffs, pending.lr,
+                                         cfg.weight_decay, seeds[0], cfg.eps, cfg.distribution,
+                                         stochastic_rounding_seed=sr, out=flat, out_plus=plus, out_minus=minus)
+                    pairs[seeds[0]] = (plus, minus)
+                else:
+                    k.update(flat, unit.table, pending.seeds, pending.coeffs, pending.lr, cfg.weight_decay,
+                             cfg.distribution, stochastic_rounding_seed=sr, out=flat)
+                unit.applied = pending.step
+                if streamed:
+                    self.streamer.write_back(unit.store_index)
+            for seed in seeds:
+                if seed not in pairs:
+                    plus, minus = self._pair_buffers(flat)
+                    k.perturb_pair(flat, unit.table, seed, cfg.eps, cfg.distribution, out_plus=plus, out_minus=minus)
+                    pairs[seed] = (plus, minus)
+            yield flat, pairs
         finally:
             if streamed:
                 self.streamer.release(unit.store_index)
+
+    def _pair_buffers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device),
+                torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device))
 
     def _apply_to_unit(self, unit: _Unit, update: Update) -> None:
         if unit.applied < update.step:
@@ -268,22 +297,14 @@ class ZOEngine:
             for s, p in saved:
                 s.module._parameters[s.attr] = p
 
-    def _point_values(self, unit: _Unit, theta: Mapping[str, torch.Tensor], point: Point, unit_z: dict,
-                      step_z: dict) -> dict[str, torch.Tensor]:
-        """θ + ε Σ sign z for each parameter the unit reads; z is cached per unit (per step if shared)."""
-        values = {}
-        for s in unit.slots:
-            if s.name in values:
-                continue
-            cache = step_z if s.name in self._shared_names else unit_z
-
-            def z_of(seed: int, n: str = s.name, cache: dict = cache) -> torch.Tensor:
-                if (n, seed) not in cache:
-                    cache[(n, seed)] = self._z(n, seed)
-                return cache[(n, seed)]
-
-            values[s.name] = perturbed(theta[s.name], point.terms, self.config.eps, z_of, self.compute_dtype)
-        return values
+    def _point_values(self, unit: _Unit, flat: torch.Tensor, pairs: Mapping, point: Point) -> dict[str, torch.Tensor]:
+        """Parameter views of the unit's buffer at ``point`` (θ, θ + εz or θ − εz)."""
+        if not point.terms:
+            buf = flat if flat.dtype == self.compute_dtype else flat.to(self.compute_dtype)
+        else:
+            (seed, sign), = point.terms
+            buf = pairs[seed][0 if sign > 0 else 1]
+        return {seg.name: buf[seg.offset : seg.offset + seg.numel].view(seg.shape) for seg in unit.layout}
 
     def _run(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None,
              keep_logits: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -292,14 +313,16 @@ class ZOEngine:
         losses: list[torch.Tensor] = []
         logits_out: list[torch.Tensor] = []
         ctx: dict[str, Any] = {}
-        step_z: dict = {}  # z of parameters read by several units (tied embeddings), kept for the whole step
+        seeds = list(dict.fromkeys(seed for p in points for seed, _ in p.terms))
+        shared: list[dict[str, torch.Tensor]] = [{} for _ in points]  # tied weights, read again by the head
         if self.streamer is not None:
             self.streamer.begin([u.store_index for u in self.units if u.store_index is not None])
         for unit in self.units:
-            with self._visit(unit, pending) as theta:
-                unit_z: dict = {}
+            with self._visit(unit, pending, seeds) as (flat, pairs):
                 for i, point in enumerate(points):
-                    values = self._point_values(unit, theta, point, unit_z, step_z)
+                    values = self._point_values(unit, flat, pairs, point)
+                    shared[i].update({n: v for n, v in values.items() if n in self._shared_names})
+                    values.update({s.name: shared[i][s.name] for s in unit.slots if s.name not in values})
                     with self._swapped(unit, values):
                         if unit.kind == "embed":
                             hidden[i], ctx = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
@@ -382,9 +405,9 @@ class ZOEngine:
         return {n: self._z(n, seed).view(p.shape) for n, p in self.params.items()}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The current trainable parameters (after a flush), by name."""
+        """A copy of the current trainable parameters (after a flush), by name."""
         self.flush()
-        return {n: p.detach() for n, p in self.params.items()}
+        return {n: p.detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def load_trainable_state(self, tensors: Mapping[str, torch.Tensor]) -> None:

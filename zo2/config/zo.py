@@ -70,6 +70,9 @@ class ZOConfig:
     stochastic_rounding: bool = True
     """Round updates of bf16/fp16 weights stochastically (unbiased, seeded, reproducible) so updates far
     below the dtype's resolution still move the weights on average; false rounds to nearest."""
+    kernels: str = "auto"
+    """Perturbation/update backend: 'triton' (fused kernels, one launch per unit; CUDA), 'torch' (the
+    reference, any device), or 'auto' (Triton on CUDA when installed, else torch)."""
     shared_store: bool = False
     """Allocate the parameter store as named files in /dev/shm (pinned with cudaHostRegister where CUDA exists)
     so other processes on the node can map it; otherwise private pinned memory."""
@@ -98,6 +101,7 @@ class ZOConfig:
             value = getattr(self, name)
             if value is not None:
                 require_choice(f"optim.{name}", value, DTYPES)
+        require_choice("optim.kernels", self.kernels, ("auto", "triton", "torch"))
         require(isinstance(self.prefetch, int) and self.prefetch >= 1, "optim.prefetch", self.prefetch,
                 "it must be an integer >= 1.")
         require(self.lr_schedule == "constant" or self.total_steps is not None, "optim.total_steps",

@@ -10,7 +10,8 @@ from torch import nn
 
 from zo2.errors import ModelError
 from zo2.offload.planner import Plan, make_plan, parse_budget
-from zo2.offload.store import ParameterStore, repoint
+from zo2.offload.store import ParameterStore, layout_numel, pack_layout, repoint
+from zo2_kernels import SegmentTable
 from zo2.offload.streamer import BlockStreamer
 
 if TYPE_CHECKING:
@@ -35,6 +36,25 @@ def _place(model: nn.Module, device: torch.device, keep_on_host: set[int]) -> No
         for name, b in module._buffers.items():
             if b is not None and b.device != device:
                 module._buffers[name] = b.to(device)
+
+
+def _pack_resident(engine: "ZOEngine", unit, device: torch.device) -> tuple[list, torch.Tensor | None]:
+    """One flat device buffer for a resident unit's parameters (they become views of it): one kernel launch
+    then covers the whole unit."""
+    params = [(n, engine.params[n]) for n in unit.owned]
+    if not params:
+        return [], torch.empty(0, dtype=engine.compute_dtype, device=device)
+    dtypes = {p.dtype for _, p in params}
+    if len(dtypes) != 1:
+        raise ModelError(f"{unit.name} mixes parameter dtypes {sorted(map(str, dtypes))}; set optim.storage_dtype "
+                         "or cast the model to one dtype.")
+    layout = pack_layout(params)
+    flat = torch.empty(layout_numel(layout), dtype=dtypes.pop(), device=device)
+    for seg, (name, p) in zip(layout, params):
+        view = flat[seg.offset : seg.offset + seg.numel].view(seg.shape)
+        view.copy_(p.data)
+        repoint(p, view)
+    return layout, flat
 
 
 def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, ParameterStore | None, BlockStreamer | None]:
@@ -67,6 +87,13 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
         streamer = BlockStreamer(store, device, cfg.prefetch)
     keep = {id(m) for u in blocks if u.store_index is not None for m in engine.adapter.blocks()[u.index].modules()}
     _place(engine.model, device, keep)
+    for u in engine.units:
+        if u.store_index is not None:
+            u.layout = store.layout(u.store_index)
+        else:
+            u.layout, u.flat = _pack_resident(engine, u, device)
+        u.table = SegmentTable([(seg.offset, seg.numel, engine.keys[seg.name], engine.decay[seg.name])
+                                for seg in u.layout])
     if plan.streamed or cfg.offload is not False:
         log.info(plan.describe())
     return plan, store, streamer

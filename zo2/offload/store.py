@@ -36,6 +36,24 @@ class Segment:
     shape: tuple[int, ...]
 
 
+ALIGN = 8
+"""Parameters start at multiples of 8 elements in flat buffers, so the kernels can use 16-byte accesses."""
+
+
+def pack_layout(params: Iterable[tuple[str, torch.Tensor]], align: int = ALIGN) -> list[Segment]:
+    """Place parameters back to back in a flat buffer, each offset rounded up to ``align`` elements."""
+    layout, offset = [], 0
+    for name, p in params:
+        offset = -(-offset // align) * align
+        layout.append(Segment(name, offset, p.numel(), tuple(p.shape)))
+        offset += p.numel()
+    return layout
+
+
+def layout_numel(layout: list[Segment]) -> int:
+    return max((s.offset + s.numel for s in layout), default=0)
+
+
 def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB"
 
@@ -69,7 +87,7 @@ class ParameterStore:
         self.shared = shared
         self.name = name or f"zo2-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         pin = torch.cuda.is_available() if pin is None else pin
-        numels = [sum(s.numel for s in layout) for layout in layouts]
+        numels = [layout_numel(layout) for layout in layouts]
         itemsize = torch.empty((), dtype=dtype).element_size()
         check_host_memory(sum(numels) * itemsize, f"The parameter store ({len(layouts)} blocks)", dtype)
         self._paths: list[Path] = []
@@ -121,14 +139,7 @@ class ParameterStore:
         ``blocks[i]`` lists (canonical name, parameter) of block ``i``. Parameters on the meta device are
         re-pointed without a copy (their values are filled into the store later, e.g. from safetensors shards).
         """
-        layouts = []
-        for params in blocks:
-            offset, layout = 0, []
-            for name, p in params:
-                layout.append(Segment(name, offset, p.numel(), tuple(p.shape)))
-                offset += p.numel()
-            layouts.append(layout)
-        store = cls(layouts, dtype, **kwargs)
+        store = cls([pack_layout(params) for params in blocks], dtype, **kwargs)
         for i, params in enumerate(blocks):
             views = cls.views(store.flat(i), store.layout(i))
             for name, p in params:
