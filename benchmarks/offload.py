@@ -115,14 +115,19 @@ def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: i
     gc.collect()
     torch.cuda.empty_cache()
     if budget_cap:
-        capped = engine_for(shape, layers, "auto", budget=budget_cap, kernels=kernels)
-        print(capped.plan.describe())
         b, s = batches[0]
-        t_cap, info = step_time(capped, batch_of(b, s), repeat)
-        rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
-                     "streamed_ms": t_cap * 1e3, "budget": budget_cap, **info})
+        row = {"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
+               "budget": budget_cap}
+        try:
+            capped = engine_for(shape, layers, "auto", budget=budget_cap, kernels=kernels)
+            print(capped.plan.describe())
+            t_cap, info = step_time(capped, batch_of(b, s), repeat)
+            row.update(streamed_ms=t_cap * 1e3, **info)
+            del capped
+        except Exception as err:  # record why the capped run cannot run (e.g. the plan does not fit)
+            row["error"] = f"{type(err).__name__}: {err}"
+        rows.append(row)
         print(rows[-1], flush=True)
-        del capped
         gc.collect()
         torch.cuda.empty_cache()
     return rows
@@ -148,13 +153,22 @@ def main() -> None:
         if shape not in OPT_SHAPES:
             parser.error(f"unknown shape {shape}; known: {', '.join(OPT_SHAPES)}")
         cap = args.budget if shape == args.budget_shape else None
-        rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels)
+        try:
+            rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels)
+        except Exception as err:  # keep measuring the other shapes; the JSON records the failure
+            rows.append({"shape": shape, "error": f"{type(err).__name__}: {err}"})
+            print(rows[-1], flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
     print()
     print_table(rows, [("shape", "shape", "s"), ("batch", "batch", "s"), ("block_gb", "block GB", ".2f"),
                        ("bw_h2d", "H2D GB/s", ".1f"), ("bw_d2h", "D2H GB/s", ".1f"), ("fwd2_ms", "2 fwd ms", ".1f"),
                        ("resident_ms", "resident ms", ".1f"), ("streamed_ms", "streamed ms", ".1f"),
                        ("ratio", "str/res", ".2f"), ("floor_ms", "floor ms", ".1f"), ("vs_floor", "str/floor", ".2f"),
                        ("wait_ms", "wait ms", ".1f"), ("peak_gb", "peak GB", ".2f"), ("budget", "budget", "s")])
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']} {r.get('budget') or ''}: {r['error']}")
     write_json(args.out, {"benchmark": "offload", "env": environment(), "layers": args.layers, "rows": rows})
 
 

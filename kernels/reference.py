@@ -203,9 +203,9 @@ def _perturb_into(flat, table, seed, eps, distribution, plus, minus) -> None:
     for seg in table:
         # Math in update.math_dtype(θ) (float32 but for float64 θ), cast once, straight to each output's dtype.
         t = flat[seg.offset : seg.end]
-        z_of = _z_of(seg, distribution, flat.device)
-        plus[seg.offset : seg.end] = upd.perturbed(t, [(seed, 1.0)], eps, z_of, out_dtype=plus.dtype)
-        minus[seg.offset : seg.end] = upd.perturbed(t, [(seed, -1.0)], eps, z_of, out_dtype=minus.dtype)
+        z = _z_of(seg, distribution, flat.device)(seed)  # generated once, used for both signs
+        plus[seg.offset : seg.end] = upd.perturbed(t, [(seed, 1.0)], eps, lambda _: z, out_dtype=plus.dtype)
+        minus[seg.offset : seg.end] = upd.perturbed(t, [(seed, -1.0)], eps, lambda _: z, out_dtype=minus.dtype)
 
 
 def update(

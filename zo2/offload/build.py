@@ -65,8 +65,10 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
     fixed = _nbytes([engine.params[n] for u in engine.units if u.kind != "block" for n in u.owned])
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
     largest_block = max((sum(p.numel() for p in ps) for ps in block_params), default=0)
-    # perturbed copy of a block + float32 directions of its largest parameter (twice: θ± and the update)
-    reserve = largest_block * max((p.element_size() for ps in block_params for p in ps), default=4) + 8 * largest
+    compute_size = torch.empty((), dtype=engine.compute_dtype).element_size()
+    # θ+ and θ− of one block in the compute dtype, plus the float32 direction of its largest parameter
+    # (the torch reference path materializes z one parameter at a time; the Triton kernels never do)
+    reserve = 2 * largest_block * compute_size + 4 * largest
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
     plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks in one call: GPU tests, then the offload, step and kernel benchmarks, each writing JSON and a
+# log under $OUT (default benchmarks/out). Runs from the repository root without installing the package.
+#   bash benchmarks/gpu_suite.sh [quick]
+set -u
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT" /tmp/zo2path
+ln -sfn "$PWD/kernels" /tmp/zo2path/zo2_kernels
+ln -sfn "$PWD/launcher" /tmp/zo2path/zo2_launcher
+export PYTHONPATH="$PWD:/tmp/zo2path:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+free -g | head -2 | tee -a "$OUT/gpu.txt"
+
+python3 benchmarks/offload.py --shapes opt-1.3b opt-6.7b opt-13b opt-30b opt-175b --layers 4 \
+    --batches 1x2048 8x2048 --repeat 3 --out "$OUT/offload.json" 2>&1 | tee "$OUT/offload.log" | grep -v "^{"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/unit/test_adapters.py tests/unit/test_kernels.py \
+    -x --timeout 300 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py tests/unit/test_engine.py \
+    tests/unit/test_offload.py -k "not bf16_store" --timeout 300 2>&1 | tail -n 5 | tee -a "$OUT/gpu_tests.log"
+python3 benchmarks/step.py --device cuda --shapes opt-1.3b opt-6.7b --repeat 5 --out "$OUT/step.json" 2>&1 \
+    | tee "$OUT/step.log" | grep -v "^{"
+python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tail -n 30 | tee "$OUT/kernels.log"
