@@ -1,0 +1,216 @@
+"""Real training runs: the default job learns, resume is bit-exact, replay rebuilds the weights, NaN streaks stop
+the run without losing what was saved."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zo2.config import load_config
+from zo2.engine import default_loss
+from zo2.errors import NonFiniteLossError
+from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log
+from zo2.train.trainer import load_resume_config, read_metrics, replay_run, train_job
+from zo2_launcher.cli import main
+
+SMALL = ["train.steps=12", "train.log_every=2", "train.eval_every=4", "train.eval_batches=1",
+         "checkpoint.save_every=5", "checkpoint.keep_last=5", "checkpoint.fsync=false", "run.plot=false"]
+
+
+def small_job(run_dir: Path, *extra: str):
+    return load_config(overrides=[*SMALL, f"run.out_dir={run_dir}", *extra])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def train_metrics(run_dir: Path, every: int = 2) -> list[tuple]:
+    """The deterministic fields of the regular train lines (a run that stopped early also logged its last step;
+    time and tokens/s differ between runs)."""
+    keys = ("step", "loss", "loss_plus", "loss_minus", "projected_grad", "lr", "loss_avg", "skipped")
+    return [tuple(r[k] for k in keys) for r in read_metrics(run_dir) if r["kind"] == "train" and r["step"] % every == 0]
+
+
+def eval_metrics(run_dir: Path, every: int = 4) -> list[tuple]:
+    """(step, loss) of the regular evaluations (every ``every`` steps, and at the end of the 12-step runs)."""
+    return [(r["step"], r["eval_loss"]) for r in read_metrics(run_dir)
+            if r["kind"] == "eval" and (r["step"] % every == 0 or r["step"] == 12)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The default job
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    summary = train_job(load_config(overrides=[f"run.out_dir={run_dir}"]), quiet=True)
+    return run_dir, summary
+
+
+def test_default_job_lowers_the_loss(default_run):
+    run_dir, summary = default_run
+    losses = [r["loss"] for r in read_log(run_dir / "trajectory.jsonl")]
+    assert len(losses) == load_config().train.steps and all(math.isfinite(x) for x in losses)
+    k = len(losses) // 10
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    assert last < first - 1.0, (first, last)
+    (_, eval_first), (_, eval_last) = summary.eval_losses[0], summary.eval_losses[-1]
+    assert eval_last < eval_first - 0.8, summary.eval_losses
+
+
+def test_run_folder_contents(default_run):
+    run_dir, summary = default_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.toml", "metrics.jsonl", "trajectory.jsonl", "snapshots", "final", "loss.png"} <= names
+    assert load_config(path=run_dir / "config.toml", overrides=[f"run.out_dir={run_dir}"]) == \
+        load_config(overrides=[f"run.out_dir={run_dir}"])
+    job = load_config()
+    steps, every = job.train.steps, job.checkpoint.save_every
+    lines = read_metrics(run_dir)
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(job.train.log_every, steps + 1, job.train.log_every))
+    assert {"loss", "loss_plus", "loss_minus", "projected_grad", "lr", "tokens_per_s", "time", "skipped"} <= \
+        set(train[0])
+    assert any(r["kind"] == "eval" for r in lines)
+    snaps = list_snapshots(run_dir)
+    assert [int(p.stem.split("_")[1]) for p in snaps] == [(steps - 1) // every * every, steps]  # keep_last = 2
+    _, meta = load_snapshot(snaps[-1])
+    assert meta["step"] == steps and meta["log_records"] == steps and "epoch" in meta["data"]
+    assert (run_dir / "final" / "config.json").is_file()
+    assert (run_dir / "loss.png").stat().st_size > 1000 and summary.steps == steps
+
+
+def test_replay_to_the_end_equals_the_final_weights(default_run, tmp_path):
+    run_dir, _ = default_run
+    final = weights(run_dir / "final")
+    assert_same_tensors(weights(replay_run(run_dir, out_dir=tmp_path / "snap")), final)
+    assert_same_tensors(weights(replay_run(run_dir, out_dir=tmp_path / "base", from_base=True)), final)
+
+
+def test_replay_to_a_snapshot_step_equals_the_snapshot(default_run, tmp_path):
+    run_dir, _ = default_run
+    snap_tensors, meta = load_snapshot(list_snapshots(run_dir)[0])
+    assert main(["replay", str(run_dir), "--to", str(meta["step"]), "--from-base", "--out", str(tmp_path / "r")]) == 0
+    replayed = weights(tmp_path / "r")
+    for name, tensor in snap_tensors.items():
+        assert torch.equal(replayed[name], tensor), name
+
+
+def test_replay_to_step_zero_is_the_base_model(default_run, tmp_path):
+    run_dir, _ = default_run
+    base = weights(replay_run(run_dir, 0, tmp_path / "zero"))
+    from zo2.train.model import build_model
+    from zo2.train.tokenizer import ByteTokenizer
+    from zo2.train.trainer import special_token_ids
+
+    model = build_model(load_config().model, special_token_ids(ByteTokenizer()))
+    for name, tensor in model.state_dict().items():
+        if name in base:
+            assert torch.equal(base[name], tensor), name
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "tiny-gpt2"])
+def test_other_tiny_presets_train(preset, tmp_path):
+    job = load_config(preset, overrides=[*SMALL, "train.steps=3", f"run.out_dir={tmp_path / 'run'}"])
+    summary = train_job(job, quiet=True)
+    assert summary.steps == 3 and summary.skipped == 0 and all(math.isfinite(x) for x in summary.losses)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_train_and_replay_a_local_model_folder(tmp_path):
+    from zo2.train.model import build_model
+
+    build_model(load_config("tiny-llama").model).save_pretrained(tmp_path / "base")
+    run_dir = tmp_path / "run"
+    job = load_config(overrides=[*SMALL, "train.steps=4", f"model.path={tmp_path / 'base'}",
+                                 f"run.out_dir={run_dir}"])
+    train_job(job, quiet=True)
+    assert_same_tensors(weights(replay_run(run_dir, out_dir=tmp_path / "r", from_base=True)), weights(run_dir / "final"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    train_job(small_job(run_dir), quiet=True)
+    return run_dir
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert_same_tensors(weights(a / "final"), weights(b / "final"))
+    assert read_log(a / "trajectory.jsonl") == read_log(b / "trajectory.jsonl")
+    assert train_metrics(a) == train_metrics(b)
+    assert eval_metrics(a) == eval_metrics(b)
+
+
+def test_resume_is_bit_identical(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    train_job(small_job(run_dir, "train.steps=7"), quiet=True)
+    assert main(["train", "--resume", str(run_dir), "--set", "train.steps=12", "--quiet"]) == 0
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_resume_after_a_crash_replays_the_log_tail(uninterrupted, tmp_path):
+    """Crash after step 8: the newest snapshot is corrupt and the log's last line is torn."""
+    run_dir = tmp_path / "run"
+    train_job(small_job(run_dir, "train.steps=8"), quiet=True)
+    newest = list_snapshots(run_dir)[-1]
+    data = bytearray(newest.read_bytes())
+    data[-8:] = b"\xff" * 8
+    newest.write_bytes(bytes(data))
+    with open(run_dir / "trajectory.jsonl", "ab") as f:
+        f.write(b'{"crc":123,"r":{"step":8')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CheckpointWarnings about the torn line and the corrupt snapshot
+        train_job(load_resume_config(run_dir, ["train.steps=12"]), resume=True, quiet=True)
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_overwrite_starts_over(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    train_job(small_job(run_dir, "train.steps=3"), quiet=True)
+    train_job(small_job(run_dir), quiet=True, overwrite=True)
+    assert_same_run(uninterrupted, run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NaN / inf
+# ----------------------------------------------------------------------------------------------------------
+
+def test_nan_streak_stops_without_losing_saved_state(tmp_path):
+    run_dir = tmp_path / "run"
+    calls = {"n": 0}
+
+    def flaky_loss(logits, batch):
+        calls["n"] += 1  # two forwards per step: NaN from step index 6 on
+        loss = default_loss(logits, batch)
+        return loss * float("nan") if calls["n"] > 12 else loss
+
+    job = small_job(run_dir, "train.eval_batches=0", "train.max_nonfinite_steps=3")
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        train_job(job, quiet=True, loss_fn=flaky_loss)
+    records = read_log(run_dir / "trajectory.jsonl")
+    assert [r["skipped"] for r in records] == [False] * 6 + [True] * 3
+    assert [int(p.stem.split("_")[1]) for p in list_snapshots(run_dir)] == [5]
+    tensors, _ = load_snapshot(list_snapshots(run_dir)[0])
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    assert not (run_dir / "final").exists()
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 8 and last["skipped"] == 2

@@ -1,0 +1,200 @@
+"""Metrics: per-interval numbers (tokens/s, mean loss, skipped steps), their backends and the loss plot.
+
+* :class:`MetricsWindow` accumulates the steps since the last log line and turns them into one record of
+  ``metrics.jsonl`` (step, loss, loss_plus, loss_minus, projected_grad, lr, loss_avg, tokens_per_s, time,
+  skipped).
+* :class:`JsonlWriter` appends those records to ``metrics.jsonl`` (and can cut it back on resume).
+* :class:`Console` shows progress: a tqdm bar with the smoothed loss and tokens/s, or with ``quiet`` plain log
+  lines every ``log_every`` steps.
+* :func:`plot_loss` draws ``loss.png`` from the trajectory log (matplotlib, without touching pyplot's global
+  backend).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, TextIO
+
+import torch
+
+
+@dataclass
+class MetricsWindow:
+    """The steps since the last log line: sums for averages and rates, and run-wide counters."""
+
+    skipped_total: int = 0
+    """NaN/inf steps since the start of the run (not only this window)."""
+    time_offset: float = 0.0
+    """Seconds of training before this process started (a resumed run continues the clock)."""
+    started: float = field(default_factory=time.perf_counter)
+    _losses: list[float] = field(default_factory=list)
+    _tokens: int = 0
+    _window_start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, skipped: bool, tokens: int = 0) -> None:
+        """Count one step (a skipped step's NaN loss is left out of the mean)."""
+        if skipped:
+            self.skipped_total += 1
+        elif math.isfinite(loss):
+            self._losses.append(loss)
+        self._tokens += tokens
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, across resumes."""
+        return self.time_offset + time.perf_counter() - self.started
+
+    def tokens_per_s(self) -> float:
+        """Tokens per second since the window started."""
+        return self._tokens / max(time.perf_counter() - self._window_start, 1e-9)
+
+    def record(self, result: Any, step: int) -> dict[str, Any]:
+        """The metrics line of ``result`` (``step``: steps done, its 0-based index + 1), then a new window."""
+        line = {
+            "kind": "train", "step": step, "loss": result.loss, "loss_plus": result.loss_plus,
+            "loss_minus": result.loss_minus, "projected_grad": result.projected_grad, "lr": result.lr,
+            "loss_avg": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
+            "tokens_per_s": self.tokens_per_s(), "time": self.elapsed(), "skipped": self.skipped_total,
+        }
+        self._losses, self._tokens, self._window_start = [], 0, time.perf_counter()
+        return line
+
+
+class JsonlWriter:
+    """Append-only JSON-lines file (one record per line, flushed at once)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(dict(record)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every complete record of a JSON-lines file (a torn last line is ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    records = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def truncate_jsonl(path: str | Path, steps_done: int) -> list[dict]:
+    """Keep only the records with ``step <= steps_done`` (a resumed run rewrites what follows); return them."""
+    p = Path(path)
+    kept = [r for r in read_jsonl(p) if r.get("step", 0) <= steps_done]
+    p.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return kept
+
+
+class Console:
+    """Progress on the terminal: a tqdm bar (smoothed loss, tokens/s), or plain lines with ``quiet``."""
+
+    def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream: TextIO | None = None):
+        self.quiet = quiet
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.smoothed: float | None = None
+        self._bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=self.stream,
+                             desc="train")
+
+    def log(self, message: str) -> None:
+        """One message line, printed above the bar when there is one."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=sys.stdout if self.quiet else self.stream, flush=True)
+
+    def step(self, loss: float, tokens_per_s: float) -> None:
+        """Advance the bar by one step and show the smoothed loss (exponential moving average, 0.9)."""
+        if math.isfinite(loss):
+            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        if self._bar is not None:
+            shown = f"{self.smoothed:.4f}" if self.smoothed is not None else "nan"
+            self._bar.set_postfix_str(f"loss {shown}, {tokens_per_s:,.0f} tok/s", refresh=False)
+            self._bar.update(1)
+
+    def metrics(self, line: Mapping[str, Any]) -> None:
+        """With ``quiet``, the log line of a metrics record."""
+        if self.quiet:
+            self.log(format_metrics(line, self.total))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def format_metrics(line: Mapping[str, Any], total: int) -> str:
+    """``step 10/400 | loss 5.4321 (avg 5.5000) | g -1.2e+00 | lr 5.0e-03 | 1,234 tok/s | skipped 0 | 12.3s``."""
+    return (f"step {line['step']}/{total} | loss {line['loss']:.4f} (avg {line['loss_avg']:.4f}) | "
+            f"g {line['projected_grad']:+.3e} | lr {line['lr']:.2e} | {line['tokens_per_s']:,.0f} tok/s | "
+            f"skipped {line['skipped']} | {line['time']:.1f}s")
+
+
+def device_memory(device: torch.device) -> dict[str, float]:
+    """Peak allocated/reserved GiB on a CUDA device since the last reset (empty on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    gib = 1024 ** 3
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (NaNs skipped)."""
+    out, kept = [], []
+    for v in values:
+        if math.isfinite(v):
+            kept.append(v)
+        recent = kept[-window:]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
+
+
+def plot_loss(records: Iterable[Mapping[str, Any]], evals: Iterable[Mapping[str, Any]], path: str | Path,
+              title: str = "") -> Path:
+    """``loss.png``: per-step training loss, its moving average, and evaluation losses."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = list(records)
+    steps = [r["step"] for r in records]
+    losses = [float(r["loss"]) for r in records]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss (per step)")
+    window = max(len(records) // 20, 1)
+    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,
+            label=f"loss (mean of {window} steps)")
+    evals = list(evals)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="tab:orange",
+                label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return Path(path)

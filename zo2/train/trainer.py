@@ -1,0 +1,507 @@
+"""The trainer: small ``build_*`` functions, a :class:`Trainer` whose ``train()`` is a short loop (step, log,
+checkpoint, evaluate), resume, and :func:`replay_run`.
+
+A run folder holds:
+
+* ``config.toml``: the resolved job (``--resume`` reads it back);
+* ``trajectory.jsonl``: one fsynced record per step (update seeds, projected gradient, lr, data position, loss);
+  replaying it on the base weights reproduces the run bit for bit (DESIGN.md §5);
+* ``metrics.jsonl``: a ``"train"`` line every ``train.log_every`` steps and an ``"eval"`` line per evaluation;
+* ``snapshots/``: atomic safetensors of the trainable parameters every ``checkpoint.save_every`` steps and at
+  the end;
+* ``final/``: the final model (``save_pretrained`` format, loadable as ``model.path``); ``loss.png``.
+
+Step numbers: the trajectory log uses each step's 0-based index; metrics, snapshots, ``--to`` and the console
+count steps done (index + 1), so "step 10" is the state after ten updates.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from zo2.config.job import JobConfig
+from zo2.config.loader import job_to_dict, load_saved_config, parse_override, to_toml
+from zo2.config.presets import human_count
+from zo2.engine import LossFn, StepResult, ZOEngine
+from zo2.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from zo2.optim.estimators import Update
+from zo2.train.checkpoint import (CheckpointWarning, Snapshot, TrajectoryLog, latest_good_snapshot, list_snapshots,
+                                  load_snapshot, make_record, read_log, replay_updates, save_snapshot,
+                                  snapshot_step)
+from zo2.train.data import BatchLoader, Example, collate, load_examples
+from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, plot_loss, read_jsonl, truncate_jsonl
+from zo2.train.model import build_model, max_positions, vocab_size
+from zo2.train.tokenizer import ByteTokenizer, load_tokenizer, special_ids
+
+CONFIG_FILE = "config.toml"
+LOG_FILE = "trajectory.jsonl"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+PLOT_FILE = "loss.png"
+RESUME_LOCKED = ("model.", "data.", "optim.weight_decay", "optim.distribution", "train.eval_batches")
+"""Overrides a resumed run refuses: they would change the weights replay rebuilds, or the data it continues."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build_* : one piece of the job each
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device ('auto': cuda when available, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r}, but torch sees no CUDA device here. Set train.device = "
+                          "'cpu' (or 'auto'), or install a CUDA build of torch on a GPU machine.")
+    return torch.device(name)
+
+
+def build_tokenizer(job: JobConfig) -> Any:
+    """The tokenizer ``data.tokenizer`` names (the byte tokenizer by default)."""
+    return load_tokenizer(job.data, job.model.path)
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    """pad/bos/eos ids of the tokenizer, for the config of a model built from a shape."""
+    pad, eos = special_ids(tokenizer)
+    return {"pad_token_id": pad, "bos_token_id": getattr(tokenizer, "bos_token_id", None), "eos_token_id": eos}
+
+
+def build_job_model(job: JobConfig, tokenizer: Any) -> nn.Module:
+    """The model of ``job.model``, checked against the tokenizer and the sequence length."""
+    model = build_model(job.model, special_token_ids(tokenizer))
+    rows, needed = vocab_size(model), len(tokenizer)
+    if rows < needed:
+        raise ConfigError(f"The model's vocabulary has {rows} entries but the tokenizer produces ids up to "
+                          f"{needed - 1}. Raise model.vocab_size to at least {needed}, or use a matching tokenizer "
+                          "(data.tokenizer).")
+    longest = max_positions(model)
+    if longest is not None and job.data.max_length > longest:
+        raise ConfigError(f"data.max_length = {job.data.max_length} exceeds the {longest} positions the model "
+                          "accepts. Lower data.max_length.")
+    return model
+
+
+def build_data(job: JobConfig, tokenizer: Any) -> tuple[BatchLoader, list[dict[str, torch.Tensor]]]:
+    """The training loader and the held-out batches: the last ``train.eval_batches × data.batch_size``
+    examples of the data set are held out from training and evaluated."""
+    examples = load_examples(job.data, tokenizer)
+    size = job.data.batch_size
+    held = job.train.eval_batches * size
+    if held and len(examples) - held < size:
+        raise DataError(f"The data set has {len(examples)} examples; holding out train.eval_batches × "
+                        f"data.batch_size = {held} for evaluation leaves less than one training batch. Lower "
+                        "train.eval_batches (0 turns evaluation off) or data.batch_size, or add examples.")
+    train: list[Example] = examples[: len(examples) - held]
+    pad, _ = special_ids(tokenizer)
+    evals = [collate(examples[i: i + size], pad) for i in range(len(train), len(examples), size)]
+    return BatchLoader(job.data, tokenizer, examples=train), evals
+
+
+def build_engine(job: JobConfig, model: nn.Module, loss_fn: LossFn | None = None) -> ZOEngine:
+    """The ZO engine on ``train.device`` (``optim.total_steps`` filled in from ``train.steps``)."""
+    device = resolve_device(job.train.device)
+    optim = replace(job.optim, device=str(device), total_steps=job.optim.total_steps or job.train.steps)
+    return ZOEngine(model, optim, loss_fn=loss_fn)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------------------
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` looks like a zo2 run folder (a config.toml or a trajectory log)."""
+    return (path / CONFIG_FILE).is_file() or (path / LOG_FILE).is_file()
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run folder unless told to resume or overwrite it (nothing is written)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"Run folder {str(run_dir)!r} is a file. Pick another folder with --out DIR.")
+    used = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{str(run_dir)!r} is not a zo2 run folder (it has no {CONFIG_FILE}), so there "
+                                  "is nothing to resume. Pass the folder a previous `zo2 train` wrote, or drop "
+                                  "--resume to start a new run.")
+    elif used and not overwrite:
+        raise CheckpointError(f"Run folder {str(run_dir)!r} already exists and is not empty; zo2 left it "
+                              f"untouched. Continue that run with `zo2 train --resume {run_dir}`, start it over "
+                              "with --overwrite (deletes its contents), or write elsewhere with --out DIR.")
+    elif used and not is_run_dir(run_dir):
+        raise CheckpointError(f"Refusing to --overwrite {str(run_dir)!r}: it is not a zo2 run folder (no "
+                              f"{CONFIG_FILE} or {LOG_FILE}), and --overwrite deletes its contents. Pick an empty "
+                              "or new folder with --out DIR.")
+
+
+def create_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Make the run folder, first deleting an old run there when ``overwrite``."""
+    if overwrite and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name and rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_resume_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
+    """The saved config of ``run_dir`` with ``overrides`` applied (those that would break the replay refused)."""
+    run_dir = Path(run_dir)
+    overrides = list(overrides)
+    for item in overrides:
+        section, key, _ = parse_override(item)
+        if any(f"{section}.{key}".startswith(locked) for locked in RESUME_LOCKED):
+            raise ConfigError(f"--set {section}.{key} cannot change on --resume: the steps already taken depend on "
+                              "it, so replay and the data order would no longer match the run. Start a new run "
+                              "with that setting instead (or replay this one to a step and train from there).")
+    check_run_dir(run_dir, resume=True, overwrite=False)
+    job = load_saved_config(run_dir / CONFIG_FILE, overrides)
+    job.run = replace(job.run, out_dir=str(run_dir))
+    return job
+
+
+def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
+    """``save_pretrained`` the model (and a Hugging Face tokenizer) to ``folder``, replacing it atomically."""
+    from transformers.utils import logging as hf_logging
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of zo2's output
+    try:
+        model.save_pretrained(str(tmp))
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    if not isinstance(tokenizer, ByteTokenizer) and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], steps_done: int) -> None:
+    """NonFiniteLossError instead of saving weights that hold NaN/inf."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]  # host sync per tensor
+    if bad:
+        raise NonFiniteLossError(f"After {steps_done} steps the weights hold NaN/inf values (e.g. in {bad[0]}); "
+                                 "zo2 did not save them. Lower optim.lr or optim.eps, or use model.dtype = 'fp32', "
+                                 "and restart from a snapshot or `zo2 replay` of an earlier step.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainSummary:
+    """What a finished ``train()`` reports."""
+
+    run_dir: Path
+    steps: int
+    skipped: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    """Per-step training losses of the whole run, from the trajectory log (NaN for skipped steps)."""
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(steps done, held-out loss) of every evaluation."""
+
+
+class Trainer:
+    """Trains ``job``; ``resume`` continues the run in ``job.run.out_dir`` (use :func:`load_resume_config`)."""
+
+    def __init__(self, job: JobConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+                 loss_fn: LossFn | None = None):
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: resume continues a run folder, "
+                              "overwrite deletes it. Pass one of them.")
+        self.job, self.quiet = job, quiet
+        self.run_dir = Path(job.run.out_dir)
+        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        self.tokenizer = build_tokenizer(job)
+        self.model = build_job_model(job, self.tokenizer)
+        self.loader, self.eval_set = build_data(job, self.tokenizer)
+        self.engine = build_engine(job, self.model, loss_fn)
+        if not resume:
+            create_run_dir(self.run_dir, overwrite)
+        self.log = TrajectoryLog(self.run_dir / LOG_FILE, fsync=job.checkpoint.fsync)
+        self.window = MetricsWindow()
+        self.streak = 0
+        self.evals: list[dict] = []
+        self.last_snapshot = -1
+        if resume:
+            self._restore()
+        write_text_atomic(self.run_dir / CONFIG_FILE, to_toml(job))  # after a resume check, so a refused one
+        self.metrics = JsonlWriter(self.run_dir / METRICS_FILE)  # leaves the saved config as it was
+        self.console: Console | None = None
+
+    # ----- resume ----------------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Latest good snapshot + replay of the log tail, then the data position, step and metrics state."""
+        try:
+            self._restore_state()
+        except BaseException:
+            self.log.close()
+            raise
+
+    def _restore_state(self) -> None:
+        records = read_log(self.log.path)
+        done = len(records)
+        if done > self.job.train.steps:
+            raise ConfigError(f"train.steps = {self.job.train.steps}, but the run in {self.run_dir} already took "
+                              f"{done} steps. Raise train.steps to continue it, or rebuild an earlier state with "
+                              f"`zo2 replay {self.run_dir} --to {self.job.train.steps}`.")
+        snap = latest_good_snapshot(self.run_dir)
+        start = self._load_snapshot(snap, done)
+        replay_updates(self.engine.apply_update, records, start, done)
+        self.engine.load_state_dict({"step": done})
+        if records:
+            self.loader.seek(records[-1]["data"])
+        self.streak = _trailing_skipped(records)
+        self._restore_metrics(records, done)
+
+    def _load_snapshot(self, snap: Snapshot | None, done: int) -> int:
+        """Load ``snap`` into the engine and return its step (0 with no snapshot: the base weights)."""
+        if snap is None:
+            return 0
+        if snap.step > done:
+            raise CheckpointError(f"Snapshot {snap.path.name} is at step {snap.step} but the trajectory log ends "
+                                  f"after step {done}: the log lost records. Restore the log, or delete the newer "
+                                  "snapshots to resume from an older point.")
+        self.engine.load_trainable_state(snap.tensors)
+        self.last_snapshot = snap.step
+        return snap.step
+
+    def _restore_metrics(self, records: list[dict], done: int) -> None:
+        """Cut metrics.jsonl back to ``done`` and refill the current window from the log."""
+        kept = truncate_jsonl(self.run_dir / METRICS_FILE, done)
+        self.evals = [r for r in kept if r.get("kind") == "eval"]
+        logged = done - done % self.job.train.log_every  # the window the uninterrupted run would be filling
+        self.window.time_offset = max((r.get("time", 0.0) for r in kept), default=0.0)
+        self.window.skipped_total = sum(bool(r["skipped"]) for r in records[:logged])
+        for r in records[logged:]:
+            self.window.add(float(r["loss"]), bool(r["skipped"]))
+
+    # ----- the loop --------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainSummary:
+        """Run until ``train.steps`` steps are done; returns the summary (raises NonFiniteLossError on a
+        NaN/inf streak, after closing the log: what was saved stays valid)."""
+        steps = self.job.train.steps
+        self.console = Console(total=steps, initial=self.engine.step_count, quiet=self.quiet)
+        try:
+            self._announce()
+            if self.engine.step_count == 0 and self.eval_set:
+                self.evaluate()
+            while self.engine.step_count < steps:
+                self._after_step(self.train_step())
+            self.console.close()  # the bar ends here; the closing messages print below it
+            return self._finish()
+        finally:
+            self.close()
+
+    def train_step(self) -> StepResult:
+        """One ZO step on the next batch, recorded in the trajectory log before anything else happens."""
+        batch = self.loader.next_batch()
+        result = self.engine.step(batch)
+        update = result.update or Update(result.step, (), (), result.lr)
+        self.log.append(make_record(update, data=self.loader.position(), loss=result.loss,
+                                    projected_grad=result.projected_grad, skipped=result.skipped,
+                                    loss_plus=result.loss_plus, loss_minus=result.loss_minus))
+        return result
+
+    def _after_step(self, result: StepResult) -> None:
+        """Count, log, stop on a NaN streak, snapshot and evaluate as the config says."""
+        done, cfg = result.step + 1, self.job
+        self.window.add(result.loss, result.skipped, result.tokens)
+        assert self.console is not None
+        self.console.step(result.loss, self.window.tokens_per_s())
+        self._check_streak(result, done)
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            line = self.window.record(result, done)
+            self.metrics.write(line)
+            self.console.metrics(line)
+        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
+            self.save_snapshot()
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self.eval_set:
+            self.evaluate()
+
+    def _check_streak(self, result: StepResult, done: int) -> None:
+        """Track NaN/inf steps; NonFiniteLossError after ``train.max_nonfinite_steps`` in a row."""
+        if not result.skipped:
+            self.streak = 0
+            return
+        self.streak += 1
+        limit = self.job.train.max_nonfinite_steps
+        assert self.console is not None
+        self.console.log(f"step {done}: the loss is NaN/inf; no update was made ({self.streak} in a row, "
+                         f"stopping at {limit})")
+        if self.streak >= limit:
+            raise NonFiniteLossError(self._streak_message(done))
+
+    def _streak_message(self, done: int) -> str:
+        o, first = self.job.optim, done - self.streak + 1
+        dtype = self.job.model.dtype
+        fp32 = f", train in model.dtype = 'fp32' (now '{dtype}')" if dtype != "fp32" else ""
+        return (f"The loss was NaN or inf for {self.streak} steps in a row (steps {first} to {done}), so zo2 "
+                f"stopped the run; those steps made no update and no NaN weights were written. Lower optim.lr "
+                f"(now {o.lr:g}) or optim.eps (now {o.eps:g}){fp32}, and check the data for broken examples. "
+                f"Everything up to step "
+                f"{first - 1} is kept in {self.run_dir}: recover it with `zo2 replay {self.run_dir} --to "
+                f"{first - 1}`, or continue with `zo2 train --resume {self.run_dir} --set optim.lr=...` "
+                "(train.max_nonfinite_steps sets how many such steps are tolerated).")
+
+    def save_snapshot(self) -> Path:
+        """Flush the deferred update and write the trainable weights as the snapshot of this step."""
+        tensors = self.engine.trainable_state()
+        done = self.engine.step_count
+        check_finite_weights(tensors, done)
+        meta = {"data": self.loader.position(), "log_records": self.log.num_records}
+        path = save_snapshot(self.run_dir, done, tensors, meta, keep_last=self.job.checkpoint.keep_last,
+                             fsync=self.job.checkpoint.fsync)
+        self.last_snapshot = done
+        return path
+
+    def evaluate(self) -> float:
+        """Mean loss of the held-out batches at the current weights, logged to metrics.jsonl."""
+        losses = [self.engine.evaluate(batch).loss for batch in self.eval_set]  # host sync: one scalar each
+        loss = sum(losses) / len(losses)
+        line = {"kind": "eval", "step": self.engine.step_count, "eval_loss": loss, "time": self.window.elapsed()}
+        self.metrics.write(line)
+        self.evals.append(line)
+        if self.console is not None:
+            self.console.log(f"step {self.engine.step_count}: held-out loss {loss:.4f}")
+        return loss
+
+    def _finish(self) -> TrainSummary:
+        """Final snapshot, evaluation, weights, plot and summary."""
+        done = self.engine.step_count
+        if self.last_snapshot != done:
+            self.save_snapshot()
+        if self.eval_set and (not self.evals or self.evals[-1]["step"] != done):
+            self.evaluate()
+        if self.job.run.save_final:
+            save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR)
+        records = read_log(self.log.path)
+        if self.job.run.plot and records:
+            plot_loss(records, self.evals, self.run_dir / PLOT_FILE, title=f"{self.job.preset}: {self.run_dir}")
+        summary = TrainSummary(self.run_dir, done, sum(bool(r["skipped"]) for r in records), self.window.elapsed(),
+                               [float(r["loss"]) for r in records],
+                               [(int(e["step"]), float(e["eval_loss"])) for e in self.evals])
+        assert self.console is not None
+        self.console.log(describe_summary(summary))
+        return summary
+
+    def _announce(self) -> None:
+        """Log the resolved config (one line per section) and what is about to run."""
+        assert self.console is not None
+        m, done = self.job.model, self.engine.step_count
+        source = m.path or f"random init, seed {m.init_seed}"
+        count = sum(p.numel() for p in self.model.parameters())
+        verb = f"resuming at step {done} of" if done else "training"
+        self.console.log(f"zo2: {verb} {self.job.train.steps} steps of {m.name if not m.path else m.path} "
+                         f"({human_count(count)} parameters, {source}, {m.dtype}) on {self.engine.device}; "
+                         f"run folder {self.run_dir}")
+        if m.path is not None and self.job.data.tokenizer is None:
+            self.console.log("note: model.path is set but data.tokenizer is not, so the byte tokenizer is used; set "
+                             "data.tokenizer = 'model' to train with the model's own tokenizer")
+        for name, values in job_to_dict(self.job).items():
+            if isinstance(values, dict):
+                self.console.log(f"  [{name}] " + " ".join(f"{k}={v!r}" for k, v in values.items()))
+
+    def close(self) -> None:
+        """Close the log, metrics file and progress bar (idempotent)."""
+        if self.console is not None:
+            self.console.close()
+        self.log.close()
+        self.metrics.close()
+
+
+def _trailing_skipped(records: list[dict]) -> int:
+    """Skipped steps at the end of the log (the NaN streak a resumed run continues)."""
+    count = 0
+    for r in reversed(records):
+        if not r["skipped"]:
+            break
+        count += 1
+    return count
+
+
+def describe_summary(s: TrainSummary) -> str:
+    """One line: steps, time, loss at the start and end, held-out loss, run folder."""
+    finite = [x for x in s.losses if math.isfinite(x)]
+    k = max(len(finite) // 10, 1)
+    train = (f"train loss {sum(finite[:k]) / k:.4f} -> {sum(finite[-k:]) / k:.4f} (mean of first/last {k})"
+             if finite else "no finite loss")
+    held = f"; held-out loss {s.eval_losses[0][1]:.4f} -> {s.eval_losses[-1][1]:.4f}" if s.eval_losses else ""
+    return (f"done: {s.steps} steps in {s.seconds:.1f}s, {s.skipped} skipped; {train}{held}; "
+            f"run folder {s.run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay
+# ----------------------------------------------------------------------------------------------------------
+
+def newest_snapshot_before(run_dir: Path, steps_done: int) -> Snapshot | None:
+    """The newest snapshot at or before ``steps_done`` that loads and verifies (corrupt ones skipped)."""
+    for path in reversed(list_snapshots(run_dir)):
+        if snapshot_step(path) > steps_done:
+            continue
+        try:
+            tensors, meta = load_snapshot(path)
+        except CheckpointError as exc:
+            warnings.warn(f"Skipping snapshot {path.name}: {exc}", CheckpointWarning, stacklevel=2)
+            continue
+        return Snapshot(path, meta["step"], tensors, meta)
+    return None
+
+
+def replay_run(run_dir: str | Path, to_step: int | None = None, out_dir: str | Path | None = None,
+               from_base: bool = False) -> Path:
+    """Rebuild the weights after ``to_step`` steps of the run in ``run_dir`` (default: all of them) from the
+    base weights (or the newest snapshot at or before it, unless ``from_base``) and the trajectory log; write
+    them with ``save_pretrained`` to ``out_dir`` (default ``run_dir/replay/step_XXXXXXXX``)."""
+    run_dir = Path(run_dir)
+    job = load_resume_config(run_dir)
+    records = read_log(run_dir / LOG_FILE)
+    to_step = len(records) if to_step is None else to_step
+    if not 0 <= to_step <= len(records):
+        raise CheckpointError(f"--to {to_step} is outside the run in {run_dir}: its trajectory log holds "
+                              f"{len(records)} steps, so pick a step from 0 (the base weights) to {len(records)}.")
+    tokenizer = build_tokenizer(job)
+    model = build_job_model(job, tokenizer)
+    engine = build_engine(job, model)
+    snap = None if from_base else newest_snapshot_before(run_dir, to_step)
+    if snap is not None:
+        engine.load_trainable_state(snap.tensors)
+    replay_updates(engine.apply_update, records, snap.step if snap else 0, to_step)
+    engine.flush()
+    out = Path(out_dir) if out_dir is not None else run_dir / "replay" / f"step_{to_step:08d}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_model(model, tokenizer, out)
+
+
+def train_job(job: JobConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+              loss_fn: LossFn | None = None) -> TrainSummary:
+    """Build a :class:`Trainer` for ``job`` and train it."""
+    return Trainer(job, resume=resume, overwrite=overwrite, quiet=quiet, loss_fn=loss_fn).train()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The metrics.jsonl records of a run folder."""
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
