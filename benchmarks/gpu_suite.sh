@@ -14,10 +14,8 @@ free -g | head -2 | tee -a "$OUT/gpu.txt"
 
 python3 benchmarks/offload.py --shapes opt-1.3b opt-6.7b opt-13b opt-30b opt-175b --layers 4 \
     --batches 1x2048 8x2048 --repeat 3 --out "$OUT/offload.json" 2>&1 | tee "$OUT/offload.log" | grep -v "^{"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/unit/test_adapters.py tests/unit/test_kernels.py \
-    -x --timeout 300 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
-python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py tests/unit/test_engine.py \
-    tests/unit/test_offload.py -k "not bf16_store" --timeout 300 2>&1 | tail -n 5 | tee -a "$OUT/gpu_tests.log"
-python3 benchmarks/step.py --device cuda --shapes opt-1.3b opt-6.7b --repeat 5 --out "$OUT/step.json" 2>&1 \
+python3 benchmarks/step.py --device cuda --shapes opt-1.3b opt-6.7b --repeat 3 --out "$OUT/step.json" 2>&1 \
     | tee "$OUT/step.log" | grep -v "^{"
-python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tail -n 30 | tee "$OUT/kernels.log"
+python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py tests/unit/test_kernels.py -k "gpu or engine or cuda" \
+    --timeout 120 2>&1 | tail -n 6 | tee "$OUT/gpu_tests.log"
+python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" 2>&1 | tail -n 20 | tee "$OUT/kernels.log"
