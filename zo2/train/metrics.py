@@ -23,6 +23,9 @@ from typing import Any, Iterable, Mapping, TextIO
 import torch
 
 
+TRANSFER_ZERO = {"h2d_gb": 0.0, "d2h_gb": 0.0, "transfer_wait_s": 0.0, "step_s": 0.0, "peak_device_gib": 0.0}
+
+
 @dataclass
 class MetricsWindow:
     """The steps since the last log line: sums for averages and rates, and run-wide counters."""
@@ -35,6 +38,7 @@ class MetricsWindow:
     _losses: list[float] = field(default_factory=list)
     _tokens: int = 0
     _window_start: float = field(default_factory=time.perf_counter)
+    _transfer: dict = field(default_factory=lambda: dict(TRANSFER_ZERO))
 
     def add(self, loss: float, skipped: bool, tokens: int = 0) -> None:
         """Count one step (a skipped step's NaN loss is left out of the mean)."""
@@ -43,6 +47,28 @@ class MetricsWindow:
         elif math.isfinite(loss):
             self._losses.append(loss)
         self._tokens += tokens
+
+    def add_transfer(self, result: Any) -> None:
+        """Count a step's host↔device traffic, upload wait, step time and peak device memory."""
+        t = self._transfer
+        t["h2d_gb"] += getattr(result, "bytes_h2d", 0) / 1e9
+        t["d2h_gb"] += getattr(result, "bytes_d2h", 0) / 1e9
+        t["transfer_wait_s"] += getattr(result, "transfer_wait_ms", 0.0) / 1e3
+        t["step_s"] += getattr(result, "seconds", 0.0)
+        t["peak_device_gib"] = max(t["peak_device_gib"], getattr(result, "peak_device_bytes", 0) / 1024 ** 3)
+
+    def transfer_summary(self) -> str:
+        """'H2D 1.2 GB/s, wait 35%, peak 10.2 GiB' for the progress bar ('' when nothing streams)."""
+        t = self._transfer
+        if not t["h2d_gb"] and not t["peak_device_gib"]:
+            return ""
+        parts = []
+        if t["h2d_gb"]:
+            parts.append(f"H2D {t['h2d_gb'] / max(t['step_s'], 1e-9):.1f} GB/s")
+            parts.append(f"wait {100 * t['transfer_wait_s'] / max(t['step_s'], 1e-9):.0f}%")
+        if t["peak_device_gib"]:
+            parts.append(f"peak {t['peak_device_gib']:.1f} GiB")
+        return ", ".join(parts)
 
     def elapsed(self) -> float:
         """Seconds of training so far, across resumes."""
@@ -59,8 +85,14 @@ class MetricsWindow:
             "loss_minus": result.loss_minus, "projected_grad": result.projected_grad, "lr": result.lr,
             "loss_avg": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
             "tokens_per_s": self.tokens_per_s(), "time": self.elapsed(), "skipped": self.skipped_total,
+            # since the last line: bytes moved each way, time waiting on uploads vs computing, peak memory
+            "h2d_gb": self._transfer["h2d_gb"], "d2h_gb": self._transfer["d2h_gb"],
+            "transfer_wait_s": self._transfer["transfer_wait_s"],
+            "compute_s": max(self._transfer["step_s"] - self._transfer["transfer_wait_s"], 0.0),
+            "peak_device_gib": self._transfer["peak_device_gib"],
         }
         self._losses, self._tokens, self._window_start = [], 0, time.perf_counter()
+        self._transfer = dict(TRANSFER_ZERO)
         return line
 
 
@@ -123,13 +155,14 @@ class Console:
         else:
             print(message, file=sys.stdout if self.quiet else self.stream, flush=True)
 
-    def step(self, loss: float, tokens_per_s: float) -> None:
+    def step(self, loss: float, tokens_per_s: float, extra: str = "") -> None:
         """Advance the bar by one step and show the smoothed loss (exponential moving average, 0.9)."""
         if math.isfinite(loss):
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         if self._bar is not None:
             shown = f"{self.smoothed:.4f}" if self.smoothed is not None else "nan"
-            self._bar.set_postfix_str(f"loss {shown}, {tokens_per_s:,.0f} tok/s", refresh=False)
+            tail = f", {extra}" if extra else ""
+            self._bar.set_postfix_str(f"loss {shown}, {tokens_per_s:,.0f} tok/s{tail}", refresh=False)
             self._bar.update(1)
 
     def metrics(self, line: Mapping[str, Any]) -> None:
@@ -147,7 +180,10 @@ def format_metrics(line: Mapping[str, Any], total: int) -> str:
     """``step 10/400 | loss 5.4321 (avg 5.5000) | g -1.2e+00 | lr 5.0e-03 | 1,234 tok/s | skipped 0 | 12.3s``."""
     return (f"step {line['step']}/{total} | loss {line['loss']:.4f} (avg {line['loss_avg']:.4f}) | "
             f"g {line['projected_grad']:+.3e} | lr {line['lr']:.2e} | {line['tokens_per_s']:,.0f} tok/s | "
-            f"skipped {line['skipped']} | {line['time']:.1f}s")
+            f"skipped {line['skipped']} | {line['time']:.1f}s"
+            + (f" | H2D {line['h2d_gb']:.2f} GB, D2H {line['d2h_gb']:.2f} GB, wait {line['transfer_wait_s']:.2f}s"
+               if line.get("h2d_gb") else "")
+            + (f" | peak {line['peak_device_gib']:.2f} GiB" if line.get("peak_device_gib") else ""))
 
 
 def device_memory(device: torch.device) -> dict[str, float]:

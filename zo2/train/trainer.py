@@ -304,6 +304,8 @@ class Trainer:
         NaN/inf streak, after closing the log: what was saved stays valid)."""
         steps = self.job.train.steps
         self.console = Console(total=steps, initial=self.engine.step_count, quiet=self.quiet)
+        if self.engine.plan.streamed or self.job.optim.offload is True:
+            self.console.log(self.engine.plan.describe())
         try:
             self._announce()
             if self.engine.step_count == 0 and self.eval_set:
@@ -329,8 +331,9 @@ class Trainer:
         """Count, log, stop on a NaN streak, snapshot and evaluate as the config says."""
         done, cfg = result.step + 1, self.job
         self.window.add(result.loss, result.skipped, result.tokens)
+        self.window.add_transfer(result)
         assert self.console is not None
-        self.console.step(result.loss, self.window.tokens_per_s())
+        self.console.step(result.loss, self.window.tokens_per_s(), self.window.transfer_summary())
         self._check_streak(result, done)
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             line = self.window.record(result, done)
