@@ -334,12 +334,15 @@ def _open_snapshot(path: Path, with_tensors: bool) -> tuple[dict, dict[str, torc
     return header, tensors
 
 
-def latest_good_snapshot(run_dir: str | Path) -> Snapshot | None:
-    """The newest snapshot that loads and verifies; corrupt newer ones are skipped with a warning.
+def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None) -> Snapshot | None:
+    """The newest snapshot (at step ``at_most`` or earlier, if given) that loads and verifies; corrupt newer
+    ones are skipped with a warning.
 
     None when there is no good snapshot: start from the base weights and replay the whole log.
     """
     for path in reversed(list_snapshots(run_dir)):
+        if at_most is not None and snapshot_step(path) > at_most:
+            continue
         try:
             tensors, meta = load_snapshot(path)
         except CheckpointError as exc:

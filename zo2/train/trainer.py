@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,9 +32,8 @@ from zo2.config.presets import human_count
 from zo2.engine import LossFn, StepResult, ZOEngine
 from zo2.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from zo2.optim.estimators import Update
-from zo2.train.checkpoint import (CheckpointWarning, Snapshot, TrajectoryLog, latest_good_snapshot, list_snapshots,
-                                  load_snapshot, make_record, read_log, replay_updates, save_snapshot,
-                                  snapshot_step)
+from zo2.train.checkpoint import (Snapshot, TrajectoryLog, latest_good_snapshot, make_record, read_log,
+                                  replay_updates, save_snapshot)
 from zo2.train.data import BatchLoader, Example, collate, load_examples
 from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, plot_loss, read_jsonl, truncate_jsonl
 from zo2.train.model import build_model, max_positions, vocab_size
@@ -460,20 +458,6 @@ def describe_summary(s: TrainSummary) -> str:
 # Replay
 # ----------------------------------------------------------------------------------------------------------
 
-def newest_snapshot_before(run_dir: Path, steps_done: int) -> Snapshot | None:
-    """The newest snapshot at or before ``steps_done`` that loads and verifies (corrupt ones skipped)."""
-    for path in reversed(list_snapshots(run_dir)):
-        if snapshot_step(path) > steps_done:
-            continue
-        try:
-            tensors, meta = load_snapshot(path)
-        except CheckpointError as exc:
-            warnings.warn(f"Skipping snapshot {path.name}: {exc}", CheckpointWarning, stacklevel=2)
-            continue
-        return Snapshot(path, meta["step"], tensors, meta)
-    return None
-
-
 def replay_run(run_dir: str | Path, to_step: int | None = None, out_dir: str | Path | None = None,
                from_base: bool = False) -> Path:
     """Rebuild the weights after ``to_step`` steps of the run in ``run_dir`` (default: all of them) from the
@@ -489,7 +473,7 @@ def replay_run(run_dir: str | Path, to_step: int | None = None, out_dir: str | P
     tokenizer = build_tokenizer(job)
     model = build_job_model(job, tokenizer)
     engine = build_engine(job, model)
-    snap = None if from_base else newest_snapshot_before(run_dir, to_step)
+    snap = None if from_base else latest_good_snapshot(run_dir, to_step)
     if snap is not None:
         engine.load_trainable_state(snap.tensors)
     replay_updates(engine.apply_update, records, snap.step if snap else 0, to_step)
