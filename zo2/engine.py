@@ -158,6 +158,8 @@ class ZOEngine:
         self.pending: Update | None = None
         self.device = self._compute_device()
         self.plan, self.store, self.streamer = build_offload(self, self.device)
+        streamed = [u for u in self.units if u.store_index is not None]
+        self._last_streamed = streamed[-1] if streamed else None
         self.kernels = _select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
         self.last_transfer: TransferStats | None = None
 
@@ -335,6 +337,8 @@ class ZOEngine:
                             if keep_logits:
                                 logits_out.append(logits)
                             hidden[i] = None
+            if unit is self._last_streamed:
+                self.streamer.prefetch_next_pass()  # overlaps the remaining blocks and the head
         return losses, logits_out
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -416,11 +420,18 @@ class ZOEngine:
             raise CheckpointError(f"The saved weights lack {len(missing)} parameters, e.g. {sorted(missing)[:3]}; "
                                   "they were saved from a different model.")
         self.pending = None
+        self.invalidate_prefetch()
         for n, p in self.params.items():
             if tensors[n].shape != p.shape:
                 raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
                                       f"{tuple(p.shape)}: the checkpoint belongs to a different model shape.")
             p.data.copy_(tensors[n])  # streamed blocks' parameters are views of the store: this fills it
+
+    def invalidate_prefetch(self) -> None:
+        """Call after writing streamed weights from the host (e.g. ``model.load_state_dict``): device copies
+        uploaded ahead for the next step are dropped. ``load_trainable_state`` and the loaders call it."""
+        if self.streamer is not None:
+            self.streamer.invalidate()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count}

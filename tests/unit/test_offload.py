@@ -67,11 +67,27 @@ def test_streamed_parameters_live_in_the_store_and_transfers_are_counted():
             assert p.data_ptr() == flat.data_ptr() + seg.offset * flat.element_size()
     engine.step(padded_batch())
     first = engine.last_transfer
-    assert first.bytes_h2d == store.nbytes and first.bytes_d2h == 0  # step 0 has no deferred update yet
+    # step 0 uploads every block, then block 0 again for step 1 (prefetched across the step boundary);
+    # it writes nothing back: there is no deferred update yet
+    assert first.bytes_h2d == store.nbytes + store.block_bytes(0) and first.bytes_d2h == 0
     engine.step(padded_batch(seed=1))
     second = engine.last_transfer
     assert second.bytes_h2d == store.nbytes and second.bytes_d2h == store.nbytes
     assert second.uploads == len(store) == second.write_backs
+
+
+def test_prefetched_copies_are_dropped_when_the_store_is_written_from_the_host():
+    base = tiny_model("opt", seed=8)
+    a = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, seed=1, offload=True))
+    b = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, seed=1, offload=True))
+    a.step(padded_batch())  # leaves block 0 of the next step uploaded ahead
+    other = {n: p.detach() + 0.01 for n, p in base.named_parameters()}  # (no flush: that would use the copy)
+    a.load_trainable_state(other)  # must not be undone by the stale prefetched copy
+    b.load_trainable_state(other)
+    b.load_state_dict({"step": 1})
+    assert a.step(padded_batch(seed=1)).losses == b.step(padded_batch(seed=1)).losses
+    a.flush(), b.flush()
+    assert_same_params(a.model, b.model)
 
 
 def test_resume_and_replay_stay_bit_exact_with_offloading(tmp_path):

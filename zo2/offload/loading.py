@@ -86,6 +86,7 @@ def load_safetensors(engine: "ZOEngine", folder: str | Path) -> None:
     """Stream a checkpoint's tensors, one at a time, into the store or onto the device."""
     from safetensors import safe_open
 
+    engine.invalidate_prefetch()
     targets = _targets(engine)
     prefix = getattr(engine.model, "base_model_prefix", "model")
     filled: set[str] = set()
@@ -115,6 +116,7 @@ def init_random(engine: "ZOEngine", seed: int = 0, std: float = 0.02) -> None:
     Generated one parameter at a time on the compute device and copied into place, so even a store far larger
     than the device fills quickly.
     """
+    engine.invalidate_prefetch()
     gen = torch.Generator(device=engine.device)
     for name, target in _targets(engine).items():
         lowered = name.lower()

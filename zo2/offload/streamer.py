@@ -59,13 +59,33 @@ class BlockStreamer:
 
     # ------------------------------------------------------------------ schedule
     def begin(self, order: list[int]) -> None:
-        """Start a pass over the blocks ``order`` (store indices, visit order): prefetch the first ones."""
+        """Start a pass over the blocks ``order`` (store indices, visit order): prefetch the first ones.
+
+        Blocks already uploaded by :meth:`prefetch_next_pass` at the end of the previous pass are kept.
+        """
         self._order = list(order)
         self._position = {b: k for k, b in enumerate(self._order)}
-        self._uploaded.clear()
-        self._slot_of.clear()
+        self._uploaded = {b: e for b, e in self._uploaded.items() if b in self._position}
         for b in self._order[: self.prefetch]:
-            self._upload(b)
+            if b not in self._uploaded:
+                self._upload(b)
+
+    def prefetch_next_pass(self) -> None:
+        """At the end of a pass, start uploading the first blocks of the next one (same order), so their
+        uploads overlap the head and the host work between steps instead of the next step's start.
+
+        Safe with deferred updates: an upload waits for the block's last write-back, and the pending update
+        is applied to the device copy when the block is visited. Call :meth:`invalidate` if the store is
+        written from the host in between.
+        """
+        for b in self._order[: self.prefetch]:
+            if b not in self._uploaded:
+                self._upload(b)
+
+    def invalidate(self) -> None:
+        """Forget device copies uploaded ahead: the store was (or is about to be) written from the host."""
+        self.synchronize()
+        self._uploaded.clear()
 
     def acquire(self, block: int) -> torch.Tensor:
         """The device copy of ``block``, ready for the compute stream; prefetches the following blocks."""
