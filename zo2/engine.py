@@ -255,7 +255,7 @@ class ZOEngine:
         try:
             if pending is not None and unit.applied < pending.step:
                 sr = self._rounding_seed(pending, flat.dtype)
-                if len(seeds) == 1:
+                if len(seeds) == 1 and not self.plan.one_copy:
                     plus, minus = self._pair_buffers(flat)
                     k.update_and_perturb(flat, unit.table, pending.seeds, pending.coeffs, pending.lr,
                                          cfg.weight_decay, seeds[0], cfg.eps, cfg.distribution,
@@ -267,7 +267,7 @@ class ZOEngine:
                 unit.applied = pending.step
                 if streamed:
                     self.streamer.write_back(unit.store_index)
-            for seed in seeds:
+            for seed in seeds if not self.plan.one_copy else ():
                 if seed not in pairs:
                     plus, minus = self._pair_buffers(flat)
                     k.perturb_pair(flat, unit.table, seed, cfg.eps, cfg.distribution, out_plus=plus, out_minus=minus)
@@ -303,6 +303,12 @@ class ZOEngine:
         """Parameter views of the unit's buffer at ``point`` (θ, θ + εz or θ − εz)."""
         if not point.terms:
             buf = flat if flat.dtype == self.compute_dtype else flat.to(self.compute_dtype)
+        elif self.plan.one_copy:
+            # θ ± εz as the update θ − 1·((∓ε) z): the same float operations as perturb_pair, one copy at a time
+            (seed, sign), = point.terms
+            buf = torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device)
+            self.kernels.update(flat, unit.table, [seed], [-sign * self.config.eps], 1.0, 0.0,
+                                self.config.distribution, out=buf)
         else:
             (seed, sign), = point.terms
             buf = pairs[seed][0 if sign > 0 else 1]
@@ -337,6 +343,7 @@ class ZOEngine:
                             if keep_logits:
                                 logits_out.append(logits)
                             hidden[i] = None
+                    del values  # frees this point's perturbed copy before the next one is formed
             if unit is self._last_streamed:
                 self.streamer.prefetch_next_pass()  # overlaps the remaining blocks and the head
         return losses, logits_out

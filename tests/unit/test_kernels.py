@@ -531,6 +531,21 @@ def test_gpu_large_offsets_and_fp32_exactness():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("distribution", DISTS)
+def test_update_with_unit_lr_forms_exactly_the_perturbed_copy(backend, dtype, distribution):
+    """The engine's one-copy-at-a-time mode forms θ ± εz as update(θ, [seed], [∓ε], lr=1, λ=0): it must be
+    bit-identical to perturb_pair's outputs."""
+    mod = R if backend == "reference" else T
+    theta = _theta(1000, dtype, seed=3)
+    table = SegmentTable([(0, 600, KEY_A, True), (600, 400, KEY_B, False)])
+    plus, minus = mod.perturb_pair(theta, table, 77, 1e-2, distribution)
+    for sign, want in ((1.0, plus), (-1.0, minus)):
+        got = mod.update(theta, table, [77], [-sign * 1e-2], 1.0, 0.0, distribution, out=torch.empty_like(theta))
+        assert torch.equal(got, want), sign
+
+
 # ------------------------------------------------------------------------------------------ engine dispatch
 @pytest.mark.parametrize("distribution", DISTS)
 def test_engine_with_kernels_follows_the_torch_path(distribution):

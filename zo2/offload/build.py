@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from zo2.errors import ModelError
-from zo2.offload.planner import Plan, make_plan, parse_budget
+from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
 from zo2.offload.store import ParameterStore, layout_numel, pack_layout, repoint
 from zo2_kernels import SegmentTable
 from zo2.offload.streamer import BlockStreamer
@@ -69,9 +69,10 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
     # θ+ and θ− of one block in the compute dtype, plus the float32 direction of its largest parameter
     # (the torch reference path materializes z one parameter at a time; the Triton kernels never do)
     reserve = 2 * largest_block * compute_size + 4 * largest
+    one_copy_reserve = largest_block * compute_size + 4 * largest
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
+    plan = plan_with_fallback(cfg.offload, block_bytes, fixed, reserve, one_copy_reserve, budget, cfg.prefetch)
     store = streamer = None
     if plan.streamed:
         streamed_units = [blocks[i] for i in plan.streamed]

@@ -78,6 +78,10 @@ class Plan:
     """Working memory kept free for perturbed copies, directions and activations."""
     budget: int | None
     prefetch: int
+    one_copy: bool = False
+    """Form one perturbed copy of a unit at a time (θ+εz, its forward, then θ−εz) instead of both at once:
+    half the working memory, one more pass over the unit's weights per perturbation. Chosen when the
+    budget needs it."""
 
     @property
     def bytes_per_step_h2d(self) -> int:
@@ -103,7 +107,20 @@ class Plan:
             f"  expected peak device memory {_gb(self.expected_peak)}"
             + (f" of a {_gb(self.budget)} budget" if self.budget is not None else ""),
         ]
+        if self.one_copy:
+            lines.append("  one perturbed copy at a time (θ+εz, then θ−εz) to fit the budget")
         return "\n".join(lines)
+
+
+def plan_with_fallback(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,
+                       one_copy_reserve: int, budget: int | None, prefetch: int) -> Plan:
+    """:func:`make_plan`, retried with one perturbed copy at a time when both copies do not fit the budget."""
+    try:
+        return make_plan(offload, block_bytes, fixed_bytes, reserve_bytes, budget, prefetch)
+    except ResourceError:
+        plan = make_plan(offload, block_bytes, fixed_bytes, one_copy_reserve, budget, prefetch)
+        plan.one_copy = True
+        return plan
 
 
 def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,
