@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ import zo2_kernels
 from zo2.optim.schedule import lr_at
 from zo2.offload.build import build_offload
 from zo2.offload.streamer import TransferStats
+
+if TYPE_CHECKING:
+    from zo2.parallel.mesh import ZOComm
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss_fn(logits, batch) -> scalar tensor``: any scalar function of the logits (need not be differentiable)."""
@@ -130,6 +133,11 @@ def default_labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return labels
 
 
+def loss_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens the causal-LM loss of ``batch`` averages over (labels shifted by one, -100 ignored)."""
+    return int((default_labels(batch)[..., 1:] != -100).sum())
+
+
 def default_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return causal_lm_loss(logits, default_labels(batch))
 
@@ -137,8 +145,11 @@ def default_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tor
 class ZOEngine:
     """Zeroth-order fine-tuning of ``model`` (a transformers causal LM) with the settings of ``config``."""
 
-    def __init__(self, model: nn.Module, config: ZOConfig | None = None, *, loss_fn: LossFn | None = None):
+    def __init__(self, model: nn.Module, config: ZOConfig | None = None, *, loss_fn: LossFn | None = None,
+                 comm: "ZOComm | None" = None):
         self.config = config or ZOConfig()
+        self.comm = comm
+        """Set under torchrun: this rank evaluates its share of the points on its shard of the batch."""
         self.model = model.eval()  # ZO forwards run with dropout off, as MeZO's
         self.adapter = adapter_for(model)
         self.loss_fn = loss_fn or default_loss
@@ -360,12 +371,16 @@ class ZOEngine:
         mask = batch.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         points = self.estimator.points(step)
+        mine = self.comm.my_points(len(points)) if self.comm else list(range(len(points)))
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        losses_t, _ = self._run(self._to_device(batch), points, self.pending)
+        losses_t, _ = self._run(self._to_device(batch), [points[i] for i in mine], self.pending)
         self.pending = None
-        losses = torch.stack(losses_t).tolist()  # host sync: the step's only one, the loss scalars
+        if self.comm is not None:  # every point's loss over the global batch (one small all-reduce)
+            losses = self.comm.combine(losses_t, mine, len(points), loss_tokens(batch))
+        else:
+            losses = torch.stack(losses_t).tolist()  # host sync: the step's only one, the loss scalars
         transfer = self.streamer.collect_stats() if self.streamer is not None else TransferStats()
         self.last_transfer = transfer
         measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
@@ -433,6 +448,12 @@ class ZOEngine:
                 raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
                                       f"{tuple(p.shape)}: the checkpoint belongs to a different model shape.")
             p.data.copy_(tensors[n])  # streamed blocks' parameters are views of the store: this fills it
+
+    @torch.no_grad()
+    def checksum(self) -> float:
+        """A float64 sum over every trainable weight (after a flush): equal on replicas that stayed identical."""
+        self.flush()
+        return float(sum(p.detach().double().sum() for p in self.params.values()))  # host sync, rare
 
     def invalidate_prefetch(self) -> None:
         """Call after writing streamed weights from the host (e.g. ``model.load_state_dict``): device copies

@@ -1,0 +1,127 @@
+"""Perturbation parallelism, ZO data parallelism and 2D on CPU (gloo, spawned processes) against one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from zo2 import ZOConfig, ZOEngine
+from zo2.config.parallel import ParallelConfig
+from zo2.errors import ConfigError
+from zo2.parallel.mesh import ParallelDims, RankFailure, ZOComm
+from zo2_testing import padded_batch, tiny_model
+
+STEPS = 3
+CFG = dict(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=13)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch(step: int) -> dict[str, torch.Tensor]:
+    return padded_batch(seed=100 + step, batch=4, length=10)
+
+
+def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: str, die_at: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        comm = ZOComm(ParallelDims(dp, pp), rank)
+        engine = ZOEngine(tiny_model("llama", seed=2), ZOConfig(**cfg), comm=comm)
+        results = []
+        for step in range(STEPS):
+            if step == die_at and rank == world - 1:
+                os._exit(1)  # a rank dies mid-run
+            batch = _global_batch(step)
+            shard = batch["input_ids"].shape[0] // dp
+            rows = slice(comm.dp_rank * shard, (comm.dp_rank + 1) * shard)
+            start = time.monotonic()
+            try:
+                r = engine.step({k: v[rows] for k, v in batch.items()})
+            except RankFailure as err:
+                torch.save({"error": str(err), "seconds": time.monotonic() - start}, f"{out}.{rank}")
+                return
+            results.append(r.losses)
+        comm.check_replicas(engine.checksum(), STEPS)
+        torch.save({"losses": results, "params": engine.trainable_state()}, f"{out}.{rank}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(tmp_path, dp: int, pp: int, die_at: int = -1, **extra) -> list[dict]:
+    world = dp * pp
+    out = str(tmp_path / "rank")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, PORT[0], dp, pp,
+                                                {**CFG, **extra}, out, die_at)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        assert not p.is_alive(), "a rank hung"
+    return [torch.load(f"{out}.{r}") if os.path.exists(f"{out}.{r}") else None for r in range(world)]
+
+
+PORT = [0]
+
+
+@pytest.fixture(autouse=True)
+def _port():
+    PORT[0] = _free_port()
+
+
+def _single(**extra):
+    engine = ZOEngine(tiny_model("llama", seed=2), ZOConfig(**CFG, **extra))
+    base = engine.trainable_state()
+    losses = [engine.step(_global_batch(s)).losses for s in range(STEPS)]
+    return losses, engine.trainable_state(), base
+
+
+def _assert_matches(results, single_losses, single_params, base_params, exact: bool):
+    """Replicas identical to the bit; against one process: exact for perturbation parallelism (same batch,
+    same math), else the losses to the rounding of per-shard forwards and the parameters' displacement to that
+    rounding amplified by the projected gradient's 1/2ε."""
+    first = results[0]["params"]
+    for res in results[1:]:
+        assert all(torch.equal(first[n], res["params"][n]) for n in first)
+    if exact:
+        assert results[0]["losses"] == single_losses
+        assert all(torch.equal(first[n], single_params[n]) for n in first)
+        return
+    for got, want in zip(results[0]["losses"], single_losses):
+        assert got == pytest.approx(want, rel=1e-5)
+    moved = torch.cat([(first[n] - base_params[n]).reshape(-1) for n in first])
+    want = torch.cat([(single_params[n] - base_params[n]).reshape(-1) for n in first])
+    assert ((moved - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dp,pp,extra", [(1, 2, {}), (2, 1, {}), (2, 2, {"offload": True}),
+                                          (1, 2, {"q": 2, "estimator": "central"})])
+def test_parallel_runs_equal_the_single_process_run(tmp_path, dp, pp, extra):
+    single_losses, single_params, base = _single(**extra)
+    _assert_matches(_spawn(tmp_path, dp, pp, **extra), single_losses, single_params, base, exact=dp == 1)
+
+
+def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
+    results = _spawn(tmp_path, 1, 2, die_at=1)
+    survivor = results[0]
+    assert survivor is not None and "lost contact with another rank" in survivor["error"]
+    assert survivor["seconds"] < 30
+
+
+def test_sizes_must_multiply_to_the_world_size():
+    with pytest.raises(ConfigError, match=r"parallel.dp × parallel.pp = 2 × 2 = 4, but the job has 2 processes"):
+        ParallelDims.from_config(ParallelConfig(dp=2, pp=2), 2)
+    with pytest.raises(ConfigError, match="does not divide the 2 perturbed points"):
+        ZOComm(ParallelDims(1, 3), 0).my_points(2)

@@ -1,0 +1,127 @@
+"""The (dp, pp) layout of ranks and the few collectives a ZO step needs.
+
+Every rank applies the same update (seeds, projected gradients, lr) to the same weights, so no parameter or
+gradient tensor ever crosses the network: a step all-reduces one small vector — each point's loss weighted by
+the loss tokens of the rank's shard, and the token count — and that is all (DESIGN.md §3).
+
+Ranks are laid out as ``rank = dp_index * pp + pp_index``: the ``pp`` ranks of one data shard are adjacent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from zo2.config.parallel import ParallelConfig
+from zo2.errors import ConfigError, ZO2Error
+
+
+class Axis(str, Enum):
+    """Mesh dimension names."""
+
+    DP = "dp"
+    PP = "pp"
+
+
+class RankFailure(ZO2Error):
+    """Another rank died or stopped answering."""
+
+
+class DivergenceError(ZO2Error):
+    """The replicas' weights differ: every rank must apply identical updates."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Parallel sizes, checked against the world size."""
+
+    dp: int
+    pp: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        if cfg.dp * cfg.pp != world_size:
+            raise ConfigError(f"parallel.dp × parallel.pp = {cfg.dp} × {cfg.pp} = {cfg.dp * cfg.pp}, but the job has "
+                              f"{world_size} processes. Choose sizes whose product is the world size (for "
+                              f"{world_size} processes: dp={world_size} pp=1, or dp={max(world_size // 2, 1)} pp=2).")
+        return cls(cfg.dp, cfg.pp)
+
+
+class ZOComm:
+    """This rank's place in the (dp, pp) layout and the step's collectives (no-ops for a single process)."""
+
+    def __init__(self, dims: ParallelDims, rank: int, group=None, device: torch.device | None = None):
+        self.dims = dims
+        self.rank = rank
+        self.dp_rank, self.pp_rank = divmod(rank, dims.pp)
+        self.group = group
+        self.device = device or torch.device("cpu")
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.dp * self.dims.pp
+
+    def my_points(self, n_points: int) -> list[int]:
+        """Indices of the estimator points this rank evaluates (every pp-th, starting at its pp index)."""
+        if n_points % self.dims.pp:
+            raise ConfigError(f"parallel.pp = {self.dims.pp} does not divide the {n_points} perturbed points of a "
+                              "step (2·q for the central estimator, q+1 for the forward one); choose a divisor.")
+        return list(range(self.pp_rank, n_points, self.dims.pp))
+
+    def combine(self, local: Sequence[torch.Tensor], mine: Sequence[int], n_points: int, weight: float) -> list[float]:
+        """Every point's loss over the global batch, from this rank's losses of ``mine`` on its shard.
+
+        ``weight`` is the shard's number of loss tokens: the global mean is Σ L_r n_r / Σ n_r, the loss a
+        single process computes on the whole batch (to the rounding of the sum).
+        """
+        vec = torch.zeros(n_points + 1, dtype=torch.float64, device=self.device)
+        for i, loss in zip(mine, local):
+            vec[i] = loss.to(self.device) * weight
+        if self.pp_rank == 0:
+            vec[n_points] = weight  # each data shard's tokens counted once
+        if self.world_size > 1:
+            self._all_reduce(vec)  # the step's only communication: n_points + 1 floats
+        values = vec.tolist()  # host sync: the loss scalars
+        total = values[n_points]
+        return [v / total if total else float("nan") for v in values[:n_points]]
+
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        try:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        except (RuntimeError, dist.DistBackendError) as err:  # a peer died or stopped answering
+            raise RankFailure(
+                f"Rank {self.rank} of {self.world_size} lost contact with another rank during a collective ({err}). "
+                "A process died or hangs; the run stops here. Resume it with `zo2 train --resume RUN_DIR`: the "
+                "trajectory log and snapshots hold everything up to the last completed step.") from None
+
+    def check_replicas(self, checksum: float, step: int) -> None:
+        """Stop with DivergenceError when the weights' checksum differs between ranks."""
+        if self.world_size == 1:
+            return
+        lo = torch.tensor([checksum], dtype=torch.float64, device=self.device)
+        hi = lo.clone()
+        self._all_reduce(lo, dist.ReduceOp.MIN)
+        self._all_reduce(hi, dist.ReduceOp.MAX)
+        if lo.item() != hi.item():
+            raise DivergenceError(
+                f"The replicas' weights diverged by step {step} (checksums {lo.item()!r} .. {hi.item()!r}): every "
+                "rank must run the same code, config and seed. Resume from the last snapshot; if it happens again, "
+                "check that all ranks use the same zo2, torch and kernel versions.")
+
+
+def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
+    """The communicator of a torchrun-started rank (a single process when WORLD_SIZE is unset)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_config(cfg, world)
+    if world == 1:
+        return ZOComm(dims, 0, device=device)
+    if not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    return ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"))
