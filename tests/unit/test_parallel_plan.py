@@ -1,0 +1,209 @@
+"""The cost model (zo2.parallel.plan) and ``zo2 plan``: hand-computed cases, invariants, calibration, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from zo2.errors import ConfigError
+from zo2.parallel import plan
+from zo2.parallel.plan import Layout, ModelShape, Rates, Workload, predict, predict_layout
+from zo2_launcher.cli import main
+
+H200 = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-11-26-h200/offload.json"
+TOLERANCE = 0.35
+"""Predicted / measured must lie in [1 - TOLERANCE, 1 + TOLERANCE] for the H200 rows."""
+
+# Round numbers: 1 GB blocks in bf16 (0.5 G parameters), 1 TFLOP/s at efficiency 1, links of 10 GB/s.
+TOY = ModelShape(name="toy", hidden=1000, ffn=4000, layers=2, vocab=1000, attn_width=1000,
+                 block_params=500_000_000, fixed_params=1_000_000, embed_width=1000, largest_weight=4_000_000)
+ROUND = Rates(h2d_gbs=10, d2h_gbs=10, bidir_gbs=16, matmul_tflops=1.0, matmul_efficiency=1.0, fwd_floor_ms=1e-6,
+              copy_tbs=1.0, nvlink_gbs=100, collective_latency_us=1e-6, network_latency_us=1e-6, host_mem_gbs=1000,
+              gpu_mem_gb=10, gauss_update_perturb=0.5, gauss_pair=0.5, gauss_update=0.5, loss_passes=0.0)
+TOKENS, SEQ = 1000, 100  # block forward = 1000 · (2·0.5e9 + 2·100·1000) = 1.0002e12 flops = 1.0002 s
+
+
+def _stream(**kw) -> Workload:
+    return Workload(tokens=TOKENS, seq=SEQ, offload="stream", **kw)
+
+
+def _head_s(copies: int, tokens: int = TOKENS) -> float:
+    flops = 2.0 * tokens * TOY.vocab * TOY.embed_width
+    kernel = (2 + copies) * TOY.fixed_params * 2 / (1e12 * 0.5)
+    return copies * flops / 1e12 + kernel
+
+
+def test_single_gpu_streamed_step_is_the_formula():
+    p = predict_layout(TOY, Layout(), _stream(), ROUND)
+    fwd = TOKENS * (2 * 0.5e9 + 2 * SEQ * 1000) / 1e12
+    compute = 2 * fwd + 4e9 / (1e12 * 0.5)          # update_and_perturb: read + write θ, write θ+ and θ−
+    transfer = max(1e9 / 10e9, 1e9 / 10e9, 2e9 / 16e9)  # both directions share the link
+    assert p.streamed_blocks == 2 and p.mode == "streamed"
+    assert p.step_s == pytest.approx(2 * max(compute, transfer) + _head_s(2), rel=1e-12)
+    assert p.bound == "compute"
+    assert p.breakdown.pcie_s == pytest.approx(2 * transfer)
+
+
+def test_transfer_bound_when_the_link_is_slow():
+    slow = replace(ROUND, h2d_gbs=0.5, d2h_gbs=0.5, bidir_gbs=0.8)
+    p = predict_layout(TOY, Layout(), _stream(), slow)
+    assert p.bound == "pcie"
+    assert p.step_s == pytest.approx(2 * (2e9 / 0.8e9) + _head_s(2), rel=1e-12)
+
+
+def test_exposed_upload_adds_one_upload():
+    base = predict_layout(TOY, Layout(), _stream(), ROUND)
+    filled = predict_layout(TOY, Layout(), _stream(), replace(ROUND, exposed_uploads=1))
+    assert filled.step_s - base.step_s == pytest.approx(1e9 / 10e9)
+
+
+def test_slicing_divides_host_bytes_per_gpu_by_n():
+    work = Workload(tokens=8 * SEQ, seq=SEQ, offload="stream")
+    for n in (2, 4, 8):
+        plain = predict_layout(TOY, Layout(n, 1, 1, False), work, ROUND)
+        sliced = predict_layout(TOY, Layout(n, 1, 1, True), work, ROUND)
+        assert sliced.breakdown.pcie_s == pytest.approx(plain.breakdown.pcie_s / n)
+        assert sliced.breakdown.host_mem_s == pytest.approx(plain.breakdown.host_mem_s / n)
+        assert sliced.host_mem_gb == pytest.approx(plain.host_mem_gb / n)
+        gather = 1e9 * (n - 1) / n / 100e9 + 1e-12
+        assert sliced.breakdown.nvlink_s == pytest.approx(2 * gather)
+
+
+def test_pertp_halves_the_forwards_per_rank():
+    fwd = TOKENS * (2 * 0.5e9 + 2 * SEQ * 1000) / 1e12
+    zo2 = predict_layout(TOY, Layout(), _stream(), ROUND)
+    pertp = predict_layout(TOY, Layout(2, 1, 2, False), _stream(), ROUND)
+    assert pertp.strategy == "pertp" and pertp.dp == 1
+    kernel = lambda copies: (2 + copies) * 1e9 / (1e12 * 0.5)  # noqa: E731
+    assert zo2.breakdown.compute_s - pertp.breakdown.compute_s == pytest.approx(
+        2 * (fwd + kernel(2) - kernel(1)) + _head_s(2) - _head_s(1))
+    assert pertp.step_s < zo2.step_s
+
+
+def test_ddp_splits_the_batch_and_needs_whole_sequences():
+    ddp = predict_layout(TOY, Layout(2, 1, 1, False), _stream(), ROUND)
+    fwd_half = (TOKENS // 2) * (2 * 0.5e9 + 2 * SEQ * 1000) / 1e12
+    assert ddp.breakdown.compute_s == pytest.approx(2 * (2 * fwd_half + 4e9 / 0.5e12) + _head_s(2, TOKENS // 2))
+    with pytest.raises(ConfigError, match="does not divide the global batch"):
+        predict_layout(TOY, Layout(4, 4, 1, False), _stream(), ROUND)  # dp 16 > 10 sequences
+
+
+def test_streaming_memory_does_not_depend_on_depth():
+    peaks = {layers: predict_layout(replace(TOY, layers=layers), Layout(), _stream(), ROUND).gpu_mem_gb
+             for layers in (2, 8, 64)}
+    assert len(set(peaks.values())) == 1
+    hosts = [predict_layout(replace(TOY, layers=L), Layout(), _stream(), ROUND).host_mem_gb for L in (2, 8)]
+    assert hosts[1] == pytest.approx(4 * hosts[0])
+
+
+def test_all_resident_when_the_model_fits():
+    work = Workload(tokens=TOKENS, seq=SEQ)
+    roomy = predict_layout(TOY, Layout(), work, replace(ROUND, gpu_mem_gb=40))
+    assert roomy.mode == "resident" and roomy.streamed_blocks == 0 and roomy.breakdown.pcie_s == 0
+    tight = predict_layout(replace(TOY, layers=40), Layout(), work, replace(ROUND, gpu_mem_gb=40))
+    assert tight.mode == "streamed" and 0 < tight.resident_blocks < 40
+    report = predict("opt-1.3b", tokens=2048)
+    assert report.baseline.mode == "resident"
+    assert predict("opt-175b", tokens=2048).baseline.mode == "streamed"
+
+
+def test_more_gpus_never_slower_when_sliced_and_transfer_bound():
+    slow = replace(ROUND, h2d_gbs=0.5, d2h_gbs=0.5, bidir_gbs=0.8)
+    work = Workload(tokens=16 * SEQ, seq=SEQ, offload="stream")
+    for pp in (1, 2):
+        steps = [predict_layout(TOY, Layout(n, m, pp, n > 1), work, slow).step_s
+                 for n in (2, 4, 8) for m in (1, 2)]
+        by_n = [predict_layout(TOY, Layout(n, 1, pp, n > 1), work, slow).step_s for n in (2, 4, 8)]
+        assert by_n == sorted(by_n, reverse=True), by_n
+        assert all(s > 0 for s in steps)
+    for model in ("opt-66b", "opt-175b"):
+        by_n = [predict_layout(plan.shape_from_preset(model), Layout(n, 1, 1, n > 1),
+                               Workload(tokens=8 * 256, seq=256)).step_s for n in (1, 2, 4, 8)]
+        assert by_n == sorted(by_n, reverse=True), (model, by_n)
+
+
+def test_default_efficiency_is_fitted_to_design_forward_times():
+    eff, floor = plan.fit_forward(plan.h100_forward_points(), Rates().matmul_tflops)
+    assert Rates().matmul_efficiency == pytest.approx(eff, abs=1e-3)
+    assert Rates().fwd_floor_ms == pytest.approx(floor * 1e3, abs=1e-3)
+    for flops, t in plan.h100_forward_points():
+        assert plan.forward_s(flops, Rates()) == pytest.approx(t, rel=0.25)
+
+
+def test_calibration_from_a_small_json(tmp_path):
+    shape = plan.shape_from_preset("opt-13b")
+    rows = []
+    for batch, rate in (("1x2048", 600e12), ("4x2048", 600e12)):
+        b, s = (int(x) for x in batch.split("x"))
+        fwd = plan.block_flops(shape, b * s, s) / rate
+        rows.append({"shape": "opt-13b", "layers": 4, "batch": batch, "bw_h2d": 40.0, "bw_d2h": 44.0,
+                     "fwd2_ms": 2e3 * fwd, "streamed_ms": 100.0, "resident_ms": 50.0})
+    path = tmp_path / "offload.json"
+    path.write_text(json.dumps({"env": {"device": "NVIDIA H200"}, "rows": rows + [{"shape": "x", "error": "boom"}]}))
+    rates = plan.calibrate(path)
+    assert rates.h2d_gbs == 40.0 and rates.d2h_gbs == 44.0 and rates.gpu_mem_gb == 141.0
+    assert rates.matmul_tflops * rates.matmul_efficiency == pytest.approx(600, rel=0.01)
+    assert rates.copy_tbs == Rates().copy_tbs  # no kernels.json beside it
+    with pytest.raises(ConfigError, match="--calibrate"):
+        plan.calibrate(tmp_path / "missing.json")
+
+
+def test_reproduces_the_h200_measurements_within_tolerance():
+    rows = plan.compare_with_benchmark(H200)
+    assert len(rows) == 10
+    for r in rows:
+        assert abs(r["streamed_ratio"] - 1) <= TOLERANCE, r
+        assert abs(r["peak_pred_gb"] / r["peak_gb"] - 1) <= TOLERANCE, r
+        if not (r["shape"] == "opt-1.3b" and r["batch"] == "1x2048"):  # that resident time includes compilation
+            assert abs(r["resident_ratio"] - 1) <= TOLERANCE, r
+
+
+def test_bad_inputs_name_the_flag():
+    with pytest.raises(ConfigError, match="--gpus-per-node"):
+        predict("opt-13b", gpus_per_node=0)
+    with pytest.raises(ConfigError, match="--tokens"):
+        predict("opt-13b", tokens=3000, seq=2048)
+    with pytest.raises(ConfigError, match="Did you mean 'nvlink_gbs'"):
+        Rates().updated(["rate.nvlnk_gbs=3"])
+    with pytest.raises(ConfigError, match="positive"):
+        Rates().updated(["rate.h2d_gbs=-1"])
+    with pytest.raises(ConfigError, match="--preset"):
+        plan.shape_from_preset("opt-175")
+
+
+def test_scaling_table_has_every_row():
+    rows = plan.scaling_table()
+    assert len(rows) == 4 * 3 * 4
+    big = [r for r in rows if r["model"] == "opt-175b" and r["gpus_per_node"] == 8]
+    assert all(r["best"].endswith("+sliced") and r["speedup"] > 1 for r in big)
+
+
+def test_cli_plan_prints_the_table(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--preset", "opt-175b", "--gpus-per-node", "8", "--nodes", "2", "--tokens", "32768",
+                 "--seq", "1024", "--set", "rate.nvlink_gbs=300", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    for needle in ("layout", "zo-ddp+sliced", "2d+sliced", "step ms", "Not modelled", "NVLink 300"):
+        assert needle in text, needle
+    data = json.loads(out.read_text())
+    assert {r["name"] for r in data["rows"]} == {"zo-ddp", "zo-ddp+sliced", "2d", "2d+sliced"}
+    assert main(["plan", "--scaling", "--calibrate", str(H200)]) == 0
+    assert "3x speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--gpus-per-node", "0"], "--gpus-per-node 0"),
+    (["--set", "rate.bogus=1"], "unknown rate 'bogus'"),
+    (["--preset", "nope"], "--preset 'nope'"),
+    (["--calibrate", "/nonexistent.json"], "--calibrate"),
+    (["--dtype", "int8"], "--dtype 'int8'"),
+])
+def test_cli_plan_bad_flags_exit_2(capsys, argv, needle):
+    code = main(["plan", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("zo2: error: ") and needle in err and "Traceback" not in err
