@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from zo2.config.base import require, require_choice
 from zo2.config.checkpoint import CheckpointConfig
+from zo2.config.parallel import ParallelConfig
 from zo2.config.data import DataConfig
 from zo2.config.zo import ZOConfig
 from zo2.errors import ConfigError
@@ -166,6 +167,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.optim.device is not None and self.train.device not in ("auto", self.optim.device):

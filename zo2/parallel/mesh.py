@@ -62,6 +62,8 @@ class ZOComm:
         self.dp_rank, self.pp_rank = divmod(rank, dims.pp)
         self.group = group
         self.device = device or torch.device("cpu")
+        self.owns_group = False
+        """True when init_comm started the process group (and close() should end it)."""
 
     @property
     def world_size(self) -> int:
@@ -100,6 +102,17 @@ class ZOComm:
                 "A process died or hangs; the run stops here. Resume it with `zo2 train --resume RUN_DIR`: the "
                 "trajectory log and snapshots hold everything up to the last completed step.") from None
 
+    def close(self) -> None:
+        """End the process group this communicator started."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op for a single process)."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
     def check_replicas(self, checksum: float, step: int) -> None:
         """Stop with DivergenceError when the weights' checksum differs between ranks."""
         if self.world_size == 1:
@@ -121,7 +134,10 @@ def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
     dims = ParallelDims.from_config(cfg, world)
     if world == 1:
         return ZOComm(dims, 0, device=device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = cfg.backend if cfg.backend != "auto" else ("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    return ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"))
+    comm = ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"))
+    comm.owns_group = owns
+    return comm

@@ -53,6 +53,19 @@ class CheckpointWarning(UserWarning):
 # Trajectory log
 # ----------------------------------------------------------------------------------------------------------
 
+class ReadOnlyLog:
+    """The trajectory log as ranks other than 0 see it: its path, to read; appends are rank 0's."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def make_record(update: Update, *, data: Mapping[str, Any], loss: float, projected_grad: float,
                 skipped: bool = False, **extra: Any) -> dict:
     """The log record of one step: the update's fields plus data position, loss, g and the skipped flag."""

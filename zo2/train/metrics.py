@@ -133,16 +133,28 @@ def truncate_jsonl(path: str | Path, steps_done: int) -> list[dict]:
     return kept
 
 
+class NullWriter:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Console:
     """Progress on the terminal: a tqdm bar (smoothed loss, tokens/s), or plain lines with ``quiet``."""
 
-    def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream: TextIO | None = None):
-        self.quiet = quiet
+    def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream: TextIO | None = None,
+                 silent: bool = False):
+        self.quiet = quiet or silent
+        self.silent = silent  # ranks other than 0 print nothing
         self.total = total
         self.stream = stream or sys.stderr
         self.smoothed: float | None = None
         self._bar = None
-        if not quiet:
+        if not self.quiet:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=self.stream,
@@ -150,6 +162,8 @@ class Console:
 
     def log(self, message: str) -> None:
         """One message line, printed above the bar when there is one."""
+        if self.silent:
+            return
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:

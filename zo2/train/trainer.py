@@ -18,6 +18,7 @@ count steps done (index + 1), so "step 10" is the state after ten updates.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,10 +33,11 @@ from zo2.config.presets import human_count
 from zo2.engine import LossFn, StepResult, ZOEngine
 from zo2.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from zo2.optim.estimators import Update
-from zo2.train.checkpoint import (Snapshot, TrajectoryLog, latest_good_snapshot, make_record, read_log,
+from zo2.parallel.mesh import ZOComm, init_comm
+from zo2.train.checkpoint import (ReadOnlyLog, Snapshot, TrajectoryLog, latest_good_snapshot, make_record, read_log,
                                   replay_updates, save_snapshot)
 from zo2.train.data import BatchLoader, Example, collate, load_examples
-from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, plot_loss, read_jsonl, truncate_jsonl
+from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, NullWriter, plot_loss, read_jsonl, truncate_jsonl
 from zo2.train.model import build_model, max_positions, vocab_size
 from zo2.train.tokenizer import ByteTokenizer, load_tokenizer, special_ids
 
@@ -55,7 +57,9 @@ RESUME_LOCKED = ("model.", "data.", "optim.weight_decay", "optim.distribution", 
 def resolve_device(name: str) -> torch.device:
     """``train.device`` as a torch device ('auto': cuda when available, else cpu)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r}, but torch sees no CUDA device here. Set train.device = "
                           "'cpu' (or 'auto'), or install a CUDA build of torch on a GPU machine.")
@@ -88,7 +92,8 @@ def build_job_model(job: JobConfig, tokenizer: Any) -> nn.Module:
     return model
 
 
-def build_data(job: JobConfig, tokenizer: Any) -> tuple[BatchLoader, list[dict[str, torch.Tensor]]]:
+def build_data(job: JobConfig, tokenizer: Any, comm: ZOComm | None = None
+               ) -> tuple[BatchLoader, list[dict[str, torch.Tensor]]]:
     """The training loader and the held-out batches: the last ``train.eval_batches × data.batch_size``
     examples of the data set are held out from training and evaluated."""
     examples = load_examples(job.data, tokenizer)
@@ -101,14 +106,16 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[BatchLoader, list[dict[s
     train: list[Example] = examples[: len(examples) - held]
     pad, _ = special_ids(tokenizer)
     evals = [collate(examples[i: i + size], pad) for i in range(len(train), len(examples), size)]
-    return BatchLoader(job.data, tokenizer, examples=train), evals
+    shard = dict(rank=comm.dp_rank, world_size=comm.dims.dp) if comm is not None else {}
+    return BatchLoader(job.data, tokenizer, examples=train, **shard), evals
 
 
-def build_engine(job: JobConfig, model: nn.Module, loss_fn: LossFn | None = None) -> ZOEngine:
+def build_engine(job: JobConfig, model: nn.Module, loss_fn: LossFn | None = None,
+                 comm: ZOComm | None = None) -> ZOEngine:
     """The ZO engine on ``train.device`` (``optim.total_steps`` filled in from ``train.steps``)."""
     device = resolve_device(job.train.device)
     optim = replace(job.optim, device=str(device), total_steps=job.optim.total_steps or job.train.steps)
-    return ZOEngine(model, optim, loss_fn=loss_fn)
+    return ZOEngine(model, optim, loss_fn=loss_fn, comm=comm if comm is not None and comm.world_size > 1 else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,22 +236,30 @@ class Trainer:
                               "overwrite deletes it. Pass one of them.")
         self.job, self.quiet = job, quiet
         self.run_dir = Path(job.run.out_dir)
-        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        self.comm = init_comm(job.parallel, resolve_device(job.train.device))
+        self.main = self.comm.rank == 0  # only rank 0 writes the run folder; every rank computes
+        if self.main:
+            check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
         self.tokenizer = build_tokenizer(job)
         self.model = build_job_model(job, self.tokenizer)
-        self.loader, self.eval_set = build_data(job, self.tokenizer)
-        self.engine = build_engine(job, self.model, loss_fn)
-        if not resume:
+        self.loader, self.eval_set = build_data(job, self.tokenizer, self.comm)
+        self.engine = build_engine(job, self.model, loss_fn, self.comm)
+        if not resume and self.main:
             create_run_dir(self.run_dir, overwrite)
-        self.log = TrajectoryLog(self.run_dir / LOG_FILE, fsync=job.checkpoint.fsync)
+        if self.main:
+            self.log = TrajectoryLog(self.run_dir / LOG_FILE, fsync=job.checkpoint.fsync)  # repairs a torn line
+        self.comm.barrier()  # the folder and the log are in order before any other rank reads them
+        if not self.main:
+            self.log = ReadOnlyLog(self.run_dir / LOG_FILE)
         self.window = MetricsWindow()
         self.streak = 0
         self.evals: list[dict] = []
         self.last_snapshot = -1
         if resume:
             self._restore()
-        write_text_atomic(self.run_dir / CONFIG_FILE, to_toml(job))  # after a resume check, so a refused one
-        self.metrics = JsonlWriter(self.run_dir / METRICS_FILE)  # leaves the saved config as it was
+        if self.main:
+            write_text_atomic(self.run_dir / CONFIG_FILE, to_toml(job))  # after a resume check, so a refused one
+        self.metrics = JsonlWriter(self.run_dir / METRICS_FILE) if self.main else NullWriter()
         self.console: Console | None = None
 
     # ----- resume ----------------------------------------------------------------------------------------------
@@ -287,7 +302,7 @@ class Trainer:
 
     def _restore_metrics(self, records: list[dict], done: int) -> None:
         """Cut metrics.jsonl back to ``done`` and refill the current window from the log."""
-        kept = truncate_jsonl(self.run_dir / METRICS_FILE, done)
+        kept = truncate_jsonl(self.run_dir / METRICS_FILE, done) if self.main else []
         self.evals = [r for r in kept if r.get("kind") == "eval"]
         logged = done - done % self.job.train.log_every  # the window the uninterrupted run would be filling
         self.window.time_offset = max((r.get("time", 0.0) for r in kept), default=0.0)
@@ -301,7 +316,7 @@ class Trainer:
         """Run until ``train.steps`` steps are done; returns the summary (raises NonFiniteLossError on a
         NaN/inf streak, after closing the log: what was saved stays valid)."""
         steps = self.job.train.steps
-        self.console = Console(total=steps, initial=self.engine.step_count, quiet=self.quiet)
+        self.console = Console(total=steps, initial=self.engine.step_count, quiet=self.quiet, silent=not self.main)
         if self.engine.plan.streamed or self.job.optim.offload is True:
             self.console.log(self.engine.plan.describe())
         try:
@@ -339,6 +354,9 @@ class Trainer:
             self.console.metrics(line)
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
             self.save_snapshot()
+        every = cfg.parallel.checksum_every
+        if self.comm.world_size > 1 and every and done % every == 0:
+            self.comm.check_replicas(self.engine.checksum(), done)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self.eval_set:
             self.evaluate()
 
@@ -367,8 +385,11 @@ class Trainer:
                 f"{first - 1}`, or continue with `zo2 train --resume {self.run_dir} --set optim.lr=...` "
                 "(train.max_nonfinite_steps sets how many such steps are tolerated).")
 
-    def save_snapshot(self) -> Path:
-        """Flush the deferred update and write the trainable weights as the snapshot of this step."""
+    def save_snapshot(self) -> Path | None:
+        """Flush the deferred update and write the trainable weights as the snapshot of this step (rank 0)."""
+        if not self.main:
+            self.last_snapshot = self.engine.step_count
+            return None
         tensors = self.engine.trainable_state()
         done = self.engine.step_count
         check_finite_weights(tensors, done)
@@ -396,10 +417,12 @@ class Trainer:
             self.save_snapshot()
         if self.eval_set and (not self.evals or self.evals[-1]["step"] != done):
             self.evaluate()
-        if self.job.run.save_final:
+        if self.job.run.save_final and self.main:
+            self.engine.flush()
             save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR)
+        self.comm.barrier()  # rank 0 has written everything the other ranks may read back
         records = read_log(self.log.path)
-        if self.job.run.plot and records:
+        if self.job.run.plot and records and self.main:
             plot_loss(records, self.evals, self.run_dir / PLOT_FILE, title=f"{self.job.preset}: {self.run_dir}")
         summary = TrainSummary(self.run_dir, done, sum(bool(r["skipped"]) for r in records), self.window.elapsed(),
                                [float(r["loss"]) for r in records],
@@ -431,6 +454,7 @@ class Trainer:
             self.console.close()
         self.log.close()
         self.metrics.close()
+        self.comm.close()
 
 
 def _trailing_skipped(records: list[dict]) -> int:
