@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_replay(sub)
     _add_plan(sub)
+    _add_launch(sub)
     return parser
 
 
@@ -86,6 +87,46 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/replay/step_XXXXXXXX)")
     p.add_argument("--from-base", action="store_true", help="ignore snapshots: replay the log from the base weights")
     p.set_defaults(handler=cmd_replay)
+
+
+LAUNCH_EXAMPLES = """\
+examples:
+  zo2 launch --nproc-per-node 2 -- --set parallel.pp=2          # the default job on 2 processes (PertP)
+  zo2 launch --nproc-per-node 8 -- --preset opt-13b --set parallel.dp=4 --set parallel.pp=2
+  torchrun --nproc-per-node 8 -m zo2 train --set parallel.dp=8  # the same thing through torchrun itself
+"""
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run `zo2 train` on N local processes (torchrun --standalone)", epilog=LAUNCH_EXAMPLES,
+        description="Start N `zo2 train` processes on this machine with torch's elastic launcher (a local "
+                    "rendezvous, one process per GPU or N CPU processes); everything after `--` goes to zo2 "
+                    "train. parallel.dp × parallel.pp must equal N.")
+    p.add_argument("--nproc-per-node", type=int, required=True, metavar="N", help="processes to start")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then the arguments of zo2 train")
+    p.set_defaults(handler=cmd_launch)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """``zo2 launch``: torchrun --standalone --nproc-per-node N -m zo2 train ARGS."""
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node {args.nproc_per_node}: give the number of processes to start (>= 1).")
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: keep gloo on loopback
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "zo2", "train",
+                       *train_args])
+    except ChildFailedError as err:
+        failures = "; ".join(f"rank {r}: exit {f.exitcode}" for r, f in err.failures.items())
+        print(f"zo2: error: a training process failed ({failures}); its own error is printed above.",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -62,3 +62,14 @@ def test_wrong_sizes_exit_2_with_the_sizes(tmp_path):
     proc = _torchrun(tmp_path / "run", 2, "parallel.pp=2", "parallel.dp=2")
     assert proc.returncode != 0
     assert "parallel.dp × parallel.pp = 2 × 2 = 4, but the job has 2 processes" in proc.stderr
+
+
+def test_zo2_launch_runs_the_job_on_n_processes(single, tmp_path):
+    run_dir = tmp_path / "run"
+    sets = [a for kv in [*JOB, "parallel.pp=2"] for a in ("--set", kv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "zo2", "launch", "--nproc-per-node", "2", "--", "--out",
+                           str(run_dir), "--quiet", *sets], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(single), _weights(run_dir)
+    assert all(torch.equal(a[n], b[n]) for n in a)
