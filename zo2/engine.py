@@ -105,6 +105,8 @@ class _Unit:
     """The kernels' segment table of that flat buffer."""
     flat: torch.Tensor | None = None
     """The flat device buffer of a resident unit (the parameters are views of it)."""
+    slice_table: Any = None
+    """With sliced transfers: the segment table of this process's slice of the (streamed) unit."""
 
 
 def _select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
@@ -264,7 +266,9 @@ class ZOEngine:
         cfg, k = self.config, self.kernels
         pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
-            if pending is not None and unit.applied < pending.step:
+            if unit.slice_table is not None:  # sliced transfers: update my slice, then assemble the block
+                self._update_slice(unit, flat, pending)
+            elif pending is not None and unit.applied < pending.step:
                 sr = self._rounding_seed(pending, flat.dtype)
                 if len(seeds) == 1 and not self.plan.one_copy:
                     plus, minus = self._pair_buffers(flat)
@@ -287,6 +291,20 @@ class ZOEngine:
         finally:
             if streamed:
                 self.streamer.release(unit.store_index)
+
+    def _update_slice(self, unit: _Unit, flat: torch.Tensor, pending: Update | None) -> None:
+        """Sliced transfers: this process uploaded only its slice of the block; it applies the deferred
+        update to that slice, writes it back to the node's shared store, and an all-gather assembles the
+        whole updated block on every process."""
+        lo, hi = self.streamer.ranges[unit.store_index]
+        if pending is not None and unit.applied < pending.step:
+            mine = flat[lo:hi]
+            self.kernels.update(mine, unit.slice_table, pending.seeds, pending.coeffs, pending.lr,
+                                self.config.weight_decay, self.config.distribution,
+                                stochastic_rounding_seed=self._rounding_seed(pending, flat.dtype), out=mine)
+            unit.applied = pending.step
+            self.streamer.write_back(unit.store_index)
+        self.comm.gather_slices(flat)
 
     def _pair_buffers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device),
@@ -408,6 +426,8 @@ class ZOEngine:
             self.pending = None
         if self.streamer is not None:
             self.streamer.synchronize()
+            if self.streamer.ranges:
+                self.comm.local_barrier()  # every process's slice is back in the shared store
 
     @torch.no_grad()
     def apply_update(self, update: Update) -> None:

@@ -53,7 +53,11 @@ def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: 
                 return
             results.append(r.losses)
         comm.check_replicas(engine.checksum(), STEPS)
-        torch.save({"losses": results, "params": engine.trainable_state()}, f"{out}.{rank}")
+        moved = engine.last_transfer
+        torch.save({"losses": results, "params": engine.trainable_state(),
+                    "h2d": moved.bytes_h2d if moved else 0, "d2h": moved.bytes_d2h if moved else 0,
+                    "store_bytes": engine.store.nbytes if engine.store else 0,
+                    "store_files": len(engine.store._paths) if engine.store else 0}, f"{out}.{rank}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -111,6 +115,22 @@ def _assert_matches(results, single_losses, single_params, base_params, exact: b
 def test_parallel_runs_equal_the_single_process_run(tmp_path, dp, pp, extra):
     single_losses, single_params, base = _single(**extra)
     _assert_matches(_spawn(tmp_path, dp, pp, **extra), single_losses, single_params, base, exact=dp == 1)
+
+
+def test_sliced_transfers_move_a_quarter_of_the_host_bytes_per_rank(tmp_path):
+    single_losses, single_params, base = _single(offload=True)
+    results = _spawn(tmp_path, 2, 2, offload=True)
+    _assert_matches(results, single_losses, single_params, base, exact=False)
+    store = results[0]["store_bytes"]
+    assert store > 0
+    for res in results:  # the last step uploads and writes back one slice of every block (4 processes)
+        assert res["h2d"] == store // 4 and res["d2h"] == store // 4
+    assert [res["store_files"] for res in results][1:] == [0, 0, 0]  # one store on the node, made by rank 0
+
+
+def test_sliced_perturbation_parallel_is_exact(tmp_path):
+    single_losses, single_params, base = _single(offload=True)
+    _assert_matches(_spawn(tmp_path, 1, 2, offload=True), single_losses, single_params, base, exact=True)
 
 
 def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path):

@@ -73,6 +73,10 @@ class ZOConfig:
     kernels: str = "auto"
     """Perturbation/update backend: 'triton' (fused kernels, one launch per unit; CUDA), 'torch' (the
     reference, any device), or 'auto' (Triton on CUDA when installed, else torch)."""
+    sliced_transfers: bool = True
+    """With several processes on a node (torchrun), keep one shared parameter store per node; each process
+    uploads and writes back 1/N of every streamed block and an all-gather assembles it (N-fold less host
+    traffic per GPU). Only used when blocks are streamed."""
     shared_store: bool = False
     """Allocate the parameter store as named files in /dev/shm (pinned with cudaHostRegister where CUDA exists)
     so other processes on the node can map it; otherwise private pinned memory."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from zo2.errors import ModelError
 from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
-from zo2.offload.store import ParameterStore, layout_numel, pack_layout, repoint
+from zo2.offload.store import ALIGN, ParameterStore, layout_numel, pack_layout, repoint
 from zo2_kernels import SegmentTable
 from zo2.offload.streamer import BlockStreamer
 
@@ -57,6 +59,34 @@ def _pack_resident(engine: "ZOEngine", unit, device: torch.device) -> tuple[list
     return layout, flat
 
 
+def _sliced(engine: "ZOEngine") -> bool:
+    """Several processes of this node stream blocks: share one store and split every transfer."""
+    comm = engine.comm
+    return comm is not None and comm.local_size > 1 and engine.config.sliced_transfers
+
+
+def _store_name() -> str:
+    """A name the processes of one torchrun job agree on (their rendezvous), for the shared store files."""
+    parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    return "zo2-" + re.sub(r"[^A-Za-z0-9]+", "-", "-".join(p for p in parts if p)).strip("-")
+
+
+def _build_store(engine: "ZOEngine", blocks: list, dtype: torch.dtype, device: torch.device) -> ParameterStore:
+    """The parameter store: private pinned memory, or with sliced transfers one shared store per node that
+    the node's first process creates and fills and the others map."""
+    pin = device.type == "cuda"
+    if not _sliced(engine):
+        return ParameterStore.from_blocks(blocks, dtype, pin=pin, shared=engine.config.shared_store)
+    comm = engine.comm
+    kwargs = dict(pin=pin, shared=True, name=_store_name(), pad_to=comm.local_size * ALIGN)
+    if comm.local_rank == 0:
+        store = ParameterStore.from_blocks(blocks, dtype, create=True, **kwargs)
+        comm.local_barrier()  # filled: the others may map it
+        return store
+    comm.local_barrier()
+    return ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
+
+
 def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, ParameterStore | None, BlockStreamer | None]:
     cfg = engine.config
     blocks = [u for u in engine.units if u.kind == "block"]
@@ -83,11 +113,13 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
         if len(dtypes) != 1:
             raise ModelError(f"Streamed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
                              "one dtype (model.dtype) before building the engine.")
-        store = ParameterStore.from_blocks([[(n, engine.params[n]) for n in u.owned] for u in streamed_units],
-                                           dtypes.pop(), pin=device.type == "cuda", shared=cfg.shared_store)
+        blocks_params = [[(n, engine.params[n]) for n in u.owned] for u in streamed_units]
+        store = _build_store(engine, blocks_params, dtypes.pop(), device)
         for k, u in enumerate(streamed_units):
             u.store_index = k
         streamer = BlockStreamer(store, device, cfg.prefetch)
+        if _sliced(engine):
+            streamer.ranges = {k: engine.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
     keep = {id(m) for u in blocks if u.store_index is not None for m in engine.adapter.blocks()[u.index].modules()}
     _place(engine.model, device, keep)
     for u in engine.units:
@@ -97,6 +129,8 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
             u.layout, u.flat = _pack_resident(engine, u, device)
         u.table = SegmentTable([(seg.offset, seg.numel, engine.keys[seg.name], engine.decay[seg.name])
                                 for seg in u.layout])
+        if u.store_index is not None and streamer.ranges:
+            u.slice_table = u.table.slice(*streamer.ranges[u.store_index])
     if plan.streamed or cfg.offload is not False:
         log.info(plan.describe())
     return plan, store, streamer

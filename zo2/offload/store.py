@@ -81,15 +81,19 @@ class ParameterStore:
     """Flat host buffers, one per block, in a single storage dtype."""
 
     def __init__(self, layouts: list[list[Segment]], dtype: torch.dtype, *, pin: bool | None = None,
-                 shared: bool = False, name: str | None = None):
+                 shared: bool = False, name: str | None = None, create: bool = True, pad_to: int = 1):
+        """``create=False`` maps the shared store another process of the node created under ``name``;
+        ``pad_to`` rounds each block's buffer up to a multiple (equal slices for sliced transfers)."""
         self.layouts = layouts
         self.dtype = dtype
         self.shared = shared
+        self.owner = create
         self.name = name or f"zo2-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         pin = torch.cuda.is_available() if pin is None else pin
-        numels = [layout_numel(layout) for layout in layouts]
+        numels = [-(-layout_numel(layout) // pad_to) * pad_to for layout in layouts]
         itemsize = torch.empty((), dtype=dtype).element_size()
-        check_host_memory(sum(numels) * itemsize, f"The parameter store ({len(layouts)} blocks)", dtype)
+        if create:  # a mapped store is counted once, by the process that creates it
+            check_host_memory(sum(numels) * itemsize, f"The parameter store ({len(layouts)} blocks)", dtype)
         self._paths: list[Path] = []
         self._registered: list[torch.Tensor] = []
         self.buffers = [self._allocate(i, n, pin) for i, n in enumerate(numels)]
@@ -99,8 +103,12 @@ class ParameterStore:
             return torch.empty(numel, dtype=self.dtype, pin_memory=pin)
         # Allocate in shared memory from the start and fill in place: sharing a filled tensor copies it.
         path = _SHM_DIR / f"{self.name}-block{index}"
+        if not self.owner and not path.exists():
+            raise ResourceError(f"The shared parameter store {path} does not exist: the node's first process "
+                                "creates it before the others map it.")
         buf = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=self.dtype)[:numel]
-        self._paths.append(path)
+        if self.owner:
+            self._paths.append(path)
         if pin and numel:
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
@@ -137,13 +145,14 @@ class ParameterStore:
         """Copy each block's parameters into the store and re-point them at its host buffer.
 
         ``blocks[i]`` lists (canonical name, parameter) of block ``i``. Parameters on the meta device are
-        re-pointed without a copy (their values are filled into the store later, e.g. from safetensors shards).
+        re-pointed without a copy (their values are filled into the store later, e.g. from safetensors shards);
+        so are those of a process that maps a store another one created and filled.
         """
         store = cls([pack_layout(params) for params in blocks], dtype, **kwargs)
         for i, params in enumerate(blocks):
             views = cls.views(store.flat(i), store.layout(i))
             for name, p in params:
-                if not p.is_meta:
+                if not p.is_meta and store.owner:
                     views[name].copy_(p.detach())
                 repoint(p, views[name])  # the module now reads and writes the store
         return store

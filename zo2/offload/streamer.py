@@ -42,6 +42,8 @@ class BlockStreamer:
         self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
         self.stats = TransferStats()
         self.measure = measure and self.cuda
+        self.ranges: dict[int, tuple[int, int]] = {}
+        """Sliced transfers: the part [lo, hi) of each block this process uploads and writes back."""
         self._order: list[int] = []
         self._position: dict[int, int] = {}
         self._slot_of: dict[int, int] = {}
@@ -107,10 +109,16 @@ class BlockStreamer:
         n = self.store.flat(block).numel()
         return self.slots[self._slot_of[block]][:n]
 
+    def _range(self, block: int) -> slice:
+        lo, hi = self.ranges.get(block, (0, self.store.flat(block).numel()))
+        return slice(lo, hi)
+
     def write_back(self, block: int) -> None:
-        """Copy the (updated) device copy of ``block`` back to the store, after the work queued so far."""
-        src = self.slots[self._slot_of[block]][: self.store.flat(block).numel()]
-        dst = self.store.flat(block)
+        """Copy the (updated) device copy of ``block`` (its slice, when sliced) back to the store, after the
+        work queued so far."""
+        part = self._range(block)
+        src = self.slots[self._slot_of[block]][part]
+        dst = self.store.flat(block)[part]
         if self.cuda:
             updated = torch.cuda.Event()
             updated.record(torch.cuda.current_stream(self.device))
@@ -155,8 +163,9 @@ class BlockStreamer:
         slot = self._next_slot
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         self._slot_of[block] = slot
-        src = self.store.flat(block)
-        dst = self.slots[slot][: src.numel()]
+        part = self._range(block)
+        src = self.store.flat(block)[part]
+        dst = self.slots[slot][part]
         if self.cuda:
             with torch.cuda.stream(self.h2d):
                 for event in self._slot_busy[slot]:

@@ -56,12 +56,18 @@ class ParallelDims:
 class ZOComm:
     """This rank's place in the (dp, pp) layout and the step's collectives (no-ops for a single process)."""
 
-    def __init__(self, dims: ParallelDims, rank: int, group=None, device: torch.device | None = None):
+    def __init__(self, dims: ParallelDims, rank: int, group=None, device: torch.device | None = None,
+                 local_size: int | None = None, local_group=None):
         self.dims = dims
         self.rank = rank
         self.dp_rank, self.pp_rank = divmod(rank, dims.pp)
         self.group = group
         self.device = device or torch.device("cpu")
+        self.local_size = local_size or dims.dp * dims.pp
+        """Processes on this node: they share one parameter store and split its transfers."""
+        self.local_rank = rank % self.local_size
+        self.local_group = local_group
+        """Process group of this node's ranks (None: the whole world is one node)."""
         self.owns_group = False
         """True when init_comm started the process group (and close() should end it)."""
 
@@ -108,6 +114,26 @@ class ZOComm:
             dist.destroy_process_group()
             self.owns_group = False
 
+    def local_barrier(self) -> None:
+        """Wait for the other processes of this node."""
+        if self.local_size > 1:
+            dist.barrier(group=self.local_group)
+
+    def slice_bounds(self, numel: int) -> tuple[int, int]:
+        """This process's equal share [lo, hi) of a buffer of ``numel`` elements (a multiple of the share count)."""
+        share = numel // self.local_size
+        return self.local_rank * share, (self.local_rank + 1) * share
+
+    def gather_slices(self, flat: torch.Tensor) -> None:
+        """Assemble ``flat`` on every process of the node from each one's slice of it (in place)."""
+        lo, hi = self.slice_bounds(flat.numel())
+        mine = flat[lo:hi].clone()  # the input must not alias the output on every backend
+        try:
+            dist.all_gather_into_tensor(flat, mine, group=self.local_group)  # NVLink on GPUs: the block
+        except (RuntimeError, dist.DistBackendError) as err:
+            raise RankFailure(f"Rank {self.rank} lost contact with a process of its node while assembling a block "
+                              f"({err}). Resume with `zo2 train --resume RUN_DIR`.") from None
+
     def barrier(self) -> None:
         """Wait for every rank (no-op for a single process)."""
         if self.world_size > 1:
@@ -128,6 +154,18 @@ class ZOComm:
                 "check that all ranks use the same zo2, torch and kernel versions.")
 
 
+def node_group(world: int, local_size: int):
+    """The process group of this rank's node (ranks are numbered node by node); None for a single node."""
+    if local_size >= world:
+        return None
+    mine = None
+    for first in range(0, world, local_size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(first, first + local_size)))
+        if first <= dist.get_rank() < first + local_size:
+            mine = group
+    return mine
+
+
 def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
     """The communicator of a torchrun-started rank (a single process when WORLD_SIZE is unset)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,6 +176,9 @@ def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
     if owns:
         backend = cfg.backend if cfg.backend != "auto" else ("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    comm = ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_group = node_group(world, local_size)
+    comm = ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"),
+                  local_size=local_size, local_group=local_group)
     comm.owns_group = owns
     return comm

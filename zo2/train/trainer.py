@@ -387,6 +387,7 @@ class Trainer:
 
     def save_snapshot(self) -> Path | None:
         """Flush the deferred update and write the trainable weights as the snapshot of this step (rank 0)."""
+        self.engine.flush()  # on every rank: with sliced transfers the flush is collective
         if not self.main:
             self.last_snapshot = self.engine.step_count
             return None
@@ -417,8 +418,8 @@ class Trainer:
             self.save_snapshot()
         if self.eval_set and (not self.evals or self.evals[-1]["step"] != done):
             self.evaluate()
+        self.engine.flush()  # every rank (collective with sliced transfers)
         if self.job.run.save_final and self.main:
-            self.engine.flush()
             save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR)
         self.comm.barrier()  # rank 0 has written everything the other ranks may read back
         records = read_log(self.log.path)
