@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from zo2 import ZOConfig, ZOEngine
 from zo2.config.parallel import ParallelConfig
 from zo2.errors import ConfigError
-from zo2.parallel.mesh import ParallelDims, RankFailure, ZOComm
+from zo2.parallel.mesh import DivergenceError, ParallelDims, RankFailure, ZOComm
 from zo2_testing import padded_batch, tiny_model
 
 STEPS = 3
@@ -31,7 +31,8 @@ def _global_batch(step: int) -> dict[str, torch.Tensor]:
     return padded_batch(seed=100 + step, batch=4, length=10)
 
 
-def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: str, die_at: int) -> None:
+def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: str, die_at: int,
+            corrupt: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=30))
@@ -52,7 +53,14 @@ def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: 
                 torch.save({"error": str(err), "seconds": time.monotonic() - start}, f"{out}.{rank}")
                 return
             results.append(r.losses)
-        comm.check_replicas(engine.checksum(), STEPS)
+        if corrupt and rank == 1:
+            with torch.no_grad():
+                next(iter(engine.params.values())).add_(1e-3)  # one replica drifts
+        try:
+            comm.check_replicas(engine.checksum(), STEPS)
+        except DivergenceError as err:
+            torch.save({"error": str(err)}, f"{out}.{rank}")
+            return
         moved = engine.last_transfer
         torch.save({"losses": results, "params": engine.trainable_state(),
                     "h2d": moved.bytes_h2d if moved else 0, "d2h": moved.bytes_d2h if moved else 0,
@@ -63,12 +71,12 @@ def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: 
             dist.destroy_process_group()
 
 
-def _spawn(tmp_path, dp: int, pp: int, die_at: int = -1, **extra) -> list[dict]:
+def _spawn(tmp_path, dp: int, pp: int, die_at: int = -1, corrupt: bool = False, **extra) -> list[dict]:
     world = dp * pp
     out = str(tmp_path / "rank")
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, world, PORT[0], dp, pp,
-                                                {**CFG, **extra}, out, die_at)) for r in range(world)]
+                                                {**CFG, **extra}, out, die_at, corrupt)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -138,6 +146,11 @@ def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
     survivor = results[0]
     assert survivor is not None and "lost contact with another rank" in survivor["error"]
     assert survivor["seconds"] < 30
+
+
+def test_diverged_replicas_are_detected_on_every_rank(tmp_path):
+    results = _spawn(tmp_path, 2, 1, corrupt=True)
+    assert all(r is not None and "diverged by step 3" in r["error"] for r in results)
 
 
 def test_sizes_must_multiply_to_the_world_size():

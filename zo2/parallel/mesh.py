@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from zo2.config.parallel import ParallelConfig
 from zo2.errors import ConfigError, ZO2Error
@@ -70,6 +71,8 @@ class ZOComm:
         """Process group of this node's ranks (None: the whole world is one node)."""
         self.owns_group = False
         """True when init_comm started the process group (and close() should end it)."""
+        self.mesh = None
+        """The torch DeviceMesh of shape (dp, pp) under torchrun."""
 
     @property
     def world_size(self) -> int:
@@ -180,5 +183,7 @@ def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
     local_group = node_group(world, local_size)
     comm = ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"),
                   local_size=local_size, local_group=local_group)
+    # The (dp, pp) mesh, built once; the step's all-reduce spans all of it, the axes name the layout.
+    comm.mesh = init_device_mesh(device.type, (dims.dp, dims.pp), mesh_dim_names=(Axis.DP.value, Axis.PP.value))
     comm.owns_group = owns
     return comm
