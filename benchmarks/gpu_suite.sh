@@ -14,6 +14,8 @@ free -g | head -2 | tee -a "$OUT/gpu.txt"
 
 python3 benchmarks/offload.py --shapes opt-1.3b opt-6.7b opt-13b opt-30b opt-175b --layers 4 \
     --batches 1x2048 8x2048 --repeat 3 --out "$OUT/offload.json" 2>&1 | tee "$OUT/offload.log" | grep -v "^{"
+python3 benchmarks/parallel.py --calibrate "$OUT/offload.json" --out "$OUT/parallel.json" 2>&1 \
+    | tee "$OUT/parallel.log" | tail -n 70
 python3 benchmarks/step.py --device cuda --shapes opt-1.3b opt-6.7b --repeat 3 --out "$OUT/step.json" 2>&1 \
     | tee "$OUT/step.log" | grep -v "^{"
 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py tests/unit/test_kernels.py -k "gpu or engine or cuda" \
