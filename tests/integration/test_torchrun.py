@@ -73,3 +73,17 @@ def test_zo2_launch_runs_the_job_on_n_processes(single, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(single), _weights(run_dir)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_data_parallel_resume_is_bit_identical(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _torchrun(full, 2, "parallel.dp=2").returncode == 0
+    assert _torchrun(part, 2, "parallel.dp=2", "train.steps=4").returncode == 0
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "zo2", "train", "--resume", str(part), "--quiet", "--set", "train.steps=6"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert read_log(full / "trajectory.jsonl") == read_log(part / "trajectory.jsonl")
