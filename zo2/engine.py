@@ -269,16 +269,15 @@ class ZOEngine:
             if unit.slice_table is not None:  # sliced transfers: update my slice, then assemble the block
                 self._update_slice(unit, flat, pending)
             elif pending is not None and unit.applied < pending.step:
-                sr = self._rounding_seed(pending, flat.dtype)
                 if len(seeds) == 1 and not self.plan.one_copy:
                     plus, minus = self._pair_buffers(flat)
                     k.update_and_perturb(flat, unit.table, pending.seeds, pending.coeffs, pending.lr,
                                          cfg.weight_decay, seeds[0], cfg.eps, cfg.distribution,
-                                         stochastic_rounding_seed=sr, out=flat, out_plus=plus, out_minus=minus)
+                                         stochastic_rounding_seed=self._rounding_seed(pending, flat.dtype),
+                                         out=flat, out_plus=plus, out_minus=minus)
                     pairs[seeds[0]] = (plus, minus)
                 else:
-                    k.update(flat, unit.table, pending.seeds, pending.coeffs, pending.lr, cfg.weight_decay,
-                             cfg.distribution, stochastic_rounding_seed=sr, out=flat)
+                    self._update_in_place(flat, unit.table, pending)
                 unit.applied = pending.step
                 if streamed:
                     self.streamer.write_back(unit.store_index)
@@ -298,13 +297,16 @@ class ZOEngine:
         whole updated block on every process."""
         lo, hi = self.streamer.ranges[unit.store_index]
         if pending is not None and unit.applied < pending.step:
-            mine = flat[lo:hi]
-            self.kernels.update(mine, unit.slice_table, pending.seeds, pending.coeffs, pending.lr,
-                                self.config.weight_decay, self.config.distribution,
-                                stochastic_rounding_seed=self._rounding_seed(pending, flat.dtype), out=mine)
+            self._update_in_place(flat[lo:hi], unit.slice_table, pending)
             unit.applied = pending.step
             self.streamer.write_back(unit.store_index)
         self.comm.gather_slices(flat)
+
+    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update) -> None:
+        """θ ← θ − lr (Σ c z + λθ) on a flat buffer (or a slice of one) described by ``table``."""
+        self.kernels.update(target, table, update.seeds, update.coeffs, update.lr, self.config.weight_decay,
+                            self.config.distribution, stochastic_rounding_seed=self._rounding_seed(update, target.dtype),
+                            out=target)
 
     def _pair_buffers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device),
