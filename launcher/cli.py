@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(sub)
     _add_plan(sub)
     _add_launch(sub)
+    _add_slurm(sub)
     return parser
 
 
@@ -127,6 +128,52 @@ def cmd_launch(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+SLURM_EXAMPLES = """\
+examples:
+  zo2 slurm deploy/configs/opt66b-1node-8gpu-2d.toml --nodes 1 --gpus-per-node 8 --dry-run   # print the script
+  zo2 slurm deploy/configs/opt175b-4node.toml --nodes 4 --gpus-per-node 8 --partition gpu --time 48:00:00
+  zo2 slurm job.toml --nodes 2 --gpus-per-node 8 --set parallel.dp=8 --set parallel.pp=2 --out-script job.sbatch
+"""
+
+
+def _add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "slurm", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write an sbatch script for a multi-node zo2 train job and submit it", epilog=SLURM_EXAMPLES,
+        description="Check the job (the config loads, parallel.dp × parallel.pp = nodes × GPUs per node), render "
+                    "deploy/slurm/zo2.sbatch.template (one srun task per node running torchrun with a c10d "
+                    "rendezvous on the first node; requeue on preemption and continue with --resume), write it "
+                    "(default RUN_DIR.slurm/zo2.sbatch, beside the run folder, with the logs) and submit it with "
+                    "sbatch. See deploy/OPERATIONS.md.")
+    p.add_argument("config", metavar="CONFIG.toml", help="the job's TOML config (as for zo2 train --config)")
+    p.add_argument("--nodes", type=int, required=True, metavar="N", help="nodes to allocate")
+    p.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs per node (one process each)")
+    p.add_argument("--partition", metavar="P", help="SLURM partition (default: the cluster's)")
+    p.add_argument("--account", metavar="A", help="SLURM account (default: the user's)")
+    p.add_argument("--time", default="24:00:00", metavar="HH:MM:SS", help="time limit of each run of the job "
+                                                                            "(default 24:00:00; it requeues)")
+    p.add_argument("--job-name", metavar="NAME", help="job name (default zo2-<run folder name>)")
+    p.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs of each node's task (default 8 per GPU)")
+    p.add_argument("--mem", default="0", metavar="MEM", help="host memory per node, e.g. 500G (default 0: all "
+                                                             "of it; see deploy/OPERATIONS.md for what a model needs)")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="override one config value, passed on to zo2 train; repeatable")
+    p.add_argument("--out-script", metavar="FILE", help="where to write the script (its folder also gets the "
+                                                        "SLURM logs)")
+    p.add_argument("--dry-run", action="store_true", help="print the script and submit nothing")
+    p.set_defaults(handler=cmd_slurm)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    """``zo2 slurm``: check the job, render its sbatch script, then print it or write and submit it."""
+    from zo2_launcher.slurm import SlurmOptions, run_slurm
+
+    opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                        account=args.account, time=args.time, job_name=args.job_name,
+                        cpus_per_task=args.cpus_per_task, mem=args.mem)
+    return run_slurm(args.config, args.set, opts, out_script=args.out_script, dry_run=args.dry_run)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
