@@ -226,3 +226,37 @@ def test_nan_streak_stops_without_losing_saved_state(tmp_path):
     assert not (run_dir / "final").exists()
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["step"] == 8 and last["skipped"] == 2
+
+
+def test_a_streamed_model_is_never_materialized_and_resumes_and_replays_bit_exactly(tmp_path):
+    """model.stream_load = 'always': built on the meta device, weights initialised straight into the store."""
+    import zo2.train.model as model_mod
+
+    built = []
+    original = model_mod.init_from_shape
+    model_mod.init_from_shape = lambda *a, **k: built.append(1) or original(*a, **k)
+    try:
+        extra = ["model.stream_load=always", "optim.offload=true"]
+        full, part = tmp_path / "full", tmp_path / "part"
+        train_job(small_job(full, *extra), quiet=True)
+        train_job(small_job(part, "train.steps=7", *extra), quiet=True)
+        assert main(["train", "--resume", str(part), "--set", "train.steps=12", "--quiet"]) == 0
+    finally:
+        model_mod.init_from_shape = original
+    assert built == []  # the full-size CPU init never ran
+    assert_same_run(full, part)
+    out = replay_run(full, out_dir=tmp_path / "replayed", from_base=True)
+    assert_same_tensors(weights(full / "final"), weights(out))
+
+
+def test_streaming_a_local_checkpoint_equals_loading_it(tmp_path):
+    first = tmp_path / "first"
+    train_job(small_job(first, "train.steps=2"), quiet=True)  # its final/ is a local HF folder
+    folder = first / "final"
+    runs = {}
+    for mode in ("never", "always"):
+        run_dir = tmp_path / mode
+        train_job(small_job(run_dir, f"model.path={folder}", f"model.stream_load={mode}"), quiet=True)
+        runs[mode] = run_dir
+    assert read_log(runs["never"] / "trajectory.jsonl") == read_log(runs["always"] / "trajectory.jsonl")
+    assert_same_tensors(weights(runs["never"] / "final"), weights(runs["always"] / "final"))

@@ -32,6 +32,10 @@ def _non_negative(field_name: str, value: object) -> None:
             "it must be an integer >= 0.")
 
 
+STREAM_LOAD_BYTES = 4 * 10**9
+"""Above this many bytes of weights, model.stream_load = 'auto' builds the model on the meta device."""
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """The model: a local Hugging Face checkpoint (``path``) or a randomly initialised preset shape."""
@@ -49,6 +53,11 @@ class ModelConfig:
     """Seed of the random initialisation when ``path`` is unset (replay rebuilds the same weights from it)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: 'sdpa' (torch scaled_dot_product_attention) or 'eager' (the reference matmuls)."""
+    stream_load: str = "auto"
+    """'always': build the model on the meta device and stream its weights straight into the parameter store
+    and the device (safetensors shards tensor by tensor, or a seeded N(0, 0.02) init parameter by parameter), so
+    it is never materialized in full; 'never': build it in full on the CPU first (from_pretrained /
+    from_config); 'auto': stream models of more than 4 GB."""
     vocab_size: int = 259
     """Vocabulary size (259 matches the byte tokenizer: 256 bytes + pad, bos, eos)."""
     hidden_size: int = 64
@@ -84,6 +93,7 @@ class ModelConfig:
         require_choice("model.dtype", self.dtype, DTYPES)
         _non_negative("model.init_seed", self.init_seed)
         require_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        require_choice("model.stream_load", self.stream_load, ("auto", "always", "never"))
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_positions"):
             _positive(f"model.{key}", getattr(self, key))
         for key in ("num_kv_heads", "head_dim", "embed_dim"):

@@ -80,9 +80,53 @@ def _gpt2_config(m: ModelConfig) -> Any:
 
 
 def build_model(m: ModelConfig, special: dict[str, int | None] | None = None) -> nn.Module:
-    """The model of ``m`` in eval mode on the CPU: ``from_pretrained(m.path)`` or a seeded ``from_config``."""
+    """The model of ``m`` in eval mode: ``from_pretrained(m.path)`` or a seeded ``from_config`` on the CPU, or,
+    when :func:`streams` says so, an empty model on the meta device that :func:`fill_weights` fills."""
+    if streams(m, special):
+        from zo2.offload.loading import empty_model
+
+        model = empty_model(model_config(m, special), torch_dtype(m.dtype))
+        setattr(model, STREAMED, True)  # build_engine fills it once the engine has placed the weights
+        return model
     model = load_pretrained(m) if m.path is not None else init_from_shape(m, special)
     return model.eval()  # dropout off: ZO forwards must differ only by the perturbation
+
+
+STREAMED = "_zo2_streamed"
+"""Attribute marking a model built on the meta device, to be filled by :func:`fill_weights`."""
+
+
+def model_config(m: ModelConfig, special: dict[str, int | None] | None = None) -> Any:
+    """The transformers config of ``m``: the folder's (``m.path``) or the preset shape's."""
+    if m.path is None:
+        return hf_config(m, special)
+    from transformers import AutoConfig
+
+    check_model_folder(m.path)
+    config = AutoConfig.from_pretrained(m.path, local_files_only=True)
+    config._attn_implementation = m.attn_implementation
+    return config
+
+
+def streams(m: ModelConfig, special: dict[str, int | None] | None = None) -> bool:
+    """Whether ``m`` is built on the meta device and streamed in (``model.stream_load``)."""
+    if m.stream_load != "auto":
+        return m.stream_load == "always"
+    from zo2.config.job import STREAM_LOAD_BYTES
+    from zo2.offload.loading import empty_model
+
+    probe = empty_model(model_config(m, special), torch_dtype(m.dtype))  # parameters on meta: no memory
+    return sum(p.numel() * p.element_size() for p in probe.parameters()) > STREAM_LOAD_BYTES
+
+
+def fill_weights(m: ModelConfig, engine: Any) -> None:
+    """Fill a streamed model's weights once the engine has placed them (store or device)."""
+    from zo2.offload.loading import init_random, load_safetensors
+
+    if m.path is not None:
+        load_safetensors(engine, m.path)
+    else:
+        init_random(engine, seed=m.init_seed)
 
 
 def init_from_shape(m: ModelConfig, special: dict[str, int | None] | None = None) -> nn.Module:

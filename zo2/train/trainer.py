@@ -38,7 +38,7 @@ from zo2.train.checkpoint import (ReadOnlyLog, Snapshot, TrajectoryLog, latest_g
                                   replay_updates, save_snapshot)
 from zo2.train.data import BatchLoader, Example, collate, load_examples
 from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, NullWriter, plot_loss, read_jsonl, truncate_jsonl
-from zo2.train.model import build_model, max_positions, vocab_size
+from zo2.train.model import STREAMED, build_model, fill_weights, max_positions, vocab_size
 from zo2.train.tokenizer import ByteTokenizer, load_tokenizer, special_ids
 
 CONFIG_FILE = "config.toml"
@@ -115,7 +115,10 @@ def build_engine(job: JobConfig, model: nn.Module, loss_fn: LossFn | None = None
     """The ZO engine on ``train.device`` (``optim.total_steps`` filled in from ``train.steps``)."""
     device = resolve_device(job.train.device)
     optim = replace(job.optim, device=str(device), total_steps=job.optim.total_steps or job.train.steps)
-    return ZOEngine(model, optim, loss_fn=loss_fn, comm=comm if comm is not None and comm.world_size > 1 else None)
+    engine = ZOEngine(model, optim, loss_fn=loss_fn, comm=comm if comm is not None and comm.world_size > 1 else None)
+    if getattr(model, STREAMED, False):
+        fill_weights(job.model, engine)  # weights go straight into the store / onto the device
+    return engine
 
 
 # ----------------------------------------------------------------------------------------------------------
