@@ -4,8 +4,8 @@ Per node, the parameter store of a job holds the streamed blocks in the storage 
 params × bytes per element (embeddings and head stay on the GPU, so this is an upper bound), and zo2 refuses to
 build a store unless HOST_MARGIN_BYTES (2 GiB) stay free beside it. With several processes per node and
 ``optim.sliced_transfers`` (the default) the node holds ONE shared store; otherwise each process holds its own.
-At startup every process first builds the whole model on the CPU (``model.dtype``; bf16 in the presets) and
-copies it into the store, so the transient peak is higher (last column; see OPERATIONS.md).
+The last column is the full CPU build each process makes with ``model.stream_load = "never"`` (and for models
+under 4 GB with "auto"); larger models are streamed into the store and never built in full (OPERATIONS.md).
 
     python deploy/host_memory_table.py
 """
@@ -31,7 +31,7 @@ def _gb(nbytes: int) -> str:
 def table() -> str:
     """The markdown table: parameters, store + margin per node for each storage dtype."""
     head = (["preset", "parameters"] + [f"store + margin per node, {d}" for d in DTYPE_BYTES]
-            + ["startup: model built per process (bf16)"])
+            + ['full CPU build per process, `stream_load = "never"` (bf16)'])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, n in rows():
         cells = [_gb(n * size + HOST_MARGIN_BYTES) for size in DTYPE_BYTES.values()] + [_gb(n * 2)]
