@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: timing, environment record, JSON output, OPT shapes."""
+"""Shared pieces of the benchmark scripts: timing, environment record, JSON output, OPT preset shapes."""
 
 from __future__ import annotations
 
@@ -12,24 +12,24 @@ from typing import Callable
 
 import torch
 
-# The published OPT shapes: hidden size, FFN size, heads, layers.
-OPT_SHAPES = {
-    "opt-1.3b": (2048, 8192, 32, 24),
-    "opt-6.7b": (4096, 16384, 32, 32),
-    "opt-13b": (5120, 20480, 40, 40),
-    "opt-30b": (7168, 28672, 56, 48),
-    "opt-66b": (9216, 36864, 72, 64),
-    "opt-175b": (12288, 49152, 96, 96),
-}
+def opt_shapes() -> list[str]:
+    """The OPT presets (the published shapes), e.g. 'opt-1.3b' .. 'opt-175b'."""
+    from zo2.config.presets import preset_names
+
+    return [n for n in preset_names() if n.startswith("opt-")]
 
 
-def opt_config(name: str, layers: int | None = None, vocab: int = 50272, max_positions: int = 2048):
-    from transformers import OPTConfig
+def opt_config(name: str, layers: int | None = None, **overrides):
+    """The transformers config of the OPT preset ``name`` (sdpa attention, dropout off), optionally with
+    ``layers`` blocks and other ModelConfig fields changed (e.g. hidden_size for a small shape)."""
+    from dataclasses import replace
 
-    d, ffn, heads, n = OPT_SHAPES[name]
-    cfg = OPTConfig(vocab_size=vocab, hidden_size=d, ffn_dim=ffn, num_attention_heads=heads,
-                    num_hidden_layers=layers or n, max_position_embeddings=max_positions, word_embed_proj_dim=d,
-                    dropout=0.0, attention_dropout=0.0)
+    from zo2.config.presets import get_preset
+    from zo2.train.model import hf_config
+
+    m = get_preset(name).model
+    m = replace(m, **{"num_layers": layers or m.num_layers, **overrides})
+    cfg = hf_config(m)
     cfg._attn_implementation = "sdpa"
     return cfg
 

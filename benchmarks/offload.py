@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import OPT_SHAPES, cuda_timed, environment, opt_config, print_table, write_json  # noqa: E402
+from common import cuda_timed, environment, opt_config, opt_shapes, print_table, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
 
@@ -150,8 +150,8 @@ def main() -> None:
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches]
     rows = []
     for shape in args.shapes:
-        if shape not in OPT_SHAPES:
-            parser.error(f"unknown shape {shape}; known: {', '.join(OPT_SHAPES)}")
+        if shape not in opt_shapes():
+            parser.error(f"unknown shape {shape}; known: {', '.join(opt_shapes())}")
         cap = args.budget if shape == args.budget_shape else None
         try:
             rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels)

@@ -21,17 +21,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from common import OPT_SHAPES, cuda_timed, environment, print_table, write_json  # noqa: E402
+from common import cuda_timed, environment, print_table, write_json  # noqa: E402
 from zo2.parallel import plan  # noqa: E402
 
 
-def block_bytes(shape: str) -> int:
-    d, ffn, _, _ = OPT_SHAPES[shape]
-    return 2 * (4 * d * d + 2 * d * ffn + 9 * d + ffn)  # bf16: attention, MLP, biases and norms
-
-
 def measure(shape: str, parts: list[int]) -> list[dict]:
-    nbytes = block_bytes(shape)
+    nbytes = 2 * plan.shape_from_preset(shape).block_params  # one block in bf16
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     other = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

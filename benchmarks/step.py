@@ -17,24 +17,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, OPTConfig  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
-from common import environment, print_table, timed, write_json  # noqa: E402
+from common import environment, opt_config, print_table, timed, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
 
-SHAPES = {  # hidden, ffn, heads, layers
-    "tiny": (64, 256, 4, 4),
-    "opt-125m": (768, 3072, 12, 12),
-    "opt-1.3b": (2048, 8192, 32, 24),
-    "opt-6.7b": (4096, 16384, 32, 32),
-}
+TINY = dict(hidden_size=64, ffn_size=256, num_heads=4, num_layers=4)
+"""'tiny': an OPT-125m-like model (same vocabulary) shrunk to hidden 64, 4 layers."""
 
 
 def build(shape: str, dtype: torch.dtype, device: str):
-    d, ffn, heads, layers = SHAPES[shape]
-    cfg = OPTConfig(vocab_size=50272, hidden_size=d, ffn_dim=ffn, num_attention_heads=heads, num_hidden_layers=layers,
-                    word_embed_proj_dim=d, max_position_embeddings=2048, dropout=0.0)
-    cfg._attn_implementation = "sdpa"
+    cfg = opt_config("opt-125m", **TINY) if shape == "tiny" else opt_config(shape)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     return model.eval()
