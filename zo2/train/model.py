@@ -81,13 +81,17 @@ def _gpt2_config(m: ModelConfig) -> Any:
 
 def build_model(m: ModelConfig, special: dict[str, int | None] | None = None) -> nn.Module:
     """The model of ``m`` in eval mode: ``from_pretrained(m.path)`` or a seeded ``from_config`` on the CPU, or,
-    when :func:`streams` says so, an empty model on the meta device that :func:`fill_weights` fills."""
-    if streams(m, special):
+    when ``model.stream_load`` says so (always, or auto above STREAM_LOAD_BYTES), an empty model on the meta
+    device that :func:`fill_weights` fills."""
+    if m.stream_load != "never":
+        from zo2.config.job import STREAM_LOAD_BYTES
         from zo2.offload.loading import empty_model
 
-        model = empty_model(model_config(m, special), torch_dtype(m.dtype))
-        setattr(model, STREAMED, True)  # build_engine fills it once the engine has placed the weights
-        return model
+        model = empty_model(model_config(m, special), torch_dtype(m.dtype))  # parameters on meta: no memory
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        if m.stream_load == "always" or size > STREAM_LOAD_BYTES:
+            setattr(model, STREAMED, True)  # build_engine fills it once the engine has placed the weights
+            return model
     model = load_pretrained(m) if m.path is not None else init_from_shape(m, special)
     return model.eval()  # dropout off: ZO forwards must differ only by the perturbation
 
@@ -106,17 +110,6 @@ def model_config(m: ModelConfig, special: dict[str, int | None] | None = None) -
     config = AutoConfig.from_pretrained(m.path, local_files_only=True)
     config._attn_implementation = m.attn_implementation
     return config
-
-
-def streams(m: ModelConfig, special: dict[str, int | None] | None = None) -> bool:
-    """Whether ``m`` is built on the meta device and streamed in (``model.stream_load``)."""
-    if m.stream_load != "auto":
-        return m.stream_load == "always"
-    from zo2.config.job import STREAM_LOAD_BYTES
-    from zo2.offload.loading import empty_model
-
-    probe = empty_model(model_config(m, special), torch_dtype(m.dtype))  # parameters on meta: no memory
-    return sum(p.numel() * p.element_size() for p in probe.parameters()) > STREAM_LOAD_BYTES
 
 
 def fill_weights(m: ModelConfig, engine: Any) -> None:
