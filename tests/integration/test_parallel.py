@@ -75,7 +75,8 @@ def _spawn(tmp_path, dp: int, pp: int, die_at: int = -1, corrupt: bool = False, 
     world = dp * pp
     out = str(tmp_path / "rank")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, PORT[0], dp, pp,
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, dp, pp,
                                                 {**CFG, **extra}, out, die_at, corrupt)) for r in range(world)]
     for p in procs:
         p.start()
@@ -83,14 +84,6 @@ def _spawn(tmp_path, dp: int, pp: int, die_at: int = -1, corrupt: bool = False, 
         p.join(timeout=180)
         assert not p.is_alive(), "a rank hung"
     return [torch.load(f"{out}.{r}") if os.path.exists(f"{out}.{r}") else None for r in range(world)]
-
-
-PORT = [0]
-
-
-@pytest.fixture(autouse=True)
-def _port():
-    PORT[0] = _free_port()
 
 
 def _single(**extra):
