@@ -21,3 +21,6 @@ python3 benchmarks/step.py --device cuda --shapes opt-1.3b opt-6.7b --repeat 3 -
 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py tests/unit/test_kernels.py -k "gpu or engine or cuda" \
     --timeout 120 2>&1 | tail -n 6 | tee "$OUT/gpu_tests.log"
 python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" 2>&1 | tail -n 20 | tee "$OUT/kernels.log"
+# BLOCK x num_warps grid on OPT-175B / 6.7B blocks; KERNELS_BASELINE=<older triton_ops.py> adds a before/after
+python3 benchmarks/kernels.py --sweep ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} \
+    --out "$OUT/kernels_sweep.json" 2>&1 | tail -n 40 | tee "$OUT/kernels_sweep.log"

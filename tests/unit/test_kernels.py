@@ -123,7 +123,9 @@ N = 9279 + 517
 # ------------------------------------------------------------------------------------------------ direction
 @pytest.mark.parametrize("distribution", DISTS)
 @pytest.mark.parametrize("start,count", [(0, 1), (0, 4096), (1, 3), (3, 130), (127, 129), (333, 5001),
-                                          (1 << 33, 257), (2**40 + 5, 999)])
+                                          (1 << 33, 257), (2**40 + 5, 999),
+                                          # the counter's low word wraps inside a tile: gaussian, rademacher
+                                          (2**34 - 100, 300), (2**39 - 1000, 3000)])
 def test_direction_matches_reference(distribution, start, count):
     got = T.direction(7, BIG_KEY, start, count, distribution, device=DEV)
     ref = R.direction(7, BIG_KEY, start, count, distribution, device=DEV)
@@ -283,6 +285,24 @@ def test_results_independent_of_block(distribution):
     b = T.update_and_perturb(theta, segs, [1, 2], [0.5, 0.1], 1e-2, 0.1, 2, 1e-3, distribution, block=128)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("distribution", DISTS)
+def test_persistent_programs_match_one_program_per_tile(distribution):
+    """programs_per_sm > 0: a few programs walk all the tiles (each loading its next tile ahead), with the
+    results of one program per tile bit for bit, in place too."""
+    theta = _theta(N, torch.bfloat16, seed=10)
+    args = (SEGS, [3], [0.5], 1e-2, 0.1, 4, 1e-3, distribution)
+    one = T.update_and_perturb(theta, *args, stochastic_rounding_seed=7, block=512)
+    few = T.update_and_perturb(theta, *args, stochastic_rounding_seed=7, block=512, programs_per_sm=3)
+    for a, b in zip(one, few):
+        assert torch.equal(a, b)
+    pair = T.perturb_pair(theta, SEGS, 4, 1e-3, distribution, block=512, programs_per_sm=2,
+                          out_plus=_poison(theta), out_minus=_poison(theta))
+    assert all(torch.equal(a, b) for a, b in zip(pair, T.perturb_pair(theta, SEGS, 4, 1e-3, distribution)))
+    inplace = theta.clone()
+    T.update(inplace, SEGS, [3], [0.5], 1e-2, 0.1, distribution, out=inplace, block=512, programs_per_sm=3)
+    assert torch.equal(inplace, T.update(theta, SEGS, [3], [0.5], 1e-2, 0.1, distribution))
 
 
 # -------------------------------------------------------------------------------------- stochastic rounding
