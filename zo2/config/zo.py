@@ -9,6 +9,7 @@ import torch
 
 from zo2.config.base import require, require_choice
 from zo2.optim.estimators import ESTIMATORS
+from zo2.optim.optimizers import OPTIMIZERS
 from zo2.optim.rng import DISTRIBUTIONS
 from zo2.optim.schedule import SCHEDULES
 
@@ -31,13 +32,29 @@ class ZOConfig:
     eps: float = 1e-3
     """Perturbation scale ε: the forwards run at θ ± εz."""
     weight_decay: float = 0.0
-    """Decoupled weight decay λ in θ ← θ − η(g z + λθ); skipped for biases and norm weights."""
+    """Decoupled weight decay λ in θ ← θ − η(D + λθ), D the optimizer's direction (g z for MeZO-SGD); skipped
+    for biases and norm weights."""
     seed: int = 0
     """Base seed: the direction of step t is a pure function of (seed, t, direction index)."""
     estimator: str = "central"
     """'central': two-sided SPSA as MeZO (L(θ+εz), L(θ−εz)); 'forward': one-sided (L(θ), L(θ+εz))."""
     q: int = 1
     """Directions per step; the projected gradients of the q directions are averaged."""
+    optimizer: str = "zo-sgd"
+    """How the estimate ĝ (the q directions averaged) moves θ, as θ ← θ − lr (D + weight_decay·θ):
+    'zo-sgd' (MeZO-SGD, D = ĝ), 'zo-sgd-momentum' (D = m, m ← momentum·m + ĝ), 'zo-sgd-sign' (D = sign(ĝ)
+    element-wise), 'zo-sgd-conservative' (2-3 more forwards a step: keep the best of θ − lr(ĝ + λθ), θ + lr(ĝ + λθ)
+    and θ by loss on the step's batch), 'zo-adam' (Adam with bias correction on ĝ: beta1, beta2, adam_eps).
+    zo-sgd-momentum and zo-adam keep 1 and 2 float32 buffers per weight (streamed with offloaded blocks) and
+    snapshots include them."""
+    momentum: float = 0.9
+    """Momentum μ of 'zo-sgd-momentum' (ignored by the other optimizers)."""
+    beta1: float = 0.9
+    """Decay rate of zo-adam's first moment."""
+    beta2: float = 0.999
+    """Decay rate of zo-adam's second moment."""
+    adam_eps: float = 1e-8
+    """ε added to the square root of zo-adam's second moment."""
     distribution: str = "gaussian"
     """Direction distribution: 'gaussian' (N(0, I)) or 'rademacher' (±1, nearly free to generate)."""
     lr_schedule: str = "constant"
@@ -91,6 +108,15 @@ class ZOConfig:
                 "it must be a non-negative integer.")
         require_choice("optim.estimator", self.estimator, ESTIMATORS)
         require(isinstance(self.q, int) and self.q >= 1, "optim.q", self.q, "it must be an integer >= 1.")
+        require_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        require(math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum,
+                "it must lie in [0, 1) (0.9 is usual; 0 makes zo-sgd-momentum plain zo-sgd).")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and 0.0 <= value < 1.0, f"optim.{name}", value,
+                    "it must lie in [0, 1) (Adam's defaults are beta1 = 0.9, beta2 = 0.999).")
+        require(math.isfinite(self.adam_eps) and self.adam_eps > 0, "optim.adam_eps", self.adam_eps,
+                "it must be a finite number > 0 (Adam's default is 1e-8).")
         require_choice("optim.distribution", self.distribution, DISTRIBUTIONS)
         require_choice("optim.lr_schedule", self.lr_schedule, SCHEDULES)
         require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "optim.warmup_steps",

@@ -19,9 +19,14 @@ ESTIMATORS = ("central", "forward")
 
 @dataclass(frozen=True)
 class Point:
-    """The parameters ``θ + eps * Σ sign * z(seed)`` over ``terms = ((seed, sign), ...)``; no terms is θ itself."""
+    """The parameters ``θ + eps * Σ sign * z(seed)`` over ``terms = ((seed, sign), ...)``; no terms is θ itself.
+
+    With ``after`` set (and no terms): θ after that update, as applying it would store it (the candidates a
+    conservative step compares).
+    """
 
     terms: tuple[tuple[int, float], ...]
+    after: "Update | None" = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""Optimizer state beside the weights: per-unit flat buffers, streamed with their block.
+
+A stateful optimizer (``zo-sgd-momentum``: one buffer; ``zo-adam``: two) keeps for every unit flat buffers laid
+out like the unit's parameter buffer (same offsets; float32, float64 for float64 weights), zero at the start:
+
+* a resident unit keeps them on the compute device;
+* the streamed blocks keep them in a second :class:`ParameterStore` in host memory (pinned where CUDA exists),
+  block k's buffers stacked back to back in its one flat buffer, and a second :class:`BlockStreamer` moves them
+  in lockstep with the weights: a pass that applies an update begins both streamers in the same order; when a
+  block's deferred update is applied its state is uploaded (or was prefetched), updated on the device next to
+  the weights, written back to the host store, and its slot released with the weights' one.
+
+Stateless optimizers keep nothing and every method here is a no-op for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from zo2.errors import CheckpointError
+from zo2.offload.store import ParameterStore, Segment
+from zo2.offload.streamer import BlockStreamer, TransferStats
+from zo2.optim.optimizers import UnitState
+from zo2.optim.update import math_dtype
+
+if TYPE_CHECKING:
+    from zo2.engine import ZOEngine, _Unit
+
+PREFIX = "optimizer/"
+"""Saved state tensors are named ``optimizer/<buffer>/<parameter>``; the update count is ``optimizer/step``."""
+STEP_KEY = PREFIX + "step"
+
+
+class OptimizerState:
+    """Every unit's :class:`UnitState`: resident buffers on the device, streamed ones in a host store."""
+
+    def __init__(self, names: tuple[str, ...], units: list["_Unit"], dtype_of, device: torch.device,
+                 prefetch: int = 1):
+        self.names = names
+        self.units = units
+        self.states: dict[str, UnitState] = {}
+        self.store: ParameterStore | None = None
+        self.streamer: BlockStreamer | None = None
+        if not names:
+            return
+        streamed = sorted((u for u in units if u.store_index is not None), key=lambda u: u.store_index)
+        for u in units:
+            if u.store_index is None:
+                n = u.flat.numel()
+                self.states[u.name] = UnitState({s: torch.zeros(n, dtype=math_dtype(u.flat.dtype), device=device)
+                                                 for s in names})
+            else:
+                self.states[u.name] = UnitState({})
+        if streamed:
+            layouts = [self._stacked(u.layout) for u in streamed]
+            self.store = ParameterStore(layouts, math_dtype(dtype_of(streamed[0])), pin=device.type == "cuda")
+            for buf in self.store.buffers:
+                buf.zero_()
+            self.streamer = BlockStreamer(self.store, device, prefetch)
+
+    def _stacked(self, layout: list[Segment]) -> list[Segment]:
+        """The layout of a block's state buffer: one copy of the weights' layout per state name, back to back."""
+        n = max((s.offset + s.numel for s in layout), default=0)
+        return [Segment(f"{name}/{s.name}", j * n + s.offset, s.numel, s.shape)
+                for j, name in enumerate(self.names) for s in layout]
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.names)
+
+    # ------------------------------------------------------------------ the streaming schedule
+    def begin(self, units: Iterable["_Unit"]) -> None:
+        """A pass that applies an update starts: prefetch the first streamed blocks' state."""
+        if self.streamer is not None:
+            self.streamer.begin([u.store_index for u in units if u.store_index is not None])
+
+    def acquire(self, unit: "_Unit") -> UnitState | None:
+        """The unit's state on the compute device (a streamed block's is uploaded); None when stateless."""
+        if not self.names:
+            return None
+        state = self.states[unit.name]
+        if unit.store_index is not None:
+            slot = self.streamer.acquire(unit.store_index)
+            n = slot.numel() // len(self.names)
+            state.buffers = {s: slot[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
+        return state
+
+    def updated(self, unit: "_Unit") -> None:
+        """The unit's state was updated on the device: write a streamed block's back to the host store."""
+        if unit.store_index is not None and self.names:
+            self.streamer.write_back(unit.store_index)
+
+    def release(self, unit: "_Unit") -> None:
+        """The visit of ``unit`` ends: its state's device slot may be reused."""
+        if unit.store_index is not None and self.streamer is not None:
+            if self.states[unit.name].buffers:
+                self.states[unit.name].buffers = {}
+                self.streamer.release(unit.store_index)
+
+    def synchronize(self) -> None:
+        if self.streamer is not None:
+            self.streamer.synchronize()
+
+    def invalidate(self) -> None:
+        if self.streamer is not None:
+            self.streamer.invalidate()
+
+    def add_stats(self, stats: TransferStats) -> TransferStats:
+        """``stats`` (the weights' transfers) plus the state's since the last call."""
+        if self.streamer is not None:
+            own = self.streamer.collect_stats()
+            stats.bytes_h2d += own.bytes_h2d
+            stats.bytes_d2h += own.bytes_d2h
+            stats.wait_ms += own.wait_ms
+            stats.uploads += own.uploads
+            stats.write_backs += own.write_backs
+        return stats
+
+    # ------------------------------------------------------------------ snapshots
+    def _host_buffers(self, unit: "_Unit") -> dict[str, torch.Tensor]:
+        """The unit's state buffers where they are kept between visits (device, or the host store)."""
+        if unit.store_index is None:
+            return self.states[unit.name].buffers
+        flat = self.store.flat(unit.store_index)
+        n = flat.numel() // len(self.names)
+        return {s: flat[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
+
+    def count(self) -> int:
+        """Updates applied to the state (equal for every unit once no deferred update is pending)."""
+        counts = {s.count for s in self.states.values()}
+        if len(counts) > 1:
+            raise RuntimeError(f"optimizer state counts differ between units ({sorted(counts)}): flush first")
+        return counts.pop() if counts else 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of every state buffer by parameter, ``optimizer/<buffer>/<parameter>``, and ``optimizer/step``
+        (call after a flush and :meth:`synchronize`)."""
+        if not self.names:
+            return {}
+        out = {}
+        for unit in self.units:
+            buffers = self._host_buffers(unit)
+            for name in self.names:
+                for seg in unit.layout:
+                    view = buffers[name][seg.offset : seg.offset + seg.numel].view(seg.shape)
+                    out[f"{PREFIX}{name}/{seg.name}"] = view.detach().clone()
+        out[STEP_KEY] = torch.tensor(self.count(), dtype=torch.int64)
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors) -> None:
+        """Fill every state buffer from ``tensors`` (as :meth:`state_dict` names them)."""
+        if not self.names:
+            return
+        wanted = [f"{PREFIX}{name}/{seg.name}" for unit in self.units for name in self.names for seg in unit.layout]
+        missing = [k for k in wanted + [STEP_KEY] if k not in tensors]
+        if missing:
+            raise CheckpointError(
+                f"The saved state lacks {len(missing)} optimizer-state tensors, e.g. {missing[:2]}: it was saved "
+                f"without the state of this optimizer ({', '.join(self.names)}). Resume it with the optimizer it "
+                "was trained with (the run's optim.optimizer), or replay the trajectory from the base weights "
+                "(`zo2 replay RUN_DIR --from-base`).")
+        self.invalidate()  # device copies of the state uploaded ahead are stale now
+        for unit in self.units:
+            buffers = self._host_buffers(unit)
+            for name in self.names:
+                for seg in unit.layout:
+                    saved = tensors[f"{PREFIX}{name}/{seg.name}"]
+                    if tuple(saved.shape) != tuple(seg.shape):
+                        raise CheckpointError(f"Saved optimizer state {PREFIX}{name}/{seg.name} has shape "
+                                              f"{tuple(saved.shape)}, the parameter's is {tuple(seg.shape)}.")
+                    buffers[name][seg.offset : seg.offset + seg.numel].view(seg.shape).copy_(saved)
+        count = int(tensors[STEP_KEY])
+        for state in self.states.values():
+            state.count = count
+
+
+def build_optimizer_state(engine: "ZOEngine") -> OptimizerState:
+    """The engine's optimizer state, after ``build_offload`` placed the units."""
+    return OptimizerState(engine.optimizer.state_names, engine.units, engine._unit_dtype, engine.device,
+                          engine.config.prefetch)
