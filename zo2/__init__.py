@@ -3,5 +3,14 @@
 from zo2.config.zo import ZOConfig
 from zo2.engine import EvalResult, StepResult, ZOEngine
 
-__all__ = ["ZOConfig", "ZOEngine", "StepResult", "EvalResult"]
+__all__ = ["ZOConfig", "ZOEngine", "StepResult", "EvalResult", "ZOTrainer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``zo2.ZOTrainer`` imports transformers.Trainer (and accelerate) only when it is used."""
+    if name == "ZOTrainer":
+        from zo2.integrations.hf_trainer import ZOTrainer
+
+        return ZOTrainer
+    raise AttributeError(f"module 'zo2' has no attribute {name!r}")

@@ -7,8 +7,13 @@ the model's ``forward`` does, so the loss it computes equals the model's own ``f
 The engine treats the three parts as *units* whose parameters it perturbs and updates; a unit's parameters
 are found from the modules the adapter names (``embed_modules``, ``blocks``, ``head_modules``). Everything the
 blocks need besides the hidden states (attention mask, position ids, rotary cos/sin) goes in a ``ctx`` dict
-computed once per batch by ``embed``; it must not depend on trainable parameters, so the perturbed forwards
-of one step share it.
+returned by ``embed``. The engine keeps the ``ctx`` of each perturbed point apart: a family adapter's does not
+depend on trainable parameters, but a wrapper's may (PEFT prefix tuning puts each point's key/value prefixes in
+it, zo2/models/peft_adapter.py).
+
+An adapter with ``supports_prefix`` takes a ``cache`` (a transformers ``Cache``) in ``embed`` and ``block``: key/value
+states in front of the input, counted by positions and the causal mask as the model's ``forward`` counts
+``past_key_values``, and read by the layer's attention.
 
 Adding a family is one small file: subclass :class:`BlockAdapter`, set ``model_types``, decorate it with
 :func:`register_adapter` and import it in ``zo2/models/__init__.py``.
@@ -16,6 +21,9 @@ Adding a family is one small file: subclass :class:`BlockAdapter`, set ``model_t
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -32,6 +40,8 @@ class BlockAdapter(ABC):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     """The ``config.model_type`` values this adapter handles."""
+    supports_prefix: ClassVar[bool] = False
+    """Whether ``embed`` and ``block`` take a ``cache`` of key/value prefixes (PEFT prefix tuning)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -51,16 +61,41 @@ class BlockAdapter(ABC):
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Hidden states entering block 0, and the per-batch context every block needs."""
+        """Hidden states entering block 0, and the per-batch context every block needs. With ``supports_prefix``
+        it also takes ``cache=``: the prefix cache, whose length shifts positions and widens the causal mask
+        (``attention_mask`` then already covers the prefix)."""
 
-    def block(self, index: int, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        """Run decoder layer ``index``; the default calls it with ``ctx`` as keyword arguments."""
-        out = self.blocks()[index](hidden, **ctx)
+    def block(self, index: int, hidden: torch.Tensor, ctx: dict[str, Any], cache: Any = None) -> torch.Tensor:
+        """Run decoder layer ``index``; the default calls it with ``ctx`` (and ``cache``) as keyword arguments."""
+        layer = self.blocks()[index]
+        out = layer(hidden, **ctx, **layer_cache_kwargs(layer, cache))
         return out[0] if isinstance(out, tuple) else out
 
     @abstractmethod
     def head(self, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` from the hidden states leaving the last block."""
+
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+"""What a decoder layer's ``forward`` calls its KV cache, newest transformers first."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(layer_class: type[nn.Module]) -> str | None:
+    names = inspect.signature(layer_class.forward).parameters  # follows the deprecation decorators' wraps
+    return next((name for name in _CACHE_ARGUMENTS if name in names), None)
+
+
+def layer_cache_kwargs(layer: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{argument: cache}`` for ``layer``'s forward (the argument was renamed across transformers releases);
+    ``{}`` when ``cache`` is None."""
+    if cache is None:
+        return {}
+    name = _cache_argument(type(layer))
+    if name is None:
+        raise ModelError(f"{type(layer).__name__}.forward takes no KV cache (none of {', '.join(_CACHE_ARGUMENTS)}), "
+                         "so key/value prefixes cannot reach its attention.")
+    return {name: cache}
 
 
 def register_adapter(cls: type[BlockAdapter]) -> type[BlockAdapter]:
@@ -74,8 +109,24 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def prefix_model_types() -> list[str]:
+    """The model types whose adapter takes key/value prefixes (``supports_prefix``)."""
+    return sorted(t for t, cls in _REGISTRY.items() if cls.supports_prefix)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft`` PeftModel (without importing peft: a PeftModel exists only if it was)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def adapter_for(model: nn.Module) -> BlockAdapter:
-    """The registered adapter for ``model`` (by ``model.config.model_type``)."""
+    """The registered adapter for ``model`` (by ``model.config.model_type``). A ``peft`` PeftModel is seen through
+    to its base causal LM (:mod:`zo2.models.peft_adapter`)."""
+    if is_peft_model(model):
+        from zo2.models.peft_adapter import peft_adapter
+
+        return peft_adapter(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

@@ -10,7 +10,7 @@ They differ only in which attention mask each layer gets:
   ``sliding_attention``).
 
 Like the Hugging Face ``forward``, position ids are ``arange(seq_len)`` whatever the padding (the models do not
-derive them from ``attention_mask``).
+derive them from ``attention_mask``), shifted by the length of a prefix cache when there is one.
 
 This module also holds :func:`build_attention_mask`, the version shim over ``transformers.masking_utils`` that
 the OPT and GPT-2 adapters use too.
@@ -28,7 +28,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from zo2.errors import ModelError
-from zo2.models.base import BlockAdapter, register_adapter
+from zo2.models.base import BlockAdapter, layer_cache_kwargs, register_adapter
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -54,8 +54,10 @@ def build_attention_mask(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
+    cache: Any = None,
 ) -> Any:
-    """Call a ``transformers.masking_utils`` mask builder for a forward without a KV cache.
+    """Call a ``transformers.masking_utils`` mask builder for a forward without a KV cache, or with ``cache``
+    holding a key/value prefix (then ``attention_mask`` covers the prefix too, as the model's own does).
 
     The builders' signatures moved between releases: the cache argument is ``past_key_values`` up to 5.2x and
     ``cache`` after; older 4.x releases spelled ``input_embeds`` and required ``cache_position``. The arguments
@@ -67,12 +69,18 @@ def build_attention_mask(
     kwargs["inputs_embeds" if "inputs_embeds" in names else "input_embeds"] = inputs_embeds
     for cache_name in ("cache", "past_key_values"):
         if cache_name in names:
-            kwargs[cache_name] = None  # training forward: no cache
+            kwargs[cache_name] = cache  # None for a training forward
     if "cache_position" in names:
-        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        past = prefix_length(cache)
+        kwargs["cache_position"] = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
     if "position_ids" in names:
         kwargs["position_ids"] = position_ids
     return builder(**kwargs)
+
+
+def prefix_length(cache: Any) -> int:
+    """Tokens held by a prefix cache (0 without one)."""
+    return 0 if cache is None else int(cache.get_seq_length())
 
 
 def require_causal_lm(model: nn.Module, *attributes: str) -> None:
@@ -96,6 +104,7 @@ class LlamaAdapter(BlockAdapter):
     """Llama layout; every layer gets the same causal mask (subclasses change :meth:`layer_types`)."""
 
     model_types = ("llama", "olmo", "olmo2", "helium")
+    supports_prefix = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -123,30 +132,35 @@ class LlamaAdapter(BlockAdapter):
         return [self.model.model.norm, self.model.lm_head]
 
     def embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         hidden = self.model.model.embed_tokens(input_ids)
-        return hidden, self._context(hidden, attention_mask)
+        return hidden, self._context(hidden, attention_mask, cache)
 
     @torch.no_grad()
-    def _context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
-        """Masks per attention type, position ids and rotary (cos, sin): nothing that depends on parameters."""
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    def _context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any = None
+                 ) -> dict[str, Any]:
+        """Masks per attention type, position ids and rotary (cos, sin): nothing that depends on parameters
+        (a prefix ``cache`` counts only by its length)."""
+        past = prefix_length(cache)
+        position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
         if attention_mask is not None:
             attention_mask = attention_mask.to(hidden.device)
         masks = {
-            kind: build_attention_mask(_MASK_BUILDERS[kind], self.config, hidden, attention_mask, position_ids)
+            kind: build_attention_mask(_MASK_BUILDERS[kind], self.config, hidden, attention_mask, position_ids, cache)
             for kind in sorted(set(self._layer_types))
         }
         position_embeddings = self.model.model.rotary_emb(hidden, position_ids)
         return {"masks": masks, "position_ids": position_ids, "position_embeddings": position_embeddings}
 
-    def block(self, index: int, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        out = self.blocks()[index](
+    def block(self, index: int, hidden: torch.Tensor, ctx: dict[str, Any], cache: Any = None) -> torch.Tensor:
+        layer = self.blocks()[index]
+        out = layer(
             hidden,
             attention_mask=ctx["masks"][self._layer_types[index]],
             position_ids=ctx["position_ids"],
             position_embeddings=ctx["position_embeddings"],
+            **layer_cache_kwargs(layer, cache),
         )
         return out[0] if isinstance(out, tuple) else out
 

@@ -4,7 +4,8 @@
 the learned positions ``embed_positions``. As in ``OPTDecoder.forward``, position ids come from the attention
 mask, ``cumsum(mask) * mask - 1`` (so left padding shifts them and padded slots read position -1 + offset), and
 from an all-ones mask when none is given; the causal mask itself is built from the caller's ``attention_mask``
-as is (``None`` stays ``None``).
+as is (``None`` stays ``None``). With a prefix cache of P tokens the mask covers them too and the positions of
+the input are the last ``seq_len`` of the ``P + seq_len`` derived from it, as ``OPTDecoder.forward`` cuts them.
 
 ``head``: ``final_layer_norm`` (absent in post-LN OPT-350m) → ``project_out`` (when present) → ``lm_head``.
 """
@@ -18,7 +19,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from zo2.models.base import BlockAdapter, register_adapter
-from zo2.models.llama import build_attention_mask, require_causal_lm
+from zo2.models.llama import build_attention_mask, prefix_length, require_causal_lm
 
 
 def _present(*modules: nn.Module | None) -> list[nn.Module]:
@@ -31,6 +32,7 @@ class OPTAdapter(BlockAdapter):
     """OPT: learned positions from the attention mask, one causal mask for all layers."""
 
     model_types = ("opt",)
+    supports_prefix = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -48,29 +50,30 @@ class OPTAdapter(BlockAdapter):
         return _present(self.decoder.final_layer_norm, self.decoder.project_out, self.model.lm_head)
 
     def embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         d = self.decoder
         inputs_embeds = d.embed_tokens(input_ids)
-        ctx, position_mask = self._context(inputs_embeds, attention_mask)
-        pos_embeds = d.embed_positions(position_mask, 0, position_ids=ctx["position_ids"])
+        ctx, position_mask = self._context(inputs_embeds, attention_mask, cache)
+        pos_embeds = d.embed_positions(position_mask, prefix_length(cache), position_ids=ctx["position_ids"])
         if d.project_in is not None:
             inputs_embeds = d.project_in(inputs_embeds)
         return inputs_embeds + pos_embeds.to(inputs_embeds.device), ctx
 
     @torch.no_grad()
     def _context(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any = None
     ) -> tuple[dict[str, Any], torch.Tensor]:
         """The blocks' context (causal mask, position ids) and the dense mask the positions were derived from."""
         batch, length = inputs_embeds.shape[:2]
+        past = prefix_length(cache)
         if attention_mask is not None:
             attention_mask = attention_mask.to(inputs_embeds.device)
             position_mask = attention_mask
         else:
-            position_mask = torch.ones(batch, length, device=inputs_embeds.device)
-        position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
-        causal_mask = build_attention_mask(create_causal_mask, self.config, inputs_embeds, attention_mask, None)
+            position_mask = torch.ones(batch, past + length, device=inputs_embeds.device)
+        position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()[:, past:]
+        causal_mask = build_attention_mask(create_causal_mask, self.config, inputs_embeds, attention_mask, None, cache)
         return {"attention_mask": causal_mask, "position_ids": position_ids}, position_mask
 
     def head(self, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:

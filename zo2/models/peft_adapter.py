@@ -1,0 +1,198 @@
+"""PEFT models: zeroth-order fine-tuning of the adapter's parameters only (LoRA, prompt and prefix tuning, ...).
+
+A ``peft`` PeftModel wraps a transformers causal LM; :func:`~zo2.models.base.adapter_for` sees through it here.
+
+* Methods that change the layers in place — LoRA (and its DoRA / rsLoRA variants), IA3, LoHa, LoKr, OFT, VeRA,
+  ... — need nothing special: the base model's own adapter (``embed → blocks → head``) calls the wrapped layers,
+  and the engine perturbs and updates exactly the parameters with ``requires_grad=True`` (the adapter weights).
+  The frozen base weights are never perturbed or written; when blocks are streamed they travel read-only with
+  their block (zo2/offload/frozen.py).
+* Prompt tuning and P-tuning prepend trained virtual-token embeddings to the input: :class:`PromptAdapter` adds
+  them in ``embed`` (the prompt encoder belongs to the embedding unit) and drops their positions before the
+  head, so logits and loss cover the real tokens only. (PEFT's own ``forward(labels=...)`` also scores the first
+  real token from the last virtual one; zo2's loss, like a model without a prompt, does not.)
+* Prefix tuning (MeZO's "prefix" mode) gives every attention layer trained key/value states in front of the
+  input's: :class:`PrefixAdapter` computes them all in ``embed`` from the (perturbed) prompt encoder with PEFT's
+  own ``get_prompt`` (so the prompt encoder, with the MLP of ``prefix_projection=True``, belongs to the embedding
+  unit), extends the attention mask and shifts the positions as PEFT's ``forward`` does, and hands each block a
+  fresh cache holding its layer's prefix. The prefixes differ from one perturbed point to the next, so they travel
+  in that point's ``ctx``. Supported for the families whose adapter has ``supports_prefix``: OPT, the Llama
+  family (Llama, Mistral, Qwen2/3, OLMo, ...) and GPT-2.
+* The other methods that change the model's forward beyond its layers (e.g. CPT, Cartridge, multitask prompt
+  tuning) are refused by :func:`peft_adapter` with a :class:`~zo2.errors.ModelError`.
+
+AdaLoRA's rank reallocation reads gradients, which a ZO step has none of: its ranks stay as initialized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from zo2.errors import ModelError
+from zo2.models.base import BlockAdapter, adapter_for, prefix_model_types
+
+PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING")
+"""Prompt-learning methods whose virtual tokens are input embeddings (they work unit by unit)."""
+PREFIX_METHOD = "PREFIX_TUNING"
+"""The prompt-learning method whose virtual tokens are key/value states in every attention layer."""
+
+
+def _method(model: nn.Module) -> str:
+    peft_type = model.active_peft_config.peft_type
+    return str(getattr(peft_type, "value", peft_type))
+
+
+def peft_adapter(model: nn.Module) -> BlockAdapter:
+    """The block adapter of a PeftModel: the base model's, wrapped for prompt tuning / P-tuning / prefix tuning."""
+    inner = adapter_for(model.get_base_model())
+    if not model.active_peft_config.is_prompt_learning:
+        return inner
+    method = _method(model)
+    if method in PROMPT_METHODS:
+        return PromptAdapter(model, inner)
+    if method == PREFIX_METHOD:
+        return PrefixAdapter(model, inner)
+    raise ModelError(
+        f"PEFT method {method} is not supported by zo2 (it changes the model's forward beyond its layers). "
+        "Supported: the methods that wrap layers in place (LoRA, IA3, LoHa, LoKr, ...), "
+        f"{', '.join(PROMPT_METHODS)} and {PREFIX_METHOD}."
+    )
+
+
+class PromptAdapter(BlockAdapter):
+    """Prompt tuning / P-tuning: virtual-token embeddings from the prompt encoder go in front of the input's."""
+
+    def __init__(self, model: nn.Module, inner: BlockAdapter):
+        self.model = model
+        self.config = inner.config
+        self.inner = inner
+        config = model.active_peft_config
+        self.num_virtual = config.num_virtual_tokens * config.num_transformer_submodules
+        """Virtual tokens in front of every sequence."""
+        self.word_embeddings = model.word_embeddings
+        """The module turning input ids into embeddings (PEFT's pick); its output gets the prompt prepended."""
+        if self.word_embeddings is None:
+            raise ModelError("The PeftModel did not find the base model's word embeddings; prompt tuning cannot run.")
+
+    def embed_modules(self) -> list[nn.Module]:
+        return self.inner.embed_modules() + [self.model.prompt_encoder]
+
+    def blocks(self) -> list[nn.Module]:
+        return self.inner.blocks()
+
+    def head_modules(self) -> list[nn.Module]:
+        return self.inner.head_modules()
+
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The base model's embedding with the prompt in front, as PEFT's forward builds it: the attention mask
+        gets ones for the virtual tokens, and positions (and OPT's mask-derived ones) count them."""
+        batch, length = input_ids.shape
+
+        def prepend(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            prompts = self.model.get_prompt(batch_size=batch)  # reads the (perturbed) prompt-encoder weights
+            return torch.cat([prompts.to(device=out.device, dtype=out.dtype), out], dim=1)
+
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, self.num_virtual), attention_mask], dim=1)
+        handle = self.word_embeddings.register_forward_hook(prepend)
+        try:
+            hidden, ctx = self.inner.embed(input_ids, attention_mask)
+        finally:
+            handle.remove()
+        if hidden.shape[1] != length + self.num_virtual:
+            raise ModelError(f"The {type(self.inner).__name__} embedding did not call the word embeddings PEFT "
+                             "found, so the prompt was not prepended; prompt tuning cannot run on this model.")
+        return hidden, ctx
+
+    def block(self, index: int, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return self.inner.block(index, hidden, ctx)
+
+    def head(self, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return self.inner.head(hidden[:, self.num_virtual :], ctx)
+
+
+class PrefixAdapter(BlockAdapter):
+    """Prefix tuning: every layer attends to trained key/value states in front of the input's.
+
+    ``embed`` runs PEFT's ``get_prompt`` on the prompt encoder as the engine swapped it in (θ or θ ± εz) and returns
+    each layer's (keys, values) in the point's ``ctx``; ``block`` passes them to the layer in a fresh cache, so the
+    layer's attention prepends them exactly as it does to ``past_key_values`` in PEFT's forward, and no state is
+    left behind between calls or points.
+    """
+
+    def __init__(self, model: nn.Module, inner: BlockAdapter):
+        if not inner.supports_prefix:
+            raise ModelError(
+                f"PEFT prefix tuning is not supported for model type '{inner.config.model_type}': its zo2 adapter "
+                f"({type(inner).__name__}) cannot hand key/value prefixes to the layers. Supported: "
+                f"{', '.join(prefix_model_types())}. Use prompt tuning (PromptTuningConfig) or LoRA instead."
+            )
+        config = model.active_peft_config
+        if config.num_transformer_submodules != 1:
+            raise ModelError("PEFT prefix tuning with num_transformer_submodules != 1 (an encoder-decoder model) is "
+                             "not supported by zo2, which runs causal LMs.")
+        self.model = model
+        self.config = inner.config
+        self.inner = inner
+        self.num_virtual = config.num_virtual_tokens
+        """Prefix positions in front of every sequence, in every layer."""
+        blocks = inner.blocks()
+        if config.num_layers != len(blocks):
+            raise ModelError(f"The prefix-tuning config has num_layers={config.num_layers} but the model runs "
+                             f"{len(blocks)} decoder layers; build the PeftModel from this model.")
+        self._cache_index = [_attention_layer_index(block, i) for i, block in enumerate(blocks)]
+        """The index each layer's attention reads and writes in a cache (``self_attn.layer_idx``)."""
+
+    def embed_modules(self) -> list[nn.Module]:
+        return self.inner.embed_modules() + [self.model.prompt_encoder]
+
+    def blocks(self) -> list[nn.Module]:
+        return self.inner.blocks()
+
+    def head_modules(self) -> list[nn.Module]:
+        return self.inner.head_modules()
+
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The base model's embedding of the input as PEFT's forward calls it: the attention mask gets ones for
+        the prefix, and positions and causal mask count the prefix cache (real tokens start after it)."""
+        batch = input_ids.shape[0]
+        prefix = self.model.get_prompt(batch_size=batch)  # reads the (perturbed) prompt-encoder weights
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, self.num_virtual), attention_mask], dim=1)
+        hidden, ctx = self.inner.embed(input_ids, attention_mask, cache=prefix)
+        prefixes = [_layer_states(prefix, i) for i in range(len(self._cache_index))]
+        return hidden, {"inner": ctx, "prefixes": prefixes}
+
+    def block(self, index: int, hidden: torch.Tensor, ctx: dict[str, Any], cache: Any = None) -> torch.Tensor:
+        keys, values = ctx["prefixes"][index]
+        fresh = DynamicCache()  # holds this layer's prefix only; the attention appends the input's keys to it
+        fresh.update(keys.to(hidden.dtype), values.to(hidden.dtype), self._cache_index[index])
+        return self.inner.block(index, hidden, ctx["inner"], cache=fresh)
+
+    def head(self, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return self.inner.head(hidden, ctx["inner"])
+
+
+def _layer_states(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``index``'s (keys, values) ``[batch, heads, prefix, head_dim]`` in a transformers DynamicCache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56: one cache layer object per layer
+        return layers[index].keys, layers[index].values
+    return cache.key_cache[index], cache.value_cache[index]
+
+
+def _attention_layer_index(block: nn.Module, default: int) -> int:
+    """The ``layer_idx`` the block's attention passes to ``cache.update`` (its position in the model)."""
+    for module in block.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if isinstance(layer_idx, int):
+            return layer_idx
+    return default
