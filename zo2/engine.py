@@ -9,6 +9,10 @@ Deferred and immediate updates run the same arithmetic on the same values and ar
 
 Every unit records the last update applied to it, so ``flush()`` (and a step that stopped half-way) never
 applies an update twice.
+
+``optim.optimizer`` picks how the estimate moves θ (zo2.optim.optimizers): MeZO-SGD on the fused kernels, or
+momentum, sign, conservative or Adam steps. Momentum and Adam state lives per unit beside the weights
+(zo2.offload.state), is updated on the same visit as the deferred update, and is part of ``trainable_state()``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -33,6 +37,8 @@ import zo2_kernels
 from zo2.optim.schedule import lr_at
 from zo2.offload.build import build_offload
 from zo2.offload.streamer import TransferStats
+from zo2.offload.state import build_optimizer_state
+from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
 
 if TYPE_CHECKING:
     from zo2.parallel.mesh import ZOComm
@@ -59,7 +65,8 @@ class StepResult:
     tokens: int
     seconds: float
     losses: list[float] = field(default_factory=list)
-    """The loss of every evaluated point, in the estimator's order."""
+    """The loss of every evaluated point, in the estimator's order; zo-sgd-conservative appends L(θ) (unless the
+    estimator has it) and its two candidates' losses, L(θ − lr(ĝ + λθ)) and L(θ + lr(ĝ + λθ))."""
     bytes_h2d: int = 0
     """Bytes uploaded from the parameter store this step (0 when nothing streams)."""
     bytes_d2h: int = 0
@@ -107,6 +114,8 @@ class _Unit:
     """The flat device buffer of a resident unit (the parameters are views of it)."""
     slice_table: Any = None
     """With sliced transfers: the segment table of this process's slice of the (streamed) unit."""
+    home: int | None = None
+    """With a node store (zo2.control): this unit's index there (resident units sync back to it)."""
 
 
 def _select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
@@ -144,11 +153,73 @@ def default_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tor
     return causal_lm_loss(logits, default_labels(batch))
 
 
+def build_units(adapter: Any, params: Mapping[str, nn.Parameter], model_name: str = "model") -> list[_Unit]:
+    """The model's units in visit order (embed, blocks, head) with the trainable parameters each reads and owns.
+
+    A pure function of the model's structure: the engine and a scheduler holding the node's store
+    (zo2.control) compute the same units, layouts and keys.
+    """
+    names_by_id = {id(p): n for n, p in params.items()}
+    groups = [("embed", "embed", 0, adapter.embed_modules())]
+    groups += [(f"block.{i}", "block", i, [b]) for i, b in enumerate(adapter.blocks())]
+    groups.append(("head", "head", 0, adapter.head_modules()))
+    owned_so_far: set[str] = set()
+    units = []
+    for name, kind, index, modules in groups:
+        slots = _slots(modules, names_by_id)
+        owned = [s.name for s in slots if s.name not in owned_so_far]
+        owned = list(dict.fromkeys(owned))
+        owned_so_far.update(owned)
+        units.append(_Unit(name, kind, index, slots, owned))
+    missing = set(params) - owned_so_far
+    if missing:
+        raise ModelError(
+            f"The {type(adapter).__name__} adapter of {model_name} does not cover the trainable parameters "
+            f"{sorted(missing)[:5]}; they would never be perturbed. Freeze them (requires_grad=False) or "
+            "fix the adapter's embed_modules/blocks/head_modules."
+        )
+    return units
+
+
+def _slots(modules: Sequence[nn.Module], names_by_id: dict[int, str]) -> list[_Slot]:
+    slots, seen = [], set()
+    for root in modules:
+        for module in root.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and id(p) in names_by_id and (id(module), attr) not in seen:
+                    seen.add((id(module), attr))
+                    slots.append(_Slot(module, attr, names_by_id[id(p)]))
+    return slots
+
+
+def segment_table(layout: Sequence[Any], params: Mapping[str, torch.Tensor]) -> Any:
+    """The kernels' segment table of a flat buffer laid out as ``layout``: each parameter's perturbation key
+    and whether weight decay applies to it (MeZO's rule)."""
+    return zo2_kernels.SegmentTable([(seg.offset, seg.numel, param_key(seg.name),
+                                      not default_no_decay(seg.name, params[seg.name])) for seg in layout])
+
+
+def rounding_seed(config: ZOConfig, update: Update, dtype: torch.dtype) -> int | None:
+    """Seed of the stochastic rounding of ``update`` (a pure function of base seed and step, so replays and
+    offloaded runs round alike); None when the weights are not low precision or rounding is off."""
+    if dtype not in (torch.bfloat16, torch.float16) or not config.stochastic_rounding:
+        return None
+    return direction_seed(config.seed ^ _ROUNDING_STREAM, update.step)
+
+
+def update_flat(kernels: Any, config: ZOConfig, target: torch.Tensor, table: Any, update: Update) -> None:
+    """θ ← θ − lr (Σ c z + λθ) in place on a flat buffer (or a slice of one) described by ``table``: the
+    arithmetic of every update the engine applies, also used to repair a store from the trajectory log."""
+    kernels.update(target, table, update.seeds, update.coeffs, update.lr, config.weight_decay,
+                   config.distribution, stochastic_rounding_seed=rounding_seed(config, update, target.dtype),
+                   out=target)
+
+
 class ZOEngine:
     """Zeroth-order fine-tuning of ``model`` (a transformers causal LM) with the settings of ``config``."""
 
     def __init__(self, model: nn.Module, config: ZOConfig | None = None, *, loss_fn: LossFn | None = None,
-                 comm: "ZOComm | None" = None):
+                 comm: "ZOComm | None" = None, store_spec: Any = None):
         self.config = config or ZOConfig()
         self.comm = comm
         """Set under torchrun: this rank evaluates its share of the points on its shard of the batch."""
@@ -167,10 +238,19 @@ class ZOEngine:
         read_by = [n for u in self.units for n in {s.name for s in u.slots}]
         self._shared_names = {n for n in read_by if read_by.count(n) > 1}
         self.estimator = build_estimator(self.config.estimator, self.config.seed, self.config.eps, self.config.q)
+        self.optimizer = build_optimizer(self.config)
         self.step_count = 0
         self.pending: Update | None = None
         self.device = self._compute_device()
+        self.store_spec = store_spec
+        """A node store to map (zo2.control.store.StoreSpec): every unit lives in the scheduler's shared store."""
+        self.markers = None
+        """With a node store: its per-unit markers (zo2.control.store.StoreMarkers), kept current on write-back."""
         self.plan, self.store, self.streamer = build_offload(self, self.device)
+        check_supported(self.optimizer, comm=comm, sliced=bool(self.streamer and self.streamer.ranges),
+                        node_store=store_spec is not None)
+        self.opt_state = build_optimizer_state(self)
+        """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
         streamed = [u for u in self.units if u.store_index is not None]
         self._last_streamed = streamed[-1] if streamed else None
         self.kernels = _select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
@@ -178,7 +258,8 @@ class ZOEngine:
 
     # ------------------------------------------------------------------ setup
     def _set_dtypes(self) -> None:
-        """Cast trainable weights to the storage dtype; frozen ones to the compute dtype (they are never stored)."""
+        """Cast trainable weights to the storage dtype; frozen ones to the compute dtype (never updated, they are
+        kept, and streamed read-only, as the forwards read them)."""
         storage = torch_dtype(self.config.storage_dtype)
         if storage is not None:
             for p in self.params.values():
@@ -204,37 +285,7 @@ class ZOEngine:
         return device
 
     def _build_units(self) -> list[_Unit]:
-        names_by_id = {id(p): n for n, p in self.params.items()}
-        groups = [("embed", "embed", 0, self.adapter.embed_modules())]
-        groups += [(f"block.{i}", "block", i, [b]) for i, b in enumerate(self.adapter.blocks())]
-        groups.append(("head", "head", 0, self.adapter.head_modules()))
-        owned_so_far: set[str] = set()
-        units = []
-        for name, kind, index, modules in groups:
-            slots = self._slots(modules, names_by_id)
-            owned = [s.name for s in slots if s.name not in owned_so_far]
-            owned = list(dict.fromkeys(owned))
-            owned_so_far.update(owned)
-            units.append(_Unit(name, kind, index, slots, owned))
-        missing = set(self.params) - owned_so_far
-        if missing:
-            raise ModelError(
-                f"The {type(self.adapter).__name__} adapter does not cover the trainable parameters "
-                f"{sorted(missing)[:5]}; they would never be perturbed. Freeze them (requires_grad=False) or "
-                "fix the adapter's embed_modules/blocks/head_modules."
-            )
-        return units
-
-    @staticmethod
-    def _slots(modules: Sequence[nn.Module], names_by_id: dict[int, str]) -> list[_Slot]:
-        slots, seen = [], set()
-        for root in modules:
-            for module in root.modules():
-                for attr, p in module._parameters.items():
-                    if p is not None and id(p) in names_by_id and (id(module), attr) not in seen:
-                        seen.add((id(module), attr))
-                        slots.append(_Slot(module, attr, names_by_id[id(p)]))
-        return slots
+        return build_units(self.adapter, self.params, type(self.model).__name__)
 
     # ------------------------------------------------------------------ the math on one tensor
     def lr_at(self, step: int) -> float:
@@ -246,11 +297,7 @@ class ZOEngine:
                          device=self.device)
 
     def _rounding_seed(self, update: Update, dtype: torch.dtype) -> int | None:
-        """Seed of the stochastic rounding of ``update`` (a pure function of base seed and step, so replays and
-        offloaded runs round alike); None when the weights are not low precision or rounding is off."""
-        if dtype not in (torch.bfloat16, torch.float16) or not self.config.stochastic_rounding:
-            return None
-        return direction_seed(self.config.seed ^ _ROUNDING_STREAM, update.step)
+        return rounding_seed(self.config, update, dtype)
 
     @contextlib.contextmanager
     def _visit(self, unit: _Unit, pending: Update | None, seeds: Sequence[int] = ()
@@ -269,7 +316,7 @@ class ZOEngine:
             if unit.slice_table is not None:  # sliced transfers: update my slice, then assemble the block
                 self._update_slice(unit, flat, pending)
             elif pending is not None and unit.applied < pending.step:
-                if len(seeds) == 1 and not self.plan.one_copy:
+                if len(seeds) == 1 and not self.plan.one_copy and self.optimizer.fused:
                     plus, minus = self._pair_buffers(flat)
                     k.update_and_perturb(flat, unit.table, pending.seeds, pending.coeffs, pending.lr,
                                          cfg.weight_decay, seeds[0], cfg.eps, cfg.distribution,
@@ -277,10 +324,10 @@ class ZOEngine:
                                          out=flat, out_plus=plus, out_minus=minus)
                     pairs[seeds[0]] = (plus, minus)
                 else:
-                    self._update_in_place(flat, unit.table, pending)
+                    self._update_in_place(flat, unit.table, pending, unit)
                 unit.applied = pending.step
                 if streamed:
-                    self.streamer.write_back(unit.store_index)
+                    self.streamer.write_back(unit.store_index, pending.step)
             for seed in seeds if not self.plan.one_copy else ():
                 if seed not in pairs:
                     plus, minus = self._pair_buffers(flat)
@@ -290,6 +337,7 @@ class ZOEngine:
         finally:
             if streamed:
                 self.streamer.release(unit.store_index)
+            self.opt_state.release(unit)
 
     def _update_slice(self, unit: _Unit, flat: torch.Tensor, pending: Update | None) -> None:
         """Sliced transfers: this process uploaded only its slice of the block; it applies the deferred
@@ -299,14 +347,20 @@ class ZOEngine:
         if pending is not None and unit.applied < pending.step:
             self._update_in_place(flat[lo:hi], unit.slice_table, pending)
             unit.applied = pending.step
-            self.streamer.write_back(unit.store_index)
+            self.streamer.write_back(unit.store_index, pending.step)
         self.comm.gather_slices(flat)
 
-    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update) -> None:
-        """θ ← θ − lr (Σ c z + λθ) on a flat buffer (or a slice of one) described by ``table``."""
-        self.kernels.update(target, table, update.seeds, update.coeffs, update.lr, self.config.weight_decay,
-                            self.config.distribution, stochastic_rounding_seed=self._rounding_seed(update, target.dtype),
-                            out=target)
+    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update, unit: _Unit | None = None) -> None:
+        """θ ← θ − lr (D + λθ) on a flat buffer (or a slice of one) described by ``table``: the fused kernels for
+        MeZO-SGD (D = Σ c z), else the optimizer's rule with ``unit``'s state (uploaded, updated, written back)."""
+        if self.optimizer.fused:
+            update_flat(self.kernels, self.config, target, table, update)
+            return
+        state = self.opt_state.acquire(unit) if unit is not None else None
+        self.optimizer.apply(target, table, state, update, self.config.weight_decay, self.config.distribution,
+                             self._rounding_seed(update, target.dtype), kernels=self.kernels)
+        if unit is not None:
+            self.opt_state.updated(unit)
 
     def _pair_buffers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device),
@@ -331,8 +385,10 @@ class ZOEngine:
                 s.module._parameters[s.attr] = p
 
     def _point_values(self, unit: _Unit, flat: torch.Tensor, pairs: Mapping, point: Point) -> dict[str, torch.Tensor]:
-        """Parameter views of the unit's buffer at ``point`` (θ, θ + εz or θ − εz)."""
-        if not point.terms:
+        """Parameter views of the unit's buffer at ``point`` (θ, θ + εz, θ − εz, or θ after a candidate update)."""
+        if point.after is not None:
+            buf = self._candidate(unit, flat, point.after)
+        elif not point.terms:
             buf = flat if flat.dtype == self.compute_dtype else flat.to(self.compute_dtype)
         elif self.plan.one_copy:
             # θ ± εz as the update θ − 1·((∓ε) z): the same float operations as perturb_pair, one copy at a time
@@ -345,39 +401,56 @@ class ZOEngine:
             buf = pairs[seed][0 if sign > 0 else 1]
         return {seg.name: buf[seg.offset : seg.offset + seg.numel].view(seg.shape) for seg in unit.layout}
 
+    def _candidate(self, unit: _Unit, flat: torch.Tensor, update: Update) -> torch.Tensor:
+        """θ after ``update``, out of place: exactly the values applying it would store, in the compute dtype."""
+        out = torch.empty(flat.numel(), dtype=flat.dtype, device=flat.device)
+        self.kernels.update(flat, unit.table, update.seeds, update.coeffs, update.lr, self.config.weight_decay,
+                            self.config.distribution, stochastic_rounding_seed=self._rounding_seed(update, flat.dtype),
+                            out=out)
+        return out if out.dtype == self.compute_dtype else out.to(self.compute_dtype)
+
     def _run(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None,
              keep_logits: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run every point through the units in order; apply ``pending`` to each unit on its visit."""
         hidden: list[Any] = [None] * len(points)
         losses: list[torch.Tensor] = []
         logits_out: list[torch.Tensor] = []
-        ctx: dict[str, Any] = {}
+        ctx: list[Any] = [None] * len(points)  # per point: a prefix-tuned model's holds that point's prefixes
         seeds = list(dict.fromkeys(seed for p in points for seed, _ in p.terms))
         shared: list[dict[str, torch.Tensor]] = [{} for _ in points]  # tied weights, read again by the head
         if self.streamer is not None:
             self.streamer.begin([u.store_index for u in self.units if u.store_index is not None])
+        if pending is not None:
+            self.opt_state.begin(self.units)  # the state streams with the weights when an update is applied
         for unit in self.units:
-            with self._visit(unit, pending, seeds) as (flat, pairs):
+            with self._visit(unit, pending, seeds) as (flat, pairs), self._frozen_weights(unit):
                 for i, point in enumerate(points):
                     values = self._point_values(unit, flat, pairs, point)
                     shared[i].update({n: v for n, v in values.items() if n in self._shared_names})
                     values.update({s.name: shared[i][s.name] for s in unit.slots if s.name not in values})
                     with self._swapped(unit, values):
                         if unit.kind == "embed":
-                            hidden[i], ctx = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
+                            hidden[i], ctx[i] = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
                         elif unit.kind == "block":
-                            hidden[i] = self.adapter.block(unit.index, hidden[i], ctx)
+                            hidden[i] = self.adapter.block(unit.index, hidden[i], ctx[i])
                         else:
-                            logits = self.adapter.head(hidden[i], ctx)
+                            logits = self.adapter.head(hidden[i], ctx[i])
                             # .double() is exact for any dtype and keeps float64 checks exact
                             losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))
                             if keep_logits:
                                 logits_out.append(logits)
-                            hidden[i] = None
+                            hidden[i] = ctx[i] = None
                     del values  # frees this point's perturbed copy before the next one is formed
             if unit is self._last_streamed:
                 self.streamer.prefetch_next_pass()  # overlaps the remaining blocks and the head
         return losses, logits_out
+
+    def _frozen_weights(self, unit: _Unit) -> contextlib.AbstractContextManager:
+        """A streamed block's frozen weights (e.g. the base model under LoRA), read from the device copy uploaded
+        with the block: never perturbed, updated or written back. Nothing to do for a resident unit."""
+        if unit.store_index is None:
+            return contextlib.nullcontext()
+        return self.streamer.frozen_weights(unit.store_index)
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -391,33 +464,56 @@ class ZOEngine:
         mask = batch.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         points = self.estimator.points(step)
-        mine = self.comm.my_points(len(points)) if self.comm else list(range(len(points)))
+        n_estimator = len(points)
+        if self.optimizer.conservative and all(p.terms for p in points):
+            points = points + [Point(())]  # L(θ), which the conservative step compares its candidates with
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        losses_t, _ = self._run(self._to_device(batch), [points[i] for i in mine], self.pending)
+        losses = self._point_losses(batch, points, self.pending)
         self.pending = None
-        if self.comm is not None:  # every point's loss over the global batch (one small all-reduce)
-            losses = self.comm.combine(losses_t, mine, len(points), loss_tokens(batch))
-        else:
-            losses = torch.stack(losses_t).tolist()  # host sync: the step's only one, the loss scalars
-        transfer = self.streamer.collect_stats() if self.streamer is not None else TransferStats()
-        self.last_transfer = transfer
-        measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
-                        peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0)
         lr = self.lr_at(step)
         self.step_count += 1
-        if not all(math.isfinite(x) for x in losses):
+        finite = all(math.isfinite(x) for x in losses)
+        if finite:
+            est = self.estimator.combine(step, losses[:n_estimator], lr)
+            update = est.update
+            if self.optimizer.conservative:
+                base = losses[next(i for i, p in enumerate(points) if not p.terms)]
+                update, tried = self._conservative(batch, update, base)
+                losses = losses + tried
+        transfer = self.streamer.collect_stats() if self.streamer is not None else TransferStats()
+        self.last_transfer = transfer = self.opt_state.add_stats(transfer)
+        measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
+                        peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0)
+        if not finite:
             nan = float("nan")
             return StepResult(step, nan, nan, nan, nan, lr, True, None, tokens, time.perf_counter() - start, losses,
                               **measured)
-        est = self.estimator.combine(step, losses, lr)
         if self.config.deferred_update:
-            self.pending = est.update
+            self.pending = update
         else:
-            self.apply_update(est.update)
-        return StepResult(step, est.loss, est.loss_plus, est.loss_minus, est.projected_grad, lr, False, est.update,
+            self.apply_update(update)
+        return StepResult(step, est.loss, est.loss_plus, est.loss_minus, est.projected_grad, lr, False, update,
                           tokens, time.perf_counter() - start, losses, **measured)
+
+    def _point_losses(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None
+                      ) -> list[float]:
+        """Every point's loss on ``batch`` (under torchrun: this rank's share evaluated, the others gathered)."""
+        mine = self.comm.my_points(len(points)) if self.comm else list(range(len(points)))
+        losses_t, _ = self._run(self._to_device(batch), [points[i] for i in mine], pending)
+        if self.comm is not None:  # every point's loss over the global batch (one small all-reduce)
+            return self.comm.combine(losses_t, mine, len(points), loss_tokens(batch))
+        return torch.stack(losses_t).tolist()  # host sync: the loss scalars, once per pass
+
+    def _conservative(self, batch: Mapping[str, torch.Tensor], update: Update, loss: float
+                      ) -> tuple[Update, list[float]]:
+        """zo-sgd-conservative: the losses of θ − lr(ĝ + λθ) and θ + lr(ĝ + λθ) on the same batch (one more
+        pass); the step keeps the best of those and θ (loss ``loss``) as ``update`` with lr scaled by 1, −1 or 0,
+        so the trajectory log replays the choice."""
+        tried = self._point_losses(batch, [Point((), after=update), Point((), after=replace(update, lr=-update.lr))],
+                                   None)
+        return replace(update, lr=update.lr * conservative_scale(loss, *tried)), tried
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -430,6 +526,33 @@ class ZOEngine:
             self.streamer.synchronize()
             if self.streamer.ranges:
                 self.comm.local_barrier()  # every process's slice is back in the shared store
+        self.opt_state.synchronize()
+
+    @torch.no_grad()
+    def sync_store(self) -> None:
+        """With a node store (zo2.control): flush, then write every resident unit back to the store (this
+        process's slice of it when several workers share the node), so the store holds the current weights and
+        the scheduler can snapshot them. Streamed units are written back on every visit already."""
+        self.flush()
+        if self.store_spec is None:
+            return
+        writer = self.streamer.writer if self.streamer is not None else (
+            self.comm.local_rank if self.comm is not None and self.comm.local_size > 1 else 0)
+        writers = self.store_spec.writers
+        for unit in self.units:
+            if unit.store_index is not None or unit.flat is None:
+                continue
+            dst = self.store.flat(unit.home)
+            share = dst.numel() // writers
+            lo, hi = writer * share, min((writer + 1) * share, unit.flat.numel())
+            self.markers.begin(unit.home, writer, unit.applied)
+            if hi > lo:
+                dst[lo:hi].copy_(unit.flat[lo:hi])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the bytes are in the store before the marker says so
+            self.markers.done(unit.home, writer, unit.applied)
+        if self.comm is not None:
+            self.comm.local_barrier()
 
     @torch.no_grad()
     def apply_update(self, update: Update) -> None:
@@ -439,6 +562,7 @@ class ZOEngine:
             self._apply_to_unit(unit, update)
         if self.streamer is not None:
             self.streamer.synchronize()
+        self.opt_state.synchronize()
 
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, torch.Tensor]) -> EvalResult:
@@ -453,9 +577,26 @@ class ZOEngine:
         return {n: self._z(n, seed).view(p.shape) for n, p in self.params.items()}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A copy of the current trainable parameters (after a flush), by name."""
+        """A copy of the current trainable parameters (after a flush), by name, plus the optimizer's state
+        (:meth:`optimizer_state`) for zo-sgd-momentum and zo-adam: what a snapshot must hold for the trajectory
+        log's later steps to replay bit-exactly on it."""
         self.flush()
-        return {n: p.detach().clone() for n, p in self.params.items()}
+        tensors = {n: p.detach().clone() for n, p in self.params.items()}
+        tensors.update(self.opt_state.state_dict())
+        return tensors
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the optimizer's state (after a flush): ``optimizer/<buffer>/<parameter>`` tensors shaped like
+        the parameters and ``optimizer/step``, the updates applied so far (Adam's t). Empty when stateless."""
+        self.flush()
+        return self.opt_state.state_dict()
+
+    @torch.no_grad()
+    def load_optimizer_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`optimizer_state` returned (extra keys are ignored); CheckpointError when a stateful
+        optimizer's tensors are missing."""
+        self.flush()
+        self.opt_state.load_state_dict(tensors)
 
     @torch.no_grad()
     def load_trainable_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -465,6 +606,7 @@ class ZOEngine:
                                   "they were saved from a different model.")
         self.pending = None
         self.invalidate_prefetch()
+        self.opt_state.load_state_dict(tensors)  # stateful optimizers: the snapshot's state, or CheckpointError
         for n, p in self.params.items():
             if tensors[n].shape != p.shape:
                 raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
@@ -482,6 +624,7 @@ class ZOEngine:
         uploaded ahead for the next step are dropped. ``load_trainable_state`` and the loaders call it."""
         if self.streamer is not None:
             self.streamer.invalidate()
+        self.opt_state.invalidate()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count}

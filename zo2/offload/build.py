@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from zo2.errors import ModelError
+from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
 from zo2.offload.store import ALIGN, ParameterStore, layout_numel, pack_layout, repoint
 from zo2_kernels import SegmentTable
@@ -87,12 +88,97 @@ def _build_store(engine: "ZOEngine", blocks: list, dtype: torch.dtype, device: t
     return ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
 
 
+def _writer(engine: "ZOEngine") -> tuple[int, int]:
+    """(this process's index among the node's writers, their count)."""
+    comm = engine.comm
+    if comm is None or comm.local_size == 1:
+        return 0, 1
+    return comm.local_rank, comm.local_size
+
+
+def _map_node_store(engine: "ZOEngine", device: torch.device) -> ParameterStore:
+    """Map the scheduler's node store (every unit, in unit order); the parameters become views of it."""
+    from zo2.control.store import StoreMarkers, layout_digest
+
+    spec = engine.store_spec
+    units = engine.units
+    if spec.units != len(units):
+        raise ModelError(f"The node store holds {spec.units} units but this model has {len(units)}: the scheduler "
+                         "and the workers built different models. Run them from the same config.")
+    _, writers = _writer(engine)
+    if writers > 1 and not _sliced(engine):
+        raise ModelError("Several workers of one node share the scheduler's store only with sliced transfers; set "
+                         "optim.sliced_transfers = true.")
+    if spec.writers != writers:
+        raise ModelError(f"The node store was made for {spec.writers} writers, but this node runs {writers} "
+                         "workers; start the workers from the scheduler that made the store.")
+    dtypes = {engine.params[n].dtype for u in units for n in u.owned}
+    if dtypes != {spec.torch_dtype}:
+        raise ModelError(f"The node store holds {spec.dtype} but the model's trainable weights are "
+                         f"{sorted(map(str, dtypes))}; build both from the same config (model.dtype, "
+                         "optim.storage_dtype).")
+    store = ParameterStore.from_blocks([[(n, engine.params[n]) for n in u.owned] for u in units], spec.torch_dtype,
+                                       pin=device.type == "cuda", shared=True, name=spec.name, create=False,
+                                       pad_to=spec.pad_to)
+    if layout_digest(store.layouts) != spec.digest:
+        raise ModelError("The node store's layout differs from this model's (parameter names, shapes or order); "
+                         "the scheduler and the workers built different models. Run them from the same config.")
+    engine.markers = StoreMarkers(spec.name, spec.units, spec.writers, create=False)
+    for k, u in enumerate(units):
+        u.home = k
+    return store
+
+
+def _frozen_of(engine: "ZOEngine", modules: list[nn.Module]) -> list[FrozenSlot]:
+    """The slots of the frozen (requires_grad=False) parameters under ``modules``."""
+    names = {id(p): n for n, p in engine.model.named_parameters()}
+    trainable = {id(p) for p in engine.params.values()}
+    return [s for m in modules for s in frozen_slots(m, names, trainable)]
+
+
+def _frozen_by_block(engine: "ZOEngine", blocks: list) -> list[list[FrozenSlot]]:
+    """The frozen slots of each block unit (empty lists when every parameter is trainable)."""
+    return [_frozen_of(engine, [engine.adapter.blocks()[u.index]]) for u in blocks]
+
+
+def _frozen_nbytes(slots: list[FrozenSlot]) -> int:
+    unique = {s.name: s.module._parameters[s.attr] for s in slots}
+    return _nbytes(list(unique.values()))
+
+
+def _frozen_store(engine: "ZOEngine", blocks: list, frozen: list[list[FrozenSlot]],
+                  device: torch.device) -> FrozenStore | None:
+    """The frozen parameters of the streamed blocks in a pinned host store indexed like the streamer's blocks
+    (a GPU forward must not read pageable host memory); None when the streamed blocks have none."""
+    streamed = [(u, fs) for u, fs in zip(blocks, frozen) if u.store_index is not None and fs]
+    if not streamed:
+        return None
+    outside = {id(s.module._parameters[s.attr]) for s in _frozen_of(engine, engine.adapter.embed_modules() +
+                                                                     engine.adapter.head_modules())}
+    outside |= {id(s.module._parameters[s.attr]) for u, fs in zip(blocks, frozen) if u.store_index is None
+                for s in fs}
+    for u, fs in streamed:
+        if any(id(s.module._parameters[s.attr]) in outside for s in fs):
+            raise ModelError(f"{u.name} shares frozen parameters with another unit and cannot be streamed.")
+    by_index: list[list[FrozenSlot]] = [[] for _ in range(1 + max(u.store_index for u, _ in streamed))]
+    for u, fs in streamed:
+        by_index[u.store_index] = fs
+    return FrozenStore.from_slots(by_index, pin=device.type == "cuda")
+
+
 def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, ParameterStore | None, BlockStreamer | None]:
     cfg = engine.config
     blocks = [u for u in engine.units if u.kind == "block"]
     block_params = [[engine.params[n] for n in u.owned] for u in blocks]
-    block_bytes = [_nbytes(ps) for ps in block_params]
+    frozen = _frozen_by_block(engine, blocks)  # e.g. base weights under LoRA: on the device or streamed too
+    block_bytes = [_nbytes(ps) + _frozen_nbytes(fs) for ps, fs in zip(block_params, frozen)]
     fixed = _nbytes([engine.params[n] for u in engine.units if u.kind != "block" for n in u.owned])
+    fixed += _frozen_nbytes(_frozen_of(engine, engine.adapter.embed_modules() + engine.adapter.head_modules()))
+    opt = engine.optimizer  # its state (momentum, Adam's moments) sits and streams with each unit's weights
+    block_bytes = [b + sum(p.numel() * opt.state_bytes(p.dtype) for p in ps)
+                   for b, ps in zip(block_bytes, block_params)]
+    fixed += sum(engine.params[n].numel() * opt.state_bytes(engine.params[n].dtype)
+                 for u in engine.units if u.kind != "block" for n in u.owned)
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
     largest_block = max((sum(p.numel() for p in ps) for ps in block_params), default=0)
     compute_size = torch.empty((), dtype=engine.compute_dtype).element_size()
@@ -104,22 +190,36 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
                                                             device.type == "cuda") else None
     plan = plan_with_fallback(cfg.offload, block_bytes, fixed, reserve, one_copy_reserve, budget, cfg.prefetch)
     store = streamer = None
-    if plan.streamed:
+    if engine.store_spec is not None:  # the scheduler's node store: every unit is already in it
+        store = _map_node_store(engine, device)
+        streamed_units = [blocks[i] for i in plan.streamed]
+        for u in streamed_units:
+            u.store_index = u.home
+        if streamed_units:
+            streamer = BlockStreamer(store, device, cfg.prefetch, blocks=[u.home for u in streamed_units])
+            streamer.markers, streamer.writer = engine.markers, _writer(engine)[0]
+            if _sliced(engine):
+                streamer.ranges = {u.home: engine.comm.slice_bounds(store.flat(u.home).numel())
+                                   for u in streamed_units}
+    elif plan.streamed:
         streamed_units = [blocks[i] for i in plan.streamed]
         for u in streamed_units:
             if any(n in engine._shared_names for n in u.owned):
                 raise ModelError(f"{u.name} shares parameters with another unit and cannot be streamed.")
         dtypes = {engine.params[n].dtype for u in streamed_units for n in u.owned}
-        if len(dtypes) != 1:
+        if len(dtypes) > 1:
             raise ModelError(f"Streamed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
                              "one dtype (model.dtype) before building the engine.")
         blocks_params = [[(n, engine.params[n]) for n in u.owned] for u in streamed_units]
-        store = _build_store(engine, blocks_params, dtypes.pop(), device)
+        # no dtype when no streamed block has a trainable parameter (prompt tuning: only their frozen ones stream)
+        store = _build_store(engine, blocks_params, dtypes.pop() if dtypes else engine.compute_dtype, device)
         for k, u in enumerate(streamed_units):
             u.store_index = k
         streamer = BlockStreamer(store, device, cfg.prefetch)
         if _sliced(engine):
             streamer.ranges = {k: engine.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
+    if streamer is not None:
+        streamer.attach_frozen(_frozen_store(engine, blocks, frozen, device))
     keep = {id(m) for u in blocks if u.store_index is not None for m in engine.adapter.blocks()[u.index].modules()}
     _place(engine.model, device, keep)
     for u in engine.units:

@@ -84,17 +84,25 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 @torch.no_grad()
 def load_safetensors(engine: "ZOEngine", folder: str | Path) -> None:
     """Stream a checkpoint's tensors, one at a time, into the store or onto the device."""
+    engine.invalidate_prefetch()
+    load_safetensors_into(_targets(engine), folder, getattr(engine.model, "base_model_prefix", "model"))
+    engine.flush()
+
+
+@torch.no_grad()
+def load_safetensors_into(targets: dict[str, torch.Tensor], folder: str | Path, prefix: str = "model",
+                          only: set[str] | None = None) -> None:
+    """Copy a checkpoint's tensors, one at a time, into ``targets`` (model name → tensor to fill); ``only``
+    restricts it to some names (e.g. the units of a node store being repaired)."""
     from safetensors import safe_open
 
-    engine.invalidate_prefetch()
-    targets = _targets(engine)
-    prefix = getattr(engine.model, "base_model_prefix", "model")
+    wanted = set(targets) if only is None else set(only)
     filled: set[str] = set()
     for path in checkpoint_files(folder):
         with safe_open(str(path), framework="pt") as shard:
             for key in shard.keys():
                 name = _resolve(key, targets, prefix)
-                if name is None or name in filled:
+                if name is None or name in filled or name not in wanted:
                     continue  # buffers, tied copies (lm_head of tied models)
                 tensor = shard.get_tensor(key)
                 if tuple(tensor.shape) != tuple(targets[name].shape):
@@ -103,10 +111,9 @@ def load_safetensors(engine: "ZOEngine", folder: str | Path) -> None:
                                      "model config.")
                 targets[name].copy_(tensor)
                 filled.add(name)
-    missing = sorted(set(targets) - filled)
+    missing = sorted(wanted - filled)
     if missing:
         raise ModelError(f"The checkpoint in {folder} lacks {len(missing)} parameters, e.g. {missing[:3]}.")
-    engine.flush()
 
 
 @torch.no_grad()
@@ -117,13 +124,21 @@ def init_random(engine: "ZOEngine", seed: int = 0, std: float = 0.02) -> None:
     than the device fills quickly.
     """
     engine.invalidate_prefetch()
-    gen = torch.Generator(device=engine.device)
-    for name, target in _targets(engine).items():
+    init_random_into(_targets(engine), seed, engine.device, std)
+    engine.flush()
+
+
+@torch.no_grad()
+def init_random_into(targets: dict[str, torch.Tensor], seed: int, device: torch.device | str,
+                     std: float = 0.02) -> None:
+    """:func:`init_random` on ``targets`` (name → tensor to fill), generating on ``device``: each parameter's
+    values are a pure function of (seed, name, shape, device type), so any subset can be regenerated alone."""
+    gen = torch.Generator(device=device)
+    for name, target in targets.items():
         lowered = name.lower()
         if target.dim() == 1:
             target.fill_(1.0 if "norm" in lowered or "ln" in lowered else 0.0)
             continue
         gen.manual_seed((seed << 32) ^ param_key(name))
-        values = torch.randn(target.shape, generator=gen, device=engine.device, dtype=torch.float32) * std
+        values = torch.randn(target.shape, generator=gen, device=device, dtype=torch.float32) * std
         target.copy_(values.to(target.dtype))
-    engine.flush()

@@ -7,14 +7,20 @@ loop synchronizes with the host. On a CPU device the same schedule runs with pla
 
 Device memory: ``prefetch + 2`` slots of the largest block, allocated once: one computing, ``prefetch``
 arriving, one whose write-back may still be in flight.
+
+Frozen weights (``attach_frozen``; e.g. the base model under LoRA) ride along read-only: each slot has a
+companion buffer that the same upload fills from the :class:`~zo2.offload.frozen.FrozenStore` and that is never
+written back.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
+from zo2.offload.frozen import FrozenStore
 from zo2.offload.store import ParameterStore
 
 
@@ -33,12 +39,16 @@ class TransferStats:
 class BlockStreamer:
     """Streams the blocks of ``store`` through ``prefetch + 2`` device buffers on ``device``."""
 
-    def __init__(self, store: ParameterStore, device: torch.device, prefetch: int = 1, measure: bool = True):
+    def __init__(self, store: ParameterStore, device: torch.device, prefetch: int = 1, measure: bool = True,
+                 blocks: list[int] | None = None):
+        """``blocks``: the store indices this streamer moves (default all; a node store also holds resident
+        units, which the slots need not fit)."""
         self.store = store
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.cuda = self.device.type == "cuda"
-        largest = max((store.flat(i).numel() for i in range(len(store))), default=0)
+        indices = range(len(store)) if blocks is None else blocks
+        largest = max((store.flat(i).numel() for i in indices), default=0)
         self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
         self.stats = TransferStats()
         self.measure = measure and self.cuda
@@ -51,13 +61,18 @@ class BlockStreamer:
         self._uploaded: dict[int, object] = {}
         self._written: dict[int, object] = {}  # block -> D2H-done event of its last write-back
         self._slot_busy: list[list] = [[] for _ in self.slots]  # events to wait on before reusing a slot
+        self.markers = None
+        """A node store's markers (zo2.control.store.StoreMarkers): each write-back is marked in flight before
+        its bytes move and done once they landed, so a crash never leaves a torn block unnoticed."""
+        self.writer = 0
+        self._marks: list[tuple[object, int, int]] = []  # (D2H-done event or None, block, step) not yet marked done
         if self.cuda:
             self.h2d = torch.cuda.Stream(self.device)  # uploads run beside the compute
             self.d2h = torch.cuda.Stream(self.device)  # write-backs too, in the other direction
 
     @property
     def device_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.slots)
+        return sum(s.numel() * s.element_size() for s in [*self.slots, *self.frozen_slots])
 
     # ------------------------------------------------------------------ schedule
     def begin(self, order: list[int]) -> None:
@@ -113,9 +128,11 @@ class BlockStreamer:
         lo, hi = self.ranges.get(block, (0, self.store.flat(block).numel()))
         return slice(lo, hi)
 
-    def write_back(self, block: int) -> None:
+    def write_back(self, block: int, step: int = -1) -> None:
         """Copy the (updated) device copy of ``block`` (its slice, when sliced) back to the store, after the
-        work queued so far."""
+        work queued so far; ``step``: the last update the copy holds (for the node store's markers)."""
+        if self.markers is not None:
+            self.markers.begin(block, self.writer, step)
         part = self._range(block)
         src = self.slots[self._slot_of[block]][part]
         dst = self.store.flat(block)[part]
@@ -130,7 +147,11 @@ class BlockStreamer:
             self._written[block] = done
             self._slot_busy[self._slot_of[block]].append(done)
         else:
+            done = None
             dst.copy_(src)
+        if self.markers is not None:
+            self._marks.append((done, block, step))
+            self._settle_marks()
         self.stats.bytes_d2h += dst.numel() * dst.element_size()
         self.stats.write_backs += 1
 
@@ -148,6 +169,17 @@ class BlockStreamer:
             for event in self._written.values():
                 event.synchronize()  # host sync: only at flush/save/evaluate, never inside a step
         self._written.clear()
+        self._settle_marks()
+
+    def _settle_marks(self) -> None:
+        """Mark done the write-backs that have landed (``event.query()`` never blocks)."""
+        pending = []
+        for event, block, step in self._marks:
+            if event is None or event.query():
+                self.markers.done(block, self.writer, step)
+            else:
+                pending.append((event, block, step))
+        self._marks = pending
 
     def collect_stats(self) -> TransferStats:
         """Stats since the last call (resolves the wait timings: call it after the step's host sync)."""
@@ -162,6 +194,8 @@ class BlockStreamer:
     def _upload(self, block: int) -> None:
         slot = self._next_slot
         self._next_slot = (self._next_slot + 1) % len(self.slots)
+        for other in [b for b, s in self._slot_of.items() if s == slot and b != block]:
+            self._uploaded.pop(other, None)  # a copy uploaded ahead but never used is overwritten now
         self._slot_of[block] = slot
         part = self._range(block)
         src = self.store.flat(block)[part]
@@ -173,12 +207,43 @@ class BlockStreamer:
                 if block in self._written:
                     self.h2d.wait_event(self._written[block])  # the store holds this block's last update
                 dst.copy_(src, non_blocking=True)
+                self._upload_frozen(block, slot)
                 done = torch.cuda.Event(enable_timing=self.measure)
                 done.record(self.h2d)
             self._uploaded[block] = done
         else:
             dst.copy_(src)
+            self._upload_frozen(block, slot)
             self._uploaded[block] = None
         self._slot_busy[slot] = []
         self.stats.bytes_h2d += src.numel() * src.element_size()
         self.stats.uploads += 1
+
+    # ------------------------------------------------------------------ frozen weights (read-only companion)
+    frozen: FrozenStore | None = None
+    """Frozen parameters of the same blocks (same indices), uploaded with each block and never written back."""
+    frozen_slots: tuple[torch.Tensor, ...] = ()
+
+    def attach_frozen(self, frozen: FrozenStore | None) -> None:
+        """Upload ``frozen``'s buffer of a block together with the block, into a companion of its slot."""
+        if frozen is None:
+            return
+        self.frozen = frozen
+        largest = max((frozen.flat(i).numel() for i in range(len(frozen))), default=0)
+        self.frozen_slots = tuple(torch.empty(largest, dtype=frozen.dtype, device=self.device) for _ in self.slots)
+
+    def frozen_weights(self, block: int) -> contextlib.AbstractContextManager:
+        """While active, ``block``'s modules read their frozen parameters from the device copy uploaded with it
+        (call between :meth:`acquire` and :meth:`release`)."""
+        if self.frozen is None or block >= len(self.frozen) or not self.frozen.slots[block]:
+            return contextlib.nullcontext()
+        n = self.frozen.flat(block).numel()
+        return self.frozen.swapped(block, self.frozen_slots[self._slot_of[block]][:n])
+
+    def _upload_frozen(self, block: int, slot: int) -> None:
+        """Copy ``block``'s frozen weights into the slot's companion (on the current stream: the upload's)."""
+        if self.frozen is None or block >= len(self.frozen):
+            return
+        src = self.frozen.flat(block)
+        self.frozen_slots[slot][: src.numel()].copy_(src, non_blocking=self.cuda)
+        self.stats.bytes_h2d += src.numel() * src.element_size()

@@ -137,6 +137,14 @@ class ZOComm:
             raise RankFailure(f"Rank {self.rank} lost contact with a process of its node while assembling a block "
                               f"({err}). Resume with `zo2 train --resume RUN_DIR`.") from None
 
+    def any_flags(self, *flags: bool) -> list[bool]:
+        """Each flag, True on every rank when it is set on any (one tiny all-reduce; as given for one process)."""
+        if self.world_size == 1:
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        self._all_reduce(t, dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
+
     def barrier(self) -> None:
         """Wait for every rank (no-op for a single process)."""
         if self.world_size > 1:

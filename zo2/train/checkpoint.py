@@ -7,7 +7,11 @@ Conventions the trainer follows (nothing here enforces more than the step number
   ``position()`` *after* drawing step t's batch, ``loss``, ``projected_grad`` and ``skipped`` (a step whose
   update was not applied, e.g. a non-finite loss). Steps are consecutive.
 * **Snapshot at step S:** the parameters after the updates of steps ``< S`` (flush a deferred update first),
-  with the caller's meta, e.g. ``{"data": position, "log_records": n}``.
+  with the caller's meta, e.g. ``{"data": position, "log_records": n}``. With a stateful optimizer
+  (zo-sgd-momentum, zo-adam) ``ZOEngine.trainable_state()`` also holds its state (``optimizer/...`` tensors):
+  a logged step's effect depends on it, so replay starts from a snapshot's weights *and* state (or from the base
+  weights with zero state) and applies the logged steps in order. A conservative step logs the update it kept
+  (its lr times 1, −1 or 0).
 * **Resume:** ``snap = latest_good_snapshot(run_dir)``; ``records = read_log(log)`` (opening a
   :class:`TrajectoryLog` on it repairs a torn last line); ``replay_updates(apply, records, snap.step,
   records[-1]["step"] + 1)`` on the snapshot's tensors (or the base weights with start 0 when there is no
