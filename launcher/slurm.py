@@ -4,7 +4,7 @@ The job is checked before it is queued (the config loads with its overrides, ``p
 nodes × GPUs per node, the global batch splits over the data-parallel ranks, the run folder is usable), so a
 mistake costs seconds, not a place in the queue. The script comes from ``deploy/slurm/zo2.sbatch.template``
 (:class:`string.Template`, ``${name}`` placeholders, ``$$`` for a literal ``$``): one ``srun`` task per node runs
-``torchrun`` with a c10d rendezvous on the first node; on SIGTERM (preemption, or 120 s before the time limit) it
+the node's scheduler (``zo2 launch``), whose workers meet at a c10d store on the first node; on SIGTERM (preemption, or 120 s before the time limit) it
 stops the training and requeues itself, and a requeued job continues with ``zo2 train --resume RUN_DIR`` when the
 run folder holds a trajectory log.
 
@@ -31,7 +31,7 @@ from zo2.errors import ConfigError, ZO2Error
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "zo2.sbatch.template"
 """The sbatch template in the source tree (zo2 is installed editable from it)."""
 RDZV_PORT = 29500
-"""TCP port of the c10d rendezvous on the job's first node (torchrun's default)."""
+"""TCP port of the workers' c10d store on the job's first node (torchrun's default)."""
 CPUS_PER_GPU = 8
 """Default CPUs per GPU when --cpus-per-task is not given."""
 SCRIPT_NAME = "zo2.sbatch"

@@ -64,11 +64,12 @@ def test_wrong_sizes_exit_2_with_the_sizes(tmp_path):
     assert "parallel.dp × parallel.pp = 2 × 2 = 4, but the job has 2 processes" in proc.stderr
 
 
-def test_zo2_launch_runs_the_job_on_n_processes(single, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--torchrun"]], ids=["scheduler", "torchrun"])
+def test_zo2_launch_runs_the_job_on_n_processes(single, tmp_path, mode):
     run_dir = tmp_path / "run"
     sets = [a for kv in [*JOB, "parallel.pp=2"] for a in ("--set", kv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "zo2", "launch", "--nproc-per-node", "2", "--", "--out",
+    proc = subprocess.run([sys.executable, "-m", "zo2", "launch", *mode, "--nproc-per-node", "2", "--", "--out",
                            str(run_dir), "--quiet", *sets], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(single), _weights(run_dir)

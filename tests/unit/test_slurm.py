@@ -45,10 +45,10 @@ def test_dry_run_prints_a_valid_script(capsys, in_repo, tmp_path):
         assert line in out.splitlines(), line
     assert "#SBATCH --partition" not in out and "#SBATCH --account" not in out
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in out
-    assert ('srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" '
-            '--nproc-per-node 8') in out
-    assert '--rdzv-backend c10d --rdzv-endpoint "$HEAD:29500" --rdzv-id "$SLURM_JOB_ID"' in out
-    assert "-m zo2 train" in out
+    assert ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec python -m zo2 launch --nnodes "
+            '"$SLURM_NNODES"') in out
+    assert '--node-rank "$SLURM_NODEID" --master-addr "$0" --master-port 29500 --nproc-per-node 8' in out
+    assert """-- "$@" --quiet' "$HEAD" "${TRAIN_ARGS[@]}" &""" in out
     config = REPO / CONFIG_2D
     assert f"CONFIG={config}" in out and f"RUN_DIR={REPO / 'runs' / 'opt66b-2d'}" in out
     assert 'TRAIN_ARGS=(--config "$CONFIG" --out "$RUN_DIR")' in out

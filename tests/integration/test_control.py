@@ -1,0 +1,244 @@
+"""The scheduler and its workers (zo2.control): runs under the scheduler equal the single-process run, and
+killed, torn, hung or interrupted workers lose nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2.config import load_config
+from zo2.control.protocol import SchedulerChannel, WorkerLink, new_token
+from zo2.control.scheduler import Scheduler
+from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log, snapshot_path
+from zo2.train.trainer import train_job
+
+STEPS = 6
+BASE = [f"train.steps={STEPS}", "data.batch_size=2", "data.max_length=48", "optim.offload=true",
+        "checkpoint.save_every=3", "checkpoint.keep_last=5", "train.eval_batches=0", "run.plot=false",
+        "run.save_final=false", "train.log_every=1", "checkpoint.fsync=false", "control.heartbeat_s=0.2",
+        "control.heartbeat_timeout_s=30"]
+
+
+def job(run_dir: Path, *extra: str):
+    return load_config(overrides=[*BASE, f"run.out_dir={run_dir}", *extra])
+
+
+def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    tensors, _ = load_snapshot(snapshot_path(run_dir, step))
+    return tensors
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def logged(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["seeds"], r["coeffs"], r["lr"], r["loss"]) for r in read_log(run_dir / "trajectory.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted single-process run (zo2 train) of the same job."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train_job(job(run_dir), quiet=True)
+    return run_dir
+
+
+def run_scheduler(run_dir: Path, *extra: str, workers: int = 1, fault: str | None = None,
+                  action=None) -> Scheduler:
+    sched = Scheduler(job(run_dir, *extra), workers=workers, quiet=True, fault=fault)
+    if action is not None:
+        threading.Thread(target=action, args=(sched,), daemon=True).start()
+    assert sched.run() == 0
+    return sched
+
+
+def wait_for_steps(run_dir: Path, n: int, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    log = run_dir / "trajectory.jsonl"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"zo2 launch exited early ({proc.returncode}): {proc.stdout.read()}")
+        if log.exists() and len(read_log(log)) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the run did not reach step {n}")
+
+
+def test_one_worker_equals_the_single_process_run(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir)
+    assert sched.restarts == 0
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+    assert [p.name for p in list_snapshots(run_dir)] == [p.name for p in list_snapshots(reference)]
+    assert not list(Path("/dev/shm").glob(f"{sched.token[:0]}zo2-node-{os.getpid()}-*"))  # shared files removed
+
+
+@pytest.mark.slow
+def test_two_workers_with_perturbation_parallelism_equal_the_single_process_run(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    run_scheduler(run_dir, "parallel.pp=2", workers=2)
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def test_a_worker_killed_mid_write_back_is_repaired_from_the_log(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    # rank 0 dies in step 4 (0-based) while writing block 1 (unit 2) back: half of it landed
+    sched = run_scheduler(run_dir, fault="0:4:2")
+    assert sched.restarts == 1
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+@pytest.mark.slow
+def test_a_torn_slice_with_two_workers_is_repaired(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, "parallel.pp=2", workers=2, fault="1:2:3")
+    assert sched.restarts == 1
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def _kill_worker_after(steps: int, sig: int = signal.SIGKILL):
+    def action(sched: Scheduler) -> None:
+        wait_for_steps(sched.run_dir, steps)
+        time.sleep(0.05 * steps)  # somewhere inside the next step
+        os.kill(sched.procs[0].popen.pid, sig)
+    return action
+
+
+@pytest.mark.parametrize("at", [1, 4])
+def test_kill_9_at_a_random_step_loses_nothing(tmp_path, reference, at):
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, action=_kill_worker_after(at))
+    assert sched.restarts == 1
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_detected_by_its_missing_heartbeats(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, "control.heartbeat_timeout_s=3", action=_kill_worker_after(2, signal.SIGSTOP))
+    assert sched.restarts == 1
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def test_restarts_are_bounded(tmp_path):
+    sched = Scheduler(job(tmp_path / "run", "control.max_restarts=0"), workers=1, quiet=True, fault="0:1:1")
+    from zo2.control.scheduler import WorkerFailure
+    with pytest.raises(WorkerFailure, match="max_restarts"):
+        sched.run()
+    assert len(read_log(tmp_path / "run" / "trajectory.jsonl")) == 1  # step 0 stays logged
+
+
+def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    sets = [a for s in [*BASE, f"run.out_dir={run_dir}", *extra] for a in ("--set", s)]
+    return subprocess.Popen([sys.executable, "-m", "zo2", "launch", "--nproc-per-node", "1", "--", "--quiet", *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_writes_a_consistent_snapshot_and_the_same_command_resumes(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir)
+    wait_for_steps(run_dir, 2, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = len(read_log(run_dir / "trajectory.jsonl"))
+    assert 2 <= stopped < STEPS, out
+    assert snapshot_path(run_dir, stopped).is_file(), out
+    assert "resume" in out
+    proc = _launch(run_dir)  # the same command again
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert f"resuming at step {stopped}" in out
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def test_a_corrupt_latest_snapshot_falls_back_to_the_previous_one(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    run_scheduler(run_dir, "train.steps=4")
+    latest = snapshot_path(run_dir, 4)
+    latest.write_bytes(latest.read_bytes()[:200])  # truncated
+    with pytest.warns(Warning, match="step_00000004"):
+        run_scheduler(run_dir)  # resumes from snapshot 3 + the log
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def test_a_corrupt_trajectory_log_stops_with_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    run_scheduler(run_dir, "train.steps=3")
+    log = run_dir / "trajectory.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(lines[0] + lines[1].replace(b'"loss"', b'"lOss"') + lines[2])
+    from zo2.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="trajectory"):
+        Scheduler(job(run_dir), workers=1, quiet=True).run()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The endpoint accepts only the run's workers
+# ----------------------------------------------------------------------------------------------------------
+
+def test_the_endpoint_binds_to_loopback_and_rejects_a_wrong_token(caplog):
+    token = new_token()
+    channel = SchedulerChannel("127.0.0.1", token)
+    try:
+        assert channel.endpoint.startswith("tcp://127.0.0.1:")
+        stray = WorkerLink(channel.endpoint, "0" * 32, rank=0)
+        good = WorkerLink(channel.endpoint, token, rank=0)
+        stray.send({"type": "register", "pid": 1})
+        good.send({"type": "register", "pid": 2})
+        got = None
+        for _ in range(50):
+            got = channel.receive(100)
+            if got is not None:
+                break
+        assert got is not None and got[1]["pid"] == 2  # only the run's worker gets through
+        assert channel.rejected == 1
+        assert "rejected" in caplog.text
+        assert stray.receive(2000)["type"] == "rejected"
+        stray.socket.send(b"not json")
+        assert channel.receive(1000) is None and channel.rejected == 2
+        stray.close()
+        good.close()
+    finally:
+        channel.close()
+
+
+def test_a_stray_connection_during_a_run_is_rejected_and_the_run_finishes(tmp_path, reference):
+    def intrude(sched: Scheduler) -> None:
+        wait_for_steps(sched.run_dir, 1)
+        link = WorkerLink(sched.channel.endpoint, "f" * 32, rank=0)
+        link.send({"type": "step", "record": {"step": 99}, "result": {}})
+        link.send({"type": "register", "pid": 123})
+        link.close()
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, action=intrude)
+    assert sched.channel is None  # closed
+    assert sched.rejected == 2  # both messages of the stray connection were dropped
+    assert logged(run_dir) == logged(reference)
+
+
+def test_sigusr1_writes_a_snapshot_between_the_regular_ones(tmp_path, reference):
+    def ask(sched: Scheduler) -> None:
+        wait_for_steps(sched.run_dir, 1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the scheduler runs in this process's main thread
+    run_dir = tmp_path / "run"
+    run_scheduler(run_dir, "checkpoint.save_every=0", action=ask)  # regular snapshots: only the final one
+    steps = {int(p.stem.split("_")[1]) for p in list_snapshots(run_dir)}
+    assert 6 in steps and len(steps) == 2 and min(steps) >= 2, steps  # one more, where the signal arrived
+    assert_same(final_weights(run_dir), final_weights(reference))

@@ -1,0 +1,220 @@
+"""The node store: every unit's trainable parameters in shared memory, owned by the scheduler.
+
+The scheduler (:mod:`zo2.control.scheduler`) creates one :class:`~zo2.offload.store.ParameterStore` per node
+with *all* units — embedding, blocks, head — as named ``/dev/shm`` files, fills it once (a seeded init or the
+safetensors shards, tensor by tensor), and hands workers a :class:`StoreSpec`. A worker's engine maps the store
+instead of building its own (``ZOEngine(..., store_spec=spec)``): streamed blocks upload from it and write back
+to it every step; resident units (the embedding and head, blocks that fit on the device) are copied out once
+and written back at every sync point (snapshot, stop, end).
+
+Beside the weights, :class:`StoreMarkers` records for every unit and writer (the process that writes that slice
+back: local rank r with sliced transfers, else 0) the last step whose update the store's copy holds and
+whether a write is in flight. After a crash the scheduler reads them to bring every unit to the last logged
+step: clean slices are caught up from the trajectory log; a slice whose write was in flight (torn) is rebuilt
+from the newest snapshot (or the base weights) and the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from zo2.errors import ResourceError
+
+_SHM_DIR = Path("/dev/shm")
+SPEC_ENV = "ZO2_STORE_SPEC"
+"""Environment variable through which a worker receives the store spec (JSON)."""
+
+
+def layout_digest(layouts: Sequence[Sequence[Any]]) -> str:
+    """A short hash of the store's layout (names, offsets, shapes): a worker refuses a store that differs."""
+    text = json.dumps([[(s.name, s.offset, s.numel, list(s.shape)) for s in layout] for layout in layouts])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a worker needs to map the node store: names, dtype, padding, size and layout digest."""
+
+    name: str
+    """Prefix of the /dev/shm files: ``{name}-block{i}`` per unit, ``{name}-markers``."""
+    dtype: str
+    """Storage dtype, e.g. 'torch.float32'."""
+    pad_to: int
+    """Each unit's buffer is padded to a multiple of this (equal slices for every writer)."""
+    units: int
+    writers: int
+    """Processes that write slices back (the node's workers with sliced transfers)."""
+    digest: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype.removeprefix("torch."))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "StoreSpec":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_env(cls) -> "StoreSpec | None":
+        text = os.environ.get(SPEC_ENV)
+        return cls.from_json(text) if text else None
+
+
+def new_store_name() -> str:
+    return f"zo2-node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class StoreMarkers:
+    """Shared ``int64[units, writers, 2]``: (last step applied in the store's copy, 1 + step being written or 0).
+
+    Order of writes: :meth:`begin` before the bytes of a write-back are touched, :meth:`done` after they all
+    landed; a process killed in between leaves the slice marked torn.
+    """
+
+    def __init__(self, name: str, units: int, writers: int, *, create: bool):
+        self.path = _SHM_DIR / f"{name}-markers"
+        if not create and not self.path.exists():
+            raise ResourceError(f"The store markers {self.path} do not exist: the scheduler creates them before "
+                                "starting the workers.")
+        self.owner = create
+        size = units * writers * 2
+        self.table = torch.from_file(str(self.path), shared=True, size=size, dtype=torch.int64).view(units, writers, 2)
+
+    def begin(self, unit: int, writer: int, step: int) -> None:
+        """A write of the state after ``step``'s update is about to start."""
+        self.table[unit, writer, 1] = step + 1
+
+    def done(self, unit: int, writer: int, step: int) -> None:
+        """The write has landed: the slice holds the state after ``step``'s update."""
+        self.table[unit, writer, 0] = step
+        self.table[unit, writer, 1] = 0
+
+    def set_all(self, step: int) -> None:
+        """Every slice of every unit holds the state after ``step`` (after a fill or a repair)."""
+        self.table[..., 0] = step
+        self.table[..., 1] = 0
+
+    def applied(self, unit: int) -> list[int]:
+        return [int(x) for x in self.table[unit, :, 0]]
+
+    def torn(self, unit: int) -> bool:
+        return bool((self.table[unit, :, 1] != 0).any())
+
+    def close(self) -> None:
+        if self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+class NodeStore:
+    """The scheduler's side of the node store: create it for ``model``, fill it, snapshot and repair it.
+
+    ``model``'s trainable parameters (real, or on the meta device for a model filled later) are re-pointed at
+    the store's views, so after :meth:`fill` the module reads the store and nothing is held twice.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Any, writers: int):
+        from zo2.config.zo import torch_dtype
+        from zo2.engine import build_units, segment_table
+        from zo2.models.base import adapter_for
+        from zo2.offload.store import ALIGN, ParameterStore
+
+        self.config = config
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        storage = torch_dtype(config.storage_dtype)
+        if storage is not None:
+            for p in params.values():
+                if p.dtype != storage:
+                    p.data = p.data.to(storage)
+        self.units = build_units(adapter_for(model), params, type(model).__name__)
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) != 1:
+            raise ResourceError(f"The model's trainable weights mix dtypes {sorted(map(str, dtypes))}; the node "
+                                "store holds one dtype. Set model.dtype or optim.storage_dtype.")
+        dtype = dtypes.pop()
+        self.name = new_store_name()
+        self.store = ParameterStore.from_blocks([[(n, params[n]) for n in u.owned] for u in self.units], dtype,
+                                                pin=False, shared=True, create=True, name=self.name,
+                                                pad_to=writers * ALIGN)
+        self.markers = StoreMarkers(self.name, len(self.units), writers, create=True)
+        self.writers = writers
+        self.tables = [segment_table(self.store.layout(k), params) for k in range(len(self.units))]
+        self.views = [self.store.views(self.store.flat(k), self.store.layout(k)) for k in range(len(self.units))]
+        self.spec = StoreSpec(self.name, str(dtype), writers * ALIGN, len(self.units), writers,
+                              layout_digest(self.store.layouts))
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter by name: views of the store (copy them before the workers write again)."""
+        return {name: view for views in self.views for name, view in views.items()}
+
+    def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
+        share = self.store.flat(unit).numel() // self.writers
+        return writer * share, (writer + 1) * share
+
+    # ------------------------------------------------------------------ repair
+    def bring_to(self, step: int, records: Sequence[dict], snapshot: Any, fill_base: Any, device: torch.device,
+                 *, rebuild_all: bool = False) -> dict[str, int]:
+        """Bring every unit to the state after ``step``'s update (``step = -1``: the base weights).
+
+        A clean slice that holds an older step is caught up by replaying the trajectory log (``records``) on
+        it; a torn slice, one ahead of ``step`` or, with ``rebuild_all``, every unit is rebuilt from
+        ``snapshot`` (a :class:`~zo2.train.checkpoint.Snapshot` at or before ``step + 1``, or None) or, without
+        one, ``fill_base(views)`` (fills name → tensor views with the base weights), then the log replayed.
+        Updates run with the engine's arithmetic (``zo2.engine.update_flat``) on ``device``.
+        """
+        from zo2.engine import _select_kernels, update_flat
+        from zo2.train.checkpoint import replay_updates
+
+        kernels = _select_kernels(self.config.kernels, device, {self.store.dtype})
+        counts = {"caught_up": 0, "rebuilt": 0}
+        for k in range(len(self.units)):
+            applied = self.markers.applied(k)
+            rebuild = rebuild_all or self.markers.torn(k) or any(a > step for a in applied)
+            if rebuild:
+                start = self._reload(k, snapshot, fill_base)
+                slices = [((0, self.store.flat(k).numel()), start)]
+                counts["rebuilt"] += 1
+            else:
+                slices = [(self.slice_of(k, w), a + 1) for w, a in enumerate(applied) if a < step]
+                counts["caught_up"] += bool(slices)
+            for (lo, hi), first in slices:
+                if hi <= lo or first > step:
+                    continue
+                table = self.tables[k].slice(lo, hi) if (lo, hi) != (0, self.store.flat(k).numel()) else self.tables[k]
+                target = self.store.flat(k)[lo:hi]
+                work = target.to(device) if device.type != "cpu" else target
+                replay_updates(lambda u: update_flat(kernels, self.config, work, table, u), records, first, step + 1)
+                if work is not target:
+                    target.copy_(work)
+            self.markers.table[k, :, 0] = step
+            self.markers.table[k, :, 1] = 0
+        return counts
+
+    def _reload(self, unit: int, snapshot: Any, fill_base: Any) -> int:
+        """Refill a unit from the snapshot (or the base weights); returns the first step to replay."""
+        views = self.views[unit]
+        if snapshot is not None:
+            for name, view in views.items():
+                view.copy_(snapshot.tensors[name])
+            return snapshot.step
+        fill_base(views)
+        return 0
+
+    def close(self) -> None:
+        """Unlink the shared files (mapped tensors stay valid in processes that still hold them)."""
+        self.store.close()
+        self.markers.close()

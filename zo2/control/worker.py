@@ -1,0 +1,251 @@
+"""A worker: one per GPU (or N on a CPU machine), started by the scheduler as ``python -m zo2.control.worker``.
+
+It maps the scheduler's node store, runs the steps (torch.distributed for the step's collectives, as under
+torchrun), and reports to the scheduler: every step's trajectory-log record (rank 0), heartbeats, evaluations,
+and at each sync point (snapshot, stop, end) that the store holds the current weights. It never writes the run
+folder: the scheduler does. SIGINT/SIGTERM are ignored here: the scheduler receives them and asks the workers
+to stop at a step boundary, so every worker stops at the same step.
+
+Environment (set by the scheduler): the torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), ``ZO2_RUN_DIR``, ``ZO2_START_STEP``, ``ZO2_STORE_SPEC``,
+``ZO2_CONTROL_ENDPOINT``, ``ZO2_CONTROL_TOKEN``. ``ZO2_FAULT=RANK:STEP:UNIT`` (tests) makes that rank tear the
+write-back of that unit in that step — half of it copied — and kill itself with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
+from zo2.control.store import StoreSpec
+from zo2.errors import NonFiniteLossError, ZO2Error
+
+FAULT_ENV = "ZO2_FAULT"
+CONFIG_ENV = "ZO2_JOB_CONFIG"
+"""The resolved job (TOML) the scheduler wrote for its workers."""
+
+
+class Heartbeat(threading.Thread):
+    """Sends ``heartbeat`` messages from its own socket every ``interval`` seconds while the process lives."""
+
+    def __init__(self, endpoint: str, token: str, rank: int, interval: float):
+        super().__init__(daemon=True, name="zo2-heartbeat")
+        self.endpoint, self.token, self.rank, self.interval = endpoint, token, rank, interval
+        self.step = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        link = WorkerLink(self.endpoint, self.token, self.rank)
+        link.socket.setsockopt(zmq.LINGER, 0)  # never hold the process open
+        while not self._stop_event.wait(self.interval):
+            link.send({"type": "heartbeat", "step": self.step, "pid": os.getpid()})
+        link.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class Worker:
+    """The compute side of a run under the scheduler."""
+
+    def __init__(self, run_dir: Path, link: WorkerLink, start_step: int, spec: StoreSpec,
+                 heartbeat: Heartbeat | None = None):
+        from zo2.config.loader import load_saved_config
+        from zo2.engine import ZOEngine
+        from zo2.parallel.mesh import init_comm
+        from zo2.train.checkpoint import read_log
+        from zo2.train.trainer import LOG_FILE, _trailing_skipped, build_data, build_job_model, build_tokenizer
+        from zo2.train.task_run import build_task_run
+        from zo2.train.trainer import resolve_device
+
+        self.run_dir, self.link, self.heartbeat = run_dir, link, heartbeat
+        job = load_saved_config(Path(os.environ.get(CONFIG_ENV, run_dir / "config.toml")))
+        # the weights come from the node store: build the module skeleton only, on the meta device
+        self.job = job = replace(job, model=replace(job.model, stream_load="always"))
+        device = resolve_device(job.train.device)
+        self.comm = init_comm(job.parallel, device)
+        self.main = self.comm.rank == 0
+        self.tokenizer = build_tokenizer(job)
+        self.model = build_job_model(job, self.tokenizer)
+        self.task = build_task_run(job, self.tokenizer, self.comm)
+        if self.task is not None:  # a MeZO task: its loader and loss; evaluation scores its metric
+            self.loader, self.eval_set = self.task.loader, []
+        else:
+            self.loader, self.eval_set = build_data(job, self.tokenizer, self.comm)
+        optim = replace(job.optim, device=str(device), total_steps=job.optim.total_steps or job.train.steps)
+        comm = self.comm if self.comm.world_size > 1 else None
+        self.engine = ZOEngine(self.model, optim, comm=comm, store_spec=spec,
+                               loss_fn=self.task.loss_fn if self.task is not None else None)
+        self.engine.load_state_dict({"step": start_step})
+        self.streak = 0
+        self._stop = False
+        self._checkpoint = False
+        if start_step:
+            records = read_log(run_dir / LOG_FILE)[:start_step]
+            self.loader.seek(records[-1]["data"])
+            self.streak = _trailing_skipped(records)
+        self._arm_fault()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        from zo2.optim.estimators import Update
+        from zo2.train.checkpoint import make_record
+
+        engine, steps = self.engine, self.job.train.steps
+        if engine.step_count == 0 and self._evaluates:
+            self.evaluate()
+        while engine.step_count < steps:
+            batch = self.loader.next_batch()
+            result = engine.step(batch)
+            done = result.step + 1
+            if self.heartbeat is not None:
+                self.heartbeat.step = done
+            if self.main:
+                update = result.update or Update(result.step, (), (), result.lr)
+                record = make_record(update, data=self.loader.position(), loss=result.loss,
+                                     projected_grad=result.projected_grad, skipped=result.skipped,
+                                     loss_plus=result.loss_plus, loss_minus=result.loss_minus)
+                self.link.send({"type": "step", "record": record, "result": _measurements(result)})
+            self._check_streak(result.skipped, done)
+            self._poll_commands()
+            stop, checkpoint = self.comm.any_flags(self._stop, self._checkpoint)
+            if stop:
+                self.sync(done, "stop")
+                return
+            every = self.job.parallel.checksum_every
+            if self.comm.world_size > 1 and every and done % every == 0:
+                self.comm.check_replicas(engine.checksum(), done)
+            cfg = self.job
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self._evaluates and done != steps:
+                self.evaluate()
+            if done != steps and (checkpoint or (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0)):
+                self._checkpoint = False
+                self.sync(done, "snapshot")
+        if self._evaluates:
+            self.evaluate()
+        self.sync(engine.step_count, "end")
+
+    @property
+    def _evaluates(self) -> bool:
+        return bool(self.eval_set) or self.task is not None
+
+    def _poll_commands(self) -> None:
+        """Note the scheduler's ``stop`` and ``checkpoint`` commands (acted on at this step boundary)."""
+        message = self.link.receive(0)
+        while message is not None:
+            self._note(message)
+            message = self.link.receive(0)
+
+    def _note(self, message: dict) -> None:
+        self._stop |= message.get("type") == "stop"
+        self._checkpoint |= message.get("type") == "checkpoint"
+
+    def _check_streak(self, skipped: bool, done: int) -> None:
+        self.streak = self.streak + 1 if skipped else 0
+        limit = self.job.train.max_nonfinite_steps
+        if self.streak >= limit:
+            raise NonFiniteLossError(
+                f"The loss was NaN or inf for {self.streak} steps in a row (steps {done - self.streak + 1} to "
+                f"{done}); those steps made no update. Lower optim.lr or optim.eps and resume with "
+                f"`zo2 launch ... -- --resume {self.run_dir} --set optim.lr=...`.")
+
+    def evaluate(self) -> None:
+        if self.task is not None:
+            result = self.task.evaluate(self.engine, self.tokenizer)
+            line = {"metric": self.task.metric, **{f"eval_{k}": v for k, v in result.items()}}
+        else:
+            losses = [self.engine.evaluate(batch).loss for batch in self.eval_set]
+            line = {"eval_loss": sum(losses) / len(losses)}
+        if self.main:
+            self.link.send({"type": "eval", "step": self.engine.step_count, **line})
+
+    def sync(self, done: int, reason: str) -> None:
+        """Every worker writes the store back (the scheduler may then snapshot it); wait for the scheduler."""
+        self.engine.sync_store()
+        self.comm.barrier()
+        if self.main:
+            self.link.send({"type": "sync", "step": done, "reason": reason, "data": self.loader.position()})
+            while True:
+                reply = self.link.receive(None)
+                if reply is not None and reply.get("type") == "continue":
+                    break
+                if reply is not None:
+                    self._note(reply)
+        self.comm.barrier()  # nobody touches the store before the snapshot is written
+
+    def close(self) -> None:
+        self.comm.close()
+
+    # ------------------------------------------------------------------ fault injection (tests)
+    def _arm_fault(self) -> None:
+        spec = os.environ.get(FAULT_ENV)
+        if not spec:
+            return
+        rank, step, unit = (int(x) for x in spec.split(":"))
+        if rank != self.comm.rank:
+            return
+        streamer = self.engine.streamer
+        original = streamer.write_back if streamer is not None else None
+
+        def torn_write_back(block: int, step_applied: int = -1) -> None:
+            if self.engine.step_count == step and block == unit:
+                streamer.markers.begin(block, streamer.writer, step_applied)
+                lo, hi = streamer._range(block)
+                src = streamer.slots[streamer._slot_of[block]]
+                mid = lo + (hi - lo) // 2
+                streamer.store.flat(block)[lo:mid].copy_(src[lo:mid])  # half of the block lands...
+                os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies mid-write
+            original(block, step_applied)
+
+        if streamer is not None:
+            streamer.write_back = torn_write_back
+
+
+def _measurements(result: Any) -> dict[str, Any]:
+    return {k: getattr(result, k) for k in ("step", "loss", "loss_plus", "loss_minus", "projected_grad", "lr",
+                                             "skipped", "tokens", "seconds", "bytes_h2d", "bytes_d2h",
+                                             "transfer_wait_ms", "peak_device_bytes")}
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler coordinates stopping
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    endpoint, token = os.environ[ENDPOINT_ENV], os.environ[TOKEN_ENV]
+    rank = int(os.environ.get("RANK", "0"))
+    link = WorkerLink(endpoint, token, rank)
+    link.send({"type": "register", "pid": os.getpid()})
+    reply = link.receive(int(float(os.environ.get("ZO2_START_TIMEOUT_S", "300")) * 1000))
+    if reply is None or reply.get("type") != "welcome":
+        print(f"zo2 worker {rank}: the scheduler at {endpoint} did not accept this worker ({reply}).", file=sys.stderr)
+        return 1
+    heartbeat = Heartbeat(endpoint, token, rank, float(reply.get("heartbeat_s", 1.0)))
+    heartbeat.start()
+    worker = None
+    try:
+        spec = StoreSpec.from_env()
+        worker = Worker(Path(os.environ["ZO2_RUN_DIR"]), link, int(os.environ.get("ZO2_START_STEP", "0")), spec,
+                        heartbeat)
+        worker.run()
+        return 0
+    except ZO2Error as err:  # a problem a restart would only repeat: report it and stop
+        link.send({"type": "error", "kind": type(err).__name__, "message": str(err)})
+        return 2
+    finally:
+        heartbeat.stop()
+        if worker is not None:
+            worker.close()
+        link.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
