@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 from zo2.config.base import require, require_choice
 from zo2.config.checkpoint import CheckpointConfig
+from zo2.config.control import ControlConfig
 from zo2.config.parallel import ParallelConfig
 from zo2.config.data import DataConfig
+from zo2.config.task import TaskConfig
 from zo2.config.zo import ZOConfig
 from zo2.errors import ConfigError
 
@@ -173,11 +175,13 @@ class JobConfig:
     """The preset the job was built from (informational: the sections hold every value)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: ZOConfig = field(default_factory=ZOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self) -> None:
         if self.optim.device is not None and self.train.device not in ("auto", self.optim.device):

@@ -39,6 +39,7 @@ from zo2.train.checkpoint import (ReadOnlyLog, Snapshot, TrajectoryLog, latest_g
 from zo2.train.data import BatchLoader, Example, collate, load_examples
 from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, NullWriter, plot_loss, read_jsonl, truncate_jsonl
 from zo2.train.model import STREAMED, build_model, fill_weights, max_positions, vocab_size
+from zo2.train.task_run import BEST_DIR, build_task_run, read_best, write_best
 from zo2.train.tokenizer import ByteTokenizer, load_tokenizer, special_ids
 
 CONFIG_FILE = "config.toml"
@@ -227,6 +228,8 @@ class TrainSummary:
     """Per-step training losses of the whole run, from the trajectory log (NaN for skipped steps)."""
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     """(steps done, held-out loss) of every evaluation."""
+    best: dict | None = None
+    """With a task: the best evaluation ({"step", "metric", "value"}); its weights are in ``best/``."""
 
 
 class Trainer:
@@ -245,7 +248,12 @@ class Trainer:
             check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
         self.tokenizer = build_tokenizer(job)
         self.model = build_job_model(job, self.tokenizer)
-        self.loader, self.eval_set = build_data(job, self.tokenizer, self.comm)
+        self.task = build_task_run(job, self.tokenizer, self.comm)
+        if self.task is not None:  # a MeZO task: its loader and loss; evaluation scores its metric
+            self.loader, self.eval_set = self.task.loader, []
+            loss_fn = loss_fn or self.task.loss_fn
+        else:
+            self.loader, self.eval_set = build_data(job, self.tokenizer, self.comm)
         self.engine = build_engine(job, self.model, loss_fn, self.comm)
         if not resume and self.main:
             create_run_dir(self.run_dir, overwrite)
@@ -258,6 +266,7 @@ class Trainer:
         self.streak = 0
         self.evals: list[dict] = []
         self.last_snapshot = -1
+        self.best = read_best(self.run_dir) if resume and self.task is not None else None
         if resume:
             self._restore()
         if self.main:
@@ -324,7 +333,7 @@ class Trainer:
             self.console.log(self.engine.plan.describe())
         try:
             self._announce()
-            if self.engine.step_count == 0 and self.eval_set:
+            if self.engine.step_count == 0 and self._evaluates:
                 self.evaluate()
             while self.engine.step_count < steps:
                 self._after_step(self.train_step())
@@ -360,7 +369,7 @@ class Trainer:
         every = cfg.parallel.checksum_every
         if self.comm.world_size > 1 and every and done % every == 0:
             self.comm.check_replicas(self.engine.checksum(), done)
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self.eval_set:
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self._evaluates:
             self.evaluate()
 
     def _check_streak(self, result: StepResult, done: int) -> None:
@@ -403,8 +412,15 @@ class Trainer:
         self.last_snapshot = done
         return path
 
+    @property
+    def _evaluates(self) -> bool:
+        return bool(self.eval_set) or self.task is not None
+
     def evaluate(self) -> float:
-        """Mean loss of the held-out batches at the current weights, logged to metrics.jsonl."""
+        """Mean loss of the held-out batches (with a task: the task's metric) at the current weights, logged to
+        metrics.jsonl."""
+        if self.task is not None:
+            return self._evaluate_task()
         losses = [self.engine.evaluate(batch).loss for batch in self.eval_set]  # host sync: one scalar each
         loss = sum(losses) / len(losses)
         line = {"kind": "eval", "step": self.engine.step_count, "eval_loss": loss, "time": self.window.elapsed()}
@@ -414,12 +430,35 @@ class Trainer:
             self.console.log(f"step {self.engine.step_count}: held-out loss {loss:.4f}")
         return loss
 
+    def _evaluate_task(self) -> float:
+        """The task's metric on its dev (or eval) set; the best weights so far are kept in ``best/``."""
+        assert self.task is not None
+        result = self.task.evaluate(self.engine, self.tokenizer)
+        metric, step = self.task.metric, self.engine.step_count
+        value = float(result[metric])
+        line = {"kind": "eval", "step": step, "metric": metric, **{f"eval_{k}": v for k, v in result.items()},
+                "time": self.window.elapsed()}
+        self.metrics.write(line)
+        self.evals.append(line)
+        improved = self.best is None or value > self.best["value"]
+        if improved:
+            self.best = {"step": step, "metric": metric, "value": value}
+            self.engine.flush()  # every rank (collective with sliced transfers)
+            if self.main:
+                save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR)
+                write_best(self.run_dir, self.best)
+        if self.console is not None:
+            self.console.log(f"step {step}: {self.task.data.task.name} {metric} {value:.4f}"
+                             + (" (best so far: saved to best/)" if improved else
+                                f" (best {self.best['value']:.4f} at step {self.best['step']})"))
+        return value
+
     def _finish(self) -> TrainSummary:
         """Final snapshot, evaluation, weights, plot and summary."""
         done = self.engine.step_count
         if self.last_snapshot != done:
             self.save_snapshot()
-        if self.eval_set and (not self.evals or self.evals[-1]["step"] != done):
+        if self._evaluates and (not self.evals or self.evals[-1]["step"] != done):
             self.evaluate()
         self.engine.flush()  # every rank (collective with sliced transfers)
         if self.job.run.save_final and self.main:
@@ -427,10 +466,12 @@ class Trainer:
         self.comm.barrier()  # rank 0 has written everything the other ranks may read back
         records = read_log(self.log.path)
         if self.job.run.plot and records and self.main:
-            plot_loss(records, self.evals, self.run_dir / PLOT_FILE, title=f"{self.job.preset}: {self.run_dir}")
+            plot_loss(records, [e for e in self.evals if "eval_loss" in e], self.run_dir / PLOT_FILE,
+                      title=f"{self.job.preset}: {self.run_dir}")
         summary = TrainSummary(self.run_dir, done, sum(bool(r["skipped"]) for r in records), self.window.elapsed(),
                                [float(r["loss"]) for r in records],
-                               [(int(e["step"]), float(e["eval_loss"])) for e in self.evals])
+                               [(int(e["step"]), float(e["eval_loss"])) for e in self.evals if "eval_loss" in e],
+                               self.best)
         assert self.console is not None
         self.console.log(describe_summary(summary))
         return summary
@@ -478,6 +519,8 @@ def describe_summary(s: TrainSummary) -> str:
     train = (f"train loss {sum(finite[:k]) / k:.4f} -> {sum(finite[-k:]) / k:.4f} (mean of first/last {k})"
              if finite else "no finite loss")
     held = f"; held-out loss {s.eval_losses[0][1]:.4f} -> {s.eval_losses[-1][1]:.4f}" if s.eval_losses else ""
+    if s.best is not None:
+        held += f"; best {s.best['metric']} {s.best['value']:.4f} at step {s.best['step']} (best/)"
     return (f"done: {s.steps} steps in {s.seconds:.1f}s, {s.skipped} skipped; {train}{held}; "
             f"run folder {s.run_dir}")
 

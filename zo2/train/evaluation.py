@@ -1,0 +1,65 @@
+"""``zo2 eval``: evaluate a run's weights (or a model folder) on its held-out data or on a MeZO task.
+
+The model is built and streamed exactly as for training (``optim.offload``, ``gpu_memory_budget``), so a model
+that trains on one GPU evaluates there too; nothing is written to the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from zo2.errors import CheckpointError, ConfigError
+
+
+def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str | None = None,
+                 task_eval_path: str | None = None, num_eval: int | None = None, step: int | None = None,
+                 overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Metrics of ``target`` (a run folder: its newest snapshot at or before ``step``; or a Hugging Face model
+    folder) on the held-out batches of its job, or on ``task`` (a MeZO task name) read from ``task_path``."""
+    from zo2.config.loader import load_config
+    from zo2.train.checkpoint import latest_good_snapshot
+    from zo2.train.trainer import (CONFIG_FILE, build_data, build_engine, build_job_model, build_tokenizer,
+                                   load_resume_config)
+
+    target = Path(target)
+    overrides = list(overrides or [])
+    snap = None
+    if (target / CONFIG_FILE).is_file():
+        job = load_resume_config(target, [o for o in overrides if not o.startswith(("model.", "data."))])
+        snap = latest_good_snapshot(target, step)
+        if snap is None:
+            raise CheckpointError(f"{target} has no readable snapshot{'' if step is None else f' at or before step {step}'}; "
+                                  "there are no trained weights to evaluate. Evaluate the base model with "
+                                  "`zo2 eval MODEL_FOLDER`, or train longer (checkpoint.save_every).")
+        where = f"{target} at step {snap.step}"
+    elif (target / "config.json").is_file():
+        job = load_config(None, None, [f"model.path={target}", "data.tokenizer=model", *overrides])
+        where = str(target)
+    else:
+        raise ConfigError(f"{str(target)!r} is neither a zo2 run folder (config.toml) nor a Hugging Face model "
+                          "folder (config.json). Pass the folder `zo2 train` wrote, or a model folder.")
+    tokenizer = build_tokenizer(job)
+    model = build_job_model(job, tokenizer)
+    engine = build_engine(job, model)
+    if snap is not None:
+        engine.load_trainable_state(snap.tensors)
+    if task is None:
+        if task_path is not None or task_eval_path is not None:
+            raise ConfigError("--task-path needs --task NAME (which task's format and template to use).")
+        _, evals = build_data(replace(job, train=replace(job.train, eval_batches=max(job.train.eval_batches, 1))),
+                              tokenizer)
+        losses = [engine.evaluate(batch).loss for batch in evals]
+        return {"target": where, "eval_loss": sum(losses) / len(losses), "batches": len(losses)}
+    from zo2.config.task import TaskConfig
+    from zo2.tasks import evaluate_task, load_task, metric_name
+
+    cfg = TaskConfig(name=task, path=task_path, eval_path=task_eval_path, num_dev=0, num_train=None,  # evaluation only
+                     **({"num_eval": num_eval} if num_eval is not None else {}))
+    data = load_task(cfg)
+    result = evaluate_task(engine, data.task, data.eval, tokenizer, batch_size=cfg.eval_batch_size,
+                           max_length=min(cfg.max_length, job.data.max_length),
+                           max_new_tokens=cfg.max_new_tokens, length_normalize=cfg.length_normalize,
+                           progress=progress)
+    return {"target": where, "task": data.task.name, "metric": metric_name(cfg, data.task), **result}
