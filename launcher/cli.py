@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_replay(sub)
     _add_plan(sub)
+    _add_eval(sub)
+    _add_completion(sub)
     _add_launch(sub)
     _add_slurm(sub)
     return parser
@@ -92,36 +94,107 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
 
 LAUNCH_EXAMPLES = """\
 examples:
-  zo2 launch --nproc-per-node 2 -- --set parallel.pp=2          # the default job on 2 processes (PertP)
-  zo2 launch --nproc-per-node 8 -- --preset opt-13b --set parallel.dp=4 --set parallel.pp=2
-  torchrun --nproc-per-node 8 -m zo2 train --set parallel.dp=8  # the same thing through torchrun itself
+  zo2 launch --nproc-per-node 2 -- --set parallel.pp=2          # the default job: a scheduler + 2 CPU/GPU workers (PertP)
+  zo2 launch --nproc-per-node 8 -- --preset opt-13b --set parallel.dp=4 --set parallel.pp=2 --out runs/13b
+  zo2 launch --nproc-per-node 8 -- --config deploy/configs/opt175b-1gpu.toml   # run it again after a stop: it resumes
+  zo2 launch --nnodes 4 --node-rank $SLURM_NODEID --master-addr $HEAD --nproc-per-node 8 -- --config job.toml
+  zo2 launch --torchrun --nproc-per-node 8 -- --set parallel.dp=8   # plain torchrun, no scheduler
 """
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="run `zo2 train` on N local processes (torchrun --standalone)", epilog=LAUNCH_EXAMPLES,
-        description="Start N `zo2 train` processes on this machine with torch's elastic launcher (a local "
-                    "rendezvous, one process per GPU or N CPU processes); everything after `--` goes to zo2 "
-                    "train. parallel.dp × parallel.pp must equal N.")
-    p.add_argument("--nproc-per-node", type=int, required=True, metavar="N", help="processes to start")
+        help="run a job on N local workers under a scheduler (multi-GPU; fault tolerant)", epilog=LAUNCH_EXAMPLES,
+        description="Start this node's scheduler (zo2.control): it creates the parameter store in shared memory, "
+                    "fills it once, starts N workers (one per GPU, or N CPU processes) and supervises them: a "
+                    "killed or hung worker is replaced and the run continues from the last completed step; "
+                    "Ctrl-C/SIGTERM stops at a step boundary with a snapshot, and running the same command again "
+                    "resumes. Everything after `--` is the job, as for zo2 train (--preset, --config, --set, "
+                    "--out, --overwrite, --quiet). parallel.dp × parallel.pp must equal nodes × N.")
+    p.add_argument("--nproc-per-node", type=int, required=True, metavar="N", help="workers to start on this node")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1 (default 0)")
+    p.add_argument("--master-addr", default="127.0.0.1", metavar="HOST",
+                   help="host of node 0, where the workers' torch.distributed store listens (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, metavar="PORT",
+                   help="port of that store (default: a free port on a single node; 29500 on several)")
+    p.add_argument("--torchrun", action="store_true",
+                   help="start N `zo2 train` processes with torchrun --standalone instead (no scheduler)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then the arguments of zo2 train")
     p.set_defaults(handler=cmd_launch)
 
 
+def _launch_job(train_args: list[str]):
+    """(job, resume, overwrite, quiet) from zo2 train's arguments; a folder that holds a run resumes it."""
+    from pathlib import Path
+
+    from zo2.config.loader import load_config, load_saved_config
+    from zo2.train.trainer import CONFIG_FILE, load_resume_config
+
+    parser = argparse.ArgumentParser(prog="zo2 launch ... --", add_help=False)
+    for flag in ("--preset", "--config", "--out", "--resume"):
+        parser.add_argument(flag)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args, unknown = parser.parse_known_args(train_args)
+    if unknown:
+        raise ConfigError(f"zo2 launch passes {' '.join(unknown)!r} to the job, but the job takes only --preset, "
+                          "--config, --set, --out, --resume, --overwrite and --quiet.")
+    if args.resume:
+        return load_resume_config(args.resume, args.set), True, False, args.quiet
+    job = load_config(args.preset, args.config, args.set)
+    if args.out:
+        job.run = replace(job.run, out_dir=args.out)
+    run_dir = Path(job.run.out_dir)
+    if (run_dir / CONFIG_FILE).is_file() and not args.overwrite:  # the same command again: continue the run
+        _check_same_run(job, load_saved_config(run_dir / CONFIG_FILE), run_dir)
+        return job, True, False, args.quiet
+    return job, False, args.overwrite, args.quiet
+
+
+def _check_same_run(job, saved, run_dir) -> None:
+    """Refuse to continue a run folder with settings its steps depend on changed (model, data, ...)."""
+    from zo2.config.loader import job_to_dict
+    from zo2.train.trainer import RESUME_LOCKED
+
+    new, old = job_to_dict(job), job_to_dict(saved)
+    changed = [f"{section}.{key}" for section, values in new.items() if isinstance(values, dict)
+               for key, value in values.items() if old.get(section, {}).get(key) != value
+               and any(f"{section}.{key}".startswith(locked) for locked in RESUME_LOCKED)]
+    if changed:
+        raise ConfigError(f"{run_dir} holds a run with different {', '.join(changed)}; its steps depend on them, so "
+                          "it cannot continue with this job. Use the same settings to resume it, --overwrite to "
+                          "start over, or --out to write elsewhere.")
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
-    """``zo2 launch``: torchrun --standalone --nproc-per-node N -m zo2 train ARGS."""
+    """``zo2 launch``: this node's scheduler and its workers (or, with --torchrun, torchrun itself)."""
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node {args.nproc_per_node}: give the number of processes to start (>= 1).")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes}).")
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.torchrun:
+        return _torchrun(args.nproc_per_node, train_args)
+    from zo2.control.scheduler import NodePlace, Scheduler
+
+    job, resume, overwrite, quiet = _launch_job(train_args)
+    port = args.master_port or (29500 if args.nnodes > 1 else None)
+    place = NodePlace(args.nnodes, args.node_rank, args.master_addr, port)
+    return Scheduler(job, workers=args.nproc_per_node, resume=resume, overwrite=overwrite, quiet=quiet,
+                     place=place).run()
+
+
+def _torchrun(nproc: int, train_args: list[str]) -> int:
+    """torchrun --standalone --nproc-per-node N -m zo2 train ARGS."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: keep gloo on loopback
     try:
-        torchrun.main(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "zo2", "train",
-                       *train_args])
+        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "zo2", "train", *train_args])
     except ChildFailedError as err:
         failures = "; ".join(f"rank {r}: exit {f.exitcode}" for r, f in err.failures.items())
         print(f"zo2: error: a training process failed ({failures}); its own error is printed above.",
@@ -199,6 +272,79 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.out:
             job.run = replace(job.run, out_dir=args.out)
     train_job(job, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+EVAL_EXAMPLES = """\
+examples:
+  zo2 eval runs/default                                # held-out loss of the newest snapshot
+  zo2 eval runs/default --step 200                     # ... of the snapshot at (or before) step 200
+  zo2 eval runs/opt13b --task SST2 --task-path data/SST-2 --num-eval 1000
+  zo2 eval /models/opt-1.3b --task SQuAD --task-eval-path data/squad/validation.jsonl
+"""
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="evaluate a run's weights or a model folder (held-out loss, or a MeZO task's accuracy/F1)",
+        epilog=EVAL_EXAMPLES,
+        description="Evaluate TARGET — a zo2 run folder (its newest good snapshot) or a Hugging Face model "
+                    "folder — on the run's held-out batches, or on a MeZO task (SST2, RTE, CB, BoolQ, WSC, WIC, "
+                    "MultiRC, Copa, ReCoRD, SQuAD, DROP; see zo2/tasks/README.md). The model streams through the "
+                    "GPU as in training. Prints one line per metric and a JSON line.")
+    p.add_argument("target", metavar="TARGET", help="run folder or model folder")
+    p.add_argument("--task", metavar="NAME", help="a MeZO task instead of the held-out loss")
+    p.add_argument("--task-path", metavar="PATH", help="the task's folder (train/validation files)")
+    p.add_argument("--task-eval-path", metavar="FILE", help="the evaluation split's file, if separate")
+    p.add_argument("--num-eval", type=int, metavar="N", help="evaluate N sampled examples (default 1000)")
+    p.add_argument("--step", type=int, metavar="S", help="run folder: the newest snapshot at or before step S")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="override a config value (e.g. optim.offload=true, train.device=cuda); repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``zo2 eval``."""
+    import json
+
+    from zo2.train.evaluation import evaluate_run
+
+    result = evaluate_run(args.target, task=args.task, task_path=args.task_path, task_eval_path=args.task_eval_path,
+                          num_eval=args.num_eval, step=args.step, overrides=args.set, progress=not args.quiet)
+    for key, value in result.items():
+        if isinstance(value, float):
+            print(f"{key}: {value:.4f}")
+    print(json.dumps(result))
+    return 0
+
+
+def _add_completion(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("completion", help="print a bash completion script",
+                       description="Print a bash completion script for zo2 (commands and their options). Enable it "
+                                   "with: eval \"$(zo2 completion bash)\" (e.g. in ~/.bashrc).")
+    p.add_argument("shell", choices=["bash"], help="the shell (bash)")
+    p.set_defaults(handler=cmd_completion)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """``zo2 completion bash``: complete commands, their long options and file names."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, p in sub.choices.items():
+        flags = sorted(o for a in p._actions for o in a.option_strings if o.startswith("--"))
+        cases.append(f'    {name}) opts="{" ".join(flags)}" ;;')
+    print("_zo2() {\n"
+          '  local cur="${COMP_WORDS[COMP_CWORD]}" cmd="${COMP_WORDS[1]}" opts\n'
+          "  if [[ $COMP_CWORD -eq 1 ]]; then\n"
+          f'    COMPREPLY=($(compgen -W "{" ".join(sub.choices)}" -- "$cur")); return\n'
+          "  fi\n"
+          '  case "$cmd" in\n' + "\n".join(cases) + "\n  esac\n"
+          '  if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur"));\n'
+          '  else COMPREPLY=($(compgen -f -- "$cur")); fi\n'
+          "}\ncomplete -o filenames -F _zo2 zo2")
     return 0
 
 

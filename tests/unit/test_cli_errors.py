@@ -154,3 +154,15 @@ def test_resume_and_overwrite_together(capsys, tmp_path):
     assert main(["train", "--out", str(run), *FAST]) == 0
     code, err = run_cli(capsys, "train", "--resume", str(run), "--overwrite")
     assert_user_error(code, err, "--resume and --overwrite")
+
+
+def test_bash_completion_completes_commands_and_options(capsys, tmp_path):
+    import subprocess
+
+    assert main(["completion", "bash"]) == 0
+    script = tmp_path / "zo2.bash"
+    script.write_text(capsys.readouterr().out)
+    probe = ('source "$1"; COMP_WORDS=(zo2 la); COMP_CWORD=1; _zo2; echo "${COMPREPLY[@]}"; '
+             'COMP_WORDS=(zo2 launch --nn); COMP_CWORD=2; _zo2; echo "${COMPREPLY[@]}"')
+    out = subprocess.run(["bash", "-c", probe, "_", str(script)], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["launch", "--nnodes"]
