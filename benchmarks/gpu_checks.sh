@@ -4,14 +4,7 @@
 # writes a log and JSON under $OUT (default benchmarks/out). Runs from the repository root without installing.
 #   bash benchmarks/gpu_checks.sh [OLD_TRITON_OPS.py]   # optional: an older triton_ops.py timed beside the new one
 set -u
-OUT=${OUT:-benchmarks/out}
-mkdir -p "$OUT" /tmp/zo2path
-ln -sfn "$PWD/kernels" /tmp/zo2path/zo2_kernels
-ln -sfn "$PWD/launcher" /tmp/zo2path/zo2_launcher
-export PYTHONPATH="$PWD:/tmp/zo2path:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -c "import zmq" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .gpuwheels/pyzmq-*abi3*.whl 2>&1 | grep -v "as the .root. user"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, triton, zmq; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'pyzmq', zmq.__version__)" | tee -a "$OUT/gpu.txt"
+source benchmarks/gpu_env.sh
 
 timeout 120 python3 benchmarks/parallel.py --calibrate benchmarks/results/2026-11-26-h200/offload.json \
     --out "$OUT/parallel.json" > "$OUT/parallel.log" 2>&1; echo "parallel: exit $?" | tee -a "$OUT/gpu.txt"

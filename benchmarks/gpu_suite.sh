@@ -3,13 +3,7 @@
 # log under $OUT (default benchmarks/out). Runs from the repository root without installing the package.
 #   bash benchmarks/gpu_suite.sh [quick]
 set -u
-OUT=${OUT:-benchmarks/out}
-mkdir -p "$OUT" /tmp/zo2path
-ln -sfn "$PWD/kernels" /tmp/zo2path/zo2_kernels
-ln -sfn "$PWD/launcher" /tmp/zo2path/zo2_launcher
-export PYTHONPATH="$PWD:/tmp/zo2path:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+source benchmarks/gpu_env.sh
 free -g | head -2 | tee -a "$OUT/gpu.txt"
 
 python3 benchmarks/offload.py --shapes opt-1.3b opt-6.7b opt-13b opt-30b opt-175b --layers 4 \

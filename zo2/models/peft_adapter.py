@@ -63,7 +63,23 @@ def peft_adapter(model: nn.Module) -> BlockAdapter:
     )
 
 
-class PromptAdapter(BlockAdapter):
+class _PromptLearningAdapter(BlockAdapter):
+    """The base model's units, with PEFT's prompt encoder (the trainable prompt or prefix) in the embedding unit."""
+
+    model: nn.Module
+    inner: BlockAdapter
+
+    def embed_modules(self) -> list[nn.Module]:
+        return self.inner.embed_modules() + [self.model.prompt_encoder]
+
+    def blocks(self) -> list[nn.Module]:
+        return self.inner.blocks()
+
+    def head_modules(self) -> list[nn.Module]:
+        return self.inner.head_modules()
+
+
+class PromptAdapter(_PromptLearningAdapter):
     """Prompt tuning / P-tuning: virtual-token embeddings from the prompt encoder go in front of the input's."""
 
     def __init__(self, model: nn.Module, inner: BlockAdapter):
@@ -77,15 +93,6 @@ class PromptAdapter(BlockAdapter):
         """The module turning input ids into embeddings (PEFT's pick); its output gets the prompt prepended."""
         if self.word_embeddings is None:
             raise ModelError("The PeftModel did not find the base model's word embeddings; prompt tuning cannot run.")
-
-    def embed_modules(self) -> list[nn.Module]:
-        return self.inner.embed_modules() + [self.model.prompt_encoder]
-
-    def blocks(self) -> list[nn.Module]:
-        return self.inner.blocks()
-
-    def head_modules(self) -> list[nn.Module]:
-        return self.inner.head_modules()
 
     def embed(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -117,7 +124,7 @@ class PromptAdapter(BlockAdapter):
         return self.inner.head(hidden[:, self.num_virtual :], ctx)
 
 
-class PrefixAdapter(BlockAdapter):
+class PrefixAdapter(_PromptLearningAdapter):
     """Prefix tuning: every layer attends to trained key/value states in front of the input's.
 
     ``embed`` runs PEFT's ``get_prompt`` on the prompt encoder as the engine swapped it in (θ or θ ± εz) and returns
@@ -148,15 +155,6 @@ class PrefixAdapter(BlockAdapter):
                              f"{len(blocks)} decoder layers; build the PeftModel from this model.")
         self._cache_index = [_attention_layer_index(block, i) for i, block in enumerate(blocks)]
         """The index each layer's attention reads and writes in a cache (``self_attn.layer_idx``)."""
-
-    def embed_modules(self) -> list[nn.Module]:
-        return self.inner.embed_modules() + [self.model.prompt_encoder]
-
-    def blocks(self) -> list[nn.Module]:
-        return self.inner.blocks()
-
-    def head_modules(self) -> list[nn.Module]:
-        return self.inner.head_modules()
 
     def embed(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
