@@ -45,6 +45,8 @@ def build(shape: str, method: str, dtype: torch.dtype, rank: int, tokens: int):
                                                             target_modules=["q_proj", "v_proj"]))
     elif method == "prompt":
         model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens))
+    elif method == "prefix":
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens))
     return model
 
 
@@ -84,10 +86,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="*", default=["tiny"])
-    parser.add_argument("--methods", nargs="*", default=["full", "lora", "prompt"], choices=["full", "lora", "prompt"])
+    parser.add_argument("--methods", nargs="*", default=["full", "lora", "prompt", "prefix"],
+                        choices=["full", "lora", "prompt", "prefix"])
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (on q_proj and v_proj)")
-    parser.add_argument("--tokens", type=int, default=16, help="virtual tokens of prompt tuning")
+    parser.add_argument("--tokens", type=int, default=16, help="virtual tokens of prompt and prefix tuning")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)

@@ -101,9 +101,9 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, distribution: s
         torch.testing.assert_close(a, e, rtol=2e-6, atol=2e-6)
     else:
         # z differs from the reference in its last bits, which can move a value across a rounding boundary:
-        # allow one ulp, on few elements.
+        # allow one ulp (of the larger of the two: at a power of two the spacing doubles), on few elements.
         diff = (a - e).abs()
-        assert (diff <= _ulp(e, actual.dtype) * 1.0001).all(), diff.max()
+        assert (diff <= _ulp(torch.maximum(a.abs(), e.abs()), actual.dtype) * 1.0001).all(), diff.max()
         assert (diff > 0).float().mean() < 0.01
 
 
@@ -518,7 +518,7 @@ def _opt_block_table(d: int) -> SegmentTable:
 @pytest.mark.parametrize("distribution", DISTS)
 def test_gpu_opt_block_matches_reference(distribution):
     table = _opt_block_table(256)  # ~0.8M parameters
-    theta = torch.randn(table.end, device="cuda").to(torch.bfloat16)
+    theta = torch.randn(table.end, device="cuda", generator=torch.Generator("cuda").manual_seed(5)).to(torch.bfloat16)
     args = (table, [17], [0.37], 1e-3, 0.1, 18, 1e-3, distribution)
     new, plus, minus = T.update_and_perturb(theta, *args, stochastic_rounding_seed=3,
                                             out=_poison(theta), out_plus=_poison(theta), out_minus=_poison(theta))
