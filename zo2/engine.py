@@ -149,6 +149,12 @@ def loss_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     return int((default_labels(batch)[..., 1:] != -100).sum())
 
 
+def loss_weight(loss_fn: Any, batch: Mapping[str, torch.Tensor]) -> float:
+    """What ``loss_fn``'s value on ``batch`` averages over — ``loss_fn.weight(batch)`` when it says, else the loss
+    tokens: data-parallel ranks weight their shard's loss by it, so the combined loss is the full batch's."""
+    return getattr(loss_fn, "weight", loss_tokens)(batch)
+
+
 def default_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return causal_lm_loss(logits, default_labels(batch))
 
@@ -503,7 +509,7 @@ class ZOEngine:
         mine = self.comm.my_points(len(points)) if self.comm else list(range(len(points)))
         losses_t, _ = self._run(self._to_device(batch), [points[i] for i in mine], pending)
         if self.comm is not None:  # every point's loss over the global batch (one small all-reduce)
-            return self.comm.combine(losses_t, mine, len(points), loss_tokens(batch))
+            return self.comm.combine(losses_t, mine, len(points), loss_weight(self.loss_fn, batch))
         return torch.stack(losses_t).tolist()  # host sync: the loss scalars, once per pass
 
     def _conservative(self, batch: Mapping[str, torch.Tensor], update: Update, loss: float

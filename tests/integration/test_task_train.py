@@ -54,3 +54,7 @@ def test_a_task_run_under_the_scheduler_takes_the_same_steps(task_run, tmp_path)
     assert read_log(run_dir / "trajectory.jsonl") == read_log(reference / "trajectory.jsonl")
     evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if e["kind"] == "eval"] == [0, 2, 4]
+    assert json.loads((run_dir / "best.json").read_text()) == json.loads((reference / "best.json").read_text())
+    best = load_file(str(run_dir / "best" / "model.safetensors"))
+    ref = load_file(str(reference / "best" / "model.safetensors"))
+    assert best.keys() == ref.keys() and all((best[k] == ref[k]).all() for k in best)

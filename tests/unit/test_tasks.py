@@ -490,3 +490,27 @@ def test_zo_steps_on_task_batches():
     results = [engine.step(loader.next_batch()) for _ in range(2)]
     assert all(np.isfinite(r.loss) and not r.skipped for r in results)
     assert evaluate_task(engine, task, train[:2], TOK, progress=False)["examples"] == 2
+
+
+def test_data_parallel_shards_weight_the_candidate_loss_by_examples():
+    """Ranks combine Σ L_r w_r / Σ w_r with w = the loss function's weight (examples for the candidate loss), which
+    must give the whole batch's loss — not a token-weighted mean."""
+    from zo2.engine import loss_weight
+    from zo2.tasks import collate_examples, encode_example, get_task, task_loss_fn
+
+    task = get_task("rte")
+    examples = splits("rte")[0][:4]
+    encoded = [encode_example(task, ex, TOK, max_length=256) for ex in examples]
+    model = byte_model().eval()
+    loss_fn = task_loss_fn(True)
+
+    def loss_of(part):
+        batch = collate_examples(part, TOK.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float(loss_fn(logits, batch)), loss_weight(loss_fn, batch)
+
+    whole, n = loss_of(encoded)
+    (a, wa), (b, wb) = loss_of(encoded[:1]), loss_of(encoded[1:])
+    assert (n, wa, wb) == (4, 1, 3)
+    assert (a * wa + b * wb) / (wa + wb) == pytest.approx(whole, rel=1e-5)

@@ -365,13 +365,25 @@ class Scheduler:
                      if self.node.markers.torn(k) or any(a != step - 1 for a in self.node.markers.applied(k))]
             if stale:
                 return f"the store is not current at the step-{step} sync point (units {stale[:3]})"
-            self._snapshot(step, msg.get("data"))
+            if reason == "best":
+                self._save_best(msg["best"])
+            else:
+                self._snapshot(step, msg.get("data"))
         if reason == "end":
             self.finished = True
         elif reason == "stop":
             self.stopped_at = step
         self.channel.send(identity, {"type": "continue"})
         return None
+
+    def _save_best(self, best: dict) -> None:
+        """The store holds the best weights so far (a task's metric): save them as ``best/`` + best.json."""
+        from zo2.train.task_run import BEST_DIR, write_best
+        from zo2.train.trainer import save_model
+
+        save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR)
+        write_best(self.run_dir, best)
+        self.console.log(f"step {best['step']}: best {best['metric']} so far ({best['value']:.4f}): saved to best/")
 
     def _snapshot(self, step: int, data: Any = None) -> None:
         from zo2.train.checkpoint import save_snapshot

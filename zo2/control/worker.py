@@ -65,7 +65,7 @@ class Worker:
         from zo2.parallel.mesh import init_comm
         from zo2.train.checkpoint import read_log
         from zo2.train.trainer import LOG_FILE, _trailing_skipped, build_data, build_job_model, build_tokenizer
-        from zo2.train.task_run import build_task_run
+        from zo2.train.task_run import build_task_run, read_best
         from zo2.train.trainer import resolve_device
 
         self.run_dir, self.link, self.heartbeat = run_dir, link, heartbeat
@@ -88,6 +88,7 @@ class Worker:
                                loss_fn=self.task.loss_fn if self.task is not None else None)
         self.engine.load_state_dict({"step": start_step})
         self.streak = 0
+        self.best = read_best(run_dir) if self.task is not None else None
         self._stop = False
         self._checkpoint = False
         if start_step:
@@ -163,18 +164,26 @@ class Worker:
         if self.task is not None:
             result = self.task.evaluate(self.engine, self.tokenizer)
             line = {"metric": self.task.metric, **{f"eval_{k}": v for k, v in result.items()}}
+            value = float(result[self.task.metric])
+            if self.best is None or value > self.best["value"]:  # every rank scores the same set alike
+                self.best = {"step": self.engine.step_count, "metric": self.task.metric, "value": value}
+                if self.main:
+                    self.link.send({"type": "eval", "step": self.engine.step_count, **line})
+                self.sync(self.engine.step_count, "best", best=self.best)  # the scheduler saves best/
+                return
         else:
             losses = [self.engine.evaluate(batch).loss for batch in self.eval_set]
             line = {"eval_loss": sum(losses) / len(losses)}
         if self.main:
             self.link.send({"type": "eval", "step": self.engine.step_count, **line})
 
-    def sync(self, done: int, reason: str) -> None:
-        """Every worker writes the store back (the scheduler may then snapshot it); wait for the scheduler."""
+    def sync(self, done: int, reason: str, **extra: Any) -> None:
+        """Every worker writes the store back (the scheduler may then snapshot it, or save it as the best
+        weights); wait for the scheduler."""
         self.engine.sync_store()
         self.comm.barrier()
         if self.main:
-            self.link.send({"type": "sync", "step": done, "reason": reason, "data": self.loader.position()})
+            self.link.send({"type": "sync", "step": done, "reason": reason, "data": self.loader.position(), **extra})
             while True:
                 reply = self.link.receive(None)
                 if reply is not None and reply.get("type") == "continue":

@@ -69,6 +69,16 @@ def candidate_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], *,
     return grouped_cross_entropy(scores, batch["candidate_group"], batch["candidate_gold"])
 
 
+def candidate_weight(batch: Mapping[str, torch.Tensor]) -> int:
+    """Examples the candidate loss of ``batch`` averages over (groups with a gold row): the weight of a shard's
+    loss when data-parallel ranks combine theirs."""
+    group, gold = batch["candidate_group"], batch["candidate_gold"].bool()
+    return int(torch.unique(group[gold]).numel())
+
+
+candidate_loss.weight = candidate_weight  # type: ignore[attr-defined]
+
+
 def answer_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the gold answer's tokens (``labels``): MeZO's loss without ``train_as_classification``.
     A batch without labels (a generation prompt) scores all its non-padding tokens."""
@@ -86,6 +96,8 @@ def task_loss_fn(train_as_classification: bool, *, length_normalize: bool = True
 
     def loss_fn(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return candidate_loss(logits, batch, length_normalize=length_normalize)
+
+    loss_fn.weight = candidate_weight  # type: ignore[attr-defined]
 
     return loss_fn
 
