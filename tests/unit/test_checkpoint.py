@@ -265,3 +265,26 @@ def test_resume_recipe_reproduces_parameters(tmp_path):
     resumed = snap.tensors["theta"].clone()
     replay_updates(lambda u: apply(resumed, u), records, snap.step, records[-1]["step"] + 1)
     assert torch.equal(resumed, theta)
+
+
+def test_snapshots_of_views_of_one_buffer_are_written_without_copies_and_load_back(tmp_path):
+    """A parameter store's tensors are views of one flat buffer (safetensors' own writer refuses them); the
+    streaming writer stores them as they are, in a file safetensors reads."""
+    from safetensors import safe_open
+
+    from zo2.train.checkpoint import write_safetensors
+
+    flat = torch.arange(40, dtype=torch.float32)
+    views = {"b.weight": flat[:12].view(3, 4), "a.bias": flat[16:21], "half": torch.ones(3, dtype=torch.bfloat16),
+             "empty": flat[:0]}
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, views, metadata={"k": "v"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        assert sorted(f.keys()) == sorted(views)
+        for name, t in views.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
+    save_snapshot(tmp_path / "run", 3, views, {"data": None})
+    tensors, meta = load_snapshot(snapshot_path(tmp_path / "run", 3))
+    assert meta["step"] == 3 and all(torch.equal(tensors[n], views[n]) for n in views)

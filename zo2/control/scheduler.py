@@ -391,7 +391,7 @@ class Scheduler:
 
         if step == self.last_snapshot:
             return
-        tensors = {n: t.clone() for n, t in self.node.tensors().items()}  # safetensors needs unshared storage
+        tensors = self.node.tensors()  # views of the store, written as they are (no second copy)
         check_finite_weights(tensors, step)
         meta = {"data": data, "log_records": step}
         save_snapshot(self.run_dir, step, tensors, meta, keep_last=self.job.checkpoint.keep_last,

@@ -31,7 +31,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from zo2.errors import CheckpointError
 from zo2.optim.estimators import Update
@@ -271,6 +270,40 @@ def tensors_checksum(crcs: Mapping[str, int]) -> str:
     return f"crc32:{crc:08x}"
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` in the safetensors format, streaming each one's bytes from where it lives.
+
+    ``safetensors.torch.save_file`` refuses tensors that share storage (views of one flat store buffer) and
+    builds the whole file in memory; this writes the same format tensor by tensor, so a snapshot of a
+    parameter store needs no second copy of it (a device tensor is copied to the host one at a time).
+    """
+    names = sorted(tensors)
+    entries, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be written to safetensors")
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = json.dumps({"__metadata__": dict(metadata), **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name in names:
+            t = tensors[name].detach()
+            t = t.contiguous().cpu() if (t.device.type != "cpu" or not t.is_contiguous()) else t
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
                   keep_last: int = 2, fsync: bool = True) -> Path:
     """Write ``tensors`` and ``meta`` atomically as the step-``step`` snapshot; keep the newest ``keep_last``.
@@ -283,8 +316,7 @@ def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Te
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if not _is_int(keep_last) or keep_last < 1:
         raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
-    cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    crcs = {name: tensor_crc(t) for name, t in cpu.items()}
+    crcs = {name: tensor_crc(t) for name, t in tensors.items()}
     header = {"format": SNAPSHOT_FORMAT, "step": step, "checksum": tensors_checksum(crcs), "crcs": crcs,
               "meta": dict(meta)}
     header_json = json.dumps(header, default=_jsonable)
@@ -295,7 +327,7 @@ def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Te
         _remove_stale_temps(folder)
         tmp = folder / f".{final.name}{_TMP_MARK}{os.getpid()}"
         try:
-            save_file(cpu, str(tmp), metadata={_META_KEY: header_json})
+            write_safetensors(tmp, tensors, metadata={_META_KEY: header_json})
             if fsync:
                 _fsync_file(tmp)
             os.replace(tmp, final)
