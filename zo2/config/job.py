@@ -14,6 +14,7 @@ from zo2.config.base import require, require_choice
 from zo2.config.checkpoint import CheckpointConfig
 from zo2.config.control import ControlConfig
 from zo2.config.parallel import ParallelConfig
+from zo2.config.peft import PeftConfig
 from zo2.config.data import DataConfig
 from zo2.config.task import TaskConfig
 from zo2.config.zo import ZOConfig
@@ -177,6 +178,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: ZOConfig = field(default_factory=ZOConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)

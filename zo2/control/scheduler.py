@@ -90,6 +90,9 @@ class Scheduler:
                               f"{job.parallel.dp * job.parallel.pp}, but the job runs {world} workers "
                               f"({self.place.nnodes} node(s) × {workers}). Set --set parallel.dp=... / parallel.pp=... "
                               f"so that their product is {world}.")
+        if job.peft.method is not None:
+            raise ConfigError(f"peft.method = {job.peft.method!r}: the scheduler's node store holds full models only; "
+                              "train adapters with zo2 train (or zo2 launch --torchrun).")
         optimizer = getattr(job.optim, "optimizer", "zo-sgd")
         if optimizer != "zo-sgd":
             raise ConfigError(f"optim.optimizer = {optimizer!r} keeps optimizer state the scheduler's store does not "

@@ -26,7 +26,7 @@ AdaLoRA's rank reallocation reads gradients, which a ZO step has none of: its ra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from transformers import DynamicCache
 
 from zo2.errors import ModelError
 from zo2.models.base import BlockAdapter, adapter_for, prefix_model_types
+
+if TYPE_CHECKING:
+    from zo2.config.peft import PeftConfig
 
 PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING")
 """Prompt-learning methods whose virtual tokens are input embeddings (they work unit by unit)."""
@@ -194,3 +197,37 @@ def _attention_layer_index(block: nn.Module, default: int) -> int:
         if isinstance(layer_idx, int):
             return layer_idx
     return default
+
+
+def apply_peft(model: nn.Module, cfg: "PeftConfig", family: str | None = None, seed: int = 0) -> nn.Module:
+    """``model`` wrapped by ``peft`` as the ``[peft]`` section says (LoRA, prompt or prefix tuning); the adapter's
+    initial weights are a pure function of ``seed``, so a run, its resume and its replay start alike."""
+    from zo2.config.peft import DEFAULT_LORA_TARGETS
+
+    try:
+        import peft
+    except ImportError:
+        raise ModelError("peft.method is set but the peft package is not installed. Install it with "
+                         "pip install -e \".[peft]\" (or pip install peft accelerate).") from None
+    if any(p.is_meta for p in model.parameters()):
+        raise ModelError("peft.method needs the base model's weights in memory, but this model is built on the meta "
+                         "device to stream its weights (model.stream_load). Set model.stream_load = 'never' to "
+                         "build it whole, or drop peft.method.")
+    model_type = getattr(model.config, "model_type", family)
+    if cfg.method == "lora":
+        targets = cfg.target_modules or DEFAULT_LORA_TARGETS.get(family or "", None) \
+            or DEFAULT_LORA_TARGETS.get(model_type, None)
+        if targets is None:
+            raise ModelError(f"No default LoRA target modules for {model_type!r} models; set peft.target_modules, "
+                             "e.g. ['q_proj', 'v_proj'].")
+        config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(targets),
+                                 task_type="CAUSAL_LM")
+    elif cfg.method == "prompt":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+                                         prefix_projection=cfg.prefix_projection)
+    with torch.random.fork_rng(devices=[]):  # seeded adapter init, the caller's RNG left alone
+        torch.manual_seed(seed)
+        wrapped = peft.get_peft_model(model, config)
+    return wrapped.eval()  # ZO forwards run with dropout off

@@ -90,6 +90,10 @@ def build_job_model(job: JobConfig, tokenizer: Any) -> nn.Module:
     if longest is not None and job.data.max_length > longest:
         raise ConfigError(f"data.max_length = {job.data.max_length} exceeds the {longest} positions the model "
                           "accepts. Lower data.max_length.")
+    if job.peft.method is not None:  # only the adapter's parameters are trained
+        from zo2.models.peft_adapter import apply_peft
+
+        model = apply_peft(model, job.peft, job.model.family, seed=job.model.init_seed)
     return model
 
 

@@ -1,0 +1,50 @@
+"""zo2 train with the [peft] section: only the adapter trains, snapshots hold it, resume is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="the peft extra is not installed")
+
+from zo2.config import load_config  # noqa: E402
+from zo2.control.scheduler import Scheduler  # noqa: E402
+from zo2.errors import ConfigError, ModelError  # noqa: E402
+from zo2.train.checkpoint import load_snapshot, snapshot_path  # noqa: E402
+from zo2.train.trainer import Trainer, load_resume_config, train_job  # noqa: E402
+
+BASE = ["train.steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=5", "train.eval_batches=0",
+        "run.plot=false", "checkpoint.fsync=false"]
+
+
+def job(run_dir: Path, *extra: str):
+    return load_config(overrides=[*BASE, f"run.out_dir={run_dir}", *extra])
+
+
+@pytest.mark.parametrize("method, marker", [("lora", "lora_"), ("prefix", "prompt_encoder")])
+def test_only_the_adapter_trains_and_resume_is_exact(tmp_path, method, marker):
+    full = tmp_path / "full"
+    trainer = Trainer(job(full, f"peft.method={method}"), quiet=True)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in base)
+    tensors, _ = load_snapshot(snapshot_path(full, 4))
+    assert tensors and all(marker in name for name in tensors)
+    assert (full / "final" / "adapter_config.json").is_file()  # the adapter, loadable with peft
+    part = tmp_path / "part"
+    train_job(job(part, f"peft.method={method}", "train.steps=2"), quiet=True)
+    train_job(load_resume_config(part, ["train.steps=4"]), resume=True, quiet=True)
+    resumed, _ = load_snapshot(snapshot_path(part, 4))
+    assert all(torch.equal(resumed[n], tensors[n]) for n in tensors)
+
+
+def test_peft_needs_the_base_in_memory_and_is_refused_by_the_scheduler(tmp_path):
+    with pytest.raises(ModelError, match="stream_load"):
+        Trainer(job(tmp_path / "a", "peft.method=lora", "model.stream_load=always", "optim.device=cpu",
+                    "train.device=cpu"), quiet=True)
+    with pytest.raises(ConfigError, match="zo2 train"):
+        Scheduler(job(tmp_path / "b", "peft.method=lora"), workers=1)
+    with pytest.raises(ConfigError, match="peft.method"):
+        job(tmp_path / "c", "peft.method=lorra")
