@@ -242,3 +242,12 @@ def test_sigusr1_writes_a_snapshot_between_the_regular_ones(tmp_path, reference)
     steps = {int(p.stem.split("_")[1]) for p in list_snapshots(run_dir)}
     assert 6 in steps and len(steps) == 2 and min(steps) >= 2, steps  # one more, where the signal arrived
     assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def test_a_configuration_error_in_a_worker_stops_the_run_with_its_message(tmp_path):
+    from zo2.control.scheduler import WorkerFailure
+
+    sched = Scheduler(job(tmp_path / "run", "data.path=/no/such/file.jsonl"), workers=1, quiet=True)
+    with pytest.raises(WorkerFailure, match="does not exist"):
+        sched.run()
+    assert sched.restarts == 0  # not retried: a restart would only repeat it

@@ -289,6 +289,8 @@ class Scheduler:
                     if code == 0 and (self.finished or self.stopped_at is not None):
                         exited_ok.add(p.rank)
                         continue
+                    if code == 2:
+                        self._drain(1000)  # its error report may still be in flight
                     if code == 2 and self._error is not None:
                         raise WorkerFailure(self._error)
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
@@ -302,6 +304,16 @@ class Scheduler:
                 return "finished" if self.finished else "stopped"
 
     _error: str | None = None
+
+    def _drain(self, timeout_ms: int) -> None:
+        """Handle the messages that arrive within ``timeout_ms`` (e.g. an error report sent just before exiting)."""
+        end = time.monotonic() + timeout_ms / 1000
+        while (left := end - time.monotonic()) > 0:
+            got = self.channel.receive(int(left * 1000) + 1)
+            if got is not None:
+                self._handle(*got)
+            if self._error is not None:
+                return
 
     def _handle(self, identity: bytes, msg: dict) -> str | None:
         kind, rank = msg["type"], msg.get("rank")
