@@ -205,6 +205,8 @@ class Scheduler:
         })
         if place.nnodes == 1:
             env_base.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # the node's cores shared by its workers (torch would start one thread per core in each of them)
+        env_base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
         env_base.pop(FAULT_ENV, None)
         if self.fault and self.restarts == 0:  # an injected fault fires in the first generation only
             env_base[FAULT_ENV] = self.fault
