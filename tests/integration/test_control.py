@@ -251,3 +251,17 @@ def test_a_configuration_error_in_a_worker_stops_the_run_with_its_message(tmp_pa
     with pytest.raises(WorkerFailure, match="does not exist"):
         sched.run()
     assert sched.restarts == 0  # not retried: a restart would only repeat it
+
+
+def test_the_conservative_optimizer_runs_under_the_scheduler_and_survives_a_kill(tmp_path):
+    extra = ("optim.optimizer=zo-sgd-conservative",)
+    reference = tmp_path / "reference"
+    train_job(job(reference, *extra), quiet=True)
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, *extra, action=_kill_worker_after(3))
+    assert sched.restarts == 1
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+    from zo2.errors import ConfigError
+    with pytest.raises(ConfigError, match="zo-sgd-conservative"):
+        Scheduler(job(tmp_path / "adam", "optim.optimizer=zo-adam"), workers=1)

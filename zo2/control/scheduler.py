@@ -93,11 +93,11 @@ class Scheduler:
         if job.peft.method is not None:
             raise ConfigError(f"peft.method = {job.peft.method!r}: the scheduler's node store holds full models only; "
                               "train adapters with zo2 train (or zo2 launch --torchrun).")
-        optimizer = getattr(job.optim, "optimizer", "zo-sgd")
-        if optimizer != "zo-sgd":
-            raise ConfigError(f"optim.optimizer = {optimizer!r} keeps optimizer state the scheduler's store does not "
-                              "hold yet; under zo2 launch use 'zo-sgd' (MeZO-SGD), or run this optimizer with "
-                              "zo2 train / zo2 launch --torchrun.")
+        optimizer = job.optim.optimizer
+        if optimizer not in ("zo-sgd", "zo-sgd-conservative"):  # updates the log replays as plain SGD steps
+            raise ConfigError(f"optim.optimizer = {optimizer!r}: the scheduler repairs and snapshots its store with "
+                              "plain SGD steps, so under zo2 launch use 'zo-sgd' (MeZO-SGD) or "
+                              "'zo-sgd-conservative'; run this optimizer with zo2 train or zo2 launch --torchrun.")
         if workers > 1 and not job.optim.sliced_transfers:
             raise ConfigError("The workers of one node share the scheduler's store and must split its transfers: "
                               "set optim.sliced_transfers = true (the default).")
