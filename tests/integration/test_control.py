@@ -265,3 +265,39 @@ def test_the_conservative_optimizer_runs_under_the_scheduler_and_survives_a_kill
     from zo2.errors import ConfigError
     with pytest.raises(ConfigError, match="zo-sgd-conservative"):
         Scheduler(job(tmp_path / "adam", "optim.optimizer=zo-adam"), workers=1)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_a_killed_scheduler_takes_its_workers_along_and_the_same_command_resumes(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir)
+    wait_for_steps(run_dir, 2, proc=proc)
+    workers = _children(proc.pid)
+    assert workers
+    proc.kill()  # SIGKILL: no snapshot, no cleanup
+    proc.communicate(timeout=60)
+    end = time.monotonic() + 15
+    while any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text().lower()
+              for w in workers) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()
+                and "zombie" not in Path(f"/proc/{w}/status").read_text().lower()], "workers outlived the scheduler"
+    leftovers = list(Path("/dev/shm").glob(f"zo2-node-{proc.pid}-*"))
+    assert leftovers  # the dead scheduler's store is still in shared memory...
+    proc = _launch(run_dir)  # ...until the same command runs again: it resumes from the log and removes them
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert not [p for p in leftovers if p.exists()]
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))

@@ -36,7 +36,7 @@ import torch
 
 from zo2.config.job import JobConfig
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, SchedulerChannel, new_token
-from zo2.control.store import SPEC_ENV, NodeStore
+from zo2.control.store import SPEC_ENV, NodeStore, remove_stale_stores
 from zo2.control.worker import CONFIG_ENV, FAULT_ENV
 from zo2.errors import CheckpointError, ConfigError, ZO2Error
 
@@ -145,6 +145,10 @@ class Scheduler:
         self.tokenizer = build_tokenizer(job)
         self.model = build_job_model(job, self.tokenizer)
         self.streamed_model = bool(getattr(self.model, STREAMED, False))
+        freed = remove_stale_stores()
+        if freed:
+            log.warning("zo2 scheduler: removed %.2f GB of node-store files left in /dev/shm by a scheduler that "
+                        "died", freed / 1e9)
         self.node = NodeStore(self.model, job.optim, self.workers)
         self.node.markers.set_all(-1)
         if self.streamed_model:
@@ -199,6 +203,7 @@ class Scheduler:
             "WORLD_SIZE": str(self.workers * place.nnodes), "LOCAL_WORLD_SIZE": str(self.workers),
             "MASTER_ADDR": place.master_addr, "MASTER_PORT": str(port),
             ENDPOINT_ENV: self.channel.endpoint, TOKEN_ENV: self.token, SPEC_ENV: self.node.spec.to_json(),
+            "ZO2_SCHEDULER_PID": str(os.getpid()),
             CONFIG_ENV: str(self.config_path), "ZO2_RUN_DIR": str(self.run_dir),
             "ZO2_START_STEP": str(self.done), "ZO2_START_TIMEOUT_S": str(self.job.control.start_timeout_s),
             "PYTHONUNBUFFERED": "1",

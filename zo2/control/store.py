@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,8 +72,40 @@ class StoreSpec:
         return cls.from_json(text) if text else None
 
 
+_NAME = re.compile(r"^zo2-node-(\d+)-[0-9a-f]{8}-")
+
+
 def new_store_name() -> str:
+    """A node store name: its creator's pid (so leftovers of a dead scheduler can be recognized) and a nonce."""
     return f"zo2-node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stores(folder: Path = _SHM_DIR) -> int:
+    """Delete node-store files left in /dev/shm by schedulers that died without cleaning up (SIGKILL, OOM
+    kill): they hold host memory until reboot. Files of a live scheduler are kept. Returns the bytes freed."""
+    freed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except OSError:
+                pass
+    return freed
 
 
 class StoreMarkers:

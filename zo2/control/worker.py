@@ -45,9 +45,13 @@ class Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        scheduler = int(os.environ.get("ZO2_SCHEDULER_PID", "0"))
         link = WorkerLink(self.endpoint, self.token, self.rank)
         link.socket.setsockopt(zmq.LINGER, 0)  # never hold the process open
         while not self._stop_event.wait(self.interval):
+            if scheduler and not _alive(scheduler):  # the scheduler is gone: nobody logs or repairs; stop now
+                print(f"zo2 worker {self.rank}: the scheduler (pid {scheduler}) is gone; exiting.", file=sys.stderr)
+                os._exit(3)
             link.send({"type": "heartbeat", "step": self.step, "pid": os.getpid()})
         link.close()
 
@@ -226,7 +230,28 @@ def _measurements(result: Any) -> dict[str, Any]:
                                              "transfer_wait_ms", "peak_device_bytes")}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return os.getppid() == pid  # reparented: the scheduler that started us has died (its pid may be reused)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the scheduler that started it dies (the heartbeat thread checks too)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> int:
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler coordinates stopping
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     endpoint, token = os.environ[ENDPOINT_ENV], os.environ[TOKEN_ENV]
