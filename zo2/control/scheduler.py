@@ -36,7 +36,7 @@ import torch
 
 from zo2.config.job import JobConfig
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, SchedulerChannel, new_token
-from zo2.control.store import SPEC_ENV, NodeStore, remove_stale_stores
+from zo2.control.store import NodeStore, remove_stale_stores
 from zo2.control.worker import CONFIG_ENV, FAULT_ENV
 from zo2.errors import CheckpointError, ConfigError, ZO2Error
 
@@ -202,10 +202,10 @@ class Scheduler:
         env_base.update({
             "WORLD_SIZE": str(self.workers * place.nnodes), "LOCAL_WORLD_SIZE": str(self.workers),
             "MASTER_ADDR": place.master_addr, "MASTER_PORT": str(port),
-            ENDPOINT_ENV: self.channel.endpoint, TOKEN_ENV: self.token, SPEC_ENV: self.node.spec.to_json(),
+            ENDPOINT_ENV: self.channel.endpoint, TOKEN_ENV: self.token,
             "ZO2_SCHEDULER_PID": str(os.getpid()),
             CONFIG_ENV: str(self.config_path), "ZO2_RUN_DIR": str(self.run_dir),
-            "ZO2_START_STEP": str(self.done), "ZO2_START_TIMEOUT_S": str(self.job.control.start_timeout_s),
+            "ZO2_START_TIMEOUT_S": str(self.job.control.start_timeout_s),
             "PYTHONUNBUFFERED": "1",
         })
         if place.nnodes == 1:
@@ -336,7 +336,8 @@ class Scheduler:
                 self.channel.send(identity, {"type": "rejected", "reason": "not a worker of this run"})
                 return None
             proc.identity, proc.registered = identity, True
-            self.channel.send(identity, {"type": "welcome", "heartbeat_s": self.job.control.heartbeat_s})
+            self.channel.send(identity, {"type": "welcome", "heartbeat_s": self.job.control.heartbeat_s,
+                                         "store": self.node.spec.to_json(), "start_step": self.done})
             if self.stop_requested:
                 self.channel.send(identity, {"type": "stop"})
             return None

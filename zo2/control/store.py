@@ -30,8 +30,6 @@ import torch
 from zo2.errors import ResourceError
 
 _SHM_DIR = Path("/dev/shm")
-SPEC_ENV = "ZO2_STORE_SPEC"
-"""Environment variable through which a worker receives the store spec (JSON)."""
 
 
 def layout_digest(layouts: Sequence[Sequence[Any]]) -> str:
@@ -66,10 +64,6 @@ class StoreSpec:
     def from_json(cls, text: str) -> "StoreSpec":
         return cls(**json.loads(text))
 
-    @classmethod
-    def from_env(cls) -> "StoreSpec | None":
-        text = os.environ.get(SPEC_ENV)
-        return cls.from_json(text) if text else None
 
 
 _NAME = re.compile(r"^zo2-node-(\d+)-[0-9a-f]{8}-")

@@ -7,8 +7,9 @@ folder: the scheduler does. SIGINT/SIGTERM are ignored here: the scheduler recei
 to stop at a step boundary, so every worker stops at the same step.
 
 Environment (set by the scheduler): the torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), ``ZO2_RUN_DIR``, ``ZO2_START_STEP``, ``ZO2_STORE_SPEC``,
-``ZO2_CONTROL_ENDPOINT``, ``ZO2_CONTROL_TOKEN``. ``ZO2_FAULT=RANK:STEP:UNIT`` (tests) makes that rank tear the
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), ``ZO2_RUN_DIR``, ``ZO2_JOB_CONFIG``, ``ZO2_CONTROL_ENDPOINT``,
+``ZO2_CONTROL_TOKEN``, ``ZO2_SCHEDULER_PID``. Registration is answered with the node store's spec (names, dtype,
+layout digest) and the step to start at. ``ZO2_FAULT=RANK:STEP:UNIT`` (tests) makes that rank tear the
 write-back of that unit in that step — half of it copied — and kill itself with SIGKILL.
 """
 
@@ -18,8 +19,6 @@ import os
 import signal
 import sys
 import threading
-import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -266,9 +265,8 @@ def main() -> int:
     heartbeat.start()
     worker = None
     try:
-        spec = StoreSpec.from_env()
-        worker = Worker(Path(os.environ["ZO2_RUN_DIR"]), link, int(os.environ.get("ZO2_START_STEP", "0")), spec,
-                        heartbeat)
+        spec = StoreSpec.from_json(reply["store"])  # registration answers with the node store's layout
+        worker = Worker(Path(os.environ["ZO2_RUN_DIR"]), link, int(reply["start_step"]), spec, heartbeat)
         worker.run()
         return 0
     except ZO2Error as err:  # a problem a restart would only repeat: report it and stop
