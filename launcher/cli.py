@@ -112,7 +112,8 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
                     "Ctrl-C/SIGTERM stops at a step boundary with a snapshot, and running the same command again "
                     "resumes. Everything after `--` is the job, as for zo2 train (--preset, --config, --set, "
                     "--out, --overwrite, --quiet). parallel.dp × parallel.pp must equal nodes × N.")
-    p.add_argument("--nproc-per-node", type=int, required=True, metavar="N", help="workers to start on this node")
+    p.add_argument("--nproc-per-node", required=True, metavar="N",
+                   help="workers to start on this node: a number, or 'auto' (one per visible GPU; 1 without CUDA)")
     p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (default 1)")
     p.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1 (default 0)")
     p.add_argument("--master-addr", default="127.0.0.1", metavar="HOST",
@@ -123,6 +124,22 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
                    help="start N `zo2 train` processes with torchrun --standalone instead (no scheduler)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then the arguments of zo2 train")
     p.set_defaults(handler=cmd_launch)
+
+
+def _nproc(value: str) -> int:
+    """``--nproc-per-node``: a positive number, or 'auto' = the visible GPUs (1 on a machine without CUDA)."""
+    if value == "auto":
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--nproc-per-node {value}: give the number of processes to start (>= 1), or 'auto' for "
+                          "one per visible GPU.")
+    return n
 
 
 def _launch_job(train_args: list[str]):
@@ -171,8 +188,7 @@ def _check_same_run(job, saved, run_dir) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """``zo2 launch``: this node's scheduler and its workers (or, with --torchrun, torchrun itself)."""
-    if args.nproc_per_node < 1:
-        raise ConfigError(f"--nproc-per-node {args.nproc_per_node}: give the number of processes to start (>= 1).")
+    args.nproc_per_node = _nproc(args.nproc_per_node)
     if not 0 <= args.node_rank < args.nnodes:
         raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes}).")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args

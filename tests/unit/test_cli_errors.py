@@ -166,3 +166,16 @@ def test_bash_completion_completes_commands_and_options(capsys, tmp_path):
              'COMP_WORDS=(zo2 launch --nn); COMP_CWORD=2; _zo2; echo "${COMPREPLY[@]}"')
     out = subprocess.run(["bash", "-c", probe, "_", str(script)], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["launch", "--nnodes"]
+
+
+def test_launch_counts_its_workers(capsys, monkeypatch):
+    import torch
+
+    from zo2_launcher.cli import _nproc
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _nproc("auto") == 1 and _nproc("3") == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert _nproc("auto") == 8
+    assert main(["launch", "--nproc-per-node", "0", "--", "--quiet"]) == 2
+    assert "--nproc-per-node 0" in capsys.readouterr().err
