@@ -77,17 +77,20 @@ def test_trainer_run_equals_a_plain_engine_run_and_checkpoints_hold_flushed_weig
     assert meta["state"] == {"step": 2} and meta["config"]["lr"] == ZO["lr"]
 
 
-def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-adam"])
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path, optimizer):
     base = tiny_model("opt")
+    zo = {**ZO, "optimizer": optimizer}
     full = ZOTrainer(model=clone_model(base), args=training_args(tmp_path / "a"), train_dataset=rows(),
-                     zo_config=ZOConfig(**ZO))
+                     zo_config=ZOConfig(**zo))
     full.train()
     full.engine.flush()
     first = ZOTrainer(model=clone_model(base), args=training_args(tmp_path / "b", max_steps=2), train_dataset=rows(),
-                      zo_config=ZOConfig(**ZO))
+                      zo_config=ZOConfig(**zo))
     first.train()
+    assert (tmp_path / "b" / "checkpoint-2" / "zo2_optimizer.safetensors").is_file() == (optimizer == "zo-adam")
     resumed = ZOTrainer(model=clone_model(base), args=training_args(tmp_path / "b"), train_dataset=rows(),
-                        zo_config=ZOConfig(**ZO))
+                        zo_config=ZOConfig(**zo))
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     resumed.engine.flush()
     assert resumed.engine.step_count == 3

@@ -30,8 +30,8 @@ Limitations (each raises a :class:`~zo2.errors.ConfigError` where it can be dete
   ``compute_loss_func`` are not used for training; batches carry ``input_ids``, ``attention_mask`` and
   ``labels`` (columns a custom ``zo_loss_fn`` reads survive only with ``remove_unused_columns=False``);
 * the model is placed by the engine (offloaded blocks stay in host memory): the Trainer never moves it;
-* checkpoints hold the weights and the step, not the buffers of stateful ZO optimizers (``zo-sgd-momentum``,
-  ``zo-adam``): a run resumed with one of those restarts its buffers from zero.
+* stateful ZO optimizers (``zo-sgd-momentum``, ``zo-adam``) keep their buffers in ``zo2_optimizer.safetensors``
+  in each checkpoint, and ``resume_from_checkpoint`` restores them.
 
 For TRL-style trainers, mix :class:`ZOTrainerMixin` in front of the trainer class:
 ``class ZOSFTTrainer(ZOTrainerMixin, trl.SFTTrainer): pass``.
@@ -55,6 +55,8 @@ from zo2.errors import ConfigError
 
 ENGINE_FILE = "zo2_engine.json"
 """Written next to the weights by ``save_model`` and checkpoints: the engine's state and config."""
+OPTIMIZER_FILE = "zo2_optimizer.safetensors"
+"""Written beside them for stateful ZO optimizers (momentum, Adam): their buffers, restored on resume."""
 
 _SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
 """TrainingArguments.lr_scheduler_type → ZOConfig.lr_schedule."""
@@ -203,11 +205,21 @@ class ZOTrainerMixin:
             folder.mkdir(parents=True, exist_ok=True)
             meta = {"state": self.engine.state_dict(), "config": dataclasses.asdict(self.engine.config)}
             (folder / ENGINE_FILE).write_text(json.dumps(meta, indent=2))
+            state = self.engine.optimizer_state()
+            if state:  # momentum / Adam buffers: a resumed run continues them instead of starting from zero
+                from zo2.train.checkpoint import write_safetensors
+
+                write_safetensors(folder / OPTIMIZER_FILE, state, metadata={"format": "zo2-optimizer-state"})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.engine.flush()  # nothing pending may land on the loaded weights
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.engine.invalidate_prefetch()  # device copies uploaded ahead hold the old weights
+        state_file = Path(resume_from_checkpoint) / OPTIMIZER_FILE
+        if state_file.is_file():
+            from safetensors.torch import load_file
+
+            self.engine.load_optimizer_state(load_file(str(state_file), device=str(self.engine.device)))
 
     def _load_best_model(self) -> None:
         self.engine.flush()
