@@ -45,3 +45,11 @@ def test_a_task_reports_its_metric(run_dir, capsys, task, metric):
 def test_a_folder_that_is_neither_a_run_nor_a_model_is_refused(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "neither a zo2 run folder" in capsys.readouterr().err
+
+
+def test_a_model_folder_evaluates_with_the_model_s_own_length(run_dir, capsys):
+    """final/ is a Hugging Face model folder (here without tokenizer files: the byte tokenizer is used)."""
+    result = _eval(capsys, str(run_dir / "final"), "--task", "SST2", "--task-path", str(FIXTURES / "sst2"))
+    assert result["target"] == str(run_dir / "final") and result["examples"] >= 2
+    from_run = _eval(capsys, str(run_dir), "--task", "SST2", "--task-path", str(FIXTURES / "sst2"))
+    assert result["accuracy"] == from_run["accuracy"]  # the same weights: final/ is the last snapshot's

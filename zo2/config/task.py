@@ -48,7 +48,8 @@ class TaskConfig:
     """Score a candidate by the mean log-likelihood of its answer tokens (MeZO) rather than their sum, in the
     loss and in predictions."""
     max_length: int = 2048
-    """Tokens per sequence; longer prompts lose their beginning (after the BOS token), the answer is kept."""
+    """Tokens per sequence, capped by ``data.max_length`` (raise that for long tasks: SQuAD, DROP, ReCoRD, MultiRC);
+    longer prompts lose their beginning (after the BOS token), the answer is kept."""
     max_new_tokens: int = 50
     """Generation tasks: most tokens generated per answer (greedy; stops at a newline or EOS)."""
     eval_batch_size: int = 8

@@ -35,7 +35,17 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
                                   "`zo2 eval MODEL_FOLDER`, or train longer (checkpoint.save_every).")
         where = f"{target} at step {snap.step}"
     elif (target / "config.json").is_file():
-        job = load_config(None, None, [f"model.path={target}", "data.tokenizer=model", *overrides])
+        from zo2.train.tokenizer import TOKENIZER_FILES
+
+        # the folder's own tokenizer when it has one (a zo2 run's final/ of the byte tokenizer has none)
+        own = ["data.tokenizer=model"] if any((target / f).is_file() for f in TOKENIZER_FILES) else []
+        job = load_config(None, None, [f"model.path={target}", *own, *overrides])
+        if not any(o.startswith("data.max_length=") for o in overrides):  # sequences as long as the model takes
+            from zo2.train.model import check_model_folder
+
+            longest = check_model_folder(target).get("max_position_embeddings")
+            if longest:
+                job = replace(job, data=replace(job.data, max_length=int(longest)))
         where = str(target)
     else:
         raise ConfigError(f"{str(target)!r} is neither a zo2 run folder (config.toml) nor a Hugging Face model "
