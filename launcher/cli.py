@@ -96,7 +96,8 @@ LAUNCH_EXAMPLES = """\
 examples:
   zo2 launch --nproc-per-node 2 -- --set parallel.pp=2          # the default job: a scheduler + 2 CPU/GPU workers (PertP)
   zo2 launch --nproc-per-node 8 -- --preset opt-13b --set parallel.dp=4 --set parallel.pp=2 --out runs/13b
-  zo2 launch --nproc-per-node 8 -- --config deploy/configs/opt175b-1gpu.toml   # run it again after a stop: it resumes
+  zo2 launch --nproc-per-node 1 -- --config deploy/configs/opt175b-1gpu.toml   # run it again after a stop: it resumes
+  kill -USR1 <scheduler pid>                                    # a snapshot at the next step boundary
   zo2 launch --nnodes 4 --node-rank $SLURM_NODEID --master-addr $HEAD --nproc-per-node 8 -- --config job.toml
   zo2 launch --torchrun --nproc-per-node 8 -- --set parallel.dp=8   # plain torchrun, no scheduler
 """
