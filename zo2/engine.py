@@ -36,6 +36,7 @@ from zo2.optim.rng import direction, direction_seed, param_key
 import zo2_kernels
 from zo2.optim.schedule import lr_at
 from zo2.offload.build import build_offload
+from zo2.parallel.mesh import share_bounds
 from zo2.offload.streamer import TransferStats
 from zo2.offload.state import build_optimizer_state
 from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
@@ -252,6 +253,8 @@ class ZOEngine:
         """A node store to map (zo2.control.store.StoreSpec): every unit lives in the scheduler's shared store."""
         self.markers = None
         """With a node store: its per-unit markers (zo2.control.store.StoreMarkers), kept current on write-back."""
+        self.store_writer = 0
+        """With a node store: this process's index among the node's writers (the slice it writes back)."""
         self.plan, self.store, self.streamer = build_offload(self, self.device)
         check_supported(self.optimizer, comm=comm, sliced=bool(self.streamer and self.streamer.ranges),
                         node_store=store_spec is not None)
@@ -542,15 +545,13 @@ class ZOEngine:
         self.flush()
         if self.store_spec is None:
             return
-        writer = self.streamer.writer if self.streamer is not None else (
-            self.comm.local_rank if self.comm is not None and self.comm.local_size > 1 else 0)
-        writers = self.store_spec.writers
+        writer = self.store_writer
         for unit in self.units:
             if unit.store_index is not None or unit.flat is None:
                 continue
             dst = self.store.flat(unit.home)
-            share = dst.numel() // writers
-            lo, hi = writer * share, min((writer + 1) * share, unit.flat.numel())
+            lo, hi = share_bounds(dst.numel(), writer, self.store_spec.writers)
+            hi = min(hi, unit.flat.numel())  # the resident copy is not padded
             self.markers.begin(unit.home, writer, unit.applied)
             if hi > lo:
                 dst[lo:hi].copy_(unit.flat[lo:hi])

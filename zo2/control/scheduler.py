@@ -109,6 +109,10 @@ class Scheduler:
         self.procs: list[_Proc] = []
         self.restarts = 0
         self.stop_requested = 0
+        """Interrupts received: 1 stops at the next step boundary, 2 stops the workers at once."""
+        self._stop_sent = False
+        self._error: str | None = None
+        """A problem a worker reported (a restart would repeat it)."""
         self.checkpoint_requested = False
         self.stopped_at: int | None = None
         self.finished = False
@@ -136,7 +140,7 @@ class Scheduler:
         from zo2.train.checkpoint import TrajectoryLog, latest_good_snapshot, read_log
         from zo2.train.metrics import JsonlWriter, MetricsWindow, NullWriter, truncate_jsonl
         from zo2.train.model import STREAMED
-        from zo2.train.trainer import (CONFIG_FILE, LOG_FILE, METRICS_FILE, _trailing_skipped, build_job_model,
+        from zo2.train.trainer import (CONFIG_FILE, LOG_FILE, METRICS_FILE, build_job_model,
                                        build_tokenizer, resolve_device, write_text_atomic)
 
         job = self.job
@@ -174,7 +178,6 @@ class Scheduler:
         self.evals = [r for r in kept if r.get("kind") == "eval"]
         self.window.time_offset = max((r.get("time", 0.0) for r in kept), default=0.0)
         self.window.skipped_total = sum(bool(r["skipped"]) for r in records)
-        self.streak = _trailing_skipped(records)
         self.metrics = JsonlWriter(self.run_dir / METRICS_FILE) if self.head else NullWriter()
 
     def _fill_base(self, views: dict[str, torch.Tensor]) -> None:
@@ -276,9 +279,9 @@ class Scheduler:
         ctl = self.job.control
         exited_ok: set[int] = set()
         while True:
-            if self.stop_requested == 1:
-                self._send_all({"type": "stop"})
-                self.stop_requested = 1.5  # sent; a registering worker is told in its welcome
+            if self.stop_requested == 1 and not self._stop_sent:
+                self._send_all({"type": "stop"})  # a worker registering later is told in its welcome
+                self._stop_sent = True
             if self.stop_requested >= 2:
                 return "a second interrupt: stopping the workers now"
             if self.checkpoint_requested:
@@ -309,8 +312,6 @@ class Scheduler:
                             f"{now - p.last_seen:.0f}s (control.heartbeat_timeout_s = {ctl.heartbeat_timeout_s:g})")
             if len(exited_ok) == len(self.procs):
                 return "finished" if self.finished else "stopped"
-
-    _error: str | None = None
 
     def _drain(self, timeout_ms: int) -> None:
         """Handle the messages that arrive within ``timeout_ms`` (e.g. an error report sent just before exiting)."""

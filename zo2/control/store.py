@@ -74,7 +74,8 @@ def new_store_name() -> str:
     return f"zo2-node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +93,7 @@ def remove_stale_stores(folder: Path = _SHM_DIR) -> int:
         return 0
     for path in folder.iterdir():
         match = _NAME.match(path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             try:
                 size = path.stat().st_size
                 path.unlink()
@@ -189,8 +190,9 @@ class NodeStore:
         return {name: view for views in self.views for name, view in views.items()}
 
     def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
-        share = self.store.flat(unit).numel() // self.writers
-        return writer * share, (writer + 1) * share
+        from zo2.parallel.mesh import share_bounds
+
+        return share_bounds(self.store.flat(unit).numel(), writer, self.writers)
 
     # ------------------------------------------------------------------ repair
     def bring_to(self, step: int, records: Sequence[dict], snapshot: Any, fill_base: Any, device: torch.device,

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
-from zo2.control.store import StoreSpec
+from zo2.control.store import StoreSpec, process_alive
 from zo2.errors import NonFiniteLossError, ZO2Error
 
 FAULT_ENV = "ZO2_FAULT"
@@ -48,7 +48,7 @@ class Heartbeat(threading.Thread):
         link = WorkerLink(self.endpoint, self.token, self.rank)
         link.socket.setsockopt(zmq.LINGER, 0)  # never hold the process open
         while not self._stop_event.wait(self.interval):
-            if scheduler and not _alive(scheduler):  # the scheduler is gone: nobody logs or repairs; stop now
+            if scheduler and not _scheduler_alive(scheduler):  # the scheduler is gone: nobody logs or repairs; stop now
                 print(f"zo2 worker {self.rank}: the scheduler (pid {scheduler}) is gone; exiting.", file=sys.stderr)
                 os._exit(3)
             link.send({"type": "heartbeat", "step": self.step, "pid": os.getpid()})
@@ -229,14 +229,9 @@ def _measurements(result: Any) -> dict[str, Any]:
                                              "transfer_wait_ms", "peak_device_bytes")}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return os.getppid() == pid  # reparented: the scheduler that started us has died (its pid may be reused)
+def _scheduler_alive(pid: int) -> bool:
+    """The scheduler that started this worker still runs (once it died we are reparented: its pid may be reused)."""
+    return process_alive(pid) and os.getppid() == pid
 
 
 def _die_with_parent() -> None:

@@ -124,6 +124,7 @@ def _map_node_store(engine: "ZOEngine", device: torch.device) -> ParameterStore:
         raise ModelError("The node store's layout differs from this model's (parameter names, shapes or order); "
                          "the scheduler and the workers built different models. Run them from the same config.")
     engine.markers = StoreMarkers(spec.name, spec.units, spec.writers, create=False)
+    engine.store_writer = _writer(engine)[0]
     for k, u in enumerate(units):
         u.home = k
     return store
@@ -197,7 +198,7 @@ def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, Param
             u.store_index = u.home
         if streamed_units:
             streamer = BlockStreamer(store, device, cfg.prefetch, blocks=[u.home for u in streamed_units])
-            streamer.markers, streamer.writer = engine.markers, _writer(engine)[0]
+            streamer.markers, streamer.writer = engine.markers, engine.store_writer
             if _sliced(engine):
                 streamer.ranges = {u.home: engine.comm.slice_bounds(store.flat(u.home).numel())
                                    for u in streamed_units}

@@ -124,8 +124,7 @@ class ZOComm:
 
     def slice_bounds(self, numel: int) -> tuple[int, int]:
         """This process's equal share [lo, hi) of a buffer of ``numel`` elements (a multiple of the share count)."""
-        share = numel // self.local_size
-        return self.local_rank * share, (self.local_rank + 1) * share
+        return share_bounds(numel, self.local_rank, self.local_size)
 
     def gather_slices(self, flat: torch.Tensor) -> None:
         """Assemble ``flat`` on every process of the node from each one's slice of it (in place)."""
@@ -163,6 +162,13 @@ class ZOComm:
                 f"The replicas' weights diverged by step {step} (checksums {lo.item()!r} .. {hi.item()!r}): every "
                 "rank must run the same code, config and seed. Resume from the last snapshot; if it happens again, "
                 "check that all ranks use the same zo2, torch and kernel versions.")
+
+
+def share_bounds(numel: int, index: int, count: int) -> tuple[int, int]:
+    """Share ``index`` of ``count`` equal shares [lo, hi) of a buffer of ``numel`` elements (padded to a multiple
+    of ``count``): what each process of a node uploads and writes back with sliced transfers."""
+    share = numel // count
+    return index * share, (index + 1) * share
 
 
 def node_group(world: int, local_size: int):
