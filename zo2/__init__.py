@@ -1,5 +1,9 @@
 """zo2: zeroth-order fine-tuning of large language models that do not fit on the GPU."""
 
+from zo2.numerics import settle_cpu_math
+
+settle_cpu_math()  # before anything computes: CPU math must not depend on which thread first ran an op
+
 from zo2.config.zo import ZOConfig
 from zo2.engine import EvalResult, StepResult, ZOEngine
 
