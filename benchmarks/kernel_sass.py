@@ -10,6 +10,7 @@ by the elements of a tile it is the instruction cost per element, the number tha
     python benchmarks/kernel_sass.py                  # perturb / update+perturb, both distributions, bf16
     python benchmarks/kernel_sass.py --module FILE    # another triton_ops.py (e.g. an older one), same counts
     python benchmarks/kernel_sass.py --dump DIR       # also write the PTX, TTGIR and SASS of each variant
+    python benchmarks/kernel_sass.py --maxnreg 56     # with a register cap: spills, resident programs per SM
 
 Needs the triton package's bundled NVIDIA tools; the numbers are for the local triton version.
 """
@@ -42,11 +43,12 @@ _ARG_TYPES = {"theta_ptr": "*D", "new_ptr": "*D", "plus_ptr": "*D", "minus_ptr":
               "tile_starts_ptr": "*i64", "seed0": "I", "coef0": "fp32", "seeds_ptr": "*i64",
               "coeffs_ptr": "*fp32", "lr": "fp32", "wd": "fp32", "seed": "I", "eps": "fp32", "sr_seed": "I",
               "n_tiles": "i32"}
+_ESIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 _MODES = {"perturb": 1, "update": 2, "update_perturb": 3, "direction": 0}
 
 
 def compile_variant(K, mode: str, gaussian: bool, dtype: str, block: int, num_warps: int, q: int, sr: int,
-                    arch: int, persistent: bool = False):
+                    arch: int, persistent: bool = False, maxnreg: int = 0):
     """The CompiledKernel of ``K._zo_kernel`` for one specialisation (16 aligned segments, as an OPT block)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -71,8 +73,17 @@ def compile_variant(K, mode: str, gaussian: bool, dtype: str, block: int, num_wa
         if t.startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def programs_per_sm(regs: int, num_warps: int) -> int:
+    """Programs one Hopper SM holds at once: 64 K registers (allocated per warp in units of 256), 64 warps,
+    32 blocks; no shared memory in these kernels."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    return min(32, 64 // num_warps, 65536 // (per_warp * num_warps))
 
 
 def sass_report(kernel) -> tuple[str, dict, collections.Counter]:
@@ -109,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     p.add_argument("--dump", default=None, help="directory for the PTX / TTGIR / SASS of each variant")
     p.add_argument("--persistent", action="store_true", help="the persistent (prefetching) variant")
+    p.add_argument("--maxnreg", type=int, default=0,
+                   help="cap registers per thread (as kernels.py --maxnreg); spills show as stack and LDL/STL")
     args = p.parse_args(argv)
     bench = _bench_kernels()
     bench._import_kernels()
@@ -124,12 +137,15 @@ def main(argv=None) -> int:
         variants.append(("update_perturb", True, 1, 1 if args.dtype == "bf16" else 2))
     for mode, gaussian, q, sr in variants:
         kernel = compile_variant(K, mode, gaussian, args.dtype, args.block, args.num_warps, q, sr, args.arch,
-                                 args.persistent)
+                                 args.persistent, args.maxnreg)
         sass, res, ops = sass_report(kernel)
         total = sum(ops.values())
         name = f"{mode}{'_sr' if sr else ''} {'gaussian' if gaussian else 'rademacher'}"
+        resident = programs_per_sm(res.get("reg", 0), args.num_warps)
         print(f"{name:32s} instructions {total:5d} ({total / per_thread:5.1f} per element)  regs {res.get('reg')}"
-              f"  stack {res.get('stack')}  shared {res.get('shared')}  branches {ops['BRA']}")
+              f"  stack {res.get('stack')} (LDL {ops['LDL']}, STL {ops['STL']})  shared {res.get('shared')}  "
+              f"branches {ops['BRA']}  programs/SM {resident} ({resident * args.num_warps} warps, "
+              f"{resident * args.block * _ESIZE[args.dtype] // 1024} KB of θ per SM)")
         print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(14)))
         if args.dump:
             out = Path(args.dump)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -86,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sweep: programs per SM for the persistent variant (empty: none), on --persistent-tiles")
     p.add_argument("--persistent-tiles", default="1024/4,2048/4,2048/8",
                    help="sweep: BLOCK/num_warps pairs timed with the persistent variant")
+    p.add_argument("--maxnreg", default="",
+                   help="sweep: register caps per thread (ptxas maxnreg, multiples of 8) timed on --maxnreg-tiles; "
+                        "more resident programs per SM against spills (benchmarks/kernel_sass.py --maxnreg counts "
+                        "them)")
+    p.add_argument("--maxnreg-tiles", default="2048/2,1024/2", help="sweep: BLOCK/num_warps pairs for --maxnreg")
     p.add_argument("--baseline", default=None,
                    help="sweep: an older triton_ops.py to time at its default tile on the same card")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -225,13 +231,17 @@ def _grid(blocks: list[int], warps: list[int]) -> list[tuple[int, int]]:
     return [(b, w) for b in blocks for w in warps if b >= 8 * 32 * w]
 
 
-def _kernel_call(K, kind: str, table, theta, plus, minus, scratch, block, num_warps, pps: int = 0):
+def _kernel_call(K, kind: str, table, theta, plus, minus, scratch, block, num_warps, pps: int = 0,
+                 regs: int = 0):
     """One call of kernel ``kind`` (see SWEEP_KINDS) of backend module ``K`` on the given buffers: at its
-    default tile when ``block`` is None, with ``pps`` persistent programs per SM when > 0."""
+    default tile when ``block`` is None, with ``pps`` persistent programs per SM when > 0, with at most
+    ``regs`` registers per thread when > 0."""
     dist = "gaussian" if kind.endswith("gauss") else "rademacher"
     kw = {} if block is None else {"block": block, "num_warps": num_warps}
     if pps:
         kw["programs_per_sm"] = pps
+    if regs:
+        kw["max_registers"] = regs
     if kind.startswith("pair"):
         return K.perturb_pair(theta, table, _SEED, _EPS, dist, out_plus=plus, out_minus=minus, **kw)
     # in place, as the engine updates its store buffer
@@ -242,7 +252,7 @@ def _kernel_call(K, kind: str, table, theta, plus, minus, scratch, block, num_wa
 def _precompile_job(job: tuple) -> str:
     """Run in a spawned process: compile one configuration by calling it on a small block of the same layout
     (same specialisation: 16 segments, aligned, bf16...), which leaves it in Triton's on-disk cache."""
-    kind, block, warps, pps, dtype_name, baseline = job
+    kind, block, warps, pps, regs, dtype_name, baseline = job
     try:
         _import_kernels()
         from zo2.optim import rng
@@ -251,11 +261,11 @@ def _precompile_job(job: tuple) -> str:
         table = _block_table(64, rng)
         theta = torch.randn(table.end, device="cuda").to(DTYPES[dtype_name])
         bufs = [torch.empty_like(theta) for _ in range(3)]
-        _kernel_call(K, kind, table, theta, *bufs, block, warps, pps)
+        _kernel_call(K, kind, table, theta, *bufs, block, warps, pps, regs)
         torch.cuda.synchronize()
         return ""
     except Exception as e:  # reported, and the timing process compiles it itself
-        return f"{kind} {block}/{warps} pps={pps}: {type(e).__name__}: {e}"
+        return f"{kind} {_config_name('', block, warps, pps, regs).strip()}: {type(e).__name__}: {e}"
 
 
 def _precompile(jobs: list[tuple], n_proc: int) -> tuple[float, list[str]]:
@@ -343,10 +353,10 @@ def _check(K, R, rng, configs, dtype, device, d: int, baseline=None) -> dict:
             if not bool((diff <= ulp * 1.0001).all()) or float((diff > 0).float().mean()) >= 0.01:
                 failures.append(f"{what}: beyond one ulp / too many differences (max {float(diff.max()):.3g})")
 
-    def run(mod, kind, block, warps, pps=0):
+    def run(mod, kind, block, warps, pps=0, regs=0):
         bufs = [torch.full_like(theta, float("nan")) for _ in range(3)]
         bufs[2].copy_(theta)  # scratch: θ, updated in place
-        out = _kernel_call(mod, kind, table, theta, bufs[0], bufs[1], bufs[2], block, warps, pps)
+        out = _kernel_call(mod, kind, table, theta, bufs[0], bufs[1], bufs[2], block, warps, pps, regs)
         return [x.clone() for x in out]
 
     for kind in SWEEP_KINDS:
@@ -356,12 +366,13 @@ def _check(K, R, rng, configs, dtype, device, d: int, baseline=None) -> dict:
         default = run(K, kind, None, None)
         for a, b in zip(default, ref):
             close(a, b, dist, f"{kind} default tile vs reference")
-        for version, block, warps, pps in configs:
+        for version, block, warps, pps, regs in configs:
             if version != "new":
                 continue
-            got = run(K, kind, block, warps, pps)
+            got = run(K, kind, block, warps, pps, regs)
             if not all(torch.equal(x, y) for x, y in zip(got, default)):
-                failures.append(f"{kind} {block}/{warps} pps={pps}: differs from the default tile's output")
+                failures.append(f"{kind} {_config_name('', block, warps, pps, regs).strip()}: differs from the "
+                                "default tile's output")
         if baseline is not None:
             for a, b in zip(run(baseline, kind, None, None), ref):
                 close(a, b, dist, f"{kind} baseline vs reference")
@@ -374,8 +385,8 @@ def _check(K, R, rng, configs, dtype, device, d: int, baseline=None) -> dict:
     return {"ok": not failures, "failures": failures, "params": table.end, "z_max_abs_err": err}
 
 
-def _config_name(version: str, block, warps, pps: int) -> str:
-    return f"{version} {block}/{warps}" + (f" p{pps}" if pps else "")
+def _config_name(version: str, block, warps, pps: int, regs: int = 0) -> str:
+    return f"{version} {block}/{warps}" + (f" p{pps}" if pps else "") + (f" r{regs}" if regs else "")
 
 
 def run_sweep(args) -> int:
@@ -406,10 +417,16 @@ def run_sweep(args) -> int:
     if not hasattr(K, "DEFAULT_PROGRAMS_PER_SM"):
         pps_list = []
     # (version, BLOCK, num_warps, programs per SM; 0: one program per tile)
-    configs = [("new", b, w, 0) for b, w in grid]
-    configs += [("new", b, w, p) for b, w in p_tiles if (b, w) in _grid([b], [w]) for p in pps_list]
+    regs_list = [int(x) for x in args.maxnreg.split(",") if x.strip() and int(x)]
+    r_tiles = [tuple(int(v) for v in x.split("/")) for x in args.maxnreg_tiles.split(",") if x.strip()]
+    if "max_registers" not in inspect.signature(K.perturb_pair).parameters:
+        regs_list = []
+    # (version, BLOCK, num_warps, programs per SM (0: one program per tile), register cap (0: none))
+    configs = [("new", b, w, 0, 0) for b, w in grid]
+    configs += [("new", b, w, p, 0) for b, w in p_tiles if (b, w) in _grid([b], [w]) for p in pps_list]
+    configs += [("new", b, w, 0, r) for b, w in r_tiles if (b, w) in _grid([b], [w]) for r in regs_list]
     if base is not None:
-        configs.append(("baseline", base.DEFAULT_BLOCK, base.DEFAULT_NUM_WARPS, 0))
+        configs.append(("baseline", base.DEFAULT_BLOCK, base.DEFAULT_NUM_WARPS, 0, 0))
     sizes = [("tiny", 32), ("tiny-small", 16)] if args.tiny else [_sweep_d(x) for x in args.sweep_shapes.split(",")]
     warmup, reps = (1, 1) if args.tiny else (args.warmup, args.reps)
     timer = _timer(device)
@@ -420,10 +437,10 @@ def run_sweep(args) -> int:
     compile_s, compile_errors = 0.0, []
     if device == "cuda" and args.jobs > 0:
         keys = {}
-        for version, b, w, p in configs + [("new", K.DEFAULT_BLOCK, K.DEFAULT_NUM_WARPS, 0)]:
+        for version, b, w, p, r in configs + [("new", K.DEFAULT_BLOCK, K.DEFAULT_NUM_WARPS, 0, 0)]:
             for kind in SWEEP_KINDS:  # one compile per specialisation (the programs count is not one)
-                keys.setdefault((version, kind, b, w, p > 0), (kind, b, w, p, args.dtype,
-                                                              str(args.baseline) if version == "baseline" else None))
+                keys.setdefault((version, kind, b, w, p > 0, r),
+                                (kind, b, w, p, r, args.dtype, str(args.baseline) if version == "baseline" else None))
         jobs = list(keys.values())
         compile_s, compile_errors = _precompile(jobs, args.jobs)
         print(f"compiled {len(jobs)} kernels in {compile_s:.1f} s ({args.jobs} processes)", flush=True)
@@ -462,11 +479,12 @@ def run_sweep(args) -> int:
         size["read1_write3_GBps"] = 4 * n * esize / (timer(fan(3), warmup, reps) * 1e-3) / 1e9
         size["torch_mezo4_ms"] = timer(mezo4, warmup, reps)
         scratch.copy_(theta)
-        for version, b, w, p in configs:
+        for version, b, w, p, r in configs:
             mod = K if version == "new" else base
-            row = {"version": version, "block": b, "num_warps": w, "programs_per_sm": p}
+            row = {"version": version, "block": b, "num_warps": w, "programs_per_sm": p, "max_registers": r}
             for kind in SWEEP_KINDS:
-                ms = timer(lambda: _kernel_call(mod, kind, table, theta, plus, minus, scratch, b, w, p), warmup, reps)
+                ms = timer(lambda: _kernel_call(mod, kind, table, theta, plus, minus, scratch, b, w, p, r), warmup,
+                           reps)
                 gbps = _PASSES[kind] * n * esize / (ms * 1e-3) / 1e9
                 ceiling = size["read1_write2_GBps"] if kind.startswith("pair") else size["read1_write3_GBps"]
                 row[kind] = {"ms": ms, "GBps": gbps, "pct_copy": 100 * gbps / size["copy_GBps"],
@@ -474,7 +492,7 @@ def run_sweep(args) -> int:
                 if kind.startswith("upd"):
                     row[kind]["x_mezo4"] = size["torch_mezo4_ms"] / ms
             size["rows"].append(row)
-            print(f"  {name} {_config_name(version, b, w, p)}: " + "  ".join(
+            print(f"  {name} {_config_name(version, b, w, p, r)}: " + "  ".join(
                 f"{k} {row[k]['ms']:.3f} ms" for k in SWEEP_KINDS), flush=True)
         results.append(size)
         del theta, plus, minus, scratch
@@ -496,12 +514,14 @@ def run_sweep(args) -> int:
             cells = [f"{r[k]['ms']:7.3f} {r[k]['pct_copy']:5.1f} {r[k]['pct_pattern']:5.1f}" for k in SWEEP_KINDS[:2]]
             cells += [f"{r[k]['ms']:7.3f} {r[k]['pct_copy']:5.1f} {r[k]['pct_pattern']:5.1f} {r[k]['x_mezo4']:5.2f}x"
                       for k in SWEEP_KINDS[2:]]
-            print(f"{_config_name(r['version'], r['block'], r['num_warps'], r['programs_per_sm']):>20} | "
+            name_ = _config_name(r["version"], r["block"], r["num_warps"], r["programs_per_sm"], r["max_registers"])
+            print(f"{name_:>20} | "
                   + " | ".join(cells))
         new_rows = [r for r in size["rows"] if r["version"] == "new"]
         best = {k: min(new_rows, key=lambda r: r[k]["ms"]) for k in SWEEP_KINDS}
         print("best: " + "  ".join(
-            f"{k} {_config_name('', b['block'], b['num_warps'], b['programs_per_sm']).strip()} ({b[k]['ms']:.3f} ms)"
+            f"{k} {_config_name('', b['block'], b['num_warps'], b['programs_per_sm'], b['max_registers']).strip()} "
+            f"({b[k]['ms']:.3f} ms)"
             for k, b in best.items()))
     total = time.time() - t_start
     print(f"\ncheck: {'PASS' if check['ok'] else 'FAIL'}   total {total:.1f} s (compile {compile_s:.1f} s)")

@@ -529,6 +529,12 @@ def _check_block(block: int) -> int:
     return block
 
 
+def _check_registers(n: int) -> int:
+    if not 24 <= int(n) <= 255 or int(n) % 8:
+        raise ValueError(f"max_registers must be a multiple of 8 in [24, 255] (registers per thread), got {n}")
+    return int(n)
+
+
 def _as_int32(x) -> int:
     """The low 32 bits of ``x`` as a signed int32 value: seeds travel as 32-bit kernel arguments (Triton types
     an int argument by its value, so a seed >= 2**31 would otherwise be an int64 and a second compiled kernel)."""
@@ -550,9 +556,10 @@ def _sm_count(device: torch.device) -> int:
 
 def _launch(mode, table: SegmentTable, *, theta, new, plus, minus, distribution, seed=0, eps=0.0,
             seeds=(), coeffs=(), lr=0.0, weight_decay=0.0, sr_seed=None, block, num_warps, device,
-            programs_per_sm=0):
+            programs_per_sm=0, max_registers=None):
     """Build the constexpr specialisation and launch one grid over every tile of ``table``: one program per
-    tile, or with ``programs_per_sm > 0`` (modes 1-3) that many persistent programs per multiprocessor."""
+    tile, or with ``programs_per_sm > 0`` (modes 1-3) that many persistent programs per multiprocessor.
+    ``max_registers``: a cap on registers per thread (ptxas ``maxnreg``; None: the compiler's choice)."""
     _check_distribution(distribution)
     for name, t in (("out", new), ("out_plus", plus), ("out_minus", minus)):
         if t is not None and mode != _MODE_DIRECTION and t.dtype not in _KERNEL_DTYPES:
@@ -596,6 +603,7 @@ def _launch(mode, table: SegmentTable, *, theta, new, plus, minus, distribution,
         sr = _SR_BF16 if new.dtype == torch.bfloat16 else _SR_FP16
 
     persistent = mode != _MODE_DIRECTION and programs_per_sm > 0
+    options = {} if not max_registers else {"maxnreg": _check_registers(max_registers)}
     n_programs = min(n_tiles, programs_per_sm * _sm_count(torch.device(device))) if persistent else n_tiles
     dummy = dev_table
     _zo_kernel[(n_programs,)](
@@ -614,7 +622,7 @@ def _launch(mode, table: SegmentTable, *, theta, new, plus, minus, distribution,
         Q=q, SEEDS_FROM_PTR=seeds_from_ptr, COEFFS_FROM_PTR=coeffs_from_ptr,
         HAS_WD=float(weight_decay) != 0.0,
         SR=sr, ALIGNED8=table.aligned8, C=block // 128, PERSISTENT=persistent,
-        num_warps=num_warps,
+        num_warps=num_warps, **options,
         # No FMA contraction: keep the torch reference's roundings (see the module docstring).
         enable_fp_fusion=False,
     )
@@ -661,6 +669,7 @@ def perturb_pair(
     block: int = DEFAULT_BLOCK,
     num_warps: int = DEFAULT_NUM_WARPS,
     programs_per_sm: int = DEFAULT_PROGRAMS_PER_SM,
+    max_registers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(θ + εz, θ − εz)`` from one read of θ; see ``reference.perturb_pair``."""
     table = SegmentTable.coerce(segments)
@@ -669,7 +678,7 @@ def perturb_pair(
     minus = _out_like(theta, out_minus, "out_minus")
     _launch(_MODE_PERTURB, table, theta=flat, new=None, plus=plus.view(-1), minus=minus.view(-1),
             distribution=distribution, seed=seed, eps=eps, block=block, num_warps=num_warps,
-            programs_per_sm=programs_per_sm,
+            programs_per_sm=programs_per_sm, max_registers=max_registers,
             device=theta.device)
     return plus, minus
 
@@ -688,6 +697,7 @@ def update(
     block: int = DEFAULT_BLOCK,
     num_warps: int = DEFAULT_NUM_WARPS,
     programs_per_sm: int = DEFAULT_PROGRAMS_PER_SM,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """θ − lr (Σ cᵢ z(seedᵢ) + λ·decay·θ) per segment; see ``reference.update``. ``out=theta``: in place."""
     table = SegmentTable.coerce(segments)
@@ -696,7 +706,7 @@ def update(
     _launch(_MODE_UPDATE, table, theta=flat, new=new.view(-1), plus=None, minus=None,
             distribution=distribution, seeds=seeds, coeffs=coeffs, lr=lr, weight_decay=weight_decay,
             sr_seed=stochastic_rounding_seed, block=block, num_warps=num_warps, device=theta.device,
-            programs_per_sm=programs_per_sm)
+            programs_per_sm=programs_per_sm, max_registers=max_registers)
     return new
 
 
@@ -718,6 +728,7 @@ def update_and_perturb(
     block: int = UPDATE_PERTURB_BLOCK,
     num_warps: int = DEFAULT_NUM_WARPS,
     programs_per_sm: int = DEFAULT_PROGRAMS_PER_SM,
+    max_registers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deferred update then dual perturbation in one pass; see ``reference.update_and_perturb``."""
     table = SegmentTable.coerce(segments)
@@ -728,7 +739,8 @@ def update_and_perturb(
     _launch(_MODE_UPDATE_PERTURB, table, theta=flat, new=new.view(-1), plus=plus.view(-1),
             minus=minus.view(-1), distribution=distribution, seed=seed, eps=eps, seeds=prev_seeds,
             coeffs=prev_coeffs, lr=lr, weight_decay=weight_decay, sr_seed=stochastic_rounding_seed,
-            block=block, num_warps=num_warps, device=theta.device, programs_per_sm=programs_per_sm)
+            block=block, num_warps=num_warps, device=theta.device, programs_per_sm=programs_per_sm,
+            max_registers=max_registers)
     return new, plus, minus
 
 

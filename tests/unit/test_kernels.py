@@ -305,6 +305,18 @@ def test_persistent_programs_match_one_program_per_tile(distribution):
     assert torch.equal(inplace, T.update(theta, SEGS, [3], [0.5], 1e-2, 0.1, distribution))
 
 
+def test_register_cap_changes_nothing_but_the_compile_and_is_checked():
+    """max_registers (ptxas maxnreg, a benchmark knob) gives the same bits; bad caps are refused up front."""
+    theta = _theta(N, torch.bfloat16, seed=11)
+    args = (SEGS, [3], [0.5], 1e-2, 0.1, 4, 1e-3, "gaussian")
+    capped = T.update_and_perturb(theta, *args, stochastic_rounding_seed=7, block=512, max_registers=40)
+    for a, b in zip(capped, T.update_and_perturb(theta, *args, stochastic_rounding_seed=7, block=512)):
+        assert torch.equal(a, b)
+    for bad in (20, 50, 256):
+        with pytest.raises(ValueError, match="max_registers must be a multiple of 8"):
+            T.perturb_pair(theta, SEGS, 4, 1e-3, max_registers=bad)
+
+
 # -------------------------------------------------------------------------------------- stochastic rounding
 def _sr_inputs(n: int = 4000) -> torch.Tensor:
     g = _gen(10)
