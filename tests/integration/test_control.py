@@ -98,6 +98,8 @@ def test_a_worker_killed_mid_write_back_is_repaired_from_the_log(tmp_path, refer
     # rank 0 dies in step 4 (0-based) while writing block 1 (unit 2) back: half of it landed
     sched = run_scheduler(run_dir, fault="0:4:2")
     assert sched.restarts == 1
+    (repair,) = sched.recoveries  # it died of the SIGKILL after tearing the block, and the block was rebuilt
+    assert "signal 9" in repair["why"] and repair["rebuilt"] == 1 and repair["step"] == 4, repair
     assert logged(run_dir) == logged(reference)
     assert_same(final_weights(run_dir), final_weights(reference))
 
@@ -107,6 +109,8 @@ def test_a_torn_slice_with_two_workers_is_repaired(tmp_path, reference):
     run_dir = tmp_path / "run"
     sched = run_scheduler(run_dir, "parallel.pp=2", workers=2, fault="1:2:3")
     assert sched.restarts == 1
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["rebuilt"] >= 1, repair  # the other worker may be mid-write too
     assert_same(final_weights(run_dir), final_weights(reference))
 
 

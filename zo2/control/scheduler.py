@@ -108,6 +108,8 @@ class Scheduler:
         self.token = new_token()
         self.procs: list[_Proc] = []
         self.restarts = 0
+        self.recoveries: list[dict] = []
+        """One entry per repair: why (the failure), step (restarted at), rebuilt and caught_up (unit counts)."""
         self.stop_requested = 0
         """Interrupts received: 1 stops at the next step boundary, 2 stops the workers at once."""
         self._stop_sent = False
@@ -434,6 +436,7 @@ class Scheduler:
         self.done = len(records)
         snap = latest_good_snapshot(self.run_dir, self.done)
         counts = self.node.bring_to(self.done - 1, records, snap, self._fill_base, self.device)
+        self.recoveries.append({"why": why, "step": self.done, **counts})
         if self.stop_requested:
             self._snapshot(self.done)
             self.console.log(f"zo2: stopped at step {self.done} ({why}); the store was repaired from the log and "

@@ -212,7 +212,8 @@ class Worker:
         def torn_write_back(block: int, step_applied: int = -1) -> None:
             if self.engine.step_count == step and block == unit:
                 streamer.markers.begin(block, streamer.writer, step_applied)
-                lo, hi = streamer._range(block)
+                rng = streamer._range(block)
+                lo, hi = rng.start, rng.stop
                 src = streamer.slots[streamer._slot_of[block]]
                 mid = lo + (hi - lo) // 2
                 streamer.store.flat(block)[lo:mid].copy_(src[lo:mid])  # half of the block lands...
