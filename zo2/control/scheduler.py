@@ -90,9 +90,6 @@ class Scheduler:
                               f"{job.parallel.dp * job.parallel.pp}, but the job runs {world} workers "
                               f"({self.place.nnodes} node(s) × {workers}). Set --set parallel.dp=... / parallel.pp=... "
                               f"so that their product is {world}.")
-        if job.peft.method is not None:
-            raise ConfigError(f"peft.method = {job.peft.method!r}: the scheduler's node store holds full models only; "
-                              "train adapters with zo2 train (or zo2 launch --torchrun).")
         optimizer = job.optim.optimizer
         if optimizer not in ("zo-sgd", "zo-sgd-conservative"):  # updates the log replays as plain SGD steps
             raise ConfigError(f"optim.optimizer = {optimizer!r}: the scheduler repairs and snapshots its store with "
@@ -185,16 +182,15 @@ class Scheduler:
     def _fill_base(self, views: dict[str, torch.Tensor]) -> None:
         """Fill ``views`` (name → store view) with the run's base weights."""
         from zo2.offload.loading import init_random_into, load_safetensors_into
-        from zo2.train.model import build_model
-        from zo2.train.trainer import special_token_ids
+        from zo2.train.trainer import build_job_model
 
         m = self.job.model
         if self.streamed_model and m.path is not None:
             load_safetensors_into(views, m.path, getattr(self.model, "base_model_prefix", "model"))
         elif self.streamed_model:
             init_random_into(views, m.init_seed, self.device)
-        else:  # a model small enough to build whole: build it again and copy the units asked for
-            base = dict(build_model(replace(m, stream_load="never"), special_token_ids(self.tokenizer))
+        else:  # a model small enough to build whole (or a PEFT model: its seeded adapters) built again
+            base = dict(build_job_model(replace(self.job, model=replace(m, stream_load="never")), self.tokenizer)
                         .named_parameters())
             for name, view in views.items():
                 view.copy_(base[name].detach())

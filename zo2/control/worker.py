@@ -73,8 +73,11 @@ class Worker:
 
         self.run_dir, self.link, self.heartbeat = run_dir, link, heartbeat
         job = load_saved_config(Path(os.environ.get(CONFIG_ENV, run_dir / "config.toml")))
-        # the weights come from the node store: build the module skeleton only, on the meta device
-        self.job = job = replace(job, model=replace(job.model, stream_load="always"))
+        if job.peft.method is None:
+            # the weights come from the node store: build the module skeleton only, on the meta device
+            job = replace(job, model=replace(job.model, stream_load="always"))
+        # with [peft] the trained adapters come from the node store; the frozen base model is this worker's own
+        self.job = job
         device = resolve_device(job.train.device)
         self.comm = init_comm(job.parallel, device)
         self.main = self.comm.rank == 0
