@@ -214,12 +214,21 @@ def rounding_seed(config: ZOConfig, update: Update, dtype: torch.dtype) -> int |
     return direction_seed(config.seed ^ _ROUNDING_STREAM, update.step)
 
 
-def update_flat(kernels: Any, config: ZOConfig, target: torch.Tensor, table: Any, update: Update) -> None:
-    """θ ← θ − lr (Σ c z + λθ) in place on a flat buffer (or a slice of one) described by ``table``: the
-    arithmetic of every update the engine applies, also used to repair a store from the trajectory log."""
-    kernels.update(target, table, update.seeds, update.coeffs, update.lr, config.weight_decay,
-                   config.distribution, stochastic_rounding_seed=rounding_seed(config, update, target.dtype),
-                   out=target)
+def update_flat(kernels: Any, config: ZOConfig, target: torch.Tensor, table: Any, update: Update,
+                optimizer: Any = None, state: Any = None) -> None:
+    """θ ← θ − lr (D + λθ) in place on a flat buffer (or a slice of one) described by ``table``: the
+    arithmetic of every update the engine applies, also used to repair a store from the trajectory log.
+
+    D = Σ c z (MeZO-SGD, the fused kernels) unless ``optimizer`` (a :class:`~zo2.optim.optimizers.ZOOptimizer`)
+    is not plain SGD: then its rule, with ``state`` (a UnitState: its buffers laid out like ``target``) updated
+    in place."""
+    if optimizer is None or optimizer.fused:
+        kernels.update(target, table, update.seeds, update.coeffs, update.lr, config.weight_decay,
+                       config.distribution, stochastic_rounding_seed=rounding_seed(config, update, target.dtype),
+                       out=target)
+        return
+    optimizer.apply(target, table, state, update, config.weight_decay, config.distribution,
+                    rounding_seed(config, update, target.dtype), kernels=kernels)
 
 
 class ZOEngine:
@@ -256,10 +265,11 @@ class ZOEngine:
         self.store_writer = 0
         """With a node store: this process's index among the node's writers (the slice it writes back)."""
         self.plan, self.store, self.streamer = build_offload(self, self.device)
-        check_supported(self.optimizer, comm=comm, sliced=bool(self.streamer and self.streamer.ranges),
-                        node_store=store_spec is not None)
+        check_supported(self.optimizer, comm=comm, sliced=bool(self.streamer and self.streamer.ranges))
         self.opt_state = build_optimizer_state(self)
         """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
+        self.state_area = self._map_state_area()
+        """With a node store and a stateful optimizer: the scheduler's copy of the state (zo2.control.store)."""
         streamed = [u for u in self.units if u.store_index is not None]
         self._last_streamed = streamed[-1] if streamed else None
         self.kernels = _select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
@@ -304,6 +314,25 @@ class ZOEngine:
     def _z(self, name: str, seed: int) -> torch.Tensor:
         return direction(seed, self.keys[name], self.params[name].numel(), distribution=self.config.distribution,
                          device=self.device)
+
+    def _map_state_area(self) -> Any:
+        """Map the node's optimizer-state area and load the state from it (the scheduler filled it)."""
+        spec = self.store_spec
+        if spec is None:
+            return None
+        if tuple(spec.state_names) != tuple(self.optimizer.state_names):
+            raise ModelError(f"The node store was made for optimizer state {list(spec.state_names)} but this "
+                             f"worker's optimizer ({self.optimizer.name}) keeps {list(self.optimizer.state_names)}: "
+                             "start the workers from the scheduler of the same config.")
+        if not spec.state_names:
+            return None
+        from zo2.control.store import StateArea
+        from zo2.optim.update import math_dtype
+
+        area = StateArea(spec.name, [self.store.flat(u.home).numel() for u in self.units], spec.state_names,
+                         math_dtype(spec.torch_dtype), create=False)
+        self.opt_state.load_area(area)
+        return area
 
     def _rounding_seed(self, update: Update, dtype: torch.dtype) -> int | None:
         return rounding_seed(self.config, update, dtype)
@@ -362,13 +391,9 @@ class ZOEngine:
     def _update_in_place(self, target: torch.Tensor, table: Any, update: Update, unit: _Unit | None = None) -> None:
         """θ ← θ − lr (D + λθ) on a flat buffer (or a slice of one) described by ``table``: the fused kernels for
         MeZO-SGD (D = Σ c z), else the optimizer's rule with ``unit``'s state (uploaded, updated, written back)."""
-        if self.optimizer.fused:
-            update_flat(self.kernels, self.config, target, table, update)
-            return
-        state = self.opt_state.acquire(unit) if unit is not None else None
-        self.optimizer.apply(target, table, state, update, self.config.weight_decay, self.config.distribution,
-                             self._rounding_seed(update, target.dtype), kernels=self.kernels)
-        if unit is not None:
+        state = self.opt_state.acquire(unit) if unit is not None and not self.optimizer.fused else None
+        update_flat(self.kernels, self.config, target, table, update, self.optimizer, state)
+        if state is not None:
             self.opt_state.updated(unit)
 
     def _pair_buffers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,6 +583,8 @@ class ZOEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the bytes are in the store before the marker says so
             self.markers.done(unit.home, writer, unit.applied)
+        if self.state_area is not None:  # one writer: stateful optimizers do not slice their transfers
+            self.opt_state.save_area(self.state_area)
         if self.comm is not None:
             self.comm.local_barrier()
 

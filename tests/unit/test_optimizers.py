@@ -380,5 +380,3 @@ def test_unsupported_modes_are_refused_with_the_fix():
     check_supported(build_optimizer(ZOConfig(optimizer="zo-sgd-sign")), sliced=True)  # stateless: fine
     with pytest.raises(ConfigError, match="parallel.pp = 1"):
         check_supported(build_optimizer(ZOConfig(optimizer="zo-sgd-conservative")), comm=Comm())
-    with pytest.raises(ConfigError, match="node store"):
-        check_supported(build_optimizer(ZOConfig(optimizer="zo-sgd-momentum")), node_store=True)

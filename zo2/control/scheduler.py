@@ -90,11 +90,13 @@ class Scheduler:
                               f"{job.parallel.dp * job.parallel.pp}, but the job runs {world} workers "
                               f"({self.place.nnodes} node(s) × {workers}). Set --set parallel.dp=... / parallel.pp=... "
                               f"so that their product is {world}.")
-        optimizer = job.optim.optimizer
-        if optimizer not in ("zo-sgd", "zo-sgd-conservative"):  # updates the log replays as plain SGD steps
-            raise ConfigError(f"optim.optimizer = {optimizer!r}: the scheduler repairs and snapshots its store with "
-                              "plain SGD steps, so under zo2 launch use 'zo-sgd' (MeZO-SGD) or "
-                              "'zo-sgd-conservative'; run this optimizer with zo2 train or zo2 launch --torchrun.")
+        from zo2.optim.optimizers import build_optimizer
+
+        if workers > 1 and build_optimizer(job.optim).state_names:
+            raise ConfigError(f"optim.optimizer = {job.optim.optimizer!r} keeps optimizer state, which the workers of "
+                              "one node cannot split between them (sliced transfers): run one worker per node "
+                              "(--nproc-per-node 1, or nodes with one GPU each) or a stateless optimizer "
+                              "('zo-sgd', 'zo-sgd-sign', 'zo-sgd-conservative').")
         if workers > 1 and not job.optim.sliced_transfers:
             raise ConfigError("The workers of one node share the scheduler's store and must split its transfers: "
                               "set optim.sliced_transfers = true (the default).")
@@ -415,6 +417,7 @@ class Scheduler:
             return
         tensors = self.node.tensors()  # views of the store, written as they are (no second copy)
         check_finite_weights(tensors, step)
+        tensors.update(self.node.state_tensors())  # a stateful optimizer's state, as of this sync point
         meta = {"data": data, "log_records": step}
         save_snapshot(self.run_dir, step, tensors, meta, keep_last=self.job.checkpoint.keep_last,
                       fsync=self.job.checkpoint.fsync)

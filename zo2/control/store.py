@@ -52,6 +52,8 @@ class StoreSpec:
     writers: int
     """Processes that write slices back (the node's workers with sliced transfers)."""
     digest: str
+    state_names: tuple[str, ...] = ()
+    """A stateful optimizer's buffer names (zo-sgd-momentum, zo-adam): their :class:`StateArea` exists."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -62,7 +64,9 @@ class StoreSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "StoreSpec":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["state_names"] = tuple(fields.get("state_names", ()))
+        return cls(**fields)
 
 
 
@@ -144,6 +148,47 @@ class StoreMarkers:
             self.path.unlink(missing_ok=True)
 
 
+class StateArea:
+    """A stateful optimizer's state for every unit in shared memory: per unit one file of ``len(names)`` buffers
+    laid out like the unit's store buffer (buffer j at ``j·n``), and the update count.
+
+    The worker keeps its state where the engine keeps it (device, or its own pinned store) and copies it here at
+    every sync point; the scheduler snapshots it from here, and after a failure or on resume rebuilds it (with
+    the weights) from the newest snapshot and the log, then the worker loads it back.
+    """
+
+    def __init__(self, name: str, sizes: Sequence[int], names: Sequence[str], dtype: torch.dtype, *, create: bool):
+        self.names = tuple(names)
+        self.sizes = list(sizes)
+        self.owner = create
+        self.paths = [_SHM_DIR / f"{name}-state{k}" for k in range(len(self.sizes))] + [_SHM_DIR / f"{name}-count"]
+        if not create and not all(p.exists() for p in self.paths):
+            raise ResourceError(f"The optimizer-state files {self.paths[0]}... do not exist: the scheduler creates "
+                                "them before starting the workers.")
+        self.flats = [torch.from_file(str(p), shared=True, size=len(self.names) * n, dtype=dtype)
+                      for p, n in zip(self.paths, self.sizes)]
+        self._count = torch.from_file(str(self.paths[-1]), shared=True, size=1, dtype=torch.int64)
+
+    def buffers(self, unit: int) -> dict[str, torch.Tensor]:
+        """Unit ``unit``'s state buffers by name, each as long as the unit's store buffer."""
+        n = self.sizes[unit]
+        return {s: self.flats[unit][j * n:(j + 1) * n] for j, s in enumerate(self.names)}
+
+    @property
+    def count(self) -> int:
+        """Updates applied to the state (Adam's t)."""
+        return int(self._count[0])
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count[0] = int(value)
+
+    def close(self) -> None:
+        if self.owner:
+            for p in self.paths:
+                p.unlink(missing_ok=True)
+
+
 class NodeStore:
     """The scheduler's side of the node store: create it for ``model``, fill it, snapshot and repair it.
 
@@ -156,6 +201,8 @@ class NodeStore:
         from zo2.engine import build_units, segment_table
         from zo2.models.base import adapter_for
         from zo2.offload.store import ALIGN, ParameterStore
+        from zo2.optim.optimizers import build_optimizer
+        from zo2.optim.update import math_dtype
 
         self.config = config
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -178,8 +225,12 @@ class NodeStore:
         self.writers = writers
         self.tables = [segment_table(self.store.layout(k), params) for k in range(len(self.units))]
         self.views = [self.store.views(self.store.flat(k), self.store.layout(k)) for k in range(len(self.units))]
+        self.optimizer = build_optimizer(config)
+        names = self.optimizer.state_names
+        self.state = StateArea(self.name, [self.store.flat(k).numel() for k in range(len(self.units))], names,
+                               math_dtype(dtype), create=True) if names else None
         self.spec = StoreSpec(self.name, str(dtype), writers * ALIGN, len(self.units), writers,
-                              layout_digest(self.store.layouts))
+                              layout_digest(self.store.layouts), names)
 
     @property
     def nbytes(self) -> int:
@@ -188,6 +239,22 @@ class NodeStore:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter by name: views of the store (copy them before the workers write again)."""
         return {name: view for views in self.views for name, view in views.items()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """A stateful optimizer's state as a snapshot holds it (views of the state area; ``optimizer/step`` a
+        copy), as :meth:`zo2.ZOEngine.optimizer_state` names it; empty when stateless."""
+        from zo2.offload.state import PREFIX, STEP_KEY
+
+        if self.state is None:
+            return {}
+        out = {}
+        for k in range(len(self.units)):
+            buffers = self.state.buffers(k)
+            for name in self.state.names:
+                for seg in self.store.layout(k):
+                    out[f"{PREFIX}{name}/{seg.name}"] = buffers[name][seg.offset:seg.offset + seg.numel].view(seg.shape)
+        out[STEP_KEY] = torch.tensor(self.state.count, dtype=torch.int64)
+        return out
 
     def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
         from zo2.parallel.mesh import share_bounds
@@ -206,10 +273,17 @@ class NodeStore:
         Updates run with the engine's arithmetic (``zo2.engine.update_flat``) on ``device``.
         """
         from zo2.engine import _select_kernels, update_flat
+        from zo2.optim.optimizers import UnitState
         from zo2.train.checkpoint import replay_updates
 
         kernels = _select_kernels(self.config.kernels, device, {self.store.dtype})
         counts = {"caught_up": 0, "rebuilt": 0}
+        if self.state is not None:
+            # a stateful optimizer's state is in the area only as of the last sync point: rebuild the weights
+            # and the state together from the snapshot (or the start) and replay the log on both
+            rebuild_all = True
+            self._reload_state(snapshot)
+        start_count = final_count = self.state.count if self.state is not None else 0
         for k in range(len(self.units)):
             applied = self.markers.applied(k)
             rebuild = rebuild_all or self.markers.torn(k) or any(a > step for a in applied)
@@ -226,12 +300,46 @@ class NodeStore:
                 table = self.tables[k].slice(lo, hi) if (lo, hi) != (0, self.store.flat(k).numel()) else self.tables[k]
                 target = self.store.flat(k)[lo:hi]
                 work = target.to(device) if device.type != "cpu" else target
-                replay_updates(lambda u: update_flat(kernels, self.config, work, table, u), records, first, step + 1)
+                state = None
+                if self.state is not None:  # always the whole unit (rebuilt)
+                    state = UnitState({n: b.to(device) for n, b in self.state.buffers(k).items()}, start_count)
+                replay_updates(lambda u: update_flat(kernels, self.config, work, table, u, self.optimizer, state),
+                               records, first, step + 1)
                 if work is not target:
                     target.copy_(work)
+                if state is not None:
+                    for n, b in self.state.buffers(k).items():
+                        if state.buffers[n].data_ptr() != b.data_ptr():
+                            b.copy_(state.buffers[n])
+                    final_count = state.count
             self.markers.table[k, :, 0] = step
             self.markers.table[k, :, 1] = 0
+        if self.state is not None:
+            self.state.count = final_count
         return counts
+
+    def _reload_state(self, snapshot: Any) -> None:
+        """The optimizer state from ``snapshot`` (its ``optimizer/...`` tensors), or zero at the start."""
+        from zo2.errors import CheckpointError
+        from zo2.offload.state import PREFIX, STEP_KEY
+
+        if snapshot is None:
+            for flat in self.state.flats:
+                flat.zero_()
+            self.state.count = 0
+            return
+        for k in range(len(self.units)):
+            buffers = self.state.buffers(k)
+            for name in self.state.names:
+                buffers[name].zero_()  # the padding too
+                for seg in self.store.layout(k):
+                    key = f"{PREFIX}{name}/{seg.name}"
+                    if key not in snapshot.tensors:
+                        raise CheckpointError(f"{snapshot.path} lacks the optimizer state {key}: it was written "
+                                              "without this optimizer's state. Resume with the optimizer the run "
+                                              "was trained with (its optim.optimizer).")
+                    buffers[name][seg.offset:seg.offset + seg.numel].view(seg.shape).copy_(snapshot.tensors[key])
+        self.state.count = int(snapshot.tensors[STEP_KEY])
 
     def _reload(self, unit: int, snapshot: Any, fill_base: Any) -> int:
         """Refill a unit from the snapshot (or the base weights); returns the first step to replay."""
@@ -247,3 +355,5 @@ class NodeStore:
         """Unlink the shared files (mapped tensors stay valid in processes that still hold them)."""
         self.store.close()
         self.markers.close()
+        if self.state is not None:
+            self.state.close()

@@ -46,6 +46,9 @@ class OptimizerState:
         if not names:
             return
         streamed = sorted((u for u in units if u.store_index is not None), key=lambda u: u.store_index)
+        self._slot = {u.store_index: j for j, u in enumerate(streamed)}
+        """A streamed unit's buffer in the state store, by its index in the weights' store (a node store holds
+        every unit, so those indices need not start at 0 or be consecutive)."""
         for u in units:
             if u.store_index is None:
                 n = u.flat.numel()
@@ -74,7 +77,7 @@ class OptimizerState:
     def begin(self, units: Iterable["_Unit"]) -> None:
         """A pass that applies an update starts: prefetch the first streamed blocks' state."""
         if self.streamer is not None:
-            self.streamer.begin([u.store_index for u in units if u.store_index is not None])
+            self.streamer.begin([self._slot[u.store_index] for u in units if u.store_index is not None])
 
     def acquire(self, unit: "_Unit") -> UnitState | None:
         """The unit's state on the compute device (a streamed block's is uploaded); None when stateless."""
@@ -82,7 +85,7 @@ class OptimizerState:
             return None
         state = self.states[unit.name]
         if unit.store_index is not None:
-            slot = self.streamer.acquire(unit.store_index)
+            slot = self.streamer.acquire(self._slot[unit.store_index])
             n = slot.numel() // len(self.names)
             state.buffers = {s: slot[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
         return state
@@ -90,14 +93,14 @@ class OptimizerState:
     def updated(self, unit: "_Unit") -> None:
         """The unit's state was updated on the device: write a streamed block's back to the host store."""
         if unit.store_index is not None and self.names:
-            self.streamer.write_back(unit.store_index)
+            self.streamer.write_back(self._slot[unit.store_index])
 
     def release(self, unit: "_Unit") -> None:
         """The visit of ``unit`` ends: its state's device slot may be reused."""
         if unit.store_index is not None and self.streamer is not None:
             if self.states[unit.name].buffers:
                 self.states[unit.name].buffers = {}
-                self.streamer.release(unit.store_index)
+                self.streamer.release(self._slot[unit.store_index])
 
     def synchronize(self) -> None:
         if self.streamer is not None:
@@ -123,7 +126,7 @@ class OptimizerState:
         """The unit's state buffers where they are kept between visits (device, or the host store)."""
         if unit.store_index is None:
             return self.states[unit.name].buffers
-        flat = self.store.flat(unit.store_index)
+        flat = self.store.flat(self._slot[unit.store_index])
         n = flat.numel() // len(self.names)
         return {s: flat[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
 
@@ -175,6 +178,31 @@ class OptimizerState:
         count = int(tensors[STEP_KEY])
         for state in self.states.values():
             state.count = count
+
+
+    # ------------------------------------------------------------------ the scheduler's state area
+    @torch.no_grad()
+    def load_area(self, area) -> None:
+        """Fill every state buffer from a node's :class:`~zo2.control.store.StateArea` (unit ``u.home``)."""
+        self.invalidate()
+        for unit in self.units:
+            src, dst = area.buffers(unit.home), self._host_buffers(unit)
+            for name in self.names:
+                for seg in unit.layout:
+                    dst[name][seg.offset:seg.offset + seg.numel].copy_(src[name][seg.offset:seg.offset + seg.numel])
+        for state in self.states.values():
+            state.count = area.count
+
+    @torch.no_grad()
+    def save_area(self, area) -> None:
+        """Copy every state buffer into the state area (after a flush): what the scheduler snapshots."""
+        self.synchronize()
+        for unit in self.units:
+            src, dst = self._host_buffers(unit), area.buffers(unit.home)
+            for name in self.names:
+                for seg in unit.layout:
+                    dst[name][seg.offset:seg.offset + seg.numel].copy_(src[name][seg.offset:seg.offset + seg.numel])
+        area.count = self.count()
 
 
 def build_optimizer_state(engine: "ZOEngine") -> OptimizerState:

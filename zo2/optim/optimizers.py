@@ -195,16 +195,13 @@ def conservative_scale(loss: float, loss_descent: float, loss_ascent: float) -> 
     return best[2]
 
 
-def check_supported(optimizer: ZOOptimizer, *, comm=None, sliced: bool = False, node_store: bool = False) -> None:
+def check_supported(optimizer: ZOOptimizer, *, comm=None, sliced: bool = False) -> None:
     """ConfigError naming the fix when ``optimizer`` cannot run in the engine's mode."""
     from zo2.errors import ConfigError
 
     if optimizer.state_names and sliced:
         raise ConfigError(f"optim.optimizer = {optimizer.name!r} keeps optimizer state, which sliced transfers do "
                           "not stream yet; set optim.sliced_transfers = false (or use 'zo-sgd' or 'zo-sgd-sign').")
-    if not optimizer.fused and node_store:
-        raise ConfigError(f"optim.optimizer = {optimizer.name!r} is not plain SGD, and the node store repairs and "
-                          "snapshots weights with SGD steps only; use 'zo-sgd' or 'zo-sgd-conservative' there.")
     if optimizer.conservative and comm is not None and comm.dims.pp > 1:
         raise ConfigError("optim.optimizer = 'zo-sgd-conservative' evaluates an odd number of points per step, "
                           "which perturbation parallelism cannot split; set parallel.pp = 1 (data parallelism "
