@@ -7,6 +7,7 @@ times a worker restart: a worker killed with SIGKILL mid-run, repaired and resta
 the undisturbed scheduler run). Prints a table and writes JSON.
 
     python benchmarks/control.py --steps 60 --workers 1 2
+    python benchmarks/control.py --optimizer zo-adam --workers 1   # state area, rebuild-from-snapshot repairs
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def kill_after(steps: int):
     return action
 
 
-def run(kind: str, root: Path, steps: int, workers: int = 1, action=None) -> dict:
+def run(kind: str, root: Path, steps: int, workers: int = 1, action=None, optimizer: str = "zo-sgd") -> dict:
     run_dir = root / f"{kind}-{workers}"
-    extra = [f"parallel.pp={workers}"] if workers > 1 else []
+    extra = ([f"parallel.pp={workers}"] if workers > 1 else []) + [f"optim.optimizer={optimizer}"]
     start = time.perf_counter()
     if kind == "train":
         train_job(job(run_dir, steps, *extra, "optim.offload=true"), quiet=True)
@@ -74,15 +75,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--optimizer", default="zo-sgd", help="optim.optimizer of every run (zo-adam: one worker)")
     p.add_argument("--out", default="benchmarks/out/control.json")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="zo2-control-bench-"))
-    rows = [run("train", root, args.steps)]
+    rows = [run("train", root, args.steps, optimizer=args.optimizer)]
     rows[0]["mode"] = "zo2 train"
     for n in args.workers:
-        rows.append(run("launch", root, args.steps, n))
+        rows.append(run("launch", root, args.steps, n, optimizer=args.optimizer))
         rows[-1]["mode"] = "zo2 launch"
-    killed = run("launch", root / "killed", args.steps, 1, kill_after(args.steps // 2))
+    killed = run("launch", root / "killed", args.steps, 1, kill_after(args.steps // 2), optimizer=args.optimizer)
     killed["mode"] = "zo2 launch, kill -9 mid-run"
     rows.append(killed)
     base = rows[1]["wall_s"]
@@ -92,8 +94,9 @@ def main() -> None:
     print_table(rows, [("mode", "mode", "s"), ("workers", "workers", "d"), ("steps", "steps", "d"),
                        ("step_ms", "ms/step", ".1f"), ("step_vs_train", "vs zo2 train", ".2f"),
                        ("wall_s", "wall s (with start-up)", ".1f"), ("restarts", "restarts", "d")])
-    print(f"restart after kill -9 (repair + new worker start-up): {killed['restart_cost_s']:.1f} s")
-    write_json(args.out, {"benchmark": "control", "env": environment(), "rows": rows})
+    print(f"optimizer {args.optimizer}; restart after kill -9 (repair + new worker start-up): "
+          f"{killed['restart_cost_s']:.1f} s")
+    write_json(args.out, {"benchmark": "control", "optimizer": args.optimizer, "env": environment(), "rows": rows})
 
 
 if __name__ == "__main__":
