@@ -494,8 +494,9 @@ class Scheduler:
         count = sum(p.numel() for p in self.model.parameters())
         self.console.log(f"zo2 launch: {verb} {self.job.train.steps} steps of {m.path or m.name} "
                          f"({human_count(count)} parameters) on {self.workers} worker(s) per node × "
-                         f"{self.place.nnodes} node(s); node store {self.node.nbytes / 1e9:.2f} GB in shared memory; "
-                         f"run folder {self.run_dir}")
+                         f"{self.place.nnodes} node(s); node store {self.node.nbytes / 1e9:.2f} GB in shared memory"
+                         + (f" + {self.node.state_nbytes / 1e9:.2f} GB of {self.job.optim.optimizer} state"
+                            if self.node.state is not None else "") + f"; run folder {self.run_dir}")
 
     def close(self) -> None:
         if self.console is not None:

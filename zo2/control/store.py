@@ -236,6 +236,11 @@ class NodeStore:
     def nbytes(self) -> int:
         return self.store.nbytes
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the optimizer-state area (0 when stateless)."""
+        return sum(f.numel() * f.element_size() for f in self.state.flats) if self.state is not None else 0
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter by name: views of the store (copy them before the workers write again)."""
         return {name: view for views in self.views for name, view in views.items()}
