@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,12 @@ def test_only_the_adapter_trains_and_resume_is_exact(tmp_path, method, marker):
     assert all(torch.equal(resumed[n], tensors[n]) for n in tensors)
 
 
-def test_peft_needs_the_base_in_memory_and_is_refused_by_the_scheduler(tmp_path):
+def test_peft_needs_the_base_in_memory_under_zo2_train_and_the_scheduler(tmp_path):
     with pytest.raises(ModelError, match="stream_load"):
         Trainer(job(tmp_path / "a", "peft.method=lora", "model.stream_load=always", "optim.device=cpu",
                     "train.device=cpu"), quiet=True)
-    with pytest.raises(ConfigError, match="zo2 train"):
-        Scheduler(job(tmp_path / "b", "peft.method=lora"), workers=1)
+    with pytest.raises(ModelError, match="stream_load"):  # before any worker starts
+        Scheduler(job(tmp_path / "b", "peft.method=lora", "model.stream_load=always"), workers=1, quiet=True).run()
+    assert not list(Path("/dev/shm").glob(f"zo2-node-{os.getpid()}-*"))  # nothing left behind
     with pytest.raises(ConfigError, match="peft.method"):
         job(tmp_path / "c", "peft.method=lorra")
