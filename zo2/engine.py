@@ -39,7 +39,7 @@ from zo2.offload.build import build_offload
 from zo2.parallel.mesh import share_bounds
 from zo2.offload.streamer import TransferStats
 from zo2.offload.state import build_optimizer_state
-from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
+from zo2.optim.optimizers import UnitState, build_optimizer, check_supported, conservative_scale
 
 if TYPE_CHECKING:
     from zo2.parallel.mesh import ZOComm
@@ -265,11 +265,13 @@ class ZOEngine:
         self.store_writer = 0
         """With a node store: this process's index among the node's writers (the slice it writes back)."""
         self.plan, self.store, self.streamer = build_offload(self, self.device)
-        check_supported(self.optimizer, comm=comm, sliced=bool(self.streamer and self.streamer.ranges))
-        self.opt_state = build_optimizer_state(self)
-        """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
         self.state_area = self._map_state_area()
-        """With a node store and a stateful optimizer: the scheduler's copy of the state (zo2.control.store)."""
+        """With a node store and a stateful optimizer: the scheduler's state area (zo2.control.store.StateArea),
+        from which streamed blocks' state streams (sliced like the weights) and resident units' is synced."""
+        check_supported(self.optimizer, comm=comm,
+                        sliced=bool(self.streamer and self.streamer.ranges) and self.state_area is None)
+        self.opt_state = build_optimizer_state(self, self.state_area)
+        """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
         streamed = [u for u in self.units if u.store_index is not None]
         self._last_streamed = streamed[-1] if streamed else None
         self.kernels = _select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
@@ -316,7 +318,7 @@ class ZOEngine:
                          device=self.device)
 
     def _map_state_area(self) -> Any:
-        """Map the node's optimizer-state area and load the state from it (the scheduler filled it)."""
+        """Map the node's optimizer-state area (the scheduler created and filled it)."""
         spec = self.store_spec
         if spec is None:
             return None
@@ -329,10 +331,8 @@ class ZOEngine:
         from zo2.control.store import StateArea
         from zo2.optim.update import math_dtype
 
-        area = StateArea(spec.name, [self.store.flat(u.home).numel() for u in self.units], spec.state_names,
-                         math_dtype(spec.torch_dtype), create=False)
-        self.opt_state.load_area(area)
-        return area
+        return StateArea(spec.name, self.store.layouts, spec.state_names, math_dtype(spec.torch_dtype),
+                         pad_to=spec.pad_to, create=False, pin=self.device.type == "cuda")
 
     def _rounding_seed(self, update: Update, dtype: torch.dtype) -> int | None:
         return rounding_seed(self.config, update, dtype)
@@ -383,7 +383,14 @@ class ZOEngine:
         whole updated block on every process."""
         lo, hi = self.streamer.ranges[unit.store_index]
         if pending is not None and unit.applied < pending.step:
-            self._update_in_place(flat[lo:hi], unit.slice_table, pending)
+            state = self.opt_state.acquire(unit) if not self.optimizer.fused else None
+            if state is not None and state.buffers:  # a stateful optimizer under the scheduler: its slice too
+                part = UnitState({n: b[lo:hi] for n, b in state.buffers.items()}, state.count)
+                update_flat(self.kernels, self.config, flat[lo:hi], unit.slice_table, pending, self.optimizer, part)
+                state.count = part.count
+                self.opt_state.updated(unit)
+            else:
+                self._update_in_place(flat[lo:hi], unit.slice_table, pending)
             unit.applied = pending.step
             self.streamer.write_back(unit.store_index, pending.step)
         self.comm.gather_slices(flat)
@@ -583,8 +590,8 @@ class ZOEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the bytes are in the store before the marker says so
             self.markers.done(unit.home, writer, unit.applied)
-        if self.state_area is not None:  # one writer: stateful optimizers do not slice their transfers
-            self.opt_state.save_area(self.state_area)
+        if self.state_area is not None:
+            self.opt_state.save_area(lambda n: share_bounds(n, writer, self.store_spec.writers))
         if self.comm is not None:
             self.comm.local_barrier()
 

@@ -17,7 +17,6 @@ import torch
 from zo2.config import load_config
 from zo2.control.protocol import SchedulerChannel, WorkerLink, new_token
 from zo2.control.scheduler import Scheduler
-from zo2.errors import ConfigError
 from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log, snapshot_path
 from zo2.train.trainer import train_job
 
@@ -206,9 +205,20 @@ def test_a_killed_scheduler_resumes_adam_from_its_snapshot_and_the_log(tmp_path,
     assert_same(final_weights(run_dir), final_weights(adam_reference))
 
 
-def test_stateful_optimizers_need_one_worker_per_node(tmp_path):
-    with pytest.raises(ConfigError, match="one worker per node"):
-        Scheduler(job(tmp_path / "run", "optim.optimizer=zo-adam", "parallel.pp=2"), workers=2, quiet=True)
+@pytest.mark.slow
+def test_two_workers_split_adams_state_like_the_weights_and_a_torn_slice_is_repaired(tmp_path, adam_reference):
+    """Each worker streams its slice of a block's Adam state from the node's state area beside its slice of the
+    weights; equal to the single-process run, also after a worker dies mid-write-back."""
+    extra = ("optim.optimizer=zo-adam", "parallel.pp=2")
+    plain = tmp_path / "plain"
+    run_scheduler(plain, *extra, workers=2)
+    assert logged(plain) == logged(adam_reference)
+    assert_same(final_weights(plain), final_weights(adam_reference))
+    torn = tmp_path / "torn"
+    sched = run_scheduler(torn, *extra, workers=2, fault="1:2:3")
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"], repair
+    assert_same(final_weights(torn), final_weights(adam_reference))
 
 
 def test_restarts_are_bounded(tmp_path):

@@ -90,13 +90,6 @@ class Scheduler:
                               f"{job.parallel.dp * job.parallel.pp}, but the job runs {world} workers "
                               f"({self.place.nnodes} node(s) × {workers}). Set --set parallel.dp=... / parallel.pp=... "
                               f"so that their product is {world}.")
-        from zo2.optim.optimizers import build_optimizer
-
-        if workers > 1 and build_optimizer(job.optim).state_names:
-            raise ConfigError(f"optim.optimizer = {job.optim.optimizer!r} keeps optimizer state, which the workers of "
-                              "one node cannot split between them (sliced transfers): run one worker per node "
-                              "(--nproc-per-node 1, or nodes with one GPU each) or a stateless optimizer "
-                              "('zo-sgd', 'zo-sgd-sign', 'zo-sgd-conservative').")
         if workers > 1 and not job.optim.sliced_transfers:
             raise ConfigError("The workers of one node share the scheduler's store and must split its transfers: "
                               "set optim.sliced_transfers = true (the default).")

@@ -149,30 +149,40 @@ class StoreMarkers:
 
 
 class StateArea:
-    """A stateful optimizer's state for every unit in shared memory: per unit one file of ``len(names)`` buffers
-    laid out like the unit's store buffer (buffer j at ``j·n``), and the update count.
+    """A stateful optimizer's state for every unit in shared memory: per state buffer (``momentum``; ``exp_avg``,
+    ``exp_avg_sq``) one shared :class:`~zo2.offload.store.ParameterStore` laid out and padded exactly like the
+    node store (so a worker's slice of a block is the same range in both), and the update count.
 
-    The worker keeps its state where the engine keeps it (device, or its own pinned store) and copies it here at
-    every sync point; the scheduler snapshots it from here, and after a failure or on resume rebuilds it (with
-    the weights) from the newest snapshot and the log, then the worker loads it back.
+    Streamed blocks' state lives here: the workers stream it (their slices) beside the weights. Resident units'
+    state lives on each worker's device and is copied here at every sync point. The scheduler snapshots the state
+    from here and, after a failure or on resume, rebuilds it with the weights from the newest snapshot and the log.
     """
 
-    def __init__(self, name: str, sizes: Sequence[int], names: Sequence[str], dtype: torch.dtype, *, create: bool):
+    def __init__(self, name: str, layouts: Sequence[Any], names: Sequence[str], dtype: torch.dtype, *,
+                 pad_to: int, create: bool, pin: bool = False):
+        from zo2.offload.store import ParameterStore
+
         self.names = tuple(names)
-        self.sizes = list(sizes)
         self.owner = create
-        self.paths = [_SHM_DIR / f"{name}-state{k}" for k in range(len(self.sizes))] + [_SHM_DIR / f"{name}-count"]
-        if not create and not all(p.exists() for p in self.paths):
-            raise ResourceError(f"The optimizer-state files {self.paths[0]}... do not exist: the scheduler creates "
-                                "them before starting the workers.")
-        self.flats = [torch.from_file(str(p), shared=True, size=len(self.names) * n, dtype=dtype)
-                      for p, n in zip(self.paths, self.sizes)]
-        self._count = torch.from_file(str(self.paths[-1]), shared=True, size=1, dtype=torch.int64)
+        self.stores = {s: ParameterStore(list(layouts), dtype, pin=pin, shared=True, name=f"{name}-state-{s}",
+                                         create=create, pad_to=pad_to) for s in self.names}
+        if create:
+            for store in self.stores.values():
+                for buf in store.buffers:
+                    buf.zero_()
+        self._count_path = _SHM_DIR / f"{name}-state-count"
+        if not create and not self._count_path.exists():
+            raise ResourceError(f"The optimizer-state count {self._count_path} does not exist: the scheduler "
+                                "creates it before starting the workers.")
+        self._count = torch.from_file(str(self._count_path), shared=True, size=1, dtype=torch.int64)
 
     def buffers(self, unit: int) -> dict[str, torch.Tensor]:
-        """Unit ``unit``'s state buffers by name, each as long as the unit's store buffer."""
-        n = self.sizes[unit]
-        return {s: self.flats[unit][j * n:(j + 1) * n] for j, s in enumerate(self.names)}
+        """Unit ``unit``'s state buffers by name, each laid out like its weights' store buffer."""
+        return {s: store.flat(unit) for s, store in self.stores.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(store.nbytes for store in self.stores.values())
 
     @property
     def count(self) -> int:
@@ -184,9 +194,10 @@ class StateArea:
         self._count[0] = int(value)
 
     def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
         if self.owner:
-            for p in self.paths:
-                p.unlink(missing_ok=True)
+            self._count_path.unlink(missing_ok=True)
 
 
 class NodeStore:
@@ -227,8 +238,8 @@ class NodeStore:
         self.views = [self.store.views(self.store.flat(k), self.store.layout(k)) for k in range(len(self.units))]
         self.optimizer = build_optimizer(config)
         names = self.optimizer.state_names
-        self.state = StateArea(self.name, [self.store.flat(k).numel() for k in range(len(self.units))], names,
-                               math_dtype(dtype), create=True) if names else None
+        self.state = StateArea(self.name, self.store.layouts, names, math_dtype(dtype), pad_to=writers * ALIGN,
+                               create=True) if names else None
         self.spec = StoreSpec(self.name, str(dtype), writers * ALIGN, len(self.units), writers,
                               layout_digest(self.store.layouts), names)
 
@@ -239,7 +250,7 @@ class NodeStore:
     @property
     def state_nbytes(self) -> int:
         """Bytes of the optimizer-state area (0 when stateless)."""
-        return sum(f.numel() * f.element_size() for f in self.state.flats) if self.state is not None else 0
+        return self.state.nbytes if self.state is not None else 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter by name: views of the store (copy them before the workers write again)."""
@@ -329,8 +340,9 @@ class NodeStore:
         from zo2.offload.state import PREFIX, STEP_KEY
 
         if snapshot is None:
-            for flat in self.state.flats:
-                flat.zero_()
+            for k in range(len(self.units)):
+                for buf in self.state.buffers(k).values():
+                    buf.zero_()
             self.state.count = 0
             return
         for k in range(len(self.units)):

@@ -37,18 +37,23 @@ class OptimizerState:
     """Every unit's :class:`UnitState`: resident buffers on the device, streamed ones in a host store."""
 
     def __init__(self, names: tuple[str, ...], units: list["_Unit"], dtype_of, device: torch.device,
-                 prefetch: int = 1):
+                 prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None):
+        """``area``: a node's :class:`~zo2.control.store.StateArea` (under the scheduler): the streamed blocks'
+        state is streamed from (and written back to) it, sliced by ``ranges`` like the weights."""
         self.names = names
         self.units = units
         self.states: dict[str, UnitState] = {}
         self.store: ParameterStore | None = None
         self.streamer: BlockStreamer | None = None
+        self.area = area
+        self.streamers: dict[str, BlockStreamer] = {}
+        """With an area: one streamer per state buffer, over the area's store of that buffer."""
         if not names:
             return
         streamed = sorted((u for u in units if u.store_index is not None), key=lambda u: u.store_index)
-        self._slot = {u.store_index: j for j, u in enumerate(streamed)}
+        self._slot = {u.store_index: (u.store_index if area is not None else j) for j, u in enumerate(streamed)}
         """A streamed unit's buffer in the state store, by its index in the weights' store (a node store holds
-        every unit, so those indices need not start at 0 or be consecutive)."""
+        every unit, so those indices need not start at 0 or be consecutive; an area is indexed like it)."""
         for u in units:
             if u.store_index is None:
                 n = u.flat.numel()
@@ -56,7 +61,12 @@ class OptimizerState:
                                                  for s in names})
             else:
                 self.states[u.name] = UnitState({})
-        if streamed:
+        if streamed and area is not None:
+            for name in names:
+                st = BlockStreamer(area.stores[name], device, prefetch, blocks=[u.store_index for u in streamed])
+                st.ranges = dict(ranges or {})
+                self.streamers[name] = st
+        elif streamed:
             layouts = [self._stacked(u.layout) for u in streamed]
             self.store = ParameterStore(layouts, math_dtype(dtype_of(streamed[0])), pin=device.type == "cuda")
             for buf in self.store.buffers:
@@ -74,17 +84,23 @@ class OptimizerState:
         return bool(self.names)
 
     # ------------------------------------------------------------------ the streaming schedule
+    def _all_streamers(self) -> list[BlockStreamer]:
+        return list(self.streamers.values()) or ([self.streamer] if self.streamer is not None else [])
+
     def begin(self, units: Iterable["_Unit"]) -> None:
         """A pass that applies an update starts: prefetch the first streamed blocks' state."""
-        if self.streamer is not None:
-            self.streamer.begin([self._slot[u.store_index] for u in units if u.store_index is not None])
+        order = [self._slot[u.store_index] for u in units if u.store_index is not None] if self.names else []
+        for streamer in self._all_streamers():
+            streamer.begin(order)
 
     def acquire(self, unit: "_Unit") -> UnitState | None:
         """The unit's state on the compute device (a streamed block's is uploaded); None when stateless."""
         if not self.names:
             return None
         state = self.states[unit.name]
-        if unit.store_index is not None:
+        if unit.store_index is not None and self.streamers:
+            state.buffers = {s: st.acquire(self._slot[unit.store_index]) for s, st in self.streamers.items()}
+        elif unit.store_index is not None:
             slot = self.streamer.acquire(self._slot[unit.store_index])
             n = slot.numel() // len(self.names)
             state.buffers = {s: slot[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
@@ -93,27 +109,28 @@ class OptimizerState:
     def updated(self, unit: "_Unit") -> None:
         """The unit's state was updated on the device: write a streamed block's back to the host store."""
         if unit.store_index is not None and self.names:
-            self.streamer.write_back(self._slot[unit.store_index])
+            for streamer in self._all_streamers():
+                streamer.write_back(self._slot[unit.store_index])
 
     def release(self, unit: "_Unit") -> None:
         """The visit of ``unit`` ends: its state's device slot may be reused."""
-        if unit.store_index is not None and self.streamer is not None:
-            if self.states[unit.name].buffers:
-                self.states[unit.name].buffers = {}
-                self.streamer.release(self._slot[unit.store_index])
+        if unit.store_index is not None and self.names and self.states[unit.name].buffers:
+            self.states[unit.name].buffers = {}
+            for streamer in self._all_streamers():
+                streamer.release(self._slot[unit.store_index])
 
     def synchronize(self) -> None:
-        if self.streamer is not None:
-            self.streamer.synchronize()
+        for streamer in self._all_streamers():
+            streamer.synchronize()
 
     def invalidate(self) -> None:
-        if self.streamer is not None:
-            self.streamer.invalidate()
+        for streamer in self._all_streamers():
+            streamer.invalidate()
 
     def add_stats(self, stats: TransferStats) -> TransferStats:
         """``stats`` (the weights' transfers) plus the state's since the last call."""
-        if self.streamer is not None:
-            own = self.streamer.collect_stats()
+        for streamer in self._all_streamers():
+            own = streamer.collect_stats()
             stats.bytes_h2d += own.bytes_h2d
             stats.bytes_d2h += own.bytes_d2h
             stats.wait_ms += own.wait_ms
@@ -126,6 +143,8 @@ class OptimizerState:
         """The unit's state buffers where they are kept between visits (device, or the host store)."""
         if unit.store_index is None:
             return self.states[unit.name].buffers
+        if self.area is not None:
+            return self.area.buffers(unit.store_index)
         flat = self.store.flat(self._slot[unit.store_index])
         n = flat.numel() // len(self.names)
         return {s: flat[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
@@ -182,30 +201,40 @@ class OptimizerState:
 
     # ------------------------------------------------------------------ the scheduler's state area
     @torch.no_grad()
-    def load_area(self, area) -> None:
-        """Fill every state buffer from a node's :class:`~zo2.control.store.StateArea` (unit ``u.home``)."""
+    def load_area(self) -> None:
+        """Start from the state area: resident units' buffers are copied from it (streamed ones stream from it),
+        and the update count."""
         self.invalidate()
         for unit in self.units:
-            src, dst = area.buffers(unit.home), self._host_buffers(unit)
-            for name in self.names:
-                for seg in unit.layout:
-                    dst[name][seg.offset:seg.offset + seg.numel].copy_(src[name][seg.offset:seg.offset + seg.numel])
+            if unit.store_index is None:
+                src, dst = self.area.buffers(unit.home), self.states[unit.name].buffers
+                for name in self.names:
+                    dst[name].copy_(src[name][:dst[name].numel()])
         for state in self.states.values():
-            state.count = area.count
+            state.count = self.area.count
 
     @torch.no_grad()
-    def save_area(self, area) -> None:
-        """Copy every state buffer into the state area (after a flush): what the scheduler snapshots."""
+    def save_area(self, lo_hi) -> None:
+        """At a sync point (after a flush): wait for the streamed state's write-backs, and copy this process's
+        share of each resident unit's state (``lo_hi(numel)``, as the weights) and the count into the area."""
         self.synchronize()
         for unit in self.units:
-            src, dst = self._host_buffers(unit), area.buffers(unit.home)
-            for name in self.names:
-                for seg in unit.layout:
-                    dst[name][seg.offset:seg.offset + seg.numel].copy_(src[name][seg.offset:seg.offset + seg.numel])
-        area.count = self.count()
+            if unit.store_index is None:
+                src, dst = self.states[unit.name].buffers, self.area.buffers(unit.home)
+                for name in self.names:
+                    lo, hi = lo_hi(dst[name].numel())
+                    hi = min(hi, src[name].numel())  # the resident copy is not padded
+                    if hi > lo:
+                        dst[name][lo:hi].copy_(src[name][lo:hi])
+        self.area.count = self.count()
 
 
-def build_optimizer_state(engine: "ZOEngine") -> OptimizerState:
-    """The engine's optimizer state, after ``build_offload`` placed the units."""
-    return OptimizerState(engine.optimizer.state_names, engine.units, engine._unit_dtype, engine.device,
-                          engine.config.prefetch)
+def build_optimizer_state(engine: "ZOEngine", area=None) -> OptimizerState:
+    """The engine's optimizer state, after ``build_offload`` placed the units; with a node's state ``area``,
+    streamed from it (sliced like the weights) and started from it."""
+    ranges = engine.streamer.ranges if (area is not None and engine.streamer is not None) else None
+    state = OptimizerState(engine.optimizer.state_names, engine.units, engine._unit_dtype, engine.device,
+                           engine.config.prefetch, area=area, ranges=ranges)
+    if area is not None:
+        state.load_area()
+    return state
