@@ -268,8 +268,7 @@ class ZOEngine:
         self.state_area = self._map_state_area()
         """With a node store and a stateful optimizer: the scheduler's state area (zo2.control.store.StateArea),
         from which streamed blocks' state streams (sliced like the weights) and resident units' is synced."""
-        check_supported(self.optimizer, comm=comm,
-                        sliced=bool(self.streamer and self.streamer.ranges) and self.state_area is None)
+        check_supported(self.optimizer, comm=comm)
         self.opt_state = build_optimizer_state(self, self.state_area)
         """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
         streamed = [u for u in self.units if u.store_index is not None]
@@ -563,11 +562,11 @@ class ZOEngine:
             for unit in self.units:
                 self._apply_to_unit(unit, self.pending)
             self.pending = None
+        self.opt_state.synchronize()
         if self.streamer is not None:
             self.streamer.synchronize()
             if self.streamer.ranges:
-                self.comm.local_barrier()  # every process's slice is back in the shared store
-        self.opt_state.synchronize()
+                self.comm.local_barrier()  # every process's slice (and its state's) is back in the shared store
 
     @torch.no_grad()
     def sync_store(self) -> None:

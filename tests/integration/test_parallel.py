@@ -134,6 +134,18 @@ def test_sliced_perturbation_parallel_is_exact(tmp_path):
     _assert_matches(_spawn(tmp_path, 1, 2, offload=True), single_losses, single_params, base, exact=True)
 
 
+@pytest.mark.parametrize("optimizer", ["zo-adam", "zo-sgd-momentum"])
+def test_sliced_transfers_stream_a_stateful_optimizers_state_in_slices_exactly(tmp_path, optimizer):
+    """Each rank streams its slice of a block's state from the node's shared state area beside its slice of the
+    weights; every rank's snapshot (weights and state) equals one process's."""
+    single_losses, single_params, base = _single(offload=True, optimizer=optimizer)
+    assert any(n.startswith("optimizer/") for n in single_params)
+    before = {p for p in os.listdir("/dev/shm") if "-state-" in p}
+    _assert_matches(_spawn(tmp_path, 1, 2, offload=True, optimizer=optimizer), single_losses, single_params, base,
+                    exact=True)
+    assert {p for p in os.listdir("/dev/shm") if "-state-" in p} <= before  # the area's files are gone
+
+
 def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
     results = _spawn(tmp_path, 1, 2, die_at=1)
     survivor = results[0]

@@ -375,8 +375,5 @@ def test_unsupported_modes_are_refused_with_the_fix():
         class dims:
             pp = 2
 
-    with pytest.raises(ConfigError, match="sliced_transfers = false"):
-        check_supported(build_optimizer(ZOConfig(optimizer="zo-adam")), sliced=True)
-    check_supported(build_optimizer(ZOConfig(optimizer="zo-sgd-sign")), sliced=True)  # stateless: fine
     with pytest.raises(ConfigError, match="parallel.pp = 1"):
         check_supported(build_optimizer(ZOConfig(optimizer="zo-sgd-conservative")), comm=Comm())

@@ -199,6 +199,12 @@ class StateArea:
         if self.owner:
             self._count_path.unlink(missing_ok=True)
 
+    def __del__(self) -> None:  # best effort, as the stores: never leave /dev/shm files behind
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 class NodeStore:
     """The scheduler's side of the node store: create it for ``model``, fill it, snapshot and repair it.

@@ -230,11 +230,35 @@ class OptimizerState:
 
 
 def build_optimizer_state(engine: "ZOEngine", area=None) -> OptimizerState:
-    """The engine's optimizer state, after ``build_offload`` placed the units; with a node's state ``area``,
-    streamed from it (sliced like the weights) and started from it."""
-    ranges = engine.streamer.ranges if (area is not None and engine.streamer is not None) else None
+    """The engine's optimizer state, after ``build_offload`` placed the units. With sliced transfers a stateful
+    optimizer's streamed state lives in a state area shared by the node's processes (``area``: the scheduler's;
+    under torchrun the node's first process creates one beside the shared weights store), streamed in the
+    weights' slices; under the scheduler the state starts from the area."""
+    ranges = None
+    if engine.streamer is not None and engine.streamer.ranges and engine.optimizer.state_names:
+        ranges = engine.streamer.ranges
+        if area is None:
+            area = _shared_area(engine)
     state = OptimizerState(engine.optimizer.state_names, engine.units, engine._unit_dtype, engine.device,
                            engine.config.prefetch, area=area, ranges=ranges)
-    if area is not None:
+    if area is not None and engine.store_spec is not None:
         state.load_area()
     return state
+
+
+def _shared_area(engine: "ZOEngine"):
+    """Under torchrun with sliced transfers: the node's state area, created (zero) by its first process and
+    mapped by the others, named after the shared weights store and laid out like it."""
+    from zo2.control.store import StateArea
+    from zo2.offload.build import _store_name
+    from zo2.offload.store import ALIGN
+
+    comm = engine.comm
+    kwargs = dict(pad_to=comm.local_size * ALIGN, pin=engine.device.type == "cuda")
+    args = (_store_name(), engine.store.layouts, engine.optimizer.state_names, math_dtype(engine.store.dtype))
+    if comm.local_rank == 0:
+        area = StateArea(*args, create=True, **kwargs)
+        comm.local_barrier()  # created: the others may map it
+        return area
+    comm.local_barrier()
+    return StateArea(*args, create=False, **kwargs)

@@ -195,14 +195,10 @@ def conservative_scale(loss: float, loss_descent: float, loss_ascent: float) -> 
     return best[2]
 
 
-def check_supported(optimizer: ZOOptimizer, *, comm=None, sliced: bool = False) -> None:
+def check_supported(optimizer: ZOOptimizer, *, comm=None) -> None:
     """ConfigError naming the fix when ``optimizer`` cannot run in the engine's mode."""
     from zo2.errors import ConfigError
 
-    if optimizer.state_names and sliced:
-        raise ConfigError(f"optim.optimizer = {optimizer.name!r} keeps optimizer state, which sliced transfers under "
-                          "torchrun do not stream; run it with zo2 launch (its state area streams in slices), or set "
-                          "optim.sliced_transfers = false (or use 'zo-sgd' or 'zo-sgd-sign').")
     if optimizer.conservative and comm is not None and comm.dims.pp > 1:
         raise ConfigError("optim.optimizer = 'zo-sgd-conservative' evaluates an odd number of points per step, "
                           "which perturbation parallelism cannot split; set parallel.pp = 1 (data parallelism "
