@@ -327,7 +327,7 @@ class ZOEngine:
                              "start the workers from the scheduler of the same config.")
         if not spec.state_names:
             return None
-        from zo2.control.store import StateArea
+        from zo2.offload.state import StateArea
         from zo2.optim.update import math_dtype
 
         return StateArea(spec.name, self.store.layouts, spec.state_names, math_dtype(spec.torch_dtype),

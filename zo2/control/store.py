@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from zo2.errors import ResourceError
+from zo2.offload.state import StateArea  # noqa: F401  (the node's optimizer-state area)
 
 _SHM_DIR = Path("/dev/shm")
 
@@ -146,64 +147,6 @@ class StoreMarkers:
     def close(self) -> None:
         if self.owner:
             self.path.unlink(missing_ok=True)
-
-
-class StateArea:
-    """A stateful optimizer's state for every unit in shared memory: per state buffer (``momentum``; ``exp_avg``,
-    ``exp_avg_sq``) one shared :class:`~zo2.offload.store.ParameterStore` laid out and padded exactly like the
-    node store (so a worker's slice of a block is the same range in both), and the update count.
-
-    Streamed blocks' state lives here: the workers stream it (their slices) beside the weights. Resident units'
-    state lives on each worker's device and is copied here at every sync point. The scheduler snapshots the state
-    from here and, after a failure or on resume, rebuilds it with the weights from the newest snapshot and the log.
-    """
-
-    def __init__(self, name: str, layouts: Sequence[Any], names: Sequence[str], dtype: torch.dtype, *,
-                 pad_to: int, create: bool, pin: bool = False):
-        from zo2.offload.store import ParameterStore
-
-        self.names = tuple(names)
-        self.owner = create
-        self.stores = {s: ParameterStore(list(layouts), dtype, pin=pin, shared=True, name=f"{name}-state-{s}",
-                                         create=create, pad_to=pad_to) for s in self.names}
-        if create:
-            for store in self.stores.values():
-                for buf in store.buffers:
-                    buf.zero_()
-        self._count_path = _SHM_DIR / f"{name}-state-count"
-        if not create and not self._count_path.exists():
-            raise ResourceError(f"The optimizer-state count {self._count_path} does not exist: the scheduler "
-                                "creates it before starting the workers.")
-        self._count = torch.from_file(str(self._count_path), shared=True, size=1, dtype=torch.int64)
-
-    def buffers(self, unit: int) -> dict[str, torch.Tensor]:
-        """Unit ``unit``'s state buffers by name, each laid out like its weights' store buffer."""
-        return {s: store.flat(unit) for s, store in self.stores.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(store.nbytes for store in self.stores.values())
-
-    @property
-    def count(self) -> int:
-        """Updates applied to the state (Adam's t)."""
-        return int(self._count[0])
-
-    @count.setter
-    def count(self, value: int) -> None:
-        self._count[0] = int(value)
-
-    def close(self) -> None:
-        for store in self.stores.values():
-            store.close()
-        if self.owner:
-            self._count_path.unlink(missing_ok=True)
-
-    def __del__(self) -> None:  # best effort, as the stores: never leave /dev/shm files behind
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class NodeStore:

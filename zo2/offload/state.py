@@ -15,12 +15,12 @@ Stateless optimizers keep nothing and every method here is a no-op for them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from zo2.errors import CheckpointError
-from zo2.offload.store import ParameterStore, Segment
+from zo2.errors import CheckpointError, ResourceError
+from zo2.offload.store import _SHM_DIR, ParameterStore, Segment
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.optim.optimizers import UnitState
 from zo2.optim.update import math_dtype
@@ -31,6 +31,62 @@ if TYPE_CHECKING:
 PREFIX = "optimizer/"
 """Saved state tensors are named ``optimizer/<buffer>/<parameter>``; the update count is ``optimizer/step``."""
 STEP_KEY = PREFIX + "step"
+
+
+class StateArea:
+    """A stateful optimizer's state for every unit in shared memory: per state buffer (``momentum``; ``exp_avg``,
+    ``exp_avg_sq``) one shared :class:`~zo2.offload.store.ParameterStore` laid out and padded exactly like the
+    node store (so a worker's slice of a block is the same range in both), and the update count.
+
+    Streamed blocks' state lives here: the workers stream it (their slices) beside the weights. Resident units'
+    state lives on each worker's device and is copied here at every sync point. The scheduler snapshots the state
+    from here and, after a failure or on resume, rebuilds it with the weights from the newest snapshot and the log.
+    """
+
+    def __init__(self, name: str, layouts: Sequence[Any], names: Sequence[str], dtype: torch.dtype, *,
+                 pad_to: int, create: bool, pin: bool = False):
+        self.names = tuple(names)
+        self.owner = create
+        self.stores = {s: ParameterStore(list(layouts), dtype, pin=pin, shared=True, name=f"{name}-state-{s}",
+                                         create=create, pad_to=pad_to) for s in self.names}
+        if create:
+            for store in self.stores.values():
+                for buf in store.buffers:
+                    buf.zero_()
+        self._count_path = _SHM_DIR / f"{name}-state-count"
+        if not create and not self._count_path.exists():
+            raise ResourceError(f"The optimizer-state count {self._count_path} does not exist: the scheduler "
+                                "creates it before starting the workers.")
+        self._count = torch.from_file(str(self._count_path), shared=True, size=1, dtype=torch.int64)
+
+    def buffers(self, unit: int) -> dict[str, torch.Tensor]:
+        """Unit ``unit``'s state buffers by name, each laid out like its weights' store buffer."""
+        return {s: store.flat(unit) for s, store in self.stores.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(store.nbytes for store in self.stores.values())
+
+    @property
+    def count(self) -> int:
+        """Updates applied to the state (Adam's t)."""
+        return int(self._count[0])
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count[0] = int(value)
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        if self.owner:
+            self._count_path.unlink(missing_ok=True)
+
+    def __del__(self) -> None:  # best effort, as the stores: never leave /dev/shm files behind
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class OptimizerState:
@@ -249,7 +305,6 @@ def build_optimizer_state(engine: "ZOEngine", area=None) -> OptimizerState:
 def _shared_area(engine: "ZOEngine"):
     """Under torchrun with sliced transfers: the node's state area, created (zero) by its first process and
     mapped by the others, named after the shared weights store and laid out like it."""
-    from zo2.control.store import StateArea
     from zo2.offload.build import _store_name
     from zo2.offload.store import ALIGN
 
