@@ -266,7 +266,7 @@ class ZOEngine:
         """With a node store: this process's index among the node's writers (the slice it writes back)."""
         self.plan, self.store, self.streamer = build_offload(self, self.device)
         self.state_area = self._map_state_area()
-        """With a node store and a stateful optimizer: the scheduler's state area (zo2.control.store.StateArea),
+        """With a node store and a stateful optimizer: the scheduler's state area (zo2.offload.state.StateArea),
         from which streamed blocks' state streams (sliced like the weights) and resident units' is synced."""
         check_supported(self.optimizer, comm=comm)
         self.opt_state = build_optimizer_state(self, self.state_area)

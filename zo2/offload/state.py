@@ -94,7 +94,7 @@ class OptimizerState:
 
     def __init__(self, names: tuple[str, ...], units: list["_Unit"], dtype_of, device: torch.device,
                  prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None):
-        """``area``: a node's :class:`~zo2.control.store.StateArea` (under the scheduler): the streamed blocks'
+        """``area``: a node's :class:`StateArea` (the scheduler's, or a torchrun node's): the streamed blocks'
         state is streamed from (and written back to) it, sliced by ``ranges`` like the weights."""
         self.names = names
         self.units = units
