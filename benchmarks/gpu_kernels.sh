@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kernel issue's GPU pass (about 6 minutes on an H100/H200; request the H100 the targets were set on): the
+# The kernels' GPU pass (about 6 minutes on an H100/H200; the bandwidth targets were set on an H100): the
 # kernel tests on CUDA, the register-cap sweep (resident programs per SM against spills; see kernel_notes.md),
 # the kernel benchmark on every OPT block shape and the engine step against two plain forwards. Each part writes
 # a log and JSON under $OUT (default benchmarks/out). Runs from the repository root without installing.
