@@ -382,23 +382,23 @@ class ZOEngine:
         whole updated block on every process."""
         lo, hi = self.streamer.ranges[unit.store_index]
         if pending is not None and unit.applied < pending.step:
-            state = self.opt_state.acquire(unit) if not self.optimizer.fused else None
-            if state is not None and state.buffers:  # a stateful optimizer under the scheduler: its slice too
-                part = UnitState({n: b[lo:hi] for n, b in state.buffers.items()}, state.count)
-                update_flat(self.kernels, self.config, flat[lo:hi], unit.slice_table, pending, self.optimizer, part)
-                state.count = part.count
-                self.opt_state.updated(unit)
-            else:
-                self._update_in_place(flat[lo:hi], unit.slice_table, pending)
+            self._update_in_place(flat[lo:hi], unit.slice_table, pending, unit, part=slice(lo, hi))
             unit.applied = pending.step
             self.streamer.write_back(unit.store_index, pending.step)
         self.comm.gather_slices(flat)
 
-    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update, unit: _Unit | None = None) -> None:
-        """θ ← θ − lr (D + λθ) on a flat buffer (or a slice of one) described by ``table``: the fused kernels for
-        MeZO-SGD (D = Σ c z), else the optimizer's rule with ``unit``'s state (uploaded, updated, written back)."""
+    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update, unit: _Unit | None = None,
+                         part: slice | None = None) -> None:
+        """θ ← θ − lr (D + λθ) on a flat buffer (or the ``part`` of ``unit``'s buffer that is ``target``, with
+        sliced transfers) described by ``table``: the fused kernels for MeZO-SGD (D = Σ c z), else the optimizer's
+        rule with ``unit``'s state (uploaded, the same part of it updated, written back)."""
         state = self.opt_state.acquire(unit) if unit is not None and not self.optimizer.fused else None
-        update_flat(self.kernels, self.config, target, table, update, self.optimizer, state)
+        if state is not None and part is not None:
+            view = UnitState({n: b[part] for n, b in state.buffers.items()}, state.count)
+            update_flat(self.kernels, self.config, target, table, update, self.optimizer, view)
+            state.count = view.count
+        else:
+            update_flat(self.kernels, self.config, target, table, update, self.optimizer, state)
         if state is not None:
             self.opt_state.updated(unit)
 

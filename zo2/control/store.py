@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from zo2.errors import ResourceError
-from zo2.offload.state import StateArea  # noqa: F401  (the node's optimizer-state area)
+from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
 
 _SHM_DIR = Path("/dev/shm")
 
@@ -208,17 +208,14 @@ class NodeStore:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """A stateful optimizer's state as a snapshot holds it (views of the state area; ``optimizer/step`` a
         copy), as :meth:`zo2.ZOEngine.optimizer_state` names it; empty when stateless."""
-        from zo2.offload.state import PREFIX, STEP_KEY
-
         if self.state is None:
             return {}
+        return {**self._state_views(), STEP_KEY: torch.tensor(self.state.count, dtype=torch.int64)}
+
+    def _state_views(self) -> dict[str, torch.Tensor]:
         out = {}
         for k in range(len(self.units)):
-            buffers = self.state.buffers(k)
-            for name in self.state.names:
-                for seg in self.store.layout(k):
-                    out[f"{PREFIX}{name}/{seg.name}"] = buffers[name][seg.offset:seg.offset + seg.numel].view(seg.shape)
-        out[STEP_KEY] = torch.tensor(self.state.count, dtype=torch.int64)
+            out.update(state_views(self.state.names, self.state.buffers(k), self.store.layout(k)))
         return out
 
     def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
@@ -274,7 +271,7 @@ class NodeStore:
                     target.copy_(work)
                 if state is not None:
                     for n, b in self.state.buffers(k).items():
-                        if state.buffers[n].data_ptr() != b.data_ptr():
+                        if state.buffers[n] is not b:  # replayed on another device
                             b.copy_(state.buffers[n])
                     final_count = state.count
             self.markers.table[k, :, 0] = step
@@ -285,27 +282,13 @@ class NodeStore:
 
     def _reload_state(self, snapshot: Any) -> None:
         """The optimizer state from ``snapshot`` (its ``optimizer/...`` tensors), or zero at the start."""
-        from zo2.errors import CheckpointError
-        from zo2.offload.state import PREFIX, STEP_KEY
-
+        for k in range(len(self.units)):
+            for buf in self.state.buffers(k).values():
+                buf.zero_()  # the padding too
         if snapshot is None:
-            for k in range(len(self.units)):
-                for buf in self.state.buffers(k).values():
-                    buf.zero_()
             self.state.count = 0
             return
-        for k in range(len(self.units)):
-            buffers = self.state.buffers(k)
-            for name in self.state.names:
-                buffers[name].zero_()  # the padding too
-                for seg in self.store.layout(k):
-                    key = f"{PREFIX}{name}/{seg.name}"
-                    if key not in snapshot.tensors:
-                        raise CheckpointError(f"{snapshot.path} lacks the optimizer state {key}: it was written "
-                                              "without this optimizer's state. Resume with the optimizer the run "
-                                              "was trained with (its optim.optimizer).")
-                    buffers[name][seg.offset:seg.offset + seg.numel].view(seg.shape).copy_(snapshot.tensors[key])
-        self.state.count = int(snapshot.tensors[STEP_KEY])
+        self.state.count = load_views(self._state_views(), snapshot.tensors, self.state.names)
 
     def _reload(self, unit: int, snapshot: Any, fill_base: Any) -> int:
         """Refill a unit from the snapshot (or the base weights); returns the first step to replay."""

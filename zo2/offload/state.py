@@ -219,11 +219,8 @@ class OptimizerState:
             return {}
         out = {}
         for unit in self.units:
-            buffers = self._host_buffers(unit)
-            for name in self.names:
-                for seg in unit.layout:
-                    view = buffers[name][seg.offset : seg.offset + seg.numel].view(seg.shape)
-                    out[f"{PREFIX}{name}/{seg.name}"] = view.detach().clone()
+            out.update({k: v.detach().clone()
+                        for k, v in state_views(self.names, self._host_buffers(unit), unit.layout).items()})
         out[STEP_KEY] = torch.tensor(self.count(), dtype=torch.int64)
         return out
 
@@ -232,25 +229,11 @@ class OptimizerState:
         """Fill every state buffer from ``tensors`` (as :meth:`state_dict` names them)."""
         if not self.names:
             return
-        wanted = [f"{PREFIX}{name}/{seg.name}" for unit in self.units for name in self.names for seg in unit.layout]
-        missing = [k for k in wanted + [STEP_KEY] if k not in tensors]
-        if missing:
-            raise CheckpointError(
-                f"The saved state lacks {len(missing)} optimizer-state tensors, e.g. {missing[:2]}: it was saved "
-                f"without the state of this optimizer ({', '.join(self.names)}). Resume it with the optimizer it "
-                "was trained with (the run's optim.optimizer), or replay the trajectory from the base weights "
-                "(`zo2 replay RUN_DIR --from-base`).")
-        self.invalidate()  # device copies of the state uploaded ahead are stale now
+        views = {}
         for unit in self.units:
-            buffers = self._host_buffers(unit)
-            for name in self.names:
-                for seg in unit.layout:
-                    saved = tensors[f"{PREFIX}{name}/{seg.name}"]
-                    if tuple(saved.shape) != tuple(seg.shape):
-                        raise CheckpointError(f"Saved optimizer state {PREFIX}{name}/{seg.name} has shape "
-                                              f"{tuple(saved.shape)}, the parameter's is {tuple(seg.shape)}.")
-                    buffers[name][seg.offset : seg.offset + seg.numel].view(seg.shape).copy_(saved)
-        count = int(tensors[STEP_KEY])
+            views.update(state_views(self.names, self._host_buffers(unit), unit.layout))
+        self.invalidate()  # device copies of the state uploaded ahead are stale now
+        count = load_views(views, tensors, self.names)
         for state in self.states.values():
             state.count = count
 
@@ -283,6 +266,34 @@ class OptimizerState:
                     if hi > lo:
                         dst[name][lo:hi].copy_(src[name][lo:hi])
         self.area.count = self.count()
+
+
+def state_views(names: Iterable[str], buffers: dict[str, torch.Tensor], layout: Iterable[Segment]
+                ) -> dict[str, torch.Tensor]:
+    """``optimizer/<buffer>/<parameter>`` → parameter-shaped view of a unit's state ``buffers`` (by buffer name,
+    each laid out as ``layout``): how snapshots name the state."""
+    return {f"{PREFIX}{name}/{seg.name}": buffers[name][seg.offset : seg.offset + seg.numel].view(seg.shape)
+            for name in names for seg in layout}
+
+
+@torch.no_grad()
+def load_views(views: dict[str, torch.Tensor], tensors, names: Iterable[str]) -> int:
+    """Copy saved ``tensors`` into the state ``views`` (:func:`state_views`), checking that every one is there
+    with its shape; returns the saved update count (``optimizer/step``)."""
+    missing = [k for k in [*views, STEP_KEY] if k not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"The saved state lacks {len(missing)} optimizer-state tensors, e.g. {missing[:2]}: it was saved "
+            f"without the state of this optimizer ({', '.join(names)}). Resume it with the optimizer it "
+            "was trained with (the run's optim.optimizer), or replay the trajectory from the base weights "
+            "(`zo2 replay RUN_DIR --from-base`).")
+    for key, view in views.items():
+        saved = tensors[key]
+        if tuple(saved.shape) != tuple(view.shape):
+            raise CheckpointError(f"Saved optimizer state {key} has shape {tuple(saved.shape)}, the parameter's is "
+                                  f"{tuple(view.shape)}.")
+        view.copy_(saved)
+    return int(tensors[STEP_KEY])
 
 
 def build_optimizer_state(engine: "ZOEngine", area=None) -> OptimizerState:
