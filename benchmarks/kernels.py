@@ -186,12 +186,12 @@ _SEED, _PREV_SEED, _EPS, _LR, _G = 7, 6, 1e-3, 1e-6, 0.37  # seeds < 2**31: one 
 
 
 def _import_kernels():
-    """``zo2_kernels`` from this checkout (and ``zo2`` from it too): the repository's kernels/ directory is
+    """``zo2_kernels`` from this checkout (and ``zo2`` from it too): the repository's kernels/zo2_kernels/ directory is
     registered under its package name unless the importable ``zo2_kernels`` already is that directory (as
-    with benchmarks/gpu_suite.sh's link), so the script times this tree's kernels wherever it runs."""
+    with benchmarks/gpu_env.sh's PYTHONPATH), so the script times this tree's kernels wherever it runs."""
     if str(_REPO) not in sys.path:
         sys.path.insert(0, str(_REPO))
-    here = (_REPO / "kernels").resolve()
+    here = (_REPO / "kernels" / "zo2_kernels").resolve()
     mod = sys.modules.get("zo2_kernels")
     if mod is None:
         spec = importlib.util.find_spec("zo2_kernels")

@@ -28,8 +28,9 @@ from typing import Sequence
 from zo2.config.job import JobConfig
 from zo2.errors import ConfigError, ZO2Error
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "zo2.sbatch.template"
-"""The sbatch template in the source tree (zo2 is installed editable from it)."""
+TEMPLATE_PATH = Path(__file__).resolve().parent / "zo2.sbatch.template"
+"""The sbatch template, package data of zo2_launcher: in a checkout a link to ``deploy/slurm/zo2.sbatch.template``
+(the file to edit), in an installed wheel a copy of it."""
 RDZV_PORT = 29500
 """TCP port of the workers' c10d store on the job's first node (torchrun's default)."""
 CPUS_PER_GPU = 8
@@ -140,10 +141,11 @@ def resume_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def load_template(path: Path = TEMPLATE_PATH) -> Template:
-    """The sbatch template; a ZO2Error when the source tree's deploy/ folder is not there."""
+    """The sbatch template; a ZO2Error when it is not there (a damaged installation)."""
     if not path.is_file():
-        raise ZO2Error(f"The sbatch template {str(path)!r} is missing. `zo2 slurm` reads it from the source tree: "
-                       "install zo2 from a checkout (pip install -e .) that has deploy/slurm/.")
+        raise ZO2Error(f"The sbatch template {str(path)!r} is missing: the zo2 installation is incomplete. "
+                       "Reinstall zo2 (pip install --force-reinstall zo2, or pip install -e . in a checkout that has "
+                       "deploy/slurm/zo2.sbatch.template).")
     return Template(path.read_text(encoding="utf-8"))
 
 

@@ -2,6 +2,9 @@
 
 Every user error is a :class:`~zo2.errors.ZO2Error`: it is printed as one paragraph on stderr and the command
 exits with status 2, without a traceback unless ``--debug`` is given.
+
+Nothing heavy is imported before the arguments are parsed (``import zo2`` brings torch and transformers, seconds):
+``zo2 --help`` and ``zo2 <command> --help`` answer at once, and each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ import os
 import sys
 from dataclasses import replace
 from typing import Sequence
-
-from zo2.errors import ConfigError, ZO2Error
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -129,6 +130,8 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 def _nproc(value: str) -> int:
     """``--nproc-per-node``: a positive number, or 'auto' = the visible GPUs (1 on a machine without CUDA)."""
+    from zo2.errors import ConfigError
+
     if value == "auto":
         import torch
 
@@ -145,6 +148,8 @@ def _nproc(value: str) -> int:
 
 def _launch_job(train_args: list[str]):
     """(job, resume, overwrite, quiet) from zo2 train's arguments; a folder that holds a run resumes it."""
+    from zo2.errors import ConfigError
+
     from pathlib import Path
 
     from zo2.config.loader import load_config, load_saved_config
@@ -174,6 +179,8 @@ def _launch_job(train_args: list[str]):
 
 def _check_same_run(job, saved, run_dir) -> None:
     """Refuse to continue a run folder with settings its steps depend on changed (model, data, ...)."""
+    from zo2.errors import ConfigError
+
     from zo2.config.loader import job_to_dict
     from zo2.train.trainer import RESUME_LOCKED
 
@@ -189,6 +196,8 @@ def _check_same_run(job, saved, run_dir) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """``zo2 launch``: this node's scheduler and its workers (or, with --torchrun, torchrun itself)."""
+    from zo2.errors import ConfigError
+
     args.nproc_per_node = _nproc(args.nproc_per_node)
     if not 0 <= args.node_rank < args.nnodes:
         raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes}).")
@@ -268,6 +277,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``zo2 train``."""
+    from zo2.errors import ConfigError
+
     from zo2.config.loader import describe_config, load_config
     from zo2.config.presets import list_presets
 
@@ -424,6 +435,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``zo2 plan``."""
+    from zo2.errors import ConfigError
+
     import json
     from pathlib import Path
 
@@ -463,7 +476,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zo2`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, before zo2 (torch) is imported
+    from zo2.errors import ZO2Error
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # zo2 never downloads: models and tokenizers are local folders
     try:
         return args.handler(args)
