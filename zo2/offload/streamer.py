@@ -53,6 +53,8 @@ class BlockStreamer:
         self.stats = TransferStats()
         self.measure = measure and self.cuda
         self.ranges: dict[int, tuple[int, int]] = {}
+        self._issued = 0
+        """Write-backs issued since the last :meth:`synchronize`."""
         """Sliced transfers: the part [lo, hi) of each block this process uploads and writes back."""
         self._order: list[int] = []
         self._position: dict[int, int] = {}
@@ -154,6 +156,7 @@ class BlockStreamer:
             self._settle_marks()
         self.stats.bytes_d2h += dst.numel() * dst.element_size()
         self.stats.write_backs += 1
+        self._issued += 1
 
     def release(self, block: int) -> None:
         """The compute stream is done with ``block``'s slot once the work queued so far has run."""
@@ -170,6 +173,12 @@ class BlockStreamer:
                 event.synchronize()  # host sync: only at flush/save/evaluate, never inside a step
         self._written.clear()
         self._settle_marks()
+
+    def take_issued(self) -> bool:
+        """Whether any write-back was issued since the last call (and start counting anew): the same answer on
+        every process of a node that visits the same units, so the caller can decide on a collective with it."""
+        issued, self._issued = self._issued, 0
+        return issued > 0
 
     def _settle_marks(self) -> None:
         """Mark done the write-backs that have landed (``event.query()`` never blocks)."""

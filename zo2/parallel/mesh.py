@@ -103,12 +103,17 @@ class ZOComm:
         return [v / total if total else float("nan") for v in values[:n_points]]
 
     def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        self._collective("during a collective", dist.all_reduce, tensor, op=op, group=self.group)
+
+    def _collective(self, where: str, fn, *args, **kwargs) -> None:
+        """Run one torch.distributed collective; a peer that died, left the loop early or stopped answering (the
+        collective's error or its timeout, parallel.timeout_s) becomes a RankFailure that says what to do."""
         try:
-            dist.all_reduce(tensor, op=op, group=self.group)
-        except (RuntimeError, dist.DistBackendError) as err:  # a peer died or stopped answering
+            fn(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as err:
             raise RankFailure(
-                f"Rank {self.rank} of {self.world_size} lost contact with another rank during a collective ({err}). "
-                "A process died or hangs; the run stops here. Resume it with `zo2 train --resume RUN_DIR`: the "
+                f"Rank {self.rank} of {self.world_size} lost contact with another rank {where} ({err}). A process "
+                "died, stopped early or hangs; the run stops here. Resume it with `zo2 train --resume RUN_DIR`: the "
                 "trajectory log and snapshots hold everything up to the last completed step.") from None
 
     def close(self) -> None:
@@ -120,7 +125,7 @@ class ZOComm:
     def local_barrier(self) -> None:
         """Wait for the other processes of this node."""
         if self.local_size > 1:
-            dist.barrier(group=self.local_group)
+            self._collective("at a barrier of its node", dist.barrier, group=self.local_group)
 
     def slice_bounds(self, numel: int) -> tuple[int, int]:
         """This process's equal share [lo, hi) of a buffer of ``numel`` elements (a multiple of the share count)."""
@@ -130,11 +135,8 @@ class ZOComm:
         """Assemble ``flat`` on every process of the node from each one's slice of it (in place)."""
         lo, hi = self.slice_bounds(flat.numel())
         mine = flat[lo:hi].clone()  # the input must not alias the output on every backend
-        try:
-            dist.all_gather_into_tensor(flat, mine, group=self.local_group)  # NVLink on GPUs: the block
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise RankFailure(f"Rank {self.rank} lost contact with a process of its node while assembling a block "
-                              f"({err}). Resume with `zo2 train --resume RUN_DIR`.") from None
+        # NVLink on GPUs: the block
+        self._collective("while assembling a block", dist.all_gather_into_tensor, flat, mine, group=self.local_group)
 
     def any_flags(self, *flags: bool) -> list[bool]:
         """Each flag, True on every rank when it is set on any (one tiny all-reduce; as given for one process)."""
@@ -147,7 +149,7 @@ class ZOComm:
     def barrier(self) -> None:
         """Wait for every rank (no-op for a single process)."""
         if self.world_size > 1:
-            dist.barrier(group=self.group)
+            self._collective("at a barrier", dist.barrier, group=self.group)
 
     def check_replicas(self, checksum: float, step: int) -> None:
         """Stop with DivergenceError when the weights' checksum differs between ranks."""
