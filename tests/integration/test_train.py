@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from zo2.config import load_config
 from zo2.engine import default_loss
 from zo2.errors import NonFiniteLossError
-from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log
+from zo2.train.checkpoint import CheckpointWarning, list_snapshots, load_snapshot, read_log
 from zo2.train.trainer import load_resume_config, read_metrics, replay_run, train_job
 from zo2_launcher.cli import main
 
@@ -192,6 +192,27 @@ def test_resume_after_a_crash_replays_the_log_tail(uninterrupted, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CheckpointWarnings about the torn line and the corrupt snapshot
         train_job(load_resume_config(run_dir, ["train.steps=12"]), resume=True, quiet=True)
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_rotation_after_a_corrupt_snapshot_keeps_every_good_one(uninterrupted, tmp_path):
+    """The newest snapshot is truncated; the resumed run sets it aside, and no rotation afterwards keeps it in place
+    of a good one: every snapshot left loads, and the run equals the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    rotating = ["checkpoint.save_every=2", "checkpoint.keep_last=2"]
+    train_job(small_job(run_dir, "train.steps=6", *rotating), quiet=True)
+    newest = list_snapshots(run_dir)[-1]
+    assert newest.name == "step_00000006.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    with pytest.warns(CheckpointWarning, match="moved to"):
+        train_job(load_resume_config(run_dir, ["train.steps=8"]), resume=True, quiet=True)
+    assert [p.name for p in list_snapshots(run_dir)] == ["step_00000004.safetensors", "step_00000008.safetensors"]
+    assert (run_dir / "snapshots" / "corrupt" / newest.name).is_file()
+    train_job(load_resume_config(run_dir, ["train.steps=12"]), resume=True, quiet=True)
+    snaps = list_snapshots(run_dir)
+    assert [p.name for p in snaps] == ["step_00000010.safetensors", "step_00000012.safetensors"]
+    for path in snaps:
+        load_snapshot(path)  # CheckpointError if any is damaged
     assert_same_run(uninterrupted, run_dir)
 
 

@@ -204,6 +204,37 @@ def test_corrupt_latest_snapshot_falls_back_to_previous(tmp_path, damage):
     assert all(torch.equal(snap.tensors[k], good[k]) for k in good)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "empty", "junk"])
+def test_rotation_sets_aside_an_unreadable_snapshot_and_counts_only_good_ones(tmp_path, damage):
+    t = sample_tensors()
+    save_snapshot(tmp_path, 10, t, {}, keep_last=2)
+    bad = save_snapshot(tmp_path, 20, t, {}, keep_last=2)
+    data = bad.read_bytes()
+    damaged = {"truncate": data[:-10], "empty": b"", "junk": b"junk" * 64}[damage]
+    bad.write_bytes(damaged)
+    with pytest.warns(CheckpointWarning, match="moved to"):
+        save_snapshot(tmp_path, 30, t, {}, keep_last=2)
+    assert [p.name for p in list_snapshots(tmp_path)] == ["step_00000010.safetensors", "step_00000030.safetensors"]
+    assert (tmp_path / "snapshots" / "corrupt" / "step_00000020.safetensors").read_bytes() == damaged
+    save_snapshot(tmp_path, 40, t, {}, keep_last=2)  # the corrupt file is never counted or resurrected
+    assert [p.name for p in list_snapshots(tmp_path)] == ["step_00000030.safetensors", "step_00000040.safetensors"]
+
+
+def test_resume_sets_aside_a_corrupt_snapshot_only_when_asked(tmp_path):
+    t = sample_tensors()
+    save_snapshot(tmp_path, 10, t, {})
+    newest = save_snapshot(tmp_path, 20, t, {})
+    data = bytearray(newest.read_bytes())
+    data[-3] ^= 0x01  # caught by the CRCs only
+    newest.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match="Skipping"):
+        assert latest_good_snapshot(tmp_path).step == 10
+    assert newest.is_file()  # read-only callers (zo2 eval, zo2 replay) leave the folder as it is
+    with pytest.warns(CheckpointWarning, match="moved to"):
+        assert latest_good_snapshot(tmp_path, set_aside_corrupt=True).step == 10
+    assert not newest.exists() and (tmp_path / "snapshots" / "corrupt" / newest.name).is_file()
+
+
 def test_no_good_snapshot(tmp_path):
     assert latest_good_snapshot(tmp_path) is None
     save_snapshot(tmp_path, 5, sample_tensors(), {}).write_bytes(b"junk")

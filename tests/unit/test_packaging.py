@@ -238,3 +238,16 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
                            cwd=work, capture_output=True, text=True, env=ENV, timeout=300)
     assert slurm.returncode == 0, slurm.stderr[-2000:]
     assert "#SBATCH --nodes=1" in slurm.stdout and "zo2 launch" in slurm.stdout
+
+
+def test_every_documented_editable_install_uses_the_pinned_constraints():
+    """The README's install commands and the Dockerfile's resolve through constraints/ (torch, transformers and
+    the rest at the versions the suite passed with)."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"pip install [^`\n]*-e [^`\n]*", readme)
+    assert len(commands) >= 3
+    for command in commands:
+        assert re.search(r"-c constraints/(cpu|gpu)\.txt", command), f"README: {command!r} is not pinned"
+    docker = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "COPY constraints constraints" in docker
+    assert re.search(r"RUN pip install -c constraints/gpu\.txt -e", docker)

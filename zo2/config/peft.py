@@ -15,7 +15,8 @@ DEFAULT_LORA_TARGETS = {"opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj
 @dataclass(kw_only=True)
 class PeftConfig:
     """Wrap the model with the ``peft`` library so only the adapter's parameters are perturbed and updated; the
-    base weights stay frozen (and, with offload, stream read-only). Needs ``pip install -e ".[peft]"`` and the base
+    base weights stay frozen (and, with offload, stream read-only). Needs
+    ``pip install -c constraints/cpu.txt -e ".[peft]"`` (``constraints/gpu.txt`` on CUDA machines) and the base
     model built in memory (``model.stream_load`` resolving to a full build)."""
 
     method: str | None = None

@@ -164,7 +164,7 @@ class Scheduler:
                               f"{len(records)} steps. Raise train.steps to continue it.")
         self.done = len(records)
         if records:  # a resumed run: newest good snapshot + the log tail
-            snap = latest_good_snapshot(self.run_dir, self.done)
+            snap = latest_good_snapshot(self.run_dir, self.done, set_aside_corrupt=True)
             self.node.bring_to(self.done - 1, records, snap, self._fill_base, self.device, rebuild_all=snap is not None)
         self.last_snapshot = -1
         self.window = MetricsWindow()
@@ -426,7 +426,7 @@ class Scheduler:
                                 "and the job's requeue resumes every node from the run folder.")
         records = read_log(self.log_path)
         self.done = len(records)
-        snap = latest_good_snapshot(self.run_dir, self.done)
+        snap = latest_good_snapshot(self.run_dir, self.done, set_aside_corrupt=True)
         counts = self.node.bring_to(self.done - 1, records, snap, self._fill_base, self.device)
         self.recoveries.append({"why": why, "step": self.done, **counts})
         if self.stop_requested:

@@ -208,7 +208,7 @@ def apply_peft(model: nn.Module, cfg: "PeftConfig", family: str | None = None, s
         import peft
     except ImportError:
         raise ModelError("peft.method is set but the peft package is not installed. Install it with "
-                         "pip install -e \".[peft]\" (or pip install peft accelerate).") from None
+                         "pip install -c constraints/cpu.txt -e \".[peft]\" (or pip install peft accelerate).") from None
     if any(p.is_meta for p in model.parameters()):
         raise ModelError("peft.method needs the base model's weights in memory, but this model is built on the meta "
                          "device to stream its weights (model.stream_load). Set model.stream_load = 'never' to "

@@ -37,6 +37,8 @@ from zo2.optim.estimators import Update
 
 SNAPSHOT_DIR = "snapshots"
 """Sub-folder of a run folder that holds the snapshots."""
+CORRUPT_DIR = "corrupt"
+"""Unreadable snapshots are moved to ``snapshots/corrupt/``: kept for inspection, never resumed from or counted."""
 LOG_KEYS = ("step", "seeds", "coeffs", "lr", "skipped")
 """Keys every trajectory-log record must have (replay needs them)."""
 SNAPSHOT_FORMAT = 1
@@ -383,9 +385,11 @@ def _open_snapshot(path: Path, with_tensors: bool) -> tuple[dict, dict[str, torc
     return header, tensors
 
 
-def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None) -> Snapshot | None:
+def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None, *,
+                         set_aside_corrupt: bool = False) -> Snapshot | None:
     """The newest snapshot (at step ``at_most`` or earlier, if given) that loads and verifies; corrupt newer
-    ones are skipped with a warning.
+    ones are skipped with a warning and, with ``set_aside_corrupt`` (a run that continues in the folder), moved to
+    ``snapshots/corrupt/`` so that no later rotation counts them.
 
     None when there is no good snapshot: start from the base weights and replay the whole log.
     """
@@ -395,10 +399,25 @@ def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None) -> Sna
         try:
             tensors, meta = load_snapshot(path)
         except CheckpointError as exc:
-            warnings.warn(f"Skipping snapshot {path.name}: {exc}", CheckpointWarning, stacklevel=2)
+            if not (set_aside_corrupt and set_aside(path, exc)):
+                warnings.warn(f"Skipping snapshot {path.name}: {exc}", CheckpointWarning, stacklevel=2)
             continue
         return Snapshot(path, meta["step"], tensors, meta)
     return None
+
+
+def set_aside(path: Path, why: object) -> Path | None:
+    """Move an unreadable snapshot to ``snapshots/corrupt/`` (kept for inspection, out of resume and rotation) with
+    a warning; None when it cannot be moved (a read-only folder): it is then only skipped."""
+    dest = path.parent / CORRUPT_DIR / path.name
+    try:
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(path, dest)
+    except OSError:
+        return None
+    warnings.warn(f"Snapshot {path.name} is unreadable and was moved to {dest}; the run continues from an older "
+                  f"snapshot or the log. ({why})", CheckpointWarning, stacklevel=3)
+    return dest
 
 
 def _verify(path: Path, tensors: Mapping[str, torch.Tensor], header: dict) -> None:
@@ -421,9 +440,20 @@ def _corrupt(path: Path, why: str) -> CheckpointError:
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` snapshots."""
-    for old in list_snapshots(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    """Keep the newest ``keep_last`` snapshots that open (header and size: a cheap check that catches truncated and
+    overwritten files) and delete the older ones; an unreadable snapshot is set aside, never counted, so a damaged
+    file can never push the last good snapshot out of the rotation."""
+    kept = 0
+    for path in reversed(list_snapshots(run_dir)):
+        if kept >= keep_last:
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            _open_snapshot(path, with_tensors=False)
+        except CheckpointError as exc:
+            set_aside(path, exc)
+            continue
+        kept += 1
 
 
 def _remove_stale_temps(folder: Path) -> None:

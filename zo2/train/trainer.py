@@ -295,7 +295,7 @@ class Trainer:
             raise ConfigError(f"train.steps = {self.job.train.steps}, but the run in {self.run_dir} already took "
                               f"{done} steps. Raise train.steps to continue it, or rebuild an earlier state with "
                               f"`zo2 replay {self.run_dir} --to {self.job.train.steps}`.")
-        snap = latest_good_snapshot(self.run_dir)
+        snap = latest_good_snapshot(self.run_dir, set_aside_corrupt=self.main)  # rank 0 owns the folder
         start = self._load_snapshot(snap, done)
         replay_updates(self.engine.apply_update, records, start, done)
         self.engine.load_state_dict({"step": done})
