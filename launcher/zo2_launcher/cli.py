@@ -90,6 +90,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", metavar="STEP", type=int, help="steps done (0 = base weights; default: the whole log)")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/replay/step_XXXXXXXX)")
     p.add_argument("--from-base", action="store_true", help="ignore snapshots: replay the log from the base weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_replay)
 
 
@@ -153,7 +154,7 @@ def _launch_job(train_args: list[str]):
     from pathlib import Path
 
     from zo2.config.loader import load_config, load_saved_config
-    from zo2.train.trainer import CONFIG_FILE, load_resume_config
+    from zo2.train.trainer import CONFIG_FILE, holds_steps, load_resume_config
 
     parser = argparse.ArgumentParser(prog="zo2 launch ... --", add_help=False)
     for flag in ("--preset", "--config", "--out", "--resume"):
@@ -171,7 +172,7 @@ def _launch_job(train_args: list[str]):
     if args.out:
         job.run = replace(job.run, out_dir=args.out)
     run_dir = Path(job.run.out_dir)
-    if (run_dir / CONFIG_FILE).is_file() and not args.overwrite:  # the same command again: continue the run
+    if (run_dir / CONFIG_FILE).is_file() and not args.overwrite and holds_steps(run_dir):  # again: continue
         _check_same_run(job, load_saved_config(run_dir / CONFIG_FILE), run_dir)
         return job, True, False, args.quiet
     return job, False, args.overwrite, args.quiet
@@ -299,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         job = load_config(args.preset, args.config, args.set)
         if args.out:
             job.run = replace(job.run, out_dir=args.out)
+    args.run_dir_hint = job.run.out_dir
     train_job(job, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
@@ -306,7 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 EVAL_EXAMPLES = """\
 examples:
   zo2 eval runs/default                                # held-out loss of the newest snapshot
-  zo2 eval runs/default --step 200                     # ... of the snapshot at (or before) step 200
+  zo2 eval runs/default --step 200                     # ... of the weights after step 200 (snapshot + log)
   zo2 eval runs/opt13b --task SST2 --task-path data/SST-2 --num-eval 1000
   zo2 eval /models/opt-1.3b --task SQuAD --task-eval-path data/squad/validation.jsonl
 """
@@ -326,7 +328,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-path", metavar="PATH", help="the task's folder (train/validation files)")
     p.add_argument("--task-eval-path", metavar="FILE", help="the evaluation split's file, if separate")
     p.add_argument("--num-eval", type=int, metavar="N", help="evaluate N sampled examples (default 1000)")
-    p.add_argument("--step", type=int, metavar="S", help="run folder: the newest snapshot at or before step S")
+    p.add_argument("--step", type=int, metavar="S", help="run folder: the weights after S steps (its snapshot, or "
+                                                         "the newest one before it and the log replayed to S)")
     p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                    help="override a config value (e.g. optim.offload=true, train.device=cuda); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -349,7 +352,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_completion(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("completion", help="print a bash completion script",
+    p = sub.add_parser("completion", help="print a shell completion script: zo2 completion bash",
                        description="Print a bash completion script for zo2 (commands and their options). Enable it "
                                    "with: eval \"$(zo2 completion bash)\" (e.g. in ~/.bashrc).")
     p.add_argument("shell", choices=["bash"], help="the shell (bash)")
@@ -380,7 +383,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """``zo2 replay``."""
     from zo2.train.trainer import replay_run
 
-    out = replay_run(args.run_dir, args.to, args.out, from_base=args.from_base)
+    out = replay_run(args.run_dir, args.to, args.out, from_base=args.from_base, progress=not args.quiet)
     print(f"zo2: wrote the replayed weights to {out}")
     return 0
 
@@ -474,6 +477,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_advice(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C, naming the real run folder."""
+    run_dir = getattr(args, "run_dir_hint", None)
+    if args.command == "train" and run_dir:
+        return (f"Every finished step is in the trajectory log; continue with `zo2 train --resume {run_dir}`.")
+    if args.command == "launch":
+        return "The run stops at a step boundary; run the same command again to continue it."
+    if args.command == "replay":
+        return "Nothing was written; run the command again."
+    return "Nothing of a run was lost."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zo2`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)  # --help and usage errors end here, before zo2 (torch) is imported
@@ -490,9 +505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("zo2: interrupted. Every finished step is in the trajectory log; continue with "
-              "`zo2 train --resume RUN_DIR`.", file=sys.stderr)
+        print(f"zo2: interrupted. {_interrupt_advice(args)}", file=sys.stderr)
         return 130
+    except OSError as exc:  # the disk or the file system refused (full, read-only, gone): one line, no traceback
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"zo2: error: {exc.strerror or exc}{where}. Everything written before it is intact; fix the cause "
+              "and run the command again (--debug shows the traceback).", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -339,6 +339,30 @@ def test_a_configuration_error_in_a_worker_stops_the_run_with_its_message(tmp_pa
     assert sched.restarts == 0  # not retried: a restart would only repeat it
 
 
+def test_a_start_up_failure_stops_at_once_and_the_corrected_command_starts_the_run(tmp_path, monkeypatch):
+    """Every worker dies of an ImportError before its first step: no restarts (a restart would repeat it), one
+    clear error; the run folder holds no steps, so the corrected command — with other settings — starts the run
+    without --overwrite."""
+    from zo2.control.scheduler import WorkerFailure
+    from zo2_launcher.cli import main
+
+    broken = tmp_path / "broken" / "zo2_kernels"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('zo2_kernels is broken in this environment')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))  # the workers import this one first
+    run_dir = tmp_path / "run"
+    sched = Scheduler(job(run_dir, "control.max_restarts=3", "parallel.pp=2"), workers=2, quiet=True)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match="before its first step"):
+        sched.run()
+    assert sched.restarts == 0 and time.monotonic() - started < 120
+    monkeypatch.delenv("PYTHONPATH")
+    sets = [a for kv in [*BASE, "optim.lr=2e-3"] for a in ("--set", kv)]
+    assert main(["launch", "--nproc-per-node", "1", "--", "--out", str(run_dir), "--quiet", *sets]) == 0
+    assert len(read_log(run_dir / "trajectory.jsonl")) == STEPS
+    assert "lr = 0.002" in (run_dir / "config.toml").read_text()
+
+
 def test_the_conservative_optimizer_runs_under_the_scheduler_and_survives_a_kill(tmp_path):
     extra = ("optim.optimizer=zo-sgd-conservative",)
     reference = tmp_path / "reference"

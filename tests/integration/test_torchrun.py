@@ -45,7 +45,7 @@ def test_perturbation_parallel_torchrun_equals_one_process(single, tmp_path):
     a, b = _weights(single), _weights(run_dir)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert read_log(single / "trajectory.jsonl") == read_log(run_dir / "trajectory.jsonl")
-    assert proc.stdout.count("done: 6 steps") == 1  # only rank 0 reports
+    assert proc.stderr.count("done: 6 steps") == 1  # only rank 0 reports (progress and logs go to stderr)
 
 
 def test_data_parallel_torchrun_follows_one_process(single, tmp_path):

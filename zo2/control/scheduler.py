@@ -107,6 +107,7 @@ class Scheduler:
         self._stop_sent = False
         self._error: str | None = None
         """A problem a worker reported (a restart would repeat it)."""
+        self._generation_steps = 0
         self.checkpoint_requested = False
         self.stopped_at: int | None = None
         self.finished = False
@@ -119,12 +120,13 @@ class Scheduler:
     def _prepare_run_dir(self) -> bool:
         """New run folder, or resume the run already there (True). ``resume=None``: resume when the folder
         holds a run (rerunning the same command continues it)."""
-        from zo2.train.trainer import CONFIG_FILE, check_run_dir, create_run_dir
+        from zo2.train.trainer import CONFIG_FILE, check_run_dir, check_writable, create_run_dir
 
         exists = (self.run_dir / CONFIG_FILE).is_file()
         resume = exists and not self.overwrite if self.resume is None else self.resume
         if self.head:
             check_run_dir(self.run_dir, resume=resume, overwrite=self.overwrite)
+            check_writable(self.run_dir)
             if not resume:
                 create_run_dir(self.run_dir, self.overwrite)
         return resume
@@ -212,6 +214,7 @@ class Scheduler:
         if self.fault and self.restarts == 0:  # an injected fault fires in the first generation only
             env_base[FAULT_ENV] = self.fault
         self.procs = []
+        self._generation_steps = 0  # steps this generation reported: none yet means a failure is a start-up one
         for local in range(self.workers):
             env = dict(env_base, RANK=str(place.node_rank * self.workers + local), LOCAL_RANK=str(local),
                        GROUP_RANK=str(place.node_rank))
@@ -296,6 +299,12 @@ class Scheduler:
                         self._drain(1000)  # its error report may still be in flight
                     if code == 2 and self._error is not None:
                         raise WorkerFailure(self._error)
+                    if code > 0 and self._generation_steps == 0:  # an import error, a broken install: a restart
+                        raise WorkerFailure(                        # would only repeat it
+                            f"worker {p.rank} (pid {p.popen.pid}) exited with status {code} before its first step "
+                            "(its error is printed above). A failure at start-up is not a crash to repair, so the "
+                            f"workers were not restarted; {self.run_dir} holds the steps logged so far. Fix the "
+                            "cause and run the command again.")
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
                     return f"worker {p.rank} (pid {p.popen.pid}) {how}"
                 if not p.registered and now - p.started > ctl.start_timeout_s:
@@ -338,6 +347,7 @@ class Scheduler:
         if identity != proc.identity:
             return None  # a heartbeat socket: liveness only
         if kind == "step":
+            self._generation_steps += 1
             self._on_step(msg["record"], msg["result"])
         elif kind == "eval":
             self._on_eval(msg)

@@ -67,9 +67,10 @@ def build_attention_mask(
     names = _parameter_names(builder)
     kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask}
     kwargs["inputs_embeds" if "inputs_embeds" in names else "input_embeds"] = inputs_embeds
-    for cache_name in ("cache", "past_key_values"):
-        if cache_name in names:
+    for cache_name in ("cache", "past_key_values"):  # the current name first: a release that still accepts the
+        if cache_name in names:                      # deprecated one warns when both are passed
             kwargs[cache_name] = cache  # None for a training forward
+            break
     if "cache_position" in names:
         past = prefix_length(cache)
         kwargs["cache_position"] = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)

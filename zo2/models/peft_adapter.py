@@ -26,6 +26,7 @@ AdaLoRA's rank reallocation reads gradients, which a ZO step has none of: its ra
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -227,7 +228,9 @@ def apply_peft(model: nn.Module, cfg: "PeftConfig", family: str | None = None, s
     else:
         config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
                                          prefix_projection=cfg.prefix_projection)
-    with torch.random.fork_rng(devices=[]):  # seeded adapter init, the caller's RNG left alone
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # seeded adapter init, the caller's RNG
+        torch.manual_seed(seed)                                            # left alone
+        # peft reads the model's deprecated is_gradient_checkpointing alias (transformers >= 5.2x): not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = peft.get_peft_model(model, config)
     return wrapped.eval()  # ZO forwards run with dropout off

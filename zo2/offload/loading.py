@@ -46,7 +46,7 @@ def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def _scan_log(path: Path) -> _Scan:
                 return _Scan(records, good, True)
             raise CheckpointError(
                 f"Trajectory log {str(path)!r} is damaged at line {n} of {len(lines)} (a torn line or a "
-                f"checksum mismatch), so the run cannot be replayed past step {_last_step(records)}. Restore "
+                f"checksum mismatch), so the run cannot be replayed past the {_steps(records)} before it. Restore "
                 "the log from a backup, or resume from a snapshot and cut the log back to the lines before "
                 f"line {n}.")
         if records and record["step"] != records[-1]["step"] + 1:
@@ -152,7 +153,7 @@ def read_log(path: str | Path) -> list[dict]:
     scan = _scan_log(p)
     if scan.torn_tail:
         warnings.warn(f"Trajectory log {str(p)!r}: dropped a torn last line (a crash while writing it); the log "
-                      f"ends at step {_last_step(scan.records)}.", CheckpointWarning, stacklevel=2)
+                      f"holds {_steps(scan.records)}.", CheckpointWarning, stacklevel=2)
     return scan.records
 
 
@@ -162,7 +163,7 @@ def repair_log(path: str | Path, *, fsync: bool = True) -> list[dict]:
     scan = _scan_log(p)
     if scan.torn_tail:
         warnings.warn(f"Trajectory log {str(p)!r}: removed a torn last line (a crash while writing it); the log "
-                      f"now ends at step {_last_step(scan.records)}.", CheckpointWarning, stacklevel=2)
+                      f"now holds {_steps(scan.records)}.", CheckpointWarning, stacklevel=2)
         with open(p, "r+b") as f:
             f.truncate(scan.good_bytes)
             if fsync:
@@ -468,11 +469,12 @@ def _remove_stale_temps(folder: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def replay_updates(apply_fn: Callable[[Update], Any], records: Iterable[Mapping[str, Any]], start_step: int,
-                   stop_step: int) -> int:
+                   stop_step: int, *, progress: bool = False) -> int:
     """Call ``apply_fn(update)`` for every non-skipped record with ``start_step <= step < stop_step``, in order.
 
     The records must cover every step of the range exactly once, in order (checked before anything is
-    applied, so a gap leaves the parameters untouched). Returns how many updates were applied.
+    applied, so a gap leaves the parameters untouched). ``progress``: a progress bar on stderr (long replays
+    take minutes). Returns how many updates were applied.
     """
     if start_step > stop_step:
         raise ValueError(f"start_step {start_step} is after stop_step {stop_step}")
@@ -490,8 +492,19 @@ def replay_updates(apply_fn: Callable[[Update], Any], records: Iterable[Mapping[
                               f"before step {expected}. Resume from an older point, or replay only up to the "
                               "end of the log.")
     updates = [Update.from_dict(r) for r in chosen if not r.get("skipped", False)]
-    for update in updates:
-        apply_fn(update)
+    bar = None
+    if progress and updates:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(updates), unit="step", desc="replay", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for update in updates:
+            apply_fn(update)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return len(updates)
 
 
@@ -529,9 +542,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _last_step(records: list[dict]) -> str:
-    """The last step of ``records`` for messages."""
-    return str(records[-1]["step"]) if records else "(none)"
+def _steps(records: list[dict]) -> str:
+    """How many steps ``records`` hold, for messages: steps are counted as done (a log of N records holds steps
+    1..N in the words of --to, snapshots and progress bars), never by the 0-based ``step`` field."""
+    return f"{len(records)} step{'' if len(records) == 1 else 's'}"
 
 
 def _is_int(value: object) -> bool:

@@ -10,14 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from zo2.errors import CheckpointError, ConfigError
+from zo2.errors import ConfigError
 
 
 def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str | None = None,
                  task_eval_path: str | None = None, num_eval: int | None = None, step: int | None = None,
                  overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Metrics of ``target`` (a run folder: its newest snapshot at or before ``step``; or a Hugging Face model
-    folder) on the held-out batches of its job, or on ``task`` (a MeZO task name) read from ``task_path``."""
+    """Metrics of ``target`` on the held-out batches of its job, or on ``task`` (a MeZO task name) read from
+    ``task_path``. ``target``: a Hugging Face model folder, or a run folder — its weights after ``step`` steps
+    (the snapshot of that step, or the newest one before it and the trajectory log replayed up to ``step``), by
+    default its newest snapshot (the whole log replayed when it has none)."""
     from zo2.config.loader import load_config
     from zo2.train.checkpoint import latest_good_snapshot
     from zo2.train.trainer import (CONFIG_FILE, build_data, build_engine, build_job_model, build_tokenizer,
@@ -25,15 +27,17 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
 
     target = Path(target)
     overrides = list(overrides or [])
+    run_step: int | None = None  # a run folder: the step whose weights are evaluated
     snap = None
     if (target / CONFIG_FILE).is_file():
-        job = load_resume_config(target, [o for o in overrides if not o.startswith(("model.", "data."))])
-        snap = latest_good_snapshot(target, step)
-        if snap is None:
-            raise CheckpointError(f"{target} has no readable snapshot{'' if step is None else f' at or before step {step}'}; "
-                                  "there are no trained weights to evaluate. Evaluate the base model with "
-                                  "`zo2 eval MODEL_FOLDER`, or train longer (checkpoint.save_every).")
-        where = f"{target} at step {snap.step}"
+        job = load_resume_config(target, [o for o in overrides if not o.startswith(("model.", "data."))],
+                                 purpose="evaluate")
+        if step is None:  # the newest snapshot, or with none the whole log replayed
+            snap = latest_good_snapshot(target)
+            run_step = snap.step if snap is not None else None
+        else:  # exactly step S: its snapshot, or the newest one before it (or the base) and the log up to S
+            run_step = step
+        where = f"{target} at step {'(end of the log)' if run_step is None else run_step}"
     elif (target / "config.json").is_file():
         from zo2.train.tokenizer import TOKENIZER_FILES
 
@@ -55,6 +59,11 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
     engine = build_engine(job, model)
     if snap is not None:
         engine.load_trainable_state(snap.tensors)
+    elif (target / CONFIG_FILE).is_file():
+        from zo2.train.trainer import restore_step
+
+        run_step = restore_step(engine, target, run_step, progress=progress)
+        where = f"{target} at step {run_step}"
     if task is None:
         if task_path is not None or task_eval_path is not None:
             raise ConfigError("--task-path needs --task NAME (which task's format and template to use).")

@@ -144,7 +144,9 @@ class NullWriter:
 
 
 class Console:
-    """Progress on the terminal: a tqdm bar (smoothed loss, tokens/s), or plain lines with ``quiet``."""
+    """Progress on the terminal: a tqdm bar (smoothed loss, tokens/s), or plain lines with ``quiet``. Bar, log lines
+    and warnings all go to one stream, stderr by default (stdout stays free for what a command prints as its
+    result, such as zo2 eval's JSON line)."""
 
     def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream: TextIO | None = None,
                  silent: bool = False):
@@ -167,7 +169,7 @@ class Console:
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:
-            print(message, file=sys.stdout if self.quiet else self.stream, flush=True)
+            print(message, file=self.stream, flush=True)
 
     def step(self, loss: float, tokens_per_s: float, extra: str = "") -> None:
         """Advance the bar by one step and show the smoothed loss (exponential moving average, 0.9)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -135,17 +136,27 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() or (path / LOG_FILE).is_file()
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def holds_steps(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds trained steps (a non-empty trajectory log, or a snapshot): work a new run must
+    not replace without --overwrite. A run folder whose start failed (a bad config, a broken install) holds none."""
+    from zo2.train.checkpoint import list_snapshots
+
+    log = run_dir / LOG_FILE
+    return (log.is_file() and log.stat().st_size > 0) or bool(list_snapshots(run_dir))
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, purpose: str = "resume") -> None:
     """Refuse to touch an existing run folder unless told to resume or overwrite it (nothing is written)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"Run folder {str(run_dir)!r} is a file. Pick another folder with --out DIR.")
     used = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
+            fix = {"resume": ", or drop --resume to start a new run", "evaluate": ", or a Hugging Face model "
+                   "folder"}.get(purpose, "")
             raise CheckpointError(f"{str(run_dir)!r} is not a zo2 run folder (it has no {CONFIG_FILE}), so there "
-                                  "is nothing to resume. Pass the folder a previous `zo2 train` wrote, or drop "
-                                  "--resume to start a new run.")
-    elif used and not overwrite:
+                                  f"is nothing to {purpose}. Pass the folder a previous `zo2 train` wrote{fix}.")
+    elif used and not overwrite and not (is_run_dir(run_dir) and not holds_steps(run_dir)):
         raise CheckpointError(f"Run folder {str(run_dir)!r} already exists and is not empty; zo2 left it "
                               f"untouched. Continue that run with `zo2 train --resume {run_dir}`, start it over "
                               "with --overwrite (deletes its contents), or write elsewhere with --out DIR.")
@@ -155,9 +166,26 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                               "or new folder with --out DIR.")
 
 
+def check_writable(folder: Path, what: str = "The run folder") -> None:
+    """ConfigError naming ``folder`` when nothing can be written there (a read-only folder or mount), before any
+    work starts; a folder that does not exist yet is checked at its nearest existing parent."""
+    probe = folder.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return  # a file in the way: check_run_dir names it
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(folder)!r} cannot be written ({exc.strerror or exc} in {probe}). Make it "
+                          "writable, or pick another folder with --out DIR.") from None
+
+
 def create_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Make the run folder, first deleting an old run there when ``overwrite``."""
-    if overwrite and run_dir.is_dir():
+    """Make the run folder, first deleting an old run there when ``overwrite`` or when it holds no steps (a start
+    that failed before its first step: the corrected command starts the run)."""
+    if run_dir.is_dir() and (overwrite or (is_run_dir(run_dir) and not holds_steps(run_dir))):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -169,8 +197,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def load_resume_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
-    """The saved config of ``run_dir`` with ``overrides`` applied (those that would break the replay refused)."""
+def load_resume_config(run_dir: str | Path, overrides: Iterable[str] = (), *, purpose: str = "resume") -> JobConfig:
+    """The saved config of ``run_dir`` with ``overrides`` applied (those that would break the replay refused).
+    ``purpose`` ("resume", "replay" or "evaluate") words the error for a folder that holds no run."""
     run_dir = Path(run_dir)
     overrides = list(overrides)
     for item in overrides:
@@ -179,7 +208,7 @@ def load_resume_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> Jo
             raise ConfigError(f"--set {section}.{key} cannot change on --resume: the steps already taken depend on "
                               "it, so replay and the data order would no longer match the run. Start a new run "
                               "with that setting instead (or replay this one to a step and train from there).")
-    check_run_dir(run_dir, resume=True, overwrite=False)
+    check_run_dir(run_dir, resume=True, overwrite=False, purpose=purpose)
     job = load_saved_config(run_dir / CONFIG_FILE, overrides)
     job.run = replace(job.run, out_dir=str(run_dir))
     return job
@@ -250,6 +279,7 @@ class Trainer:
         self.main = self.comm.rank == 0  # only rank 0 writes the run folder; every rank computes
         if self.main:
             check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+            check_writable(self.run_dir)
         self.tokenizer = build_tokenizer(job)
         self.model = build_job_model(job, self.tokenizer)
         self.task = build_task_run(job, self.tokenizer, self.comm)
@@ -533,27 +563,39 @@ def describe_summary(s: TrainSummary) -> str:
 # Replay
 # ----------------------------------------------------------------------------------------------------------
 
+def restore_step(engine: ZOEngine, run_dir: Path, to_step: int | None, *, from_base: bool = False,
+                 progress: bool = False) -> int:
+    """Put the weights after ``to_step`` steps of the run in ``run_dir`` (default: all the log holds) into
+    ``engine``: the newest good snapshot at or before it (unless ``from_base``), then the log's updates up to it.
+    Returns the step reached. CheckpointError when the log does not hold ``to_step`` steps."""
+    records = read_log(run_dir / LOG_FILE)
+    to_step = len(records) if to_step is None else to_step
+    if not 0 <= to_step <= len(records):
+        raise CheckpointError(f"Step {to_step} is outside the run in {run_dir}: its trajectory log holds "
+                              f"{len(records)} steps, so pick a step from 0 (the base weights) to {len(records)}.")
+    snap = None if from_base else latest_good_snapshot(run_dir, to_step)
+    if snap is not None:
+        engine.load_trainable_state(snap.tensors)
+    replay_updates(engine.apply_update, records, snap.step if snap else 0, to_step, progress=progress)
+    engine.flush()
+    return to_step
+
+
 def replay_run(run_dir: str | Path, to_step: int | None = None, out_dir: str | Path | None = None,
-               from_base: bool = False) -> Path:
+               from_base: bool = False, progress: bool = False) -> Path:
     """Rebuild the weights after ``to_step`` steps of the run in ``run_dir`` (default: all of them) from the
     base weights (or the newest snapshot at or before it, unless ``from_base``) and the trajectory log; write
     them with ``save_pretrained`` to ``out_dir`` (default ``run_dir/replay/step_XXXXXXXX``)."""
     run_dir = Path(run_dir)
-    job = load_resume_config(run_dir)
+    job = load_resume_config(run_dir, purpose="replay")
     records = read_log(run_dir / LOG_FILE)
     to_step = len(records) if to_step is None else to_step
-    if not 0 <= to_step <= len(records):
-        raise CheckpointError(f"--to {to_step} is outside the run in {run_dir}: its trajectory log holds "
-                              f"{len(records)} steps, so pick a step from 0 (the base weights) to {len(records)}.")
+    out = Path(out_dir) if out_dir is not None else run_dir / "replay" / f"step_{to_step:08d}"
+    check_writable(out, "The replay's output folder")
     tokenizer = build_tokenizer(job)
     model = build_job_model(job, tokenizer)
     engine = build_engine(job, model)
-    snap = None if from_base else latest_good_snapshot(run_dir, to_step)
-    if snap is not None:
-        engine.load_trainable_state(snap.tensors)
-    replay_updates(engine.apply_update, records, snap.step if snap else 0, to_step)
-    engine.flush()
-    out = Path(out_dir) if out_dir is not None else run_dir / "replay" / f"step_{to_step:08d}"
+    restore_step(engine, run_dir, to_step, from_base=from_base, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_model(model, tokenizer, out)
 
