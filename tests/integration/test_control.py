@@ -319,6 +319,35 @@ def test_a_stray_connection_during_a_run_is_rejected_and_the_run_finishes(tmp_pa
     assert logged(run_dir) == logged(reference)
 
 
+def test_malformed_floods_and_oversized_messages_cannot_stop_or_flood_the_scheduler(tmp_path, reference, caplog):
+    """A message that makes the JSON decoder recurse too deep, 300 junk messages and one over the size limit: the
+    run finishes as if nothing happened, the log holds a few lines about them, not 300."""
+    import zmq
+
+    from zo2.control.protocol import MAX_MESSAGE_BYTES, WARN_FIRST
+
+    def intrude(sched: Scheduler) -> None:
+        wait_for_steps(sched.run_dir, 1)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(sched.channel.endpoint)
+        sock.send(b"[" * 2000)  # RecursionError inside json.loads
+        for i in range(300):
+            sock.send(b"junk %d" % i)
+        sock.send(b"x" * (2 * MAX_MESSAGE_BYTES))  # the connection is dropped, nothing buffered
+        sock.close()
+        ctx.term()
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="zo2.control"):
+        sched = run_scheduler(run_dir, action=intrude)
+    assert sched.rejected >= 301
+    lines = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert WARN_FIRST <= len(lines) <= WARN_FIRST + 2, [r.getMessage() for r in lines]
+    assert any(f"({sched.rejected} in all)" in r.getMessage() for r in lines)  # the summary at the end
+    assert logged(run_dir) == logged(reference)
+
+
 def test_sigusr1_writes_a_snapshot_between_the_regular_ones(tmp_path, reference):
     def ask(sched: Scheduler) -> None:
         wait_for_steps(sched.run_dir, 1)

@@ -107,12 +107,39 @@ def test_damage_in_the_middle_raises(tmp_path):
     lines = path.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"loss":2.', b'"loss":3.')  # valid JSON, wrong CRC
     path.write_bytes(b"".join(lines))
-    with pytest.raises(CheckpointError, match=r"damaged at line 2 of 5.*past step 0"):
+    with pytest.raises(CheckpointError, match=r"damaged at line 2 of 5.*past the 1 step before it"):
         read_log(path)
     with pytest.raises(CheckpointError, match="line 2"):
         repair_log(path)
     with pytest.raises(CheckpointError):
         TrajectoryLog(path)
+
+
+def test_log_lines_are_strict_json_and_non_finite_values_round_trip(tmp_path):
+    """Any JSON reader takes the log (no zero-padded number, no bare NaN); NaN/inf come back as floats, and a log
+    in the earlier format (CRC as a bare zero-padded number, bare NaN) still reads."""
+    import json
+    import math
+    import zlib
+
+    path = tmp_path / "log.jsonl"
+    with TrajectoryLog(path, fsync=False) as log:
+        log.append({**record(0), "loss": float("nan"), "projected_grad": float("inf"), "loss_minus": -math.inf})
+        log.append(record(1))
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    for line in path.read_text().splitlines():
+        parsed = json.loads(line, parse_constant=no_constants)
+        assert isinstance(parsed["crc"], str) and set(parsed) == {"crc", "r"}
+    got = read_log(path)
+    assert math.isnan(got[0]["loss"]) and got[0]["projected_grad"] == math.inf and got[0]["loss_minus"] == -math.inf
+    assert got[1] == json.loads(json.dumps(record(1)))
+    payload = json.dumps({**record(2), "loss": float("nan")}, separators=(",", ":")).encode()
+    old = tmp_path / "old.jsonl"
+    old.write_bytes(b'{"crc":' + f"{zlib.crc32(payload):010d}".encode() + b',"r":' + payload + b"}\n")
+    assert math.isnan(read_log(old)[0]["loss"])
 
 
 def test_steps_must_be_consecutive(tmp_path):

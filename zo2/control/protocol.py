@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from typing import Any
 
 import zmq
@@ -37,10 +38,20 @@ def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, allow_nan=True).encode()
 
 
+MAX_MESSAGE_BYTES = 1 << 20
+"""The largest message a worker sends (a step record with its q seeds and measurements, an error report) is a few
+KB; ZeroMQ drops the connection of a peer that sends more than this before any of it is buffered."""
+WARN_FIRST = 3
+"""Rejected messages logged one by one; after these, one summary line a minute (any local process can connect)."""
+WARN_EVERY_S = 60.0
+
+
 def _decode(data: bytes) -> dict[str, Any] | None:
+    """The message, or None for anything that is not a JSON object with a string ``type`` — whatever the decoder
+    raises on (bad UTF-8, bad JSON, nesting deep enough to exhaust the recursion limit, ...)."""
     try:
         message = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 (any decode failure is a rejected message, never a crash)
         return None
     return message if isinstance(message, dict) and isinstance(message.get("type"), str) else None
 
@@ -53,10 +64,13 @@ class SchedulerChannel:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         port = self.socket.bind_to_random_port(f"tcp://{bind}")
         self.endpoint = f"tcp://{bind}:{port}"
         self.rejected = 0
         """Messages dropped for a missing or wrong token (or not being JSON)."""
+        self._unreported = 0  # rejections not logged yet (past WARN_FIRST)
+        self._last_summary = time.monotonic()
 
     def receive(self, timeout_ms: int) -> tuple[bytes, dict[str, Any]] | None:
         """The next authenticated message as (sender identity, message), or None after ``timeout_ms``."""
@@ -67,12 +81,28 @@ class SchedulerChannel:
         message = _decode(payload)
         token = message.get("token") if message else None
         if not isinstance(token, str) or not hmac.compare_digest(token, self.token):
-            self.rejected += 1
-            log.warning("zo2 scheduler: rejected a message from an unknown connection (%s): it does not carry this "
-                        "run's token", "not JSON" if message is None else f"type {message.get('type')!r}")
+            self._reject("not JSON" if message is None else f"type {str(message.get('type'))[:40]!r}")
             self._send(identity, {"type": "rejected", "reason": "wrong token"})
             return None
         return identity, message
+
+    def _reject(self, what: str) -> None:
+        """Count a rejected message; log the first few, then a summary at most once a minute."""
+        self.rejected += 1
+        if self.rejected <= WARN_FIRST:
+            log.warning("zo2 scheduler: rejected a message from an unknown connection (%s): it does not carry this "
+                        "run's token%s", what, "; further rejections are counted and summarized"
+                        if self.rejected == WARN_FIRST else "")
+            return
+        self._unreported += 1
+        if time.monotonic() - self._last_summary >= WARN_EVERY_S:
+            self._summarize()
+
+    def _summarize(self) -> None:
+        if self._unreported:
+            log.warning("zo2 scheduler: rejected %d more messages from unknown connections (%d in all)",
+                        self._unreported, self.rejected)
+        self._unreported, self._last_summary = 0, time.monotonic()
 
     def send(self, identity: bytes, message: dict[str, Any]) -> None:
         self._send(identity, message)
@@ -84,6 +114,7 @@ class SchedulerChannel:
             pass  # the peer is gone; its process state tells the scheduler what happened
 
     def close(self) -> None:
+        self._summarize()
         self.socket.close(0)
         self.context.term()
 

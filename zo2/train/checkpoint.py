@@ -21,6 +21,7 @@ Conventions the trainer follows (nothing here enforces more than the step number
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -80,27 +81,58 @@ def make_record(update: Update, *, data: Mapping[str, Any], loss: float, project
 
 
 def encode_line(record: Mapping[str, Any]) -> bytes:
-    """``{"crc":<10 digits>,"r":<record JSON>}\\n`` where the CRC32 covers the record's JSON bytes exactly.
+    """``{"crc":"<10 digits>","r":<record JSON>}\n`` where the CRC32 covers the record's JSON bytes exactly.
 
-    Floats are written with ``repr`` and so read back bit-identical (NaN and ±inf as NaN/Infinity).
+    Strictly valid JSON Lines (any JSON reader takes it): floats are written with ``repr`` and so read back
+    bit-identical; NaN and ±inf, which JSON lacks, as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``
+    (:func:`decode_line` turns them back into floats). Logs written before this format (the CRC as a bare
+    zero-padded number, bare NaN) still read.
     """
-    payload = json.dumps(record, separators=(",", ":"), default=_jsonable).encode("utf-8")
+    payload = json.dumps(_json_safe(record), separators=(",", ":"), default=_jsonable, allow_nan=False).encode("utf-8")
     crc = zlib.crc32(payload)
-    return _LINE_HEAD + f"{crc:0{_CRC_DIGITS}d}".encode() + _LINE_MID + payload + b"}\n"
+    return _LINE_HEAD + f'"{crc:0{_CRC_DIGITS}d}"'.encode() + _LINE_MID + payload + b"}\n"
+
+
+_NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by its name (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _from_json_safe(value: Any) -> Any:
+    """The inverse of :func:`_json_safe` (no field of a record holds these exact strings as text)."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_safe(v) for v in value]
+    return value
 
 
 def decode_line(line: bytes) -> dict | None:
     """The record of one complete log line, or None if the line is torn or fails its CRC."""
-    start = len(_LINE_HEAD) + _CRC_DIGITS + len(_LINE_MID)
+    head = len(_LINE_HEAD)
+    quoted = line[head:head + 1] == b'"'  # the current format; older logs wrote the CRC as a bare number
+    digits_at = head + quoted
+    start = digits_at + _CRC_DIGITS + quoted + len(_LINE_MID)
     if not (line.endswith(b"}\n") and line.startswith(_LINE_HEAD) and len(line) > start + 2
-            and line[len(_LINE_HEAD) + _CRC_DIGITS: start] == _LINE_MID):
+            and line[digits_at + _CRC_DIGITS: start] == (b'"' if quoted else b"") + _LINE_MID):
         return None
-    digits = line[len(_LINE_HEAD): len(_LINE_HEAD) + _CRC_DIGITS]
+    digits = line[digits_at: digits_at + _CRC_DIGITS]
     payload = line[start:-2]
     if not digits.isdigit() or int(digits) != zlib.crc32(payload):
         return None
     try:
-        record = json.loads(payload)
+        record = _from_json_safe(json.loads(payload))
     except ValueError:
         return None
     return record if isinstance(record, dict) and _is_int(record.get("step")) else None
