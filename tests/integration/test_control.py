@@ -348,6 +348,27 @@ def test_malformed_floods_and_oversized_messages_cannot_stop_or_flood_the_schedu
     assert logged(run_dir) == logged(reference)
 
 
+def test_the_workers_listen_on_loopback_only(tmp_path, reference):
+    """A single-node zo2 launch: no socket of a worker (the rendezvous store on rank 0, gloo's pairs) nor of the
+    scheduler listens on a non-loopback address."""
+    import ipaddress
+
+    import psutil
+
+    listening: dict[int, list[str]] = {}
+
+    def inspect(sched: Scheduler) -> None:
+        wait_for_steps(sched.run_dir, 2)
+        for pid in [os.getpid(), *(p.popen.pid for p in sched.procs)]:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+            listening[pid] = [c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN]
+    run_dir = tmp_path / "run"
+    run_scheduler(run_dir, "parallel.pp=2", workers=2, action=inspect)
+    assert len(listening) == 3 and any(listening.values()), listening  # the store did listen somewhere
+    wide = {pid: ips for pid, ips in listening.items() if not all(ipaddress.ip_address(ip).is_loopback for ip in ips)}
+    assert not wide, f"listening beyond loopback: {wide}"
+
+
 def test_sigusr1_writes_a_snapshot_between_the_regular_ones(tmp_path, reference):
     def ask(sched: Scheduler) -> None:
         wait_for_steps(sched.run_dir, 1)

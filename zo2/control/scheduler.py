@@ -39,6 +39,7 @@ from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, SchedulerChannel, new_
 from zo2.control.store import NodeStore, remove_stale_stores
 from zo2.control.worker import CONFIG_ENV, FAULT_ENV
 from zo2.errors import CheckpointError, ConfigError, ZO2Error
+from zo2.parallel.mesh import BIND_STORE_ENV
 
 log = logging.getLogger("zo2.control")
 
@@ -205,6 +206,7 @@ class Scheduler:
             CONFIG_ENV: str(self.config_path), "ZO2_RUN_DIR": str(self.run_dir),
             "ZO2_START_TIMEOUT_S": str(self.job.control.start_timeout_s),
             "PYTHONUNBUFFERED": "1",
+            BIND_STORE_ENV: "1",  # the workers' rendezvous store listens on --master-addr only, not everywhere
         })
         if place.nnodes == 1:
             env_base.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
@@ -185,6 +186,33 @@ def node_group(world: int, local_size: int):
     return mine
 
 
+BIND_STORE_ENV = "ZO2_BIND_STORE"
+"""Set to 1 by zo2 launch for its workers: rank 0's rendezvous store listens on MASTER_ADDR only."""
+
+
+def bound_store(world: int, timeout: datetime.timedelta) -> dist.TCPStore | None:
+    """With ZO2_BIND_STORE=1: the job's rendezvous store (torch.distributed's TCPStore), its server on rank 0
+    listening on MASTER_ADDR's interface only — loopback for a single-node `zo2 launch`, the configured address on
+    several nodes — instead of every interface (TCPStore's own default). None otherwise (torchrun's agent owns the
+    store)."""
+    if os.environ.get(BIND_STORE_ENV) != "1":
+        return None
+    addr, port, rank = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"])
+    if rank != 0:
+        return dist.TCPStore(addr, port, world, False, timeout=timeout)
+    family, _, _, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted generation may reuse the port
+    try:
+        listener.bind(where)
+    except OSError as exc:
+        listener.close()
+        raise RankFailure(f"Rank 0 cannot listen on {addr}:{port} for the job's rendezvous ({exc.strerror}). Pick "
+                          "another --master-port, or the address of this node's interface as --master-addr.") from None
+    listener.listen(max(world, 16))
+    return dist.TCPStore(addr, port, world, True, timeout=timeout, master_listen_fd=listener.detach())
+
+
 def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
     """The communicator of a torchrun-started rank (a single process when WORLD_SIZE is unset)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -194,7 +222,13 @@ def init_comm(cfg: ParallelConfig, device: torch.device) -> ZOComm:
     owns = not dist.is_initialized()
     if owns:
         backend = cfg.backend if cfg.backend != "auto" else ("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        store = bound_store(world, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, store=store, world_size=world,
+                                    rank=int(os.environ["RANK"]))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     local_group = node_group(world, local_size)
     comm = ZOComm(dims, dist.get_rank(), device=device if device.type == "cuda" else torch.device("cpu"),
