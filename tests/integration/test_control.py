@@ -436,6 +436,26 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def test_a_scheduler_killed_while_its_workers_start_leaves_no_worker_behind(tmp_path):
+    """SIGKILL to the scheduler as soon as its workers exist (they are still importing torch): they go too, within
+    seconds, instead of waiting control.start_timeout_s for a registration answer."""
+    proc = _launch(tmp_path / "run")
+    end = time.monotonic() + 120
+    while not (workers := _children(proc.pid)) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert workers, "the scheduler started no worker"
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate(timeout=60)
+    end = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < end:
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()
+                 and "zombie" not in Path(f"/proc/{w}/status").read_text().lower()]
+        time.sleep(0.1)
+    assert not alive, "workers outlived a scheduler killed while they started"
+
+
 def test_a_killed_scheduler_takes_its_workers_along_and_the_same_command_resumes(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = _launch(run_dir)

@@ -61,6 +61,21 @@ class NodePlace:
     master_port: int | None = None
 
 
+WORKER_BOOTSTRAP = """\
+import ctypes, os, sys
+try:  # Linux: SIGKILL this worker when the scheduler dies, armed before the seconds of importing torch
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(os.environ["ZO2_SCHEDULER_PID"]):  # it died before the line above: nobody to work for
+    sys.exit(3)
+import runpy
+runpy.run_module("zo2.control.worker", run_name="__main__", alter_sys=True)
+"""
+"""How the scheduler starts a worker (``python -c``): the parent-death signal is armed before anything is
+imported (``import zo2`` takes seconds), so a scheduler killed at any moment never leaves workers behind."""
+
+
 @dataclass
 class _Proc:
     rank: int
@@ -220,7 +235,7 @@ class Scheduler:
         for local in range(self.workers):
             env = dict(env_base, RANK=str(place.node_rank * self.workers + local), LOCAL_RANK=str(local),
                        GROUP_RANK=str(place.node_rank))
-            popen = subprocess.Popen([sys.executable, "-m", "zo2.control.worker"], env=env,
+            popen = subprocess.Popen([sys.executable, "-c", WORKER_BOOTSTRAP], env=env,
                                      start_new_session=True)  # a terminal's Ctrl-C reaches the scheduler only
             self.procs.append(_Proc(local, popen, time.monotonic()))
 
