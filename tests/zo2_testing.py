@@ -65,3 +65,30 @@ def assert_same_params(a, b) -> None:
 
 
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def fill_disk_after(run_dir, steps: int, disk) -> "threading.Thread":
+    """A thread that, once ``run_dir``'s trajectory log holds ``steps`` lines, fills the file system of ``disk``
+    (a small tmpfs) with a filler file: the next write there fails with ENOSPC, as on a full disk."""
+    import threading
+    import time
+    from pathlib import Path
+
+    def fill() -> None:
+        log = Path(run_dir) / "trajectory.jsonl"
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            if log.exists() and log.read_bytes().count(b"\n") >= steps:
+                break
+            time.sleep(0.01)
+        with open(Path(disk) / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    return thread

@@ -7,6 +7,8 @@ without a traceback (unless ``--debug``) and exits with :attr:`ZO2Error.exit_cod
 
 from __future__ import annotations
 
+import os
+
 
 class ZO2Error(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""
@@ -36,3 +38,18 @@ class NonFiniteLossError(ZO2Error):
 
 class ResourceError(ZO2Error):
     """The job does not fit in host or device memory."""
+
+
+def write_failure(path: "os.PathLike[str] | str", exc: OSError, doing: str, kept: str) -> str:
+    """One paragraph for a write the file system refused (a full disk, a read-only mount): what failed, in which
+    folder, the free space there, that ``kept`` is intact, and what to do."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(path).parent
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 1e9:.2f} GB free there"
+    except OSError:
+        free = ""
+    return (f"{exc.strerror or exc} while {doing} in {folder}{free}. {kept}: free space (or fix the folder) and "
+            "resume the run.")

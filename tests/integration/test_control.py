@@ -17,6 +17,7 @@ import torch
 from zo2.config import load_config
 from zo2.control.protocol import SchedulerChannel, WorkerLink, new_token
 from zo2.control.scheduler import Scheduler
+from zo2.errors import CheckpointError
 from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log, snapshot_path
 from zo2.train.trainer import train_job
 
@@ -346,6 +347,23 @@ def test_malformed_floods_and_oversized_messages_cannot_stop_or_flood_the_schedu
     assert WARN_FIRST <= len(lines) <= WARN_FIRST + 2, [r.getMessage() for r in lines]
     assert any(f"({sched.rejected} in all)" in r.getMessage() for r in lines)  # the summary at the end
     assert logged(run_dir) == logged(reference)
+
+
+def test_a_full_disk_under_zo2_launch_is_one_error_and_cleans_up(tmp_path, mounts):
+    """The run folder's disk fills while the scheduler appends the log: one CheckpointError naming the folder and
+    its free space, the steps before it kept, and no /dev/shm store or config file of this scheduler left."""
+    from zo2_testing import fill_disk_after
+
+    disk = mounts.small_disk(8)
+    run_dir = disk / "run"
+    sched = Scheduler(job(run_dir, "train.steps=40", "checkpoint.save_every=0"), workers=1, quiet=True)
+    filler = fill_disk_after(run_dir, 2, disk)
+    with pytest.raises(CheckpointError, match=r"No space left on device while .* GB free there"):
+        sched.run()
+    filler.join(timeout=60)
+    assert 2 <= len(read_log(run_dir / "trajectory.jsonl")) < 40
+    assert not sched.config_path.exists()
+    assert not list(Path("/dev/shm").glob(f"zo2-node-{os.getpid()}-*"))
 
 
 def test_the_workers_listen_on_loopback_only(tmp_path, reference):

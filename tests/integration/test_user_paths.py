@@ -42,40 +42,16 @@ def one_line_error(capsys, code: int, *needles: str) -> str:
 
 # ------------------------------------------------------------------------------------------- read-only folders
 
-@pytest.fixture
-def read_only(tmp_path):
-    """``make(folder)``: a read-only bind mount of ``folder`` (a read-only mount, as root cannot be kept out of a
-    chmod-ed folder); unmounted afterwards."""
-    mounts = []
-
-    def make(folder: Path) -> Path:
-        target = tmp_path / f"ro{len(mounts)}"
-        target.mkdir()
-        for cmd in (["mount", "--bind", str(folder), str(target)],
-                    ["mount", "-o", "remount,ro,bind", str(target)]):
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                if mounts or cmd[1] != "--bind":
-                    subprocess.run(["umount", str(target)], capture_output=True)
-                pytest.skip(f"cannot make a read-only mount here ({done.stderr.strip()})")
-        mounts.append(target)
-        return target
-
-    yield make
-    for target in reversed(mounts):
-        subprocess.run(["umount", str(target)], capture_output=True)
-
-
-def test_a_new_run_under_a_read_only_folder_is_refused_before_any_work(tmp_path, read_only, capsys):
+def test_a_new_run_under_a_read_only_folder_is_refused_before_any_work(tmp_path, mounts, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    ro = read_only(src)
+    ro = mounts.read_only(src)
     code = main(["train", "--quiet", "--out", str(ro / "new"), *sets()])
     one_line_error(capsys, code, "cannot be written", str(ro / "new"))
 
 
-def test_resume_overwrite_and_replay_of_a_read_only_run_are_one_line_errors(run_dir, read_only, capsys):
-    ro = read_only(run_dir)
+def test_resume_overwrite_and_replay_of_a_read_only_run_are_one_line_errors(run_dir, mounts, capsys):
+    ro = mounts.read_only(run_dir)
     one_line_error(capsys, main(["train", "--quiet", "--resume", str(ro), "--set", "train.steps=8"]),
                    "cannot be written", str(ro))
     one_line_error(capsys, main(["train", "--quiet", "--overwrite", "--out", str(ro), *sets()]),
@@ -96,6 +72,30 @@ def test_an_os_error_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("zo2: error: No space left on device (")
     assert len(read_log(tmp_path / "run" / "trajectory.jsonl")) == 6  # the steps are kept
+
+
+def test_a_full_disk_while_training_is_one_line_and_the_run_resumes_after(mounts, capsys):
+    """The disk fills mid-run: one line naming the folder and its free space; the log keeps every step before it,
+    with no torn line; once there is space again the same run resumes to the end."""
+    from zo2_testing import fill_disk_after
+
+    disk = mounts.small_disk(8)
+    run = disk / "run"
+    filler = fill_disk_after(run, 2, disk)
+    code = main(["train", "--quiet", "--out", str(run), *sets("train.steps=30", "checkpoint.save_every=0",
+                                                            "train.log_every=1", "run.save_final=false")])
+    filler.join(timeout=60)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "No space left on device while" in line and str(run) in line and "GB free there" in line, line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torn line to repair
+        done = len(read_log(run / "trajectory.jsonl"))
+    assert 2 <= done < 30
+    (disk / "filler").unlink()
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert len(read_log(run / "trajectory.jsonl")) == 30
 
 
 # ------------------------------------------------------------------------------------------- messages

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -161,7 +162,7 @@ class Scheduler:
         self.tokenizer = build_tokenizer(job)
         self.model = build_job_model(job, self.tokenizer)
         self.streamed_model = bool(getattr(self.model, STREAMED, False))
-        freed = remove_stale_stores()
+        freed = remove_stale_stores() + remove_stale_stores(Path(tempfile.gettempdir()))  # stores, config files
         if freed:
             log.warning("zo2 scheduler: removed %.2f GB of node-store files left in /dev/shm by a scheduler that "
                         "died", freed / 1e9)
@@ -519,18 +520,27 @@ class Scheduler:
                             if self.node.state is not None else "") + f"; run folder {self.run_dir}")
 
     def close(self) -> None:
-        if self.console is not None:
-            self.console.close()
-        for closer in ("log", "metrics"):
-            obj = getattr(self, closer, None)
-            if obj is not None:
-                obj.close()
-        if getattr(self, "node", None) is not None:
-            self.node.close()
-            self.node = None
-        if getattr(self, "config_path", None) is not None:
-            self.config_path.unlink(missing_ok=True)
-        if getattr(self, "channel", None) is not None:
-            self.rejected = self.channel.rejected
-            self.channel.close()
-            self.channel = None
+        """Release everything, each part even when another fails (a full disk must not leave the node store in
+        /dev/shm or the workers' config file behind)."""
+        with contextlib.ExitStack() as cleanup:  # runs the callbacks in reverse order, every one of them
+            if getattr(self, "channel", None) is not None:
+                cleanup.callback(self._close_channel)
+            if getattr(self, "config_path", None) is not None:
+                cleanup.callback(self.config_path.unlink, missing_ok=True)
+            if getattr(self, "node", None) is not None:
+                cleanup.callback(self._close_node)
+            for closer in ("metrics", "log"):
+                obj = getattr(self, closer, None)
+                if obj is not None:
+                    cleanup.callback(obj.close)
+            if self.console is not None:
+                cleanup.callback(self.console.close)
+
+    def _close_node(self) -> None:
+        self.node.close()
+        self.node = None
+
+    def _close_channel(self) -> None:
+        self.rejected = self.channel.rejected
+        self.channel.close()
+        self.channel = None

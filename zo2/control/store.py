@@ -91,8 +91,9 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_stale_stores(folder: Path = _SHM_DIR) -> int:
-    """Delete node-store files left in /dev/shm by schedulers that died without cleaning up (SIGKILL, OOM
-    kill): they hold host memory until reboot. Files of a live scheduler are kept. Returns the bytes freed."""
+    """Delete node-store files left in /dev/shm (or, given the temporary folder, the workers' config files) by
+    schedulers that died without cleaning up (SIGKILL, OOM kill): they hold host memory until reboot. Files of a
+    live scheduler are kept. Returns the bytes freed."""
     freed = 0
     if not folder.is_dir():
         return 0

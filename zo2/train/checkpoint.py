@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from safetensors import safe_open
 
-from zo2.errors import CheckpointError
+from zo2.errors import CheckpointError, write_failure
 from zo2.optim.estimators import Update
 
 SNAPSHOT_DIR = "snapshots"
@@ -237,16 +237,39 @@ class TrajectoryLog:
             raise CheckpointError(f"Trajectory log {str(self.path)!r} ends at step {self.last_step}; the next "
                                   f"record must be step {self.next_step}, not {step!r}. Resume from the end of the "
                                   "log, or start a new run folder.")
-        self._file.write(encode_line(record))
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        line = encode_line(record)
+        end = self._file.tell()
+        try:
+            self._file.write(line)
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._abandon(end)
+            raise CheckpointError(write_failure(self.path, exc, f"appending step {step + 1} to the trajectory log",
+                                                f"It holds the {self.num_records} steps before, intact")) from None
         self.last_step = step
         self.num_records += 1
 
+    def _abandon(self, end: int) -> None:
+        """After a failed append: drop the unwritten bytes and cut any partial line, so the file ends after the
+        last durable record (what a resume reads)."""
+        try:
+            os.ftruncate(self._file.fileno(), end)
+        except OSError:
+            pass  # a partial last line is repaired as a torn one when the log is opened again
+        raw, self._file = self._file, open(os.devnull, "ab")  # appending after a failure is refused above anyway
+        try:
+            raw.close()
+        except OSError:
+            pass  # its buffer could not be written: it is dropped, the file is consistent
+
     def close(self) -> None:
-        """Close the file (appending after this is an error)."""
-        self._file.close()
+        """Close the file (appending after this is an error); never raises for a full disk."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
     def __enter__(self) -> "TrajectoryLog":
         return self

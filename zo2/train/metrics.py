@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, TextIO
 
 import torch
 
+from zo2.errors import CheckpointError, write_failure
 
 TRANSFER_ZERO = {"h2d_gb": 0.0, "d2h_gb": 0.0, "transfer_wait_s": 0.0, "step_s": 0.0, "peak_device_gib": 0.0}
 
@@ -104,11 +105,18 @@ class JsonlWriter:
         self._file: TextIO = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(dict(record)) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(dict(record)) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise CheckpointError(write_failure(self.path, exc, f"writing {self.path.name}",
+                                                "The trajectory log and snapshots are")) from None
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a full disk: the lines already written stay; the log, not this file, is what a resume needs
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
