@@ -366,6 +366,21 @@ def test_a_full_disk_under_zo2_launch_is_one_error_and_cleans_up(tmp_path, mount
     assert not list(Path("/dev/shm").glob(f"zo2-node-{os.getpid()}-*"))
 
 
+def test_a_deleted_log_is_refused_not_restarted_from_step_zero(tmp_path):
+    """The same command after the trajectory log was deleted: refused (as zo2 train --resume refuses), instead of a
+    new run from step 0 beside the newer snapshots with every step logged twice in metrics.jsonl."""
+    from zo2_launcher.cli import main
+
+    run_dir = tmp_path / "run"
+    run_scheduler(run_dir)
+    (run_dir / "trajectory.jsonl").unlink()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="trajectory log is missing"):
+        Scheduler(job(run_dir), workers=1, quiet=True).run()
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert main(["train", "--quiet", "--resume", str(run_dir)]) == 2
+
+
 def test_the_workers_listen_on_loopback_only(tmp_path, reference):
     """A single-node zo2 launch: no socket of a worker (the rendezvous store on rank 0, gloo's pairs) nor of the
     scheduler listens on a non-loopback address."""

@@ -150,7 +150,7 @@ class Scheduler:
 
     def _build(self) -> None:
         from zo2.config.loader import to_toml
-        from zo2.train.checkpoint import TrajectoryLog, latest_good_snapshot, read_log
+        from zo2.train.checkpoint import TrajectoryLog, check_log_covers_snapshots, latest_good_snapshot, read_log
         from zo2.train.metrics import JsonlWriter, MetricsWindow, NullWriter, truncate_jsonl
         from zo2.train.model import STREAMED
         from zo2.train.trainer import (CONFIG_FILE, LOG_FILE, METRICS_FILE, build_job_model,
@@ -178,6 +178,7 @@ class Scheduler:
             self.log = TrajectoryLog(self.log_path, fsync=job.checkpoint.fsync)  # repairs a torn last line
             write_text_atomic(self.run_dir / CONFIG_FILE, to_toml(job))
         records = read_log(self.log_path) if self.log_path.exists() else []
+        check_log_covers_snapshots(self.run_dir, len(records))  # a deleted log must not restart the run
         if len(records) > job.train.steps:
             raise ConfigError(f"train.steps = {job.train.steps}, but the run in {self.run_dir} already took "
                               f"{len(records)} steps. Raise train.steps to continue it.")

@@ -37,6 +37,8 @@ from safetensors import safe_open
 from zo2.errors import CheckpointError, write_failure
 from zo2.optim.estimators import Update
 
+LOG_FILE = "trajectory.jsonl"
+"""The trajectory log's name in a run folder."""
 SNAPSHOT_DIR = "snapshots"
 """Sub-folder of a run folder that holds the snapshots."""
 CORRUPT_DIR = "corrupt"
@@ -439,6 +441,18 @@ def _open_snapshot(path: Path, with_tensors: bool) -> tuple[dict, dict[str, torc
         found = header.get("format") if isinstance(header, dict) else None
         raise _corrupt(path, f"unknown snapshot format {found!r}")
     return header, tensors
+
+
+def check_log_covers_snapshots(run_dir: str | Path, done: int) -> None:
+    """CheckpointError when a snapshot is newer than the trajectory log's end (``done`` steps): the log was deleted
+    or lost records, and continuing would restart beside newer weights and log steps twice. File names only."""
+    newer = [snapshot_step(p) for p in list_snapshots(run_dir) if snapshot_step(p) > done]
+    if newer:
+        log = Path(run_dir) / LOG_FILE
+        state = "is missing" if not log.exists() or log.stat().st_size == 0 else f"holds only {done} steps"
+        raise CheckpointError(f"{run_dir} holds a snapshot at step {max(newer)}, but its trajectory log {state}: "
+                              "the log lost records, so the run cannot continue from it. Restore the log, or delete "
+                              "the newer snapshots to resume from an older point, or start over with --overwrite.")
 
 
 def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None, *,

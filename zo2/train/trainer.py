@@ -35,8 +35,8 @@ from zo2.engine import LossFn, StepResult, ZOEngine
 from zo2.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from zo2.optim.estimators import Update
 from zo2.parallel.mesh import ZOComm, init_comm
-from zo2.train.checkpoint import (ReadOnlyLog, Snapshot, TrajectoryLog, latest_good_snapshot, make_record, read_log,
-                                  replay_updates, save_snapshot)
+from zo2.train.checkpoint import (LOG_FILE, ReadOnlyLog, Snapshot, TrajectoryLog, check_log_covers_snapshots,
+                                  latest_good_snapshot, make_record, read_log, replay_updates, save_snapshot)
 from zo2.train.data import BatchLoader, Example, collate, load_examples
 from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, NullWriter, plot_loss, read_jsonl, truncate_jsonl
 from zo2.train.model import STREAMED, build_model, fill_weights, max_positions, vocab_size
@@ -44,7 +44,6 @@ from zo2.train.task_run import BEST_DIR, build_task_run, read_best, write_best
 from zo2.train.tokenizer import ByteTokenizer, load_tokenizer, special_ids
 
 CONFIG_FILE = "config.toml"
-LOG_FILE = "trajectory.jsonl"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
@@ -325,6 +324,7 @@ class Trainer:
             raise ConfigError(f"train.steps = {self.job.train.steps}, but the run in {self.run_dir} already took "
                               f"{done} steps. Raise train.steps to continue it, or rebuild an earlier state with "
                               f"`zo2 replay {self.run_dir} --to {self.job.train.steps}`.")
+        check_log_covers_snapshots(self.run_dir, done)
         snap = latest_good_snapshot(self.run_dir, set_aside_corrupt=self.main)  # rank 0 owns the folder
         start = self._load_snapshot(snap, done)
         replay_updates(self.engine.apply_update, records, start, done)
