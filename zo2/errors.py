@@ -36,6 +36,10 @@ class NonFiniteLossError(ZO2Error):
     """The loss came out NaN/inf for too many steps in a row."""
 
 
+class DivergedError(ZO2Error):
+    """A finite loss jumped far past its recent average: an update blew the weights up."""
+
+
 class ResourceError(ZO2Error):
     """The job does not fit in host or device memory."""
 

@@ -71,6 +71,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "strings; none unsets); repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its saved config, latest "
                                                        "snapshot and trajectory log")
+    p.add_argument("--resume-from-step", type=int, metavar="S",
+                   help="with --resume: continue from the weights after step S (e.g. before an update that blew "
+                        "them up); the log's later lines and newer snapshots are set aside in "
+                        "RUN_DIR/after-step-S/, nothing is deleted")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
     p.add_argument("--out", metavar="DIR", help="run folder (same as --set run.out_dir=DIR)")
     p.add_argument("--quiet", action="store_true", help="plain log lines every train.log_every steps instead of a "
@@ -159,15 +163,26 @@ def _launch_job(train_args: list[str]):
     parser = argparse.ArgumentParser(prog="zo2 launch ... --", add_help=False)
     for flag in ("--preset", "--config", "--out", "--resume"):
         parser.add_argument(flag)
+    parser.add_argument("--resume-from-step", type=int)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args, unknown = parser.parse_known_args(train_args)
     if unknown:
         raise ConfigError(f"zo2 launch passes {' '.join(unknown)!r} to the job, but the job takes only --preset, "
-                          "--config, --set, --out, --resume, --overwrite and --quiet.")
+                          "--config, --set, --out, --resume, --resume-from-step, --overwrite and --quiet.")
+    if args.resume_from_step is not None and not args.resume:
+        raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
+                          "--resume RUN_DIR too.")
     if args.resume:
-        return load_resume_config(args.resume, args.set), True, False, args.quiet
+        job = load_resume_config(args.resume, args.set)
+        if args.resume_from_step is not None:
+            from zo2.train.trainer import cut_run
+
+            note = cut_run(args.resume, args.resume_from_step)
+            if note:
+                print(note, file=sys.stderr)
+        return job, True, False, args.quiet
     job = load_config(args.preset, args.config, args.set)
     if args.out:
         job.run = replace(job.run, out_dir=args.out)
@@ -289,13 +304,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    from zo2.train.trainer import load_resume_config, train_job
+    from zo2.train.trainer import cut_run, load_resume_config, train_job
 
+    if args.resume_from_step is not None and not args.resume:
+        raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
+                          "--resume RUN_DIR too.")
     if args.resume:
         if args.preset or args.config or args.out:
             raise ConfigError("--resume continues a run from the config saved in its folder, so --preset, --config "
                               "and --out do not apply. Drop them; --set may still change e.g. train.steps.")
         job = load_resume_config(args.resume, args.set)
+        if args.resume_from_step is not None:
+            note = cut_run(args.resume, args.resume_from_step)
+            if note:
+                print(note, file=sys.stderr)
     else:
         job = load_config(args.preset, args.config, args.set)
         if args.out:

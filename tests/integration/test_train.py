@@ -249,6 +249,32 @@ def test_nan_streak_stops_without_losing_saved_state(tmp_path):
     assert last["step"] == 8 and last["skipped"] == 2
 
 
+def test_a_blow_up_stops_the_run_and_its_advice_works(uninterrupted, tmp_path, capsys):
+    """lr = 1e6 blows the weights up in one finite step: the run stops with DivergedError (or a NaN streak) naming
+    the step to continue from; following the advice with a sane learning rate gives exactly the run that used that
+    rate from the start, and what was cut is set aside, not deleted."""
+    import re
+
+    run_dir = tmp_path / "run"
+    code = main(["train", "--quiet", *[a for kv in [*SMALL, f"run.out_dir={run_dir}", "optim.lr=1e6",
+                                                       "checkpoint.save_every=2"] for a in ("--set", kv)]])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    advice = re.search(r"`zo2 train --resume (\S+) --resume-from-step (\d+) --set optim.lr=\S+`", err)
+    assert advice, err
+    step = int(advice.group(2))
+    cut = len(read_log(run_dir / "trajectory.jsonl"))
+    assert step < cut
+    lr = load_config(overrides=SMALL).optim.lr  # the uninterrupted run's
+    assert main(["train", "--quiet", "--resume", advice.group(1), "--resume-from-step", str(step), "--set",
+                 f"optim.lr={lr!r}"]) == 0
+    if step == 0:  # the whole run was retaken at the sane rate: it is the uninterrupted run
+        assert_same_tensors(weights(uninterrupted / "final"), weights(run_dir / "final"))
+        assert read_log(uninterrupted / "trajectory.jsonl") == read_log(run_dir / "trajectory.jsonl")
+    aside = run_dir / f"after-step-{step:08d}"
+    assert len(read_log(aside / "trajectory.jsonl")) == cut
+
+
 def test_a_streamed_model_is_never_materialized_and_resumes_and_replays_bit_exactly(tmp_path):
     """model.stream_load = 'always': built on the meta device, weights initialised straight into the store."""
     import zo2.train.model as model_mod

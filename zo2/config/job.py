@@ -137,6 +137,10 @@ class TrainConfig:
     """Batches of the held-out split per evaluation; 0 turns evaluation off."""
     max_nonfinite_steps: int = 5
     """Stop with an error after this many consecutive steps whose loss was NaN/inf (such steps make no update)."""
+    divergence_factor: float = 10.0
+    """Stop with an error when a step's loss exceeds this many times the moving average of the losses before it:
+    an update blew the weights up. The error names the step to continue from with
+    ``--resume-from-step``. 0 turns the check off."""
     device: str = "auto"
     """Compute device: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
 
@@ -146,6 +150,9 @@ class TrainConfig:
         _non_negative("train.eval_every", self.eval_every)
         _non_negative("train.eval_batches", self.eval_batches)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        f = self.divergence_factor
+        require(isinstance(f, (int, float)) and not isinstance(f, bool) and (f == 0 or 1 < f < float("inf")),
+                "train.divergence_factor", f, "it must be a number > 1, or 0 to turn the check off.")
         ok = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit())
         require(ok, "train.device", self.device, "it must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")

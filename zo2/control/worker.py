@@ -27,7 +27,7 @@ import zmq
 
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
 from zo2.control.store import StoreSpec, process_alive
-from zo2.errors import NonFiniteLossError, ZO2Error
+from zo2.errors import ZO2Error
 
 FAULT_ENV = "ZO2_FAULT"
 CONFIG_ENV = "ZO2_JOB_CONFIG"
@@ -67,7 +67,7 @@ class Worker:
         from zo2.engine import ZOEngine
         from zo2.parallel.mesh import init_comm
         from zo2.train.checkpoint import read_log
-        from zo2.train.trainer import LOG_FILE, _trailing_skipped, build_data, build_job_model, build_tokenizer
+        from zo2.train.trainer import LOG_FILE, build_data, build_guard, build_job_model, build_tokenizer
         from zo2.train.task_run import build_task_run, read_best
         from zo2.train.trainer import resolve_device
 
@@ -93,14 +93,14 @@ class Worker:
         self.engine = ZOEngine(self.model, optim, comm=comm, store_spec=spec,
                                loss_fn=self.task.loss_fn if self.task is not None else None)
         self.engine.load_state_dict({"step": start_step})
-        self.streak = 0
+        self.guard = build_guard(job, f"zo2 launch ... -- --resume {run_dir}")
         self.best = read_best(run_dir) if self.task is not None else None
         self._stop = False
         self._checkpoint = False
         if start_step:
             records = read_log(run_dir / LOG_FILE)[:start_step]
             self.loader.seek(records[-1]["data"])
-            self.streak = _trailing_skipped(records)
+            self.guard.replay(records)
         self._arm_fault()
 
     # ------------------------------------------------------------------ the loop
@@ -123,7 +123,7 @@ class Worker:
                                      projected_grad=result.projected_grad, skipped=result.skipped,
                                      loss_plus=result.loss_plus, loss_minus=result.loss_minus)
                 self.link.send({"type": "step", "record": record, "result": _measurements(result)})
-            self._check_streak(result.skipped, done)
+            self._check_loss(result)
             self._poll_commands()
             stop, checkpoint = self.comm.any_flags(self._stop, self._checkpoint)
             if stop:
@@ -157,14 +157,11 @@ class Worker:
         self._stop |= message.get("type") == "stop"
         self._checkpoint |= message.get("type") == "checkpoint"
 
-    def _check_streak(self, skipped: bool, done: int) -> None:
-        self.streak = self.streak + 1 if skipped else 0
-        limit = self.job.train.max_nonfinite_steps
-        if self.streak >= limit:
-            raise NonFiniteLossError(
-                f"The loss was NaN or inf for {self.streak} steps in a row (steps {done - self.streak + 1} to "
-                f"{done}); those steps made no update. Lower optim.lr or optim.eps and resume with "
-                f"`zo2 launch ... -- --resume {self.run_dir} --set optim.lr=...`.")
+    def _check_loss(self, result) -> None:
+        """Stop on a NaN/inf streak or a blow-up (LossGuard): the error reaches the scheduler, which stops the run."""
+        warning = self.guard.check(result.step, result.loss, result.skipped)
+        if warning is not None and self.main:
+            print(f"zo2: {warning}", file=sys.stderr)
 
     def evaluate(self) -> None:
         if self.task is not None:

@@ -32,12 +32,13 @@ from zo2.config.job import JobConfig
 from zo2.config.loader import job_to_dict, load_saved_config, parse_override, to_toml
 from zo2.config.presets import human_count
 from zo2.engine import LossFn, StepResult, ZOEngine
-from zo2.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from zo2.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, write_failure
 from zo2.optim.estimators import Update
 from zo2.parallel.mesh import ZOComm, init_comm
 from zo2.train.checkpoint import (LOG_FILE, ReadOnlyLog, Snapshot, TrajectoryLog, check_log_covers_snapshots,
                                   latest_good_snapshot, make_record, read_log, replay_updates, save_snapshot)
 from zo2.train.data import BatchLoader, Example, collate, load_examples
+from zo2.train.guard import LossGuard
 from zo2.train.metrics import Console, JsonlWriter, MetricsWindow, NullWriter, plot_loss, read_jsonl, truncate_jsonl
 from zo2.train.model import STREAMED, build_model, fill_weights, max_positions, vocab_size
 from zo2.train.task_run import BEST_DIR, build_task_run, read_best, write_best
@@ -135,6 +136,11 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() or (path / LOG_FILE).is_file()
 
 
+def build_guard(job: JobConfig, resume_command: str) -> LossGuard:
+    """The run's loss guard (NaN/inf streaks, blow-ups), with the command that continues it for its advice."""
+    return LossGuard(job.train.max_nonfinite_steps, job.train.divergence_factor, resume_command, job.optim.lr)
+
+
 def holds_steps(run_dir: Path) -> bool:
     """True when ``run_dir`` holds trained steps (a non-empty trajectory log, or a snapshot): work a new run must
     not replace without --overwrite. A run folder whose start failed (a bad config, a broken install) holds none."""
@@ -211,6 +217,41 @@ def load_resume_config(run_dir: str | Path, overrides: Iterable[str] = (), *, pu
     job = load_saved_config(run_dir / CONFIG_FILE, overrides)
     job.run = replace(job.run, out_dir=str(run_dir))
     return job
+
+
+def cut_run(run_dir: str | Path, step: int) -> str | None:
+    """Cut the run in ``run_dir`` back to ``step`` steps done, so that resuming continues from the weights after
+    step ``step`` (e.g. before an update that blew them up): the trajectory log keeps its first ``step`` records,
+    snapshots of later steps leave the rotation. Nothing is deleted: the whole log, metrics.jsonl and those
+    snapshots move to ``RUN_DIR/after-step-SSSSSSSS/``. Returns a line saying so (None: nothing to cut)."""
+    from zo2.train.checkpoint import list_snapshots, snapshot_step
+
+    run_dir = Path(run_dir)
+    log = run_dir / LOG_FILE
+    records = read_log(log)
+    if not 0 <= step <= len(records):
+        raise CheckpointError(f"--resume-from-step {step} is outside the run in {run_dir}: its trajectory log holds "
+                              f"{len(records)} steps, so pick a step from 0 (the base weights) to {len(records)}.")
+    later = [p for p in list_snapshots(run_dir) if snapshot_step(p) > step]
+    if step == len(records) and not later:
+        return None
+    aside = run_dir / f"after-step-{step:08d}"
+    try:
+        aside.mkdir(exist_ok=True)
+        for name in (LOG_FILE, METRICS_FILE):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, aside / name)
+        kept = b"".join(log.read_bytes().splitlines(keepends=True)[:step])  # read_log checked these lines
+        tmp = log.with_name(f".{log.name}.cut")
+        tmp.write_bytes(kept)
+        os.replace(tmp, log)
+        for path in later:
+            os.replace(path, aside / path.name)
+    except OSError as exc:
+        raise CheckpointError(write_failure(aside / LOG_FILE, exc, f"setting the steps after step {step} aside",
+                                            "The run folder is")) from None
+    return (f"zo2: continuing from the weights after step {step}: the log's later {len(records) - step} steps, the "
+            f"metrics and {len(later)} later snapshot(s) were set aside in {aside}")
 
 
 def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
@@ -296,7 +337,7 @@ class Trainer:
         if not self.main:
             self.log = ReadOnlyLog(self.run_dir / LOG_FILE)
         self.window = MetricsWindow()
-        self.streak = 0
+        self.guard = build_guard(job, f"zo2 train --resume {self.run_dir}")
         self.evals: list[dict] = []
         self.last_snapshot = -1
         self.best = read_best(self.run_dir) if resume and self.task is not None else None
@@ -331,7 +372,7 @@ class Trainer:
         self.engine.load_state_dict({"step": done})
         if records:
             self.loader.seek(records[-1]["data"])
-        self.streak = _trailing_skipped(records)
+        self.guard.replay(records)
         self._restore_metrics(records, done)
 
     def _load_snapshot(self, snap: Snapshot | None, done: int) -> int:
@@ -393,7 +434,7 @@ class Trainer:
         self.window.add_transfer(result)
         assert self.console is not None
         self.console.step(result.loss, self.window.tokens_per_s(), self.window.transfer_summary())
-        self._check_streak(result, done)
+        self._check_loss(result)
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             line = self.window.record(result, done)
             self.metrics.write(line)
@@ -406,30 +447,12 @@ class Trainer:
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self._evaluates:
             self.evaluate()
 
-    def _check_streak(self, result: StepResult, done: int) -> None:
-        """Track NaN/inf steps; NonFiniteLossError after ``train.max_nonfinite_steps`` in a row."""
-        if not result.skipped:
-            self.streak = 0
-            return
-        self.streak += 1
-        limit = self.job.train.max_nonfinite_steps
-        assert self.console is not None
-        self.console.log(f"step {done}: the loss is NaN/inf; no update was made ({self.streak} in a row, "
-                         f"stopping at {limit})")
-        if self.streak >= limit:
-            raise NonFiniteLossError(self._streak_message(done))
-
-    def _streak_message(self, done: int) -> str:
-        o, first = self.job.optim, done - self.streak + 1
-        dtype = self.job.model.dtype
-        fp32 = f", train in model.dtype = 'fp32' (now '{dtype}')" if dtype != "fp32" else ""
-        return (f"The loss was NaN or inf for {self.streak} steps in a row (steps {first} to {done}), so zo2 "
-                f"stopped the run; those steps made no update and no NaN weights were written. Lower optim.lr "
-                f"(now {o.lr:g}) or optim.eps (now {o.eps:g}){fp32}, and check the data for broken examples. "
-                f"Everything up to step "
-                f"{first - 1} is kept in {self.run_dir}: recover it with `zo2 replay {self.run_dir} --to "
-                f"{first - 1}`, or continue with `zo2 train --resume {self.run_dir} --set optim.lr=...` "
-                "(train.max_nonfinite_steps sets how many such steps are tolerated).")
+    def _check_loss(self, result: StepResult) -> None:
+        """Stop on a NaN/inf streak or a loss that jumped past train.divergence_factor × its average (LossGuard)."""
+        warning = self.guard.check(result.step, result.loss, result.skipped)
+        if warning is not None:
+            assert self.console is not None
+            self.console.log(warning)
 
     def save_snapshot(self) -> Path | None:
         """Flush the deferred update and write the trainable weights as the snapshot of this step (rank 0)."""
@@ -534,16 +557,6 @@ class Trainer:
         self.log.close()
         self.metrics.close()
         self.comm.close()
-
-
-def _trailing_skipped(records: list[dict]) -> int:
-    """Skipped steps at the end of the log (the NaN streak a resumed run continues)."""
-    count = 0
-    for r in reversed(records):
-        if not r["skipped"]:
-            break
-        count += 1
-    return count
 
 
 def describe_summary(s: TrainSummary) -> str:
