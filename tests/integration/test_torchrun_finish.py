@@ -56,6 +56,7 @@ def _env(**extra: str) -> dict[str, str]:
 def _run_cases(tmp_path: Path, nproc: int, cases: dict[str, list[str]], *extra: str) -> dict[str, dict]:
     """Run ``cases`` under torchrun with ``nproc`` processes; rank 0's result per case (a hang fails the test)."""
     spec = [{"name": name, "sets": [*BASE, *sets, *extra]} for name, sets in cases.items()]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -137,6 +138,7 @@ def _free_port() -> int:
 
 def _start_ranks(tmp_path: Path, world: int, case: dict, timeout_s: int) -> list[subprocess.Popen]:
     """The ranks as separate processes with no torchrun agent, so nothing but zo2 itself stops the survivors."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps([case]))
     port = _free_port()
@@ -190,3 +192,22 @@ def test_a_rank_stopped_by_a_signal_stops_every_rank(tmp_path):
     (rc0, out0), (rc1, _) = _finish(procs, limit=150)
     assert rc1 == -signal.SIGTERM
     assert rc0 != 0 and any(e.startswith("RankFailure") for e in _errors(out0)), out0
+
+
+def test_a_killed_jobs_shared_store_is_removed_by_the_next_run(tmp_path):
+    """A torchrun job with sliced transfers killed mid-run (as a hung job's SIGTERM/SIGKILL leaves it) leaves its
+    /dev/shm store; it is named after the node's first process, so the next such run sees it is stale and removes
+    it."""
+    case = {"name": "killed", "sets": [*BASE, "parallel.pp=2", "train.steps=400", "optim.optimizer=zo-adam"]}
+    procs = _start_ranks(tmp_path / "first", 2, case, timeout_s=60)
+    log = tmp_path / "first" / "runs" / "killed" / "trajectory.jsonl"
+    end = time.monotonic() + 180
+    while time.monotonic() < end and not (log.exists() and len(read_log(log)) >= 2):
+        time.sleep(0.1)
+    left = sorted(Path("/dev/shm").glob(f"zo2-node-{procs[0].pid}-*"))
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+    assert left and all(p.exists() for p in left)  # weights and the Adam state area
+    _run_cases(tmp_path / "second", 2, {"plain": []}, "parallel.pp=2")
+    assert not [p for p in left if p.exists()]

@@ -37,7 +37,8 @@ import torch
 
 from zo2.config.job import JobConfig
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, SchedulerChannel, new_token
-from zo2.control.store import NodeStore, remove_stale_stores
+from zo2.control.store import NodeStore
+from zo2.offload.store import remove_stale_stores
 from zo2.control.worker import CONFIG_ENV, FAULT_ENV
 from zo2.errors import CheckpointError, ConfigError, ZO2Error
 from zo2.parallel.mesh import BIND_STORE_ENV

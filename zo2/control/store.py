@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +26,7 @@ import torch
 
 from zo2.errors import ResourceError
 from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
+from zo2.offload.store import new_store_name
 
 _SHM_DIR = Path("/dev/shm")
 
@@ -69,44 +67,6 @@ class StoreSpec:
         fields["state_names"] = tuple(fields.get("state_names", ()))
         return cls(**fields)
 
-
-
-_NAME = re.compile(r"^zo2-node-(\d+)-[0-9a-f]{8}-")
-
-
-def new_store_name() -> str:
-    """A node store name: its creator's pid (so leftovers of a dead scheduler can be recognized) and a nonce."""
-    return f"zo2-node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_stores(folder: Path = _SHM_DIR) -> int:
-    """Delete node-store files left in /dev/shm (or, given the temporary folder, the workers' config files) by
-    schedulers that died without cleaning up (SIGKILL, OOM kill): they hold host memory until reboot. Files of a
-    live scheduler are kept. Returns the bytes freed."""
-    freed = 0
-    if not folder.is_dir():
-        return 0
-    for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match and not process_alive(int(match.group(1))):
-            try:
-                size = path.stat().st_size
-                path.unlink()
-                freed += size
-            except OSError:
-                pass
-    return freed
 
 
 class StoreMarkers:

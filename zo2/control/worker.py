@@ -26,7 +26,8 @@ from typing import Any
 import zmq
 
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
-from zo2.control.store import StoreSpec, process_alive
+from zo2.control.store import StoreSpec
+from zo2.offload.store import process_alive
 from zo2.errors import ZO2Error
 
 FAULT_ENV = "ZO2_FAULT"

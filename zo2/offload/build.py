@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +13,8 @@ from torch import nn
 from zo2.errors import ModelError
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
-from zo2.offload.store import ALIGN, ParameterStore, layout_numel, pack_layout, repoint
+from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
+                               repoint)
 from zo2_kernels import SegmentTable
 from zo2.offload.streamer import BlockStreamer
 
@@ -66,10 +67,12 @@ def _sliced(engine: "ZOEngine") -> bool:
     return comm is not None and comm.local_size > 1 and engine.config.sliced_transfers
 
 
-def _store_name() -> str:
-    """A name the processes of one torchrun job agree on (their rendezvous), for the shared store files."""
+def shared_store_name(comm) -> str:
+    """The name of a torchrun job's shared store on this node, agreed on by its processes (call on each): the pid
+    of the node's first process, which creates it — a store left behind by a killed or hung job is then stale
+    once that process is gone, and the next run removes it — and a digest of the job's rendezvous."""
     parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
-    return "zo2-" + re.sub(r"[^A-Za-z0-9]+", "-", "-".join(p for p in parts if p)).strip("-")
+    return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
 def _build_store(engine: "ZOEngine", blocks: list, dtype: torch.dtype, device: torch.device) -> ParameterStore:
@@ -79,8 +82,9 @@ def _build_store(engine: "ZOEngine", blocks: list, dtype: torch.dtype, device: t
     if not _sliced(engine):
         return ParameterStore.from_blocks(blocks, dtype, pin=pin, shared=engine.config.shared_store)
     comm = engine.comm
-    kwargs = dict(pin=pin, shared=True, name=_store_name(), pad_to=comm.local_size * ALIGN)
+    kwargs = dict(pin=pin, shared=True, name=shared_store_name(comm), pad_to=comm.local_size * ALIGN)
     if comm.local_rank == 0:
+        remove_stale_stores()  # what killed jobs left in /dev/shm
         store = ParameterStore.from_blocks(blocks, dtype, create=True, **kwargs)
         comm.local_barrier()  # filled: the others may map it
         return store

@@ -316,12 +316,11 @@ def build_optimizer_state(engine: "ZOEngine", area=None) -> OptimizerState:
 def _shared_area(engine: "ZOEngine"):
     """Under torchrun with sliced transfers: the node's state area, created (zero) by its first process and
     mapped by the others, named after the shared weights store and laid out like it."""
-    from zo2.offload.build import _store_name
     from zo2.offload.store import ALIGN
 
     comm = engine.comm
     kwargs = dict(pad_to=comm.local_size * ALIGN, pin=engine.device.type == "cuda")
-    args = (_store_name(), engine.store.layouts, engine.optimizer.state_names, math_dtype(engine.store.dtype))
+    args = (engine.store.name, engine.store.layouts, engine.optimizer.state_names, math_dtype(engine.store.dtype))
     if comm.local_rank == 0:
         area = StateArea(*args, create=True, **kwargs)
         comm.local_barrier()  # created: the others may map it

@@ -10,6 +10,7 @@ reads and writes the store and nothing is held twice. The buffer is page-locked 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,46 @@ from zo2.errors import ResourceError
 _SHM_DIR = Path("/dev/shm")
 HOST_MARGIN_BYTES = 2 << 30
 """Host memory left free for the rest of the process when checking that a store fits."""
+
+
+SHM_NAME = re.compile(r"^zo2-node-(\d+)-[0-9a-f]{8}-")
+"""Names of shared stores (and their state areas and config files): ``zo2-node-<creator pid>-<8 hex>-...``."""
+
+
+def new_store_name(pid: int | None = None, nonce: str | None = None) -> str:
+    """A shared store's name: the pid of the process that creates it (so that files left by a killed job are
+    recognized as stale) and a nonce (random, or agreed on by the processes of one job)."""
+    return f"zo2-node-{os.getpid() if pid is None else pid}-{nonce or uuid.uuid4().hex[:8]}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stores(folder: Path = _SHM_DIR) -> int:
+    """Delete shared-store files left in /dev/shm (or, given the temporary folder, a scheduler's worker config
+    files) by processes that died without cleaning up (SIGKILL, OOM kill, a hung job's SIGTERM): they hold host
+    memory until reboot. Files of a live creator are kept. Returns the bytes freed."""
+    freed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.iterdir():
+        match = SHM_NAME.match(path.name)
+        if match and not process_alive(int(match.group(1))):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except OSError:
+                pass
+    return freed
 
 
 @dataclass(frozen=True)

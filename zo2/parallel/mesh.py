@@ -128,6 +128,14 @@ class ZOComm:
         if self.local_size > 1:
             self._collective("at a barrier of its node", dist.barrier, group=self.local_group)
 
+    def local_first_pid(self) -> int:
+        """The pid of this node's first process (local rank 0), on every process of the node (one broadcast)."""
+        pid = torch.tensor([os.getpid()], dtype=torch.int64, device=self.device)
+        if self.local_size > 1:
+            self._collective("naming the node's shared store", dist.broadcast, pid, src=self.rank - self.local_rank,
+                             group=self.local_group)
+        return int(pid.item())  # host sync: once, at set-up
+
     def slice_bounds(self, numel: int) -> tuple[int, int]:
         """This process's equal share [lo, hi) of a buffer of ``numel`` elements (a multiple of the share count)."""
         return share_bounds(numel, self.local_rank, self.local_size)
