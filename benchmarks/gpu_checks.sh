@@ -6,14 +6,14 @@
 set -u
 source benchmarks/gpu_env.sh
 
-timeout 120 python3 benchmarks/parallel.py --calibrate benchmarks/results/2026-11-26-h200/offload.json \
+timeout 120 python3 benchmarks/bench_parallel.py --calibrate benchmarks/results/2026-11-26-h200/offload.json \
     --out "$OUT/parallel.json" > "$OUT/parallel.log" 2>&1; echo "parallel: exit $?" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py tests/unit/test_kernels.py \
     -k "gpu or engine or cuda" > "$OUT/gpu_tests.log" 2>&1; tail -n 3 "$OUT/gpu_tests.log" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/integration/test_control.py \
     -k "one_worker or mid_write_back or kill_9" > "$OUT/control_gpu.log" 2>&1; tail -n 3 "$OUT/control_gpu.log" | tee -a "$OUT/gpu.txt"
-timeout 150 python3 benchmarks/kernels.py --sweep ${1:+--baseline "$1"} --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+timeout 150 python3 benchmarks/bench_kernels.py --sweep ${1:+--baseline "$1"} --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
 echo "sweep: exit $?" | tee -a "$OUT/gpu.txt"
-timeout 120 python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+timeout 120 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 echo "kernels: exit $?" | tee -a "$OUT/gpu.txt"
 tail -n 25 "$OUT/sweep.log"; tail -n 20 "$OUT/kernels.log"

@@ -30,10 +30,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
 
 def _bench_kernels():
-    """benchmarks/kernels.py (for its importers), under a name that is not the top-level ``kernels``."""
+    """benchmarks/bench_kernels.py (for its importers), under a name that is not the top-level ``kernels``."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("zo2_bench_kernels", Path(__file__).with_name("kernels.py"))
+    spec = importlib.util.spec_from_file_location("zo2_bench_kernels", Path(__file__).with_name("bench_kernels.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--dump", default=None, help="directory for the PTX / TTGIR / SASS of each variant")
     p.add_argument("--persistent", action="store_true", help="the persistent (prefetching) variant")
     p.add_argument("--maxnreg", type=int, default=0,
-                   help="cap registers per thread (as kernels.py --maxnreg); spills show as stack and LDL/STL")
+                   help="cap registers per thread (as bench_kernels.py --maxnreg); spills show as stack and LDL/STL")
     args = p.parse_args(argv)
     bench = _bench_kernels()
     bench._import_kernels()

@@ -52,14 +52,14 @@ from .segments import COL_BASE, COL_DECAY, COL_KEY, COL_NUMEL, COL_OFFSET, COL_S
 BACKEND = "triton"
 
 # Tile size (elements) and warps per program; a power-of-two multiple of 128 (a tile holds whole counters).
-# Chosen from `benchmarks/kernels.py --sweep` on an H200 (benchmarks/results/2026-11-26b-h200/sweep2.log): 2 warps
+# Chosen from `benchmarks/bench_kernels.py --sweep` on an H200 (benchmarks/results/2026-11-26b-h200/sweep2.log): 2 warps
 # per program beat 4, 8 and 16 for every kernel; perturb_pair and update are fastest at 2048 elements per program
 # (32 per thread), update_and_perturb (one more stream) at 1024; tiles of 4096 and more run about 2x slower.
 DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 2
 UPDATE_PERTURB_BLOCK = 1024
 # 0: one program per tile. k > 0: k persistent programs per multiprocessor, each prefetching its next tile's θ
-# while it works on the current one (perturb / update kernels). Chosen by `benchmarks/kernels.py --sweep`.
+# while it works on the current one (perturb / update kernels). Chosen by `benchmarks/bench_kernels.py --sweep`.
 DEFAULT_PROGRAMS_PER_SM = 0
 MAX_SEEDS = 64  # q directions per update; bounds the static unroll of the seed loop
 

@@ -448,7 +448,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", metavar="MODE", help="auto (the planner decides), stream or resident")
     p.add_argument("--gpus-per-node", type=int, default=1, metavar="N", help="GPUs per node, 1..8 (default 1)")
     p.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
-    p.add_argument("--calibrate", metavar="FILE.json", help="fit rates to a benchmarks/offload.py JSON (and the "
+    p.add_argument("--calibrate", metavar="FILE.json", help="fit rates to a benchmarks/bench_offload.py JSON (and the "
                                                             "kernels.json beside it)")
     p.add_argument("--set", metavar="rate.KEY=VALUE", action="append", default=[],
                    help="override one rate, e.g. rate.nvlink_gbs=300 or rate.host_mem_gbs=inf; repeatable")

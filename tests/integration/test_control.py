@@ -511,3 +511,19 @@ def test_a_killed_scheduler_takes_its_workers_along_and_the_same_command_resumes
     assert not [p for p in leftovers if p.exists()]
     assert logged(run_dir) == logged(reference)
     assert_same(final_weights(run_dir), final_weights(reference))
+
+
+@pytest.mark.slow
+def test_the_fault_trial_script_runs_and_finds_every_trial_identical(tmp_path):
+    """benchmarks/bench_chaos.py, one trial of each fault kind: every trial ends bit-identical to the uninterrupted
+    run (or with a clear error), none different."""
+    import json
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "chaos.json"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_chaos.py"), "--trials", "1", "--out",
+                           str(out)], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert len(summary) == 7 and all(r["different"] == 0 and r["identical"] + r["clear error"] == 1 for r in summary)

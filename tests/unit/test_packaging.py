@@ -43,6 +43,19 @@ def test_no_top_level_folder_or_module_is_importable_under_a_generic_name():
     assert not offenders, f"importable from the repository root under a generic name: {offenders}"
 
 
+def test_no_script_folder_shadows_an_installed_or_standard_module():
+    """Python puts a script's own folder first on sys.path: a benchmark named peft.py or kernels.py there would be
+    imported instead of the peft or kernels package (transformers imports the latter)."""
+    import importlib.metadata as metadata
+
+    taken = set(metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    folders = [REPO, *(p for p in REPO.rglob("*") if p.is_dir() and not any(
+        part.startswith(".") or part == "__pycache__" or part.endswith(".egg-info") for part in p.parts))]
+    clashes = [str(f.relative_to(REPO) / m.name) for f in folders for m in f.glob("*.py")
+               if m.stem in taken and not (f / "__init__.py").exists()]
+    assert not clashes, f"script folders hold modules named like installed or standard modules: {clashes}"
+
+
 def test_installed_kernels_package_wins_from_the_repository_root():
     """transformers >= 5.25 imports Hugging Face's `kernels` package; the repository's kernels/ folder must not
     shadow it when Python runs from the root (python -m pytest, scripts, zo2 launch's workers)."""

@@ -653,7 +653,7 @@ def _load_json(path: str | Path) -> dict:
 
 
 def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
-    """Rates fitted to a ``benchmarks/offload.py`` JSON: the median measured H2D/D2H bandwidths and the forward
+    """Rates fitted to a ``benchmarks/bench_offload.py`` JSON: the median measured H2D/D2H bandwidths and the forward
     model fitted to its per-block forward times; a ``kernels.json`` in the same folder also sets the copy rate and
     the kernels' fractions of it. What the files do not measure keeps ``base`` (default :class:`Rates`)."""
     base = base or Rates()
@@ -689,7 +689,7 @@ def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
 
 
 def _kernel_rates(data: dict) -> dict:
-    """Copy TB/s and kernel fractions from a ``benchmarks/kernels.py`` JSON."""
+    """Copy TB/s and kernel fractions from a ``benchmarks/bench_kernels.py`` JSON."""
     rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
     out = {}
     copy = [r["GBps"] for r in rows if r.get("kernel") == "copy" and r.get("GBps")]

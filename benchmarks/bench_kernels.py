@@ -394,7 +394,7 @@ def run_sweep(args) -> int:
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are created (first import)
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py --sweep: no CUDA device; use --device cpu --tiny to check the script.")
+        print("benchmarks/bench_kernels.py --sweep: no CUDA device; use --device cpu --tiny to check the script.")
         return 0
     t_start = time.time()
     _import_kernels()
@@ -542,12 +542,12 @@ def main(argv=None) -> int:
     if args.sweep:
         return run_sweep(args)
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        print("benchmarks/kernels.py: no CUDA device (or TRITON_INTERPRET=1): nothing to time; run it on a GPU.")
+        print("benchmarks/bench_kernels.py: no CUDA device (or TRITON_INTERPRET=1): nothing to time; run it on a GPU.")
         return 0
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("benchmarks/kernels.py: triton is not installed: pip install 'zo2[kernels]'")
+        print("benchmarks/bench_kernels.py: triton is not installed: pip install 'zo2[kernels]'")
         return 0
     zo2_kernels = _import_kernels()
     from zo2.optim import rng

@@ -3,8 +3,8 @@
 The ratio is the engine's overhead over the two forwards a MeZO step cannot avoid (perturbation generation,
 the update, the unit-by-unit schedule). Prints a table and writes JSON.
 
-    python benchmarks/step.py                    # CPU: tiny + opt-125m shapes
-    python benchmarks/step.py --device cuda      # GPU: opt-125m, opt-1.3b, opt-6.7b shapes in bf16
+    python benchmarks/bench_step.py                    # CPU: tiny + opt-125m shapes
+    python benchmarks/bench_step.py --device cuda      # GPU: opt-125m, opt-1.3b, opt-6.7b shapes in bf16
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from common import environment, opt_config, print_table, timed, write_json  # noqa: E402
+from bench_common import environment, opt_config, print_table, timed, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
 
 TINY = dict(hidden_size=64, ffn_size=256, num_heads=4, num_layers=4)

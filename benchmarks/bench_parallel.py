@@ -6,7 +6,7 @@ all-gather would deliver (a stand-in: one GPU cannot measure NVLink). Then it ca
 offload benchmark's JSON plus these bandwidths and prints the predicted scaling table for 2/4/8 GPUs per node and
 1-4 nodes, OPT-13B/30B/66B/175B, next to the published DistZO2 figure. Prints tables, writes JSON.
 
-    python benchmarks/parallel.py --calibrate benchmarks/results/2026-11-26-h200/offload.json
+    python benchmarks/bench_parallel.py --calibrate benchmarks/results/2026-11-26-h200/offload.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from common import cuda_timed, environment, print_table, write_json  # noqa: E402
+from bench_common import cuda_timed, environment, print_table, write_json  # noqa: E402
 from zo2.parallel import plan  # noqa: E402
 
 
@@ -47,11 +47,11 @@ def measure(shape: str, parts: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="*", default=["opt-13b", "opt-30b", "opt-66b", "opt-175b"])
-    parser.add_argument("--calibrate", help="a benchmarks/offload.py JSON of the same machine")
+    parser.add_argument("--calibrate", help="a benchmarks/bench_offload.py JSON of the same machine")
     parser.add_argument("--out", default="benchmarks/out/parallel.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/parallel.py measures host↔GPU slices and needs CUDA; nothing to do on this machine.")
+        print("benchmarks/bench_parallel.py measures host↔GPU slices and needs CUDA; nothing to do on this machine.")
         return
     rows = [r for shape in args.shapes for r in measure(shape, [1, 2, 4, 8])]
     print_table(rows, [("shape", "shape", "s"), ("N", "N", "d"), ("block_gb", "block GB", ".2f"),
@@ -60,7 +60,7 @@ def main() -> None:
     rates = plan.calibrate(args.calibrate) if args.calibrate else plan.Rates()
     sliced = [r["upload_gbs"] for r in rows if r["N"] > 1]
     rates = dataclasses.replace(rates, h2d_gbs=statistics.median(sliced),
-                                source=rates.source + " + slice uploads measured by benchmarks/parallel.py")
+                                source=rates.source + " + slice uploads measured by benchmarks/bench_parallel.py")
     table = plan.scaling_table(rates=rates)
     print()
     print(plan.format_scaling(table, rates, plan.SCALING_BATCH * plan.SCALING_SEQ, plan.SCALING_SEQ))

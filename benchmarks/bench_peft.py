@@ -5,9 +5,9 @@ trainable, the bytes of the trainable parameter store (perturbed, updated, writt
 (base weights, uploaded read-only with their block), the bytes moved per step, the device slots, and the median
 step time. Prints a table and writes JSON.
 
-    python benchmarks/peft.py                                  # CPU: the tiny OPT shape
-    python benchmarks/peft.py --shapes tiny small --repeat 3
-    python benchmarks/peft.py --device cuda --shapes opt-1.3b opt-6.7b --dtype bf16
+    python benchmarks/bench_peft.py                                  # CPU: the tiny OPT shape
+    python benchmarks/bench_peft.py --shapes tiny small --repeat 3
+    python benchmarks/bench_peft.py --device cuda --shapes opt-1.3b opt-6.7b --dtype bf16
 """
 
 from __future__ import annotations
@@ -16,22 +16,19 @@ import argparse
 import os
 import sys
 
-# This file is named peft.py: take the peft library, not this script, then the benchmarks' helpers.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peft  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-sys.path.insert(0, _HERE)
-from common import environment, opt_config, print_table, timed, write_json  # noqa: E402
+from bench_common import environment, opt_config, print_table, timed, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
 
 SHRUNK = {"tiny": dict(hidden_size=64, ffn_size=256, num_heads=4, num_layers=4),
           "small": dict(hidden_size=256, ffn_size=1024, num_heads=4, num_layers=8)}
-"""OPT-125m-like shapes (same vocabulary) shrunk for CPU runs; 'tiny' is benchmarks/step.py's."""
+"""OPT-125m-like shapes (same vocabulary) shrunk for CPU runs; 'tiny' is benchmarks/bench_step.py's."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

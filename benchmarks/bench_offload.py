@@ -9,8 +9,8 @@ pinned host↔device bandwidths for one block and the time of two forwards of on
 
 next to the measured streamed step. Prints a table, writes JSON.
 
-    python benchmarks/offload.py                         # GPU: 1.3b 6.7b 13b 30b 175b-shaped
-    python benchmarks/offload.py --shapes opt-1.3b --layers 4 --batches 1x2048
+    python benchmarks/bench_offload.py                         # GPU: 1.3b 6.7b 13b 30b 175b-shaped
+    python benchmarks/bench_offload.py --shapes opt-1.3b --layers 4 --batches 1x2048
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import cuda_timed, environment, opt_config, opt_shapes, print_table, write_json  # noqa: E402
+from bench_common import cuda_timed, environment, opt_config, opt_shapes, print_table, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
 
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out/offload.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/offload.py measures host↔GPU streaming and needs CUDA; nothing to do on this machine.")
+        print("benchmarks/bench_offload.py measures host↔GPU streaming and needs CUDA; nothing to do on this machine.")
         return
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches]
     rows = []

@@ -6,8 +6,8 @@ the first steps), so start-up (imports, building the store, spawning workers) is
 times a worker restart: a worker killed with SIGKILL mid-run, repaired and restarted (the extra wall time over
 the undisturbed scheduler run). Prints a table and writes JSON.
 
-    python benchmarks/control.py --steps 60 --workers 1 2
-    python benchmarks/control.py --optimizer zo-adam --workers 1   # state area, rebuild-from-snapshot repairs
+    python benchmarks/bench_control.py --steps 60 --workers 1 2
+    python benchmarks/bench_control.py --optimizer zo-adam --workers 1   # state area, rebuild-from-snapshot repairs
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import environment, print_table, write_json  # noqa: E402
+from bench_common import environment, print_table, write_json  # noqa: E402
 from zo2.config import load_config  # noqa: E402
 from zo2.control.scheduler import Scheduler  # noqa: E402
 from zo2.train.checkpoint import read_log  # noqa: E402
