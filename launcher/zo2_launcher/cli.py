@@ -304,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    from zo2.train.trainer import cut_run, load_resume_config, train_job
+    from zo2.train.trainer import cut_run, load_resume_config, set_cpu_threads, train_job
 
     if args.resume_from_step is not None and not args.resume:
         raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
@@ -323,6 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.out:
             job.run = replace(job.run, out_dir=args.out)
     args.run_dir_hint = job.run.out_dir
+    set_cpu_threads(job)  # tiny models: one thread (OMP_NUM_THREADS, when set, decides)
     train_job(job, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     return 0
 

@@ -234,3 +234,21 @@ def test_config_without_weights(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "opt"
     with pytest.raises(ModelError, match="no weights"):
         build_model(dataclasses.replace(get_preset("tiny-opt").model, path=str(tmp_path)))
+
+
+def test_cpu_threads_one_for_tiny_shapes_and_every_core_otherwise(monkeypatch):
+    import torch
+
+    from zo2.train.trainer import cpu_threads, set_cpu_threads
+
+    assert cpu_threads(load_config(), 2) == 1  # tiny-opt
+    assert cpu_threads(load_config("opt-125m"), 2) == 2
+    assert cpu_threads(load_config(overrides=["model.path=/models/x"]), 4) == 4  # a real checkpoint: not guessed
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_cpu_threads(load_config(overrides=["train.device=cpu"])) is None  # the user's choice wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_cpu_threads(load_config(overrides=["train.device=cpu"])) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

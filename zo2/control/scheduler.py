@@ -213,6 +213,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ workers
     def _spawn(self) -> None:
+        from zo2.train.trainer import cpu_threads
+
         place = self.place
         port = place.master_port or free_port()
         env_base = dict(os.environ)
@@ -229,7 +231,9 @@ class Scheduler:
         if place.nnodes == 1:
             env_base.setdefault("GLOO_SOCKET_IFNAME", "lo")
         # the node's cores shared by its workers (torch would start one thread per core in each of them)
-        env_base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
+        cores = max(1, (os.cpu_count() or 1) // self.workers)
+        threads = cpu_threads(self.job, cores) if self.device.type == "cpu" else cores  # tiny models: one thread
+        env_base.setdefault("OMP_NUM_THREADS", str(threads))
         env_base.pop(FAULT_ENV, None)
         if self.fault and self.restarts == 0:  # an injected fault fires in the first generation only
             env_base[FAULT_ENV] = self.fault
