@@ -31,6 +31,7 @@ from torch import nn
 from zo2.config.zo import ZOConfig, torch_dtype
 from zo2.errors import CheckpointError, ConfigError, ModelError
 from zo2.models.base import adapter_for, causal_lm_loss
+from zo2.optim.decay import skips_decay
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.rng import direction, direction_seed, param_key
 import zo2_kernels
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss_fn(logits, batch) -> scalar tensor``: any scalar function of the logits (need not be differentiable)."""
 
-_NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
 _ROUNDING_STREAM = 0x5352_0000_0000  # separates the rounding seeds from the direction seeds
 
 
@@ -130,9 +130,8 @@ def _select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
 
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
-    """MeZO's rule: no weight decay on biases and norm weights (any 1-D parameter, or a norm by name)."""
-    lowered = name.lower()
-    return param.dim() < 2 or any(marker in lowered for marker in _NO_DECAY_MARKERS)
+    """zo2's default rule (optim.no_decay = 'norms_and_biases'): no weight decay on biases and norm weights."""
+    return skips_decay(name, param)
 
 
 def default_labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -199,11 +198,11 @@ def _slots(modules: Sequence[nn.Module], names_by_id: dict[int, str]) -> list[_S
     return slots
 
 
-def segment_table(layout: Sequence[Any], params: Mapping[str, torch.Tensor]) -> Any:
+def segment_table(layout: Sequence[Any], params: Mapping[str, torch.Tensor], no_decay: str) -> Any:
     """The kernels' segment table of a flat buffer laid out as ``layout``: each parameter's perturbation key
-    and whether weight decay applies to it (MeZO's rule)."""
+    and whether weight decay applies to it (the ``no_decay`` rule, zo2.optim.decay)."""
     return zo2_kernels.SegmentTable([(seg.offset, seg.numel, param_key(seg.name),
-                                      not default_no_decay(seg.name, params[seg.name])) for seg in layout])
+                                      not skips_decay(seg.name, params[seg.name], no_decay)) for seg in layout])
 
 
 def rounding_seed(config: ZOConfig, update: Update, dtype: torch.dtype) -> int | None:
@@ -249,7 +248,7 @@ class ZOEngine:
         self.keys = {n: param_key(n) for n in self.params}
         if len(set(self.keys.values())) != len(self.keys):
             raise ModelError("Two parameter names hash to the same perturbation key; rename one of them.")
-        self.decay = {n: not default_no_decay(n, p) for n, p in self.params.items()}
+        self.decay = {n: not skips_decay(n, p, self.config.no_decay) for n, p in self.params.items()}
         self.units = self._build_units()
         read_by = [n for u in self.units for n in {s.name for s in u.slots}]
         self._shared_names = {n for n in read_by if read_by.count(n) > 1}

@@ -4,6 +4,8 @@ non-differentiable objective."""
 
 from __future__ import annotations
 
+import math
+
 import copy
 from dataclasses import replace
 
@@ -51,10 +53,13 @@ def estimate(update, name: str, numel: int, distribution: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- update rules
-@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-adam"])
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-sign:projected",
+                                       "zo-adam"])
 def test_update_rule_matches_the_textbook_formula(optimizer):
     model = small_model()
-    config = cfg(optimizer, deferred_update=False, momentum=0.8, beta1=0.8, beta2=0.9, adam_eps=1e-6)
+    optimizer, _, sign_mode = optimizer.partition(":")
+    config = cfg(optimizer, deferred_update=False, momentum=0.8, beta1=0.8, beta2=0.9, adam_eps=1e-6,
+                 sign_mode=sign_mode or "elementwise")
     engine = ZOEngine(model, config)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     m = {n: torch.zeros_like(t) for n, t in theta.items()}
@@ -70,6 +75,9 @@ def test_update_rule_matches_the_textbook_formula(optimizer):
             elif optimizer == "zo-sgd-momentum":
                 m[n] = config.momentum * m[n] + g
                 d = m[n]
+            elif optimizer == "zo-sgd-sign" and sign_mode == "projected":  # ZO-Bench: sign(gᵢ)·zᵢ, averaged
+                d = sum(direction(seed, param_key(n), p.numel(), distribution=config.distribution)
+                        * math.copysign(1.0, c) for seed, c in zip(update.seeds, update.coeffs)).view(p.shape) / 2
             elif optimizer == "zo-sgd-sign":
                 d = torch.sign(g)
             else:
@@ -144,6 +152,7 @@ def test_conservative_scale_prefers_the_descent_step_and_ignores_nonfinite_losse
     assert conservative_scale(1.0, 1.5, 1.2) == 0.0
     assert conservative_scale(1.0, 1.0, 1.0) == 1.0  # ties: the plain step, then θ
     assert conservative_scale(1.0, 1.2, 1.0) == 0.0
+    assert conservative_scale(2.0, 1.0, 1.0) == 1.0  # descent and ascent tie below θ: descent
     assert conservative_scale(1.0, float("nan"), 0.9) == -1.0
     assert conservative_scale(1.0, float("inf"), float("nan")) == 0.0
 
@@ -377,3 +386,70 @@ def test_unsupported_modes_are_refused_with_the_fix():
 
     with pytest.raises(ConfigError, match="parallel.pp = 1"):
         check_supported(build_optimizer(ZOConfig(optimizer="zo-sgd-conservative")), comm=Comm())
+
+
+
+# ---------------------------------------------------------------------------------------------- weight decay
+def _olmo2():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("olmo2", vocab_size=64, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+# per family: parameters MeZO's name rule decays although they are norms (zo2's default skips them), and norms both
+# rules skip -- written out by hand from each family's parameter names
+MEZO_DECAYS_NORMS = {
+    "opt": ([], ["model.decoder.layers.0.self_attn_layer_norm.weight", "model.decoder.final_layer_norm.bias"]),
+    "llama": (["model.norm.weight"], ["model.layers.0.input_layernorm.weight",
+                                      "model.layers.0.post_attention_layernorm.weight"]),
+    "qwen3": (["model.norm.weight", "model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"],
+              ["model.layers.0.input_layernorm.weight"]),
+    "gpt2": (["transformer.ln_f.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.weight"],
+             ["transformer.ln_f.bias", "transformer.h.0.attn.c_attn.bias"]),
+    "olmo2": (["model.norm.weight", "model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"],
+              ["model.layers.0.post_attention_layernorm.weight", "model.layers.0.post_feedforward_layernorm.weight"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MEZO_DECAYS_NORMS))
+def test_no_decay_rules_per_family(family):
+    model = _olmo2() if family == "olmo2" else small_model(family)
+    decay = {rule: ZOEngine(model, ZOConfig(weight_decay=0.1, no_decay=rule, **FAST)).decay
+             for rule in ("norms_and_biases", "mezo_names")}
+    params = dict(model.named_parameters())
+    mezo_only, both_skip = MEZO_DECAYS_NORMS[family]
+    for name in mezo_only:
+        assert decay["mezo_names"][name] and not decay["norms_and_biases"][name], name
+    for name in both_skip:
+        assert not decay["mezo_names"][name] and not decay["norms_and_biases"][name], name
+    for name, p in params.items():  # zo2's rule: exactly the matrices that are not norms
+        is_norm = any(m in name.lower() for m in ("norm", "ln_", "bias"))
+        assert decay["norms_and_biases"][name] == (p.dim() >= 2 and not is_norm), name
+        if decay["norms_and_biases"][name]:
+            assert decay["mezo_names"][name], name  # MeZO decays every matrix zo2 decays
+
+
+def test_the_rule_reaches_the_update():
+    """One step at weight decay 0.1 (its g is the same under both rules): Qwen3's q_norm moves differently under the two rules, every weight both rules
+    treat alike ends bit-identical."""
+    out = {}
+    for rule in ("norms_and_biases", "mezo_names"):
+        model = small_model("qwen3")
+        run(model, cfg("zo-sgd", weight_decay=0.1, no_decay=rule, q=1), steps=1)
+        out[rule] = dict(model.named_parameters())
+    a, b = out["norms_and_biases"], out["mezo_names"]
+    assert not torch.equal(a["model.layers.0.self_attn.q_norm.weight"], b["model.layers.0.self_attn.q_norm.weight"])
+    same = [n for n in a if "norm" not in n]
+    assert same and all(torch.equal(a[n], b[n]) for n in same)
+
+
+def test_a_bad_rule_or_sign_mode_names_the_choices():
+    from zo2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.no_decay"):
+        ZOConfig(no_decay="all")
+    with pytest.raises(ConfigError, match="optim.sign_mode"):
+        ZOConfig(sign_mode="both")

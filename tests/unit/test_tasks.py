@@ -514,3 +514,48 @@ def test_data_parallel_shards_weight_the_candidate_loss_by_examples():
     (a, wa), (b, wb) = loss_of(encoded[:1]), loss_of(encoded[1:])
     assert (n, wa, wb) == (4, 1, 3)
     assert (a * wa + b * wb) / (wa + wb) == pytest.approx(whole, rel=1e-5)
+
+
+def test_wsc_jsonl_spans_are_repaired_as_wsc_fixed_does(tmp_path):
+    """SuperGLUE's WSC.jsonl writes some spans with another casing or a trailing "." than the sentence has; MeZO
+    reads super_glue/wsc.fixed, whose builder repairs them. The jsonl layout gets the same repair; spans found
+    verbatim, and the HF layout (already fixed), are left alone."""
+    records = [
+        {"text": "The trophy doesn't fit into the suitcase because it is too big.", "label": True,
+         "target": {"span1_index": 0, "span1_text": "the trophy", "span2_index": 8, "span2_text": "it"}},
+        {"text": "Joan thanked Susan for the help she had given.", "label": False,
+         "target": {"span1_index": 2, "span1_text": "Susan.", "span2_index": 6, "span2_text": "she"}},
+        {"text": "the dog chased the cat because it was\nhungry.", "label": True,
+         "target": {"span1_index": 0, "span1_text": "The dog\nitself", "span2_index": 6, "span2_text": "it"}},
+    ]
+    got = load_split(get_task("WSC"), write_jsonl(tmp_path / "wsc.jsonl", records))
+    spans = [(e.data["span1_text"], e.data["span2_text"]) for e in got]
+    assert spans == [("The trophy", "it"), ("Susan", "she"), ("the dog itself", "it")]
+    prompt = get_task("WSC").prompt(got[0])
+    assert prompt.endswith('does the pronoun "it" refer to The trophy? Yes or No?\n')
+    assert 'refer to Susan? Yes or No?' in get_task("WSC").prompt(got[1])
+    flat = [{"text": records[0]["text"], "span1_index": 0, "span1_text": "the trophy", "span2_index": 8,
+             "span2_text": "it", "label": 1}]
+    assert load_split(get_task("WSC"), write_jsonl(tmp_path / "flat.jsonl", flat))[0].data["span1_text"] == \
+        "the trophy"
+
+
+@pytest.mark.parametrize("name", ["SQuAD", "DROP"])
+def test_generation_training_rows_leave_room_for_the_answer_as_mezo_cuts_them(name):
+    """MeZO encodes SQuAD/DROP training rows as generation prompts with the gold answer, cut to max_length -
+    max_new_tokens; classification rows keep max_length."""
+    from zo2.config import load_config
+    from zo2.train.task_run import build_task_run
+
+    sets = [f"task.name={name.lower()}", f"task.path={FIXTURES / name.lower()}", "task.max_length=40",
+            "task.max_new_tokens=10", "task.num_dev=0", "data.batch_size=1"]
+    run = build_task_run(load_config(overrides=sets), TOK, None)
+    longest = max(len(row) for ex in run.loader.examples for row in ex.rows)
+    full = max(len(row) for ex in build_task_run(load_config(overrides=[*sets, "task.max_length=2048"]), TOK,
+                                                 None).loader.examples for row in ex.rows)
+    assert full > 40 and longest == 30  # the fixture's rows are long enough to be cut
+    sst2 = build_task_run(load_config(overrides=["task.name=sst2", f"task.path={FIXTURES / 'sst2'}",
+                                                 "task.max_length=30", "task.max_new_tokens=20", "task.num_dev=0",
+                                                 "data.batch_size=1"]),
+                          TOK, None)
+    assert max(len(row) for ex in sst2.loader.examples for row in ex.rows) == 30

@@ -9,7 +9,8 @@ import torch
 
 from zo2.config.base import require, require_choice
 from zo2.optim.estimators import ESTIMATORS
-from zo2.optim.optimizers import OPTIMIZERS
+from zo2.optim.decay import NO_DECAY_RULES
+from zo2.optim.optimizers import OPTIMIZERS, SIGN_MODES
 from zo2.optim.rng import DISTRIBUTIONS
 from zo2.optim.schedule import SCHEDULES
 
@@ -33,7 +34,12 @@ class ZOConfig:
     """Perturbation scale ε: the forwards run at θ ± εz."""
     weight_decay: float = 0.0
     """Decoupled weight decay λ in θ ← θ − η(D + λθ), D the optimizer's direction (g z for MeZO-SGD); skipped
-    for biases and norm weights."""
+    for the parameters ``no_decay`` names."""
+    no_decay: str = "norms_and_biases"
+    """Which parameters weight decay skips. 'norms_and_biases': every 1-D parameter and any name containing bias,
+    norm, ln_, layernorm or layer_norm (every family's norms). 'mezo_names': MeZO's rule, names containing bias,
+    layer_norm or layernorm (case-sensitive), so the final norm of Llama, Qwen and OLMo2, the q_norm/k_norm of
+    Qwen3 and OLMo2 and GPT-2's ln_* weights are decayed (zo2/optim/decay.py lists both)."""
     seed: int = 0
     """Base seed: the direction of step t is a pure function of (seed, t, direction index)."""
     estimator: str = "central"
@@ -47,6 +53,10 @@ class ZOConfig:
     and θ by loss on the step's batch), 'zo-adam' (Adam with bias correction on ĝ: beta1, beta2, adam_eps).
     zo-sgd-momentum and zo-adam keep 1 and 2 float32 buffers per weight (streamed with offloaded blocks) and
     snapshots include them."""
+    sign_mode: str = "elementwise"
+    """zo-sgd-sign's direction: 'elementwise' (D = sign(ĝ) per element, i.e. sign(g)·sign(z) for one direction) or
+    'projected' (D = mean over the q directions of sign(gᵢ)·zᵢ: the sign of the projected gradient times z, as
+    ZO-Bench's active zo_sign_opt steps). Ignored by the other optimizers."""
     momentum: float = 0.9
     """Momentum μ of 'zo-sgd-momentum' (ignored by the other optimizers)."""
     beta1: float = 0.9
@@ -104,11 +114,13 @@ class ZOConfig:
                 "it must be a finite number > 0 (MeZO uses 1e-3).")
         require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
                 self.weight_decay, "it must be >= 0.")
+        require_choice("optim.no_decay", self.no_decay, NO_DECAY_RULES)
         require(isinstance(self.seed, int) and self.seed >= 0, "optim.seed", self.seed,
                 "it must be a non-negative integer.")
         require_choice("optim.estimator", self.estimator, ESTIMATORS)
         require(isinstance(self.q, int) and self.q >= 1, "optim.q", self.q, "it must be an integer >= 1.")
         require_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        require_choice("optim.sign_mode", self.sign_mode, SIGN_MODES)
         require(math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum,
                 "it must lie in [0, 1) (0.9 is usual; 0 makes zo-sgd-momentum plain zo-sgd).")
         for name in ("beta1", "beta2"):

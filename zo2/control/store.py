@@ -144,7 +144,7 @@ class NodeStore:
                                                 pad_to=writers * ALIGN)
         self.markers = StoreMarkers(self.name, len(self.units), writers, create=True)
         self.writers = writers
-        self.tables = [segment_table(self.store.layout(k), params) for k in range(len(self.units))]
+        self.tables = [segment_table(self.store.layout(k), params, config.no_decay) for k in range(len(self.units))]
         self.views = [self.store.views(self.store.flat(k), self.store.layout(k)) for k in range(len(self.units))]
         self.optimizer = build_optimizer(config)
         names = self.optimizer.state_names

@@ -12,7 +12,7 @@ optimizer                   D                                                   
 ==========================  ===================================================================  ====================
 ``zo-sgd`` (MeZO-SGD)       ĝ                                                                    none
 ``zo-sgd-momentum``         m ← μ m + ĝ;  D = m                                                  ``momentum``
-``zo-sgd-sign``             sign(ĝ), element-wise                                                none
+``zo-sgd-sign``             sign(ĝ), element-wise; or (sign_mode 'projected') Σᵢ sign(cᵢ) zᵢ / q    none
 ``zo-sgd-conservative``     ĝ, with η replaced by +η, −η or 0: the best of θ − η(ĝ + λθ),       none
                             θ + η(ĝ + λθ) and θ by loss on the step's batch
 ``zo-adam``                 m ← β₁ m + (1−β₁) ĝ;  v ← β₂ v + (1−β₂) ĝ²;                           ``exp_avg``,
@@ -33,7 +33,7 @@ the logged steps in order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -42,6 +42,7 @@ from zo2.optim.estimators import Update
 from zo2.optim.update import combined_direction, math_dtype, updated
 
 OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-conservative", "zo-adam")
+SIGN_MODES = ("elementwise", "projected")
 
 
 @dataclass
@@ -142,12 +143,25 @@ class ZOSGDMomentum(ZOOptimizer):
 
 
 class ZOSGDSign(ZOOptimizer):
-    """Sign descent on the estimate: D = sign(ĝ), element-wise."""
+    """Sign descent. 'elementwise': D = sign(ĝ) per element (sign(g)·sign(z) for one direction). 'projected': the
+    sign of each direction's projected gradient times that direction, averaged: D = Σᵢ sign(cᵢ) zᵢ / q (ZO-Bench's
+    zo_sign_opt, sign(g)·z for one direction): a plain SGD step on the sign-transformed coefficients."""
 
     name = "zo-sgd-sign"
 
+    def __init__(self, mode: str = "elementwise"):
+        if mode not in SIGN_MODES:
+            raise ValueError(f"unknown sign mode {mode!r}; expected one of {SIGN_MODES}")
+        self.mode = mode
+
+    def apply(self, theta, table, state, update, *args, **kwargs) -> None:
+        if self.mode == "projected":
+            q = len(update.coeffs)
+            update = replace(update, coeffs=tuple(math.copysign(1.0, c) / q if c else 0.0 for c in update.coeffs))
+        super().apply(theta, table, state, update, *args, **kwargs)
+
     def direction(self, g, state, t):
-        return torch.sign(g)
+        return g if self.mode == "projected" else torch.sign(g)
 
 
 class ZOAdam(ZOOptimizer):
@@ -178,7 +192,7 @@ def build_optimizer(config) -> ZOOptimizer:
     if name == "zo-sgd-momentum":
         return ZOSGDMomentum(config.momentum)
     if name == "zo-sgd-sign":
-        return ZOSGDSign()
+        return ZOSGDSign(getattr(config, "sign_mode", "elementwise"))
     if name == "zo-adam":
         return ZOAdam(config.beta1, config.beta2, config.adam_eps)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")

@@ -110,16 +110,35 @@ class WSC(VerbalizerTask):
                "{'text', 'target': {'span1_text', 'span2_text'}, 'label': true/false} (SuperGLUE jsonl)")
 
     def examples(self, record: Mapping[str, Any], where: str) -> list[TaskExample]:
-        spans = nested(self, record, where, "target", dict) if "target" in record else record
+        jsonl = "target" in record  # SuperGLUE's own files: spans as written by the annotators
+        spans = nested(self, record, where, "target", dict) if jsonl else record
         data = {"text": text_field(self, record, where, "text"),
                 "span1_text": text_field(self, spans, where, "span1_text"),
                 "span2_text": text_field(self, spans, where, "span2_text")}
+        if jsonl:  # MeZO reads wsc.fixed, whose builder repairs such spans: do the same
+            for k in ("span1", "span2"):
+                data[f"{k}_text"] = fixed_span(data["text"], data[f"{k}_text"], spans.get(f"{k}_index"))
         return [self.labeled(data, int(truth(self, record, where, ["label"])))]
 
     def prompt(self, example: TaskExample) -> str:
         d = example.data
         return (f"{d['text']}\nIn the previous sentence, does the pronoun \"{d['span2_text'].lower()}\" refer to "
                 f"{d['span1_text']}? Yes or No?\n")
+
+
+def fixed_span(text: str, span: str, index: Any) -> str:
+    """A WSC span as Hugging Face's ``super_glue/wsc.fixed`` gives it (the data MeZO trains on): a span that is not
+    literally in the sentence takes the case of the first letter of the sentence's word at ``index`` (the span's
+    word index), loses a trailing ".", and has line breaks turned into spaces; a span found verbatim stays as it
+    is. So ``"the trophy"`` at index 0 of ``"The trophy doesn't fit ..."`` becomes ``"The trophy"`` and ``"Susan."``
+    becomes ``"Susan"``."""
+    if span in text or not span:
+        return span
+    words = text.split()
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(words):
+        first = words[index][:1]
+        span = (span[0].lower() if first.islower() else span[0].upper()) + span[1:]
+    return span.rstrip(".").replace("\n", " ")
 
 
 class WiC(VerbalizerTask):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zo2.config.job import JobConfig
+from zo2.errors import ConfigError
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -60,12 +61,26 @@ def build_task_run(job: JobConfig, tokenizer: Any, comm: Any = None) -> TaskRun 
     cfg = job.task
     data = load_task(cfg)
     classify = trains_as_classification(cfg, data.task)
-    max_length = min(cfg.max_length, job.data.max_length)
+    max_length = training_length(cfg, data.task, job.data.max_length)
     encoded = [encode_example(data.task, ex, tokenizer, max_length=max_length, all_candidates=classify)
                for ex in data.train]
     shard = dict(rank=comm.dp_rank, world_size=comm.dims.dp) if comm is not None else {}
     loader = TaskLoader(job.data, tokenizer, encoded, **shard)
     return TaskRun(job, data, classify, task_loss_fn(classify, length_normalize=cfg.length_normalize), loader)
+
+
+def training_length(cfg, task, data_max_length: int) -> int:
+    """Tokens a training row keeps: ``task.max_length`` (capped by ``data.max_length``), less
+    ``task.max_new_tokens`` for a generation task (SQuAD, DROP) — MeZO encodes those rows as generation prompts with
+    the gold answer, cut to leave room for the answer it would generate."""
+    length = min(cfg.max_length, data_max_length)
+    if task.generation:
+        length -= cfg.max_new_tokens
+        if length < 2:
+            raise ConfigError(f"task.max_length = {cfg.max_length} (or data.max_length = {data_max_length}) leaves "
+                              f"no room for a {task.name} training row after task.max_new_tokens = "
+                              f"{cfg.max_new_tokens}; raise the length or lower max_new_tokens.")
+    return length
 
 
 def read_best(run_dir: Path) -> dict | None:

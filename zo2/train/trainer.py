@@ -48,7 +48,8 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
-RESUME_LOCKED = ("model.", "data.", "optim.weight_decay", "optim.distribution", "train.eval_batches")
+RESUME_LOCKED = ("model.", "data.", "optim.weight_decay", "optim.no_decay", "optim.sign_mode", "optim.distribution",
+                 "train.eval_batches")
 """Overrides a resumed run refuses: they would change the weights replay rebuilds, or the data it continues."""
 
 
