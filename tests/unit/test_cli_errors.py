@@ -81,7 +81,8 @@ def test_nan_loss_streak(capsys, tmp_path):
     run = tmp_path / "run"
     code, err = run_cli(capsys, "train", "--out", str(run), *FAST, "--set", "train.steps=30", "--set",
                         "optim.lr=1e30", "--set", "checkpoint.save_every=1")
-    assert_user_error(code, err, "NaN or inf for 5 steps in a row", "optim.lr", "zo2 replay")
+    assert_user_error(code, err, "NaN or inf for 5 steps in a row", "optim.lr", f"zo2 train --resume {run} "
+                      "--resume-from-step 0", f"zo2 replay {run} --to 0")
     assert (run / "trajectory.jsonl").is_file() and not (run / "final").exists()
 
 

@@ -34,6 +34,7 @@ class LossGuard:
     resume_command: str
     """How this run continues, e.g. ``zo2 train --resume runs/x`` (the advice appends its options)."""
     lr: float
+    run_dir: str = "RUN_DIR"
     streak: int = 0
     average: float | None = None
     counted: int = 0
@@ -81,7 +82,7 @@ class LossGuard:
         return (f"Continue from the weights after step {safe}, before that update, with a lower learning rate: "
                 f"`{self.resume_command} --resume-from-step {safe} --set optim.lr={self.lr / 10:g}` (optim.lr is "
                 f"now {self.lr:g}; --resume-from-step keeps the later log lines and snapshots in the run folder, "
-                "set aside).")
+                f"set aside). `zo2 replay {self.run_dir} --to {safe}` writes those weights out.")
 
     def _diverged_message(self, step: int, loss: float) -> str:
         return (f"The loss of step {step + 1} jumped to {loss:.4g}, more than train.divergence_factor = "

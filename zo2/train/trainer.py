@@ -167,7 +167,8 @@ def is_run_dir(path: Path) -> bool:
 
 def build_guard(job: JobConfig, resume_command: str) -> LossGuard:
     """The run's loss guard (NaN/inf streaks, blow-ups), with the command that continues it for its advice."""
-    return LossGuard(job.train.max_nonfinite_steps, job.train.divergence_factor, resume_command, job.optim.lr)
+    return LossGuard(job.train.max_nonfinite_steps, job.train.divergence_factor, resume_command, job.optim.lr,
+                     run_dir=job.run.out_dir)
 
 
 def holds_steps(run_dir: Path) -> bool:
@@ -258,9 +259,7 @@ def cut_run(run_dir: str | Path, step: int) -> str | None:
     run_dir = Path(run_dir)
     log = run_dir / LOG_FILE
     records = read_log(log)
-    if not 0 <= step <= len(records):
-        raise CheckpointError(f"--resume-from-step {step} is outside the run in {run_dir}: its trajectory log holds "
-                              f"{len(records)} steps, so pick a step from 0 (the base weights) to {len(records)}.")
+    check_step_in_log(step, len(records), run_dir, "--resume-from-step")
     later = [p for p in list_snapshots(run_dir) if snapshot_step(p) > step]
     if step == len(records) and not later:
         return None
@@ -606,21 +605,26 @@ def describe_summary(s: TrainSummary) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def restore_step(engine: ZOEngine, run_dir: Path, to_step: int | None, *, from_base: bool = False,
-                 progress: bool = False) -> int:
+                 progress: bool = False, option: str = "--step") -> int:
     """Put the weights after ``to_step`` steps of the run in ``run_dir`` (default: all the log holds) into
     ``engine``: the newest good snapshot at or before it (unless ``from_base``), then the log's updates up to it.
-    Returns the step reached. CheckpointError when the log does not hold ``to_step`` steps."""
+    Returns the step reached. CheckpointError (naming ``option``) when the log does not hold ``to_step`` steps."""
     records = read_log(run_dir / LOG_FILE)
     to_step = len(records) if to_step is None else to_step
-    if not 0 <= to_step <= len(records):
-        raise CheckpointError(f"Step {to_step} is outside the run in {run_dir}: its trajectory log holds "
-                              f"{len(records)} steps, so pick a step from 0 (the base weights) to {len(records)}.")
+    check_step_in_log(to_step, len(records), run_dir, option)
     snap = None if from_base else latest_good_snapshot(run_dir, to_step)
     if snap is not None:
         engine.load_trainable_state(snap.tensors)
     replay_updates(engine.apply_update, records, snap.step if snap else 0, to_step, progress=progress)
     engine.flush()
     return to_step
+
+
+def check_step_in_log(step: int, held: int, run_dir: Path, option: str) -> None:
+    """CheckpointError naming ``option`` unless 0 <= ``step`` <= ``held`` (the steps the log holds)."""
+    if not 0 <= step <= held:
+        raise CheckpointError(f"{option} {step} is outside the run in {run_dir}: its trajectory log holds {held} "
+                              f"steps, so pick a step from 0 (the base weights) to {held}.")
 
 
 def replay_run(run_dir: str | Path, to_step: int | None = None, out_dir: str | Path | None = None,
@@ -632,6 +636,7 @@ def replay_run(run_dir: str | Path, to_step: int | None = None, out_dir: str | P
     job = load_resume_config(run_dir, purpose="replay")
     records = read_log(run_dir / LOG_FILE)
     to_step = len(records) if to_step is None else to_step
+    check_step_in_log(to_step, len(records), run_dir, "--to")
     out = Path(out_dir) if out_dir is not None else run_dir / "replay" / f"step_{to_step:08d}"
     check_writable(out, "The replay's output folder")
     tokenizer = build_tokenizer(job)
