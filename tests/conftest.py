@@ -51,3 +51,13 @@ def mounts(tmp_path):
     yield m
     for target in reversed(m.targets):
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """`zo2 train` run in-process sets torch's thread count for its model (one thread for tiny ones): give the
+    next test the count it started with."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

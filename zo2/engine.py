@@ -564,11 +564,12 @@ class ZOEngine:
         self.opt_state.synchronize()
         if self.streamer is not None:
             self.streamer.synchronize()
-        if self.streamer is not None and self.streamer.take_issued() and self.streamer.ranges:
-            # every process's slice (and its state's) is back in the shared store. Only after write-backs, which
-            # every process of the node issues alike: a flush with nothing written since the last one (rank 0's
-            # trainable_state after the collective flush of a snapshot) enters no barrier the others skip.
-            self.comm.local_barrier()
+            if self.streamer.take_issued() and self.streamer.ranges:
+                # every process's slice (and its state's) is back in the shared store. Only after write-backs,
+                # which every process of the node issues alike: a flush with nothing written since the last one
+                # (rank 0's trainable_state after the collective flush of a snapshot) enters no barrier the others
+                # skip.
+                self.comm.local_barrier()
 
     @torch.no_grad()
     def sync_store(self) -> None:

@@ -53,9 +53,9 @@ class BlockStreamer:
         self.stats = TransferStats()
         self.measure = measure and self.cuda
         self.ranges: dict[int, tuple[int, int]] = {}
-        self._issued = 0
-        """Write-backs issued since the last :meth:`synchronize`."""
         """Sliced transfers: the part [lo, hi) of each block this process uploads and writes back."""
+        self._issued = 0
+        """Write-backs issued since the last :meth:`take_issued`."""
         self._order: list[int] = []
         self._position: dict[int, int] = {}
         self._slot_of: dict[int, int] = {}

@@ -252,8 +252,8 @@ def load_resume_config(run_dir: str | Path, overrides: Iterable[str] = (), *, pu
 def cut_run(run_dir: str | Path, step: int) -> str | None:
     """Cut the run in ``run_dir`` back to ``step`` steps done, so that resuming continues from the weights after
     step ``step`` (e.g. before an update that blew them up): the trajectory log keeps its first ``step`` records,
-    snapshots of later steps leave the rotation. Nothing is deleted: the whole log, metrics.jsonl and those
-    snapshots move to ``RUN_DIR/after-step-SSSSSSSS/``. Returns a line saying so (None: nothing to cut)."""
+    snapshots of later steps leave the rotation. Nothing is deleted: copies of the whole log and metrics.jsonl, and
+    those snapshots, go to ``RUN_DIR/after-step-SSSSSSSS/``. Returns a line saying so (None: nothing to cut)."""
     from zo2.train.checkpoint import list_snapshots, snapshot_step
 
     run_dir = Path(run_dir)
