@@ -67,7 +67,7 @@ def assert_same_params(a, b) -> None:
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def fill_disk_after(run_dir, steps: int, disk) -> "threading.Thread":
+def fill_disk_after(run_dir, steps: int, disk):
     """A thread that, once ``run_dir``'s trajectory log holds ``steps`` lines, fills the file system of ``disk``
     (a small tmpfs) with a filler file: the next write there fails with ENOSPC, as on a full disk."""
     import threading

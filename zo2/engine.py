@@ -94,7 +94,7 @@ class _Slot:
 
 
 @dataclass
-class _Unit:
+class Unit:
     """Embedding, one block or the head: parameters perturbed, updated and (later) streamed together."""
 
     name: str
@@ -119,7 +119,7 @@ class _Unit:
     """With a node store (zo2.control): this unit's index there (resident units sync back to it)."""
 
 
-def _select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
+def select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
     """The perturbation/update backend: zo2_kernels' Triton kernels or the torch reference."""
     if torch.float64 in dtypes and name != "triton":
         return zo2_kernels.reference  # the Triton kernels take 16- and 32-bit floats only
@@ -159,7 +159,7 @@ def default_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tor
     return causal_lm_loss(logits, default_labels(batch))
 
 
-def build_units(adapter: Any, params: Mapping[str, nn.Parameter], model_name: str = "model") -> list[_Unit]:
+def build_units(adapter: Any, params: Mapping[str, nn.Parameter], model_name: str = "model") -> list[Unit]:
     """The model's units in visit order (embed, blocks, head) with the trainable parameters each reads and owns.
 
     A pure function of the model's structure: the engine and a scheduler holding the node's store
@@ -176,7 +176,7 @@ def build_units(adapter: Any, params: Mapping[str, nn.Parameter], model_name: st
         owned = [s.name for s in slots if s.name not in owned_so_far]
         owned = list(dict.fromkeys(owned))
         owned_so_far.update(owned)
-        units.append(_Unit(name, kind, index, slots, owned))
+        units.append(Unit(name, kind, index, slots, owned))
     missing = set(params) - owned_so_far
     if missing:
         raise ModelError(
@@ -260,7 +260,7 @@ class ZOEngine:
         self.store_spec = store_spec
         """A node store to map (zo2.control.store.StoreSpec): every unit lives in the scheduler's shared store."""
         self.markers = None
-        """With a node store: its per-unit markers (zo2.control.store.StoreMarkers), kept current on write-back."""
+        """With a node store: its per-unit markers (zo2.offload.markers.StoreMarkers), kept current on write-back."""
         self.store_writer = 0
         """With a node store: this process's index among the node's writers (the slice it writes back)."""
         self.plan, self.store, self.streamer = build_offload(self, self.device)
@@ -272,7 +272,7 @@ class ZOEngine:
         """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
         streamed = [u for u in self.units if u.store_index is not None]
         self._last_streamed = streamed[-1] if streamed else None
-        self.kernels = _select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
+        self.kernels = select_kernels(self.config.kernels, self.device, {self._unit_dtype(u) for u in self.units})
         self.last_transfer: TransferStats | None = None
 
     # ------------------------------------------------------------------ setup
@@ -291,7 +291,7 @@ class ZOEngine:
                 if not p.requires_grad and p.is_floating_point() and p.dtype != compute:
                     p.data = p.data.to(compute)
 
-    def _unit_dtype(self, unit: _Unit) -> torch.dtype:
+    def _unit_dtype(self, unit: Unit) -> torch.dtype:
         return self.params[unit.owned[0]].dtype if unit.owned else self.compute_dtype
 
     def _compute_device(self) -> torch.device:
@@ -303,7 +303,7 @@ class ZOEngine:
                              "where to compute, and load the weights into the parameter store.")
         return device
 
-    def _build_units(self) -> list[_Unit]:
+    def _build_units(self) -> list[Unit]:
         return build_units(self.adapter, self.params, type(self.model).__name__)
 
     # ------------------------------------------------------------------ the math on one tensor
@@ -336,7 +336,7 @@ class ZOEngine:
         return rounding_seed(self.config, update, dtype)
 
     @contextlib.contextmanager
-    def _visit(self, unit: _Unit, pending: Update | None, seeds: Sequence[int] = ()
+    def _visit(self, unit: Unit, pending: Update | None, seeds: Sequence[int] = ()
                ) -> Iterator[tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]]:
         """The unit's flat buffer on the compute device with ``pending`` applied (once), and θ ± εz(seed).
 
@@ -375,7 +375,7 @@ class ZOEngine:
                 self.streamer.release(unit.store_index)
             self.opt_state.release(unit)
 
-    def _update_slice(self, unit: _Unit, flat: torch.Tensor, pending: Update | None) -> None:
+    def _update_slice(self, unit: Unit, flat: torch.Tensor, pending: Update | None) -> None:
         """Sliced transfers: this process uploaded only its slice of the block; it applies the deferred
         update to that slice, writes it back to the node's shared store, and an all-gather assembles the
         whole updated block on every process."""
@@ -386,7 +386,7 @@ class ZOEngine:
             self.streamer.write_back(unit.store_index, pending.step)
         self.comm.gather_slices(flat)
 
-    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update, unit: _Unit | None = None,
+    def _update_in_place(self, target: torch.Tensor, table: Any, update: Update, unit: Unit | None = None,
                          part: slice | None = None) -> None:
         """θ ← θ − lr (D + λθ) on a flat buffer (or the ``part`` of ``unit``'s buffer that is ``target``, with
         sliced transfers) described by ``table``: the fused kernels for MeZO-SGD (D = Σ c z), else the optimizer's
@@ -405,14 +405,14 @@ class ZOEngine:
         return (torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device),
                 torch.empty(flat.numel(), dtype=self.compute_dtype, device=flat.device))
 
-    def _apply_to_unit(self, unit: _Unit, update: Update) -> None:
+    def _apply_to_unit(self, unit: Unit, update: Update) -> None:
         if unit.applied < update.step:
             with self._visit(unit, update):
                 pass
 
     # ------------------------------------------------------------------ forwards
     @contextlib.contextmanager
-    def _swapped(self, unit: _Unit, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    def _swapped(self, unit: Unit, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
         """Make the unit's modules read ``values[name]`` instead of their parameters, then restore them."""
         saved = [(s, s.module._parameters[s.attr]) for s in unit.slots]
         try:
@@ -423,7 +423,7 @@ class ZOEngine:
             for s, p in saved:
                 s.module._parameters[s.attr] = p
 
-    def _point_values(self, unit: _Unit, flat: torch.Tensor, pairs: Mapping, point: Point) -> dict[str, torch.Tensor]:
+    def _point_values(self, unit: Unit, flat: torch.Tensor, pairs: Mapping, point: Point) -> dict[str, torch.Tensor]:
         """Parameter views of the unit's buffer at ``point`` (θ, θ + εz, θ − εz, or θ after a candidate update)."""
         if point.after is not None:
             buf = self._candidate(unit, flat, point.after)
@@ -440,7 +440,7 @@ class ZOEngine:
             buf = pairs[seed][0 if sign > 0 else 1]
         return {seg.name: buf[seg.offset : seg.offset + seg.numel].view(seg.shape) for seg in unit.layout}
 
-    def _candidate(self, unit: _Unit, flat: torch.Tensor, update: Update) -> torch.Tensor:
+    def _candidate(self, unit: Unit, flat: torch.Tensor, update: Update) -> torch.Tensor:
         """θ after ``update``, out of place: exactly the values applying it would store, in the compute dtype."""
         out = torch.empty(flat.numel(), dtype=flat.dtype, device=flat.device)
         self.kernels.update(flat, unit.table, update.seeds, update.coeffs, update.lr, self.config.weight_decay,
@@ -484,7 +484,7 @@ class ZOEngine:
                 self.streamer.prefetch_next_pass()  # overlaps the remaining blocks and the head
         return losses, logits_out
 
-    def _frozen_weights(self, unit: _Unit) -> contextlib.AbstractContextManager:
+    def _frozen_weights(self, unit: Unit) -> contextlib.AbstractContextManager:
         """A streamed block's frozen weights (e.g. the base model under LoRA), read from the device copy uploaded
         with the block: never perturbed, updated or written back. Nothing to do for a resident unit."""
         if unit.store_index is None:

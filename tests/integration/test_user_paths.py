@@ -3,7 +3,6 @@ warnings and messages. Each path ends in one clear line or does the job; none sh
 
 from __future__ import annotations
 
-import subprocess
 import warnings
 from pathlib import Path
 

@@ -16,7 +16,6 @@ from the newest snapshot (or the base weights) and the log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,15 +25,10 @@ import torch
 
 from zo2.errors import ResourceError
 from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
+from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.store import new_store_name
 
 _SHM_DIR = Path("/dev/shm")
-
-
-def layout_digest(layouts: Sequence[Sequence[Any]]) -> str:
-    """A short hash of the store's layout (names, offsets, shapes): a worker refuses a store that differs."""
-    text = json.dumps([[(s.name, s.offset, s.numel, list(s.shape)) for s in layout] for layout in layouts])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -67,47 +61,6 @@ class StoreSpec:
         fields["state_names"] = tuple(fields.get("state_names", ()))
         return cls(**fields)
 
-
-
-class StoreMarkers:
-    """Shared ``int64[units, writers, 2]``: (last step applied in the store's copy, 1 + step being written or 0).
-
-    Order of writes: :meth:`begin` before the bytes of a write-back are touched, :meth:`done` after they all
-    landed; a process killed in between leaves the slice marked torn.
-    """
-
-    def __init__(self, name: str, units: int, writers: int, *, create: bool):
-        self.path = _SHM_DIR / f"{name}-markers"
-        if not create and not self.path.exists():
-            raise ResourceError(f"The store markers {self.path} do not exist: the scheduler creates them before "
-                                "starting the workers.")
-        self.owner = create
-        size = units * writers * 2
-        self.table = torch.from_file(str(self.path), shared=True, size=size, dtype=torch.int64).view(units, writers, 2)
-
-    def begin(self, unit: int, writer: int, step: int) -> None:
-        """A write of the state after ``step``'s update is about to start."""
-        self.table[unit, writer, 1] = step + 1
-
-    def done(self, unit: int, writer: int, step: int) -> None:
-        """The write has landed: the slice holds the state after ``step``'s update."""
-        self.table[unit, writer, 0] = step
-        self.table[unit, writer, 1] = 0
-
-    def set_all(self, step: int) -> None:
-        """Every slice of every unit holds the state after ``step`` (after a fill or a repair)."""
-        self.table[..., 0] = step
-        self.table[..., 1] = 0
-
-    def applied(self, unit: int) -> list[int]:
-        return [int(x) for x in self.table[unit, :, 0]]
-
-    def torn(self, unit: int) -> bool:
-        return bool((self.table[unit, :, 1] != 0).any())
-
-    def close(self) -> None:
-        if self.owner:
-            self.path.unlink(missing_ok=True)
 
 
 class NodeStore:
@@ -195,11 +148,11 @@ class NodeStore:
         one, ``fill_base(views)`` (fills name → tensor views with the base weights), then the log replayed.
         Updates run with the engine's arithmetic (``zo2.engine.update_flat``) on ``device``.
         """
-        from zo2.engine import _select_kernels, update_flat
+        from zo2.engine import select_kernels, update_flat
         from zo2.optim.optimizers import UnitState
         from zo2.train.checkpoint import replay_updates
 
-        kernels = _select_kernels(self.config.kernels, device, {self.store.dtype})
+        kernels = select_kernels(self.config.kernels, device, {self.store.dtype})
         counts = {"caught_up": 0, "rebuilt": 0}
         if self.state is not None:
             # a stateful optimizer's state is in the area only as of the last sync point: rebuild the weights

@@ -25,7 +25,7 @@ import functools
 import inspect
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -120,13 +120,22 @@ def is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+_WRAPPERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], "BlockAdapter"]]] = []
+"""(recognizes, adapter) pairs for models that wrap a causal LM (a peft PeftModel): checked before model_type."""
+
+
+def register_wrapper(recognizes: Callable[[nn.Module], bool], adapter: Callable[[nn.Module], "BlockAdapter"]) -> None:
+    """Let ``adapter(model)`` build the adapter of every model ``recognizes`` (:mod:`zo2.models.peft_adapter`
+    registers the PeftModel case this way, so this module imports nothing above it)."""
+    _WRAPPERS.append((recognizes, adapter))
+
+
 def adapter_for(model: nn.Module) -> BlockAdapter:
     """The registered adapter for ``model`` (by ``model.config.model_type``). A ``peft`` PeftModel is seen through
-    to its base causal LM (:mod:`zo2.models.peft_adapter`)."""
-    if is_peft_model(model):
-        from zo2.models.peft_adapter import peft_adapter
-
-        return peft_adapter(model)
+    to its base causal LM (:mod:`zo2.models.peft_adapter`, registered with :func:`register_wrapper`)."""
+    for recognizes, adapter in _WRAPPERS:
+        if recognizes(model):
+            return adapter(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

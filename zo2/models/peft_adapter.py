@@ -34,7 +34,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from zo2.errors import ModelError
-from zo2.models.base import BlockAdapter, adapter_for, prefix_model_types
+from zo2.models.base import BlockAdapter, adapter_for, is_peft_model, prefix_model_types, register_wrapper
 
 if TYPE_CHECKING:
     from zo2.config.peft import PeftConfig
@@ -65,6 +65,9 @@ def peft_adapter(model: nn.Module) -> BlockAdapter:
         "Supported: the methods that wrap layers in place (LoRA, IA3, LoHa, LoKr, ...), "
         f"{', '.join(PROMPT_METHODS)} and {PREFIX_METHOD}."
     )
+
+
+register_wrapper(is_peft_model, peft_adapter)
 
 
 class _PromptLearningAdapter(BlockAdapter):

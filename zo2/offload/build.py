@@ -102,7 +102,7 @@ def _writer(engine: "ZOEngine") -> tuple[int, int]:
 
 def _map_node_store(engine: "ZOEngine", device: torch.device) -> ParameterStore:
     """Map the scheduler's node store (every unit, in unit order); the parameters become views of it."""
-    from zo2.control.store import StoreMarkers, layout_digest
+    from zo2.offload.markers import StoreMarkers, layout_digest
 
     spec = engine.store_spec
     units = engine.units

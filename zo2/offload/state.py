@@ -26,7 +26,7 @@ from zo2.optim.optimizers import UnitState
 from zo2.optim.update import math_dtype
 
 if TYPE_CHECKING:
-    from zo2.engine import ZOEngine, _Unit
+    from zo2.engine import ZOEngine, Unit
 
 PREFIX = "optimizer/"
 """Saved state tensors are named ``optimizer/<buffer>/<parameter>``; the update count is ``optimizer/step``."""
@@ -92,7 +92,7 @@ class StateArea:
 class OptimizerState:
     """Every unit's :class:`UnitState`: resident buffers on the device, streamed ones in a host store."""
 
-    def __init__(self, names: tuple[str, ...], units: list["_Unit"], dtype_of, device: torch.device,
+    def __init__(self, names: tuple[str, ...], units: list["Unit"], dtype_of, device: torch.device,
                  prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None):
         """``area``: a node's :class:`StateArea` (the scheduler's, or a torchrun node's): the streamed blocks'
         state is streamed from (and written back to) it, sliced by ``ranges`` like the weights."""
@@ -143,13 +143,13 @@ class OptimizerState:
     def _all_streamers(self) -> list[BlockStreamer]:
         return list(self.streamers.values()) or ([self.streamer] if self.streamer is not None else [])
 
-    def begin(self, units: Iterable["_Unit"]) -> None:
+    def begin(self, units: Iterable["Unit"]) -> None:
         """A pass that applies an update starts: prefetch the first streamed blocks' state."""
         order = [self._slot[u.store_index] for u in units if u.store_index is not None] if self.names else []
         for streamer in self._all_streamers():
             streamer.begin(order)
 
-    def acquire(self, unit: "_Unit") -> UnitState | None:
+    def acquire(self, unit: "Unit") -> UnitState | None:
         """The unit's state on the compute device (a streamed block's is uploaded); None when stateless."""
         if not self.names:
             return None
@@ -162,13 +162,13 @@ class OptimizerState:
             state.buffers = {s: slot[j * n : (j + 1) * n] for j, s in enumerate(self.names)}
         return state
 
-    def updated(self, unit: "_Unit") -> None:
+    def updated(self, unit: "Unit") -> None:
         """The unit's state was updated on the device: write a streamed block's back to the host store."""
         if unit.store_index is not None and self.names:
             for streamer in self._all_streamers():
                 streamer.write_back(self._slot[unit.store_index])
 
-    def release(self, unit: "_Unit") -> None:
+    def release(self, unit: "Unit") -> None:
         """The visit of ``unit`` ends: its state's device slot may be reused."""
         if unit.store_index is not None and self.names and self.states[unit.name].buffers:
             self.states[unit.name].buffers = {}
@@ -195,7 +195,7 @@ class OptimizerState:
         return stats
 
     # ------------------------------------------------------------------ snapshots
-    def _host_buffers(self, unit: "_Unit") -> dict[str, torch.Tensor]:
+    def _host_buffers(self, unit: "Unit") -> dict[str, torch.Tensor]:
         """The unit's state buffers where they are kept between visits (device, or the host store)."""
         if unit.store_index is None:
             return self.states[unit.name].buffers

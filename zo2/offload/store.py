@@ -22,7 +22,9 @@ from torch import nn
 
 from zo2.errors import ResourceError
 
-_SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")
+"""Where shared stores live (tmpfs): a file per unit buffer."""
+_SHM_DIR = SHM_DIR
 HOST_MARGIN_BYTES = 2 << 30
 """Host memory left free for the rest of the process when checking that a store fits."""
 

@@ -64,7 +64,7 @@ class BlockStreamer:
         self._written: dict[int, object] = {}  # block -> D2H-done event of its last write-back
         self._slot_busy: list[list] = [[] for _ in self.slots]  # events to wait on before reusing a slot
         self.markers = None
-        """A node store's markers (zo2.control.store.StoreMarkers): each write-back is marked in flight before
+        """A node store's markers (zo2.offload.markers.StoreMarkers): each write-back is marked in flight before
         its bytes move and done once they landed, so a crash never leaves a torn block unnoticed."""
         self.writer = 0
         self._marks: list[tuple[object, int, int]] = []  # (D2H-done event or None, block, step) not yet marked done

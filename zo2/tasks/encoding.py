@@ -25,7 +25,7 @@ import torch
 from zo2.config.data import DataConfig
 from zo2.errors import DataError
 from zo2.tasks.base import Task, TaskExample
-from zo2.train.data import IGNORE_INDEX, BatchLoader, _shard_bounds
+from zo2.train.data import IGNORE_INDEX, BatchLoader, shard_bounds
 from zo2.train.tokenizer import ByteTokenizer, encode, special_ids
 
 
@@ -174,7 +174,7 @@ class TaskLoader(BatchLoader):
         """This rank's shard of the next global batch (every shard padded to the global batch's longest row)."""
         epoch, index = self._normalized(self._epoch, self._index)
         chosen = self._epoch_order(epoch)[index: index + self.cfg.batch_size].tolist()
-        start, stop = _shard_bounds(len(chosen), self.rank, self.world_size)
+        start, stop = shard_bounds(len(chosen), self.rank, self.world_size)
         width = max(self.examples[k].width for k in chosen)  # type: ignore[attr-defined]
         batch = collate_examples([self.examples[k] for k in chosen[start:stop]], self.pad_id,  # type: ignore[misc]
                                  pad_to=width)

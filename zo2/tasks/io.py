@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zo2.errors import DataError
-from zo2.train.data import _as_record as as_record, _read_jsonl as read_jsonl, _read_text as read_text
+from zo2.train.data import as_record, read_jsonl_records, read_text
 from zo2.tasks.base import Task, TaskExample
 
 TRAIN_SPLITS = ("train",)
@@ -135,7 +135,7 @@ def _text(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """One JSON object per non-blank line, each with its location (file and line) for error messages."""
-    return [(f"{path}, {where}", record) for where, record in read_jsonl(path)]
+    return [(f"{path}, {where}", record) for where, record in read_jsonl_records(path)]
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:

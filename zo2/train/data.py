@@ -72,7 +72,7 @@ def read_records(path: str | Path, *, text_field: str = "text") -> list[Located]
         records = _read_hf_dataset(p)
     else:
         suffix = p.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+        readers = {".jsonl": read_jsonl_records, ".json": _read_json, ".csv": _read_csv}
         if suffix == ".txt":
             records = _read_txt(p, text_field)
         elif suffix in readers:
@@ -87,7 +87,7 @@ def read_records(path: str | Path, *, text_field: str = "text") -> list[Located]
     return records
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file's text, or a DataError if it is not UTF-8."""
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -96,10 +96,10 @@ def _read_text(path: Path) -> str:
                         "Re-save it as UTF-8.") from exc
 
 
-def _read_jsonl(path: Path) -> list[Located]:
+def read_jsonl_records(path: Path) -> list[Located]:
     """One JSON object per non-blank line."""
     out: list[Located] = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -107,26 +107,26 @@ def _read_jsonl(path: Path) -> list[Located]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {n} is not valid JSON ({exc.msg}, column {exc.colno}). Fix or "
                             "remove that line: a .jsonl file holds one JSON object per line.") from exc
-        out.append((f"line {n}", _as_record(record, path, f"line {n}")))
+        out.append((f"line {n}", as_record(record, path, f"line {n}")))
     return out
 
 
 def _read_json(path: Path) -> list[Located]:
     """A JSON list of objects."""
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}, column {exc.colno}). Fix "
                         "the file: a .json data file holds one list of records.") from exc
     if not isinstance(data, list):
         raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of records. Wrap the records "
                         "in [...], or write one record per line to a .jsonl file.")
-    return [(f"record {i}", _as_record(r, path, f"record {i}")) for i, r in enumerate(data, start=1)]
+    return [(f"record {i}", as_record(r, path, f"record {i}")) for i, r in enumerate(data, start=1)]
 
 
 def _read_csv(path: Path) -> list[Located]:
     """Comma-separated values with a header row naming the fields."""
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     out: list[Located] = []
     for row in reader:
         if all(v is None or v == "" for v in row.values()):
@@ -138,7 +138,7 @@ def _read_csv(path: Path) -> list[Located]:
 def _read_txt(path: Path, text_field: str) -> list[Located]:
     """One example per non-empty line."""
     return [(f"line {n}", {text_field: line.strip()})
-            for n, line in enumerate(_read_text(path).splitlines(), start=1) if line.strip()]
+            for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
 def _read_hf_dataset(path: Path) -> list[Located]:
@@ -165,7 +165,7 @@ def _read_hf_dataset(path: Path) -> list[Located]:
     return [(f"row {i}", dict(row)) for i, row in enumerate(ds)]
 
 
-def _as_record(value: Any, path: Path, where: str) -> dict:
+def as_record(value: Any, path: Path, where: str) -> dict:
     """``value`` if it is a JSON object, else a DataError."""
     if not isinstance(value, dict):
         raise DataError(f"{path}, {where} is a JSON {type(value).__name__}, not an object with named fields. "
@@ -430,7 +430,7 @@ class BatchLoader:
         """This rank's shard of the next global batch: int64 ``input_ids``, ``attention_mask``, ``labels``."""
         epoch, index = self._normalized(self._epoch, self._index)
         chosen = self._epoch_order(epoch)[index: index + self.cfg.batch_size].tolist()
-        start, stop = _shard_bounds(len(chosen), self.rank, self.world_size)
+        start, stop = shard_bounds(len(chosen), self.rank, self.world_size)
         width = max(len(self.examples[k].input_ids) for k in chosen)
         batch = collate([self.examples[k] for k in chosen[start:stop]], self.pad_id, pad_to=width)
         self._epoch, self._index = self._normalized(epoch, index + len(chosen))
@@ -459,7 +459,7 @@ class BatchLoader:
         return count_loss_tokens(batch)
 
 
-def _shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
     """``[start, stop)`` of rank ``rank``'s contiguous shard of ``size`` items (first shards 1 larger if uneven)."""
     base, extra = divmod(size, world_size)
     start = rank * base + min(rank, extra)
