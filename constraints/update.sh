@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(mktemp -d "${TMPDIR:-/tmp}/zo2-pins.XXXXXX")
 trap 'rm -rf "$venv"' EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 python3 -m venv "$venv"
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
