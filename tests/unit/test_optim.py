@@ -78,3 +78,43 @@ def test_bad_optim_values_name_the_field(kwargs, field):
 def test_did_you_mean_for_a_misspelled_choice():
     with pytest.raises(ConfigError, match="Did you mean 'central'"):
         ZOConfig(estimator="centrl")
+
+
+def test_compiled_cpu_philox_gives_the_reference_words_and_directions():
+    """The compiled generator (zo2/optim/philox.c) computes the reference's integers exactly — counters above 2**32
+    and keys with the top bit set included — so directions are the same bits with it and without."""
+    import random
+
+    from zo2.optim import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here: the reference runs (warned), which the other tests cover")
+    rng = random.Random(0)
+    for m0, n in [(0, 1), (5, 3000), ((1 << 32) - 3, 10), (rng.getrandbits(40), 777)]:
+        seed, key = rng.getrandbits(32) | 1 << 31, rng.getrandbits(32)
+        ref = philox4x32(torch.arange(m0, m0 + n, dtype=torch.int64), seed, key)
+        got = native.philox_range(m0, m0 + n, seed, key)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), (m0, n)
+    lib = native._lib
+    with_native = [direction(7, param_key("w"), 70_001, start=13, distribution=d) for d in ("gaussian", "rademacher")]
+    try:
+        native._lib = None  # the pure-torch path
+        without = [direction(7, param_key("w"), 70_001, start=13, distribution=d) for d in ("gaussian", "rademacher")]
+    finally:
+        native._lib = lib
+    assert all(torch.equal(a, b) for a, b in zip(with_native, without))
+
+
+def test_without_a_compiler_the_reference_runs_with_one_warning(tmp_path, monkeypatch):
+    from zo2.optim import native
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing cached: it must build
+    with pytest.warns(RuntimeWarning, match="could not build the compiled CPU Philox generator"):
+        assert native.library() is None
+    assert native.philox_range(0, 4, 1, 2) is None
+    ref = direction(3, param_key("v"), 999)
+    monkeypatch.setattr(native, "_tried", True)  # warned once: later calls stay quiet
+    assert torch.equal(direction(3, param_key("v"), 999), ref)

@@ -22,6 +22,8 @@ import zlib
 
 import torch
 
+from zo2.optim import native
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 _MASK32 = 0xFFFFFFFF
@@ -98,17 +100,25 @@ def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
+def _philox_range(m0: int, m1: int, seed: int, key: int, device) -> tuple[torch.Tensor, ...]:
+    """The words of counters m0..m1: on the CPU from the compiled generator (zo2.optim.native; the same integers),
+    else from :func:`philox4x32`."""
+    if torch.device(device).type == "cpu":
+        words = native.philox_range(m0, m1, seed, key)
+        if words is not None:
+            return words
+    return philox4x32(torch.arange(m0, m1, dtype=torch.int64, device=device), seed, key)
+
+
 def _gaussian_counters(m0: int, m1: int, seed: int, key: int, device) -> torch.Tensor:
-    counters = torch.arange(m0, m1, dtype=torch.int64, device=device)
-    x0, x1, x2, x3 = philox4x32(counters, seed, key)
+    x0, x1, x2, x3 = _philox_range(m0, m1, seed, key, device)
     n0, n1 = _box_muller(_uniform(x0), _uniform(x1))
     n2, n3 = _box_muller(_uniform(x2), _uniform(x3))
     return torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
 
 
 def _rademacher_counters(m0: int, m1: int, seed: int, key: int, device) -> torch.Tensor:
-    counters = torch.arange(m0, m1, dtype=torch.int64, device=device)
-    words = torch.stack(philox4x32(counters, seed, key), dim=1)  # [m, 4]
+    words = torch.stack(_philox_range(m0, m1, seed, key, device), dim=1)  # [m, 4]
     bits = torch.arange(32, dtype=torch.int64, device=device)
     signs = (words.unsqueeze(-1) >> bits) & 1  # [m, 4, 32]
     return (signs.reshape(-1).to(torch.float32) * 2.0) - 1.0
