@@ -118,3 +118,21 @@ def test_without_a_compiler_the_reference_runs_with_one_warning(tmp_path, monkey
     ref = direction(3, param_key("v"), 999)
     monkeypatch.setattr(native, "_tried", True)  # warned once: later calls stay quiet
     assert torch.equal(direction(3, param_key("v"), 999), ref)
+
+
+def test_the_generator_builds_into_an_empty_cache(tmp_path, monkeypatch):
+    """What a new machine does on first use: compile philox.c into the cache, load it, get the reference's words."""
+    import shutil
+
+    from zo2.optim import native
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.library() is not None
+    assert [p.suffix for p in (tmp_path / "zo2").iterdir()] == [".so"]  # no temporary file left beside it
+    ref = philox4x32(torch.arange(10, 50, dtype=torch.int64), 11, 12)
+    assert all(torch.equal(a, b) for a, b in zip(ref, native.philox_range(10, 50, 11, 12)))
