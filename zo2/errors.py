@@ -7,7 +7,7 @@ without a traceback (unless ``--debug``) and exits with :attr:`ZO2Error.exit_cod
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 
 class ZO2Error(Exception):
@@ -44,11 +44,10 @@ class ResourceError(ZO2Error):
     """The job does not fit in host or device memory."""
 
 
-def write_failure(path: "os.PathLike[str] | str", exc: OSError, doing: str, kept: str) -> str:
+def write_failure(path: str | Path, exc: OSError, doing: str, kept: str) -> str:
     """One paragraph for a write the file system refused (a full disk, a read-only mount): what failed, in which
     folder, the free space there, that ``kept`` is intact, and what to do."""
     import shutil
-    from pathlib import Path
 
     folder = Path(path).parent
     try:

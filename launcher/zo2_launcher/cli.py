@@ -118,7 +118,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
                     "killed or hung worker is replaced and the run continues from the last completed step; "
                     "Ctrl-C/SIGTERM stops at a step boundary with a snapshot, and running the same command again "
                     "resumes. Everything after `--` is the job, as for zo2 train (--preset, --config, --set, "
-                    "--out, --overwrite, --quiet). parallel.dp × parallel.pp must equal nodes × N.")
+                    "--out, --resume, --resume-from-step, --overwrite, --quiet). parallel.dp × parallel.pp must equal nodes × N.")
     p.add_argument("--nproc-per-node", required=True, metavar="N",
                    help="workers to start on this node: a number, or 'auto' (one per visible GPU; 1 without CUDA)")
     p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (default 1)")
@@ -151,14 +151,32 @@ def _nproc(value: str) -> int:
     return n
 
 
+def _resumed_job(run_dir: str | None, sets: list[str], from_step: int | None):
+    """``--resume RUN_DIR`` (and ``--resume-from-step S``, which first cuts the run back to step S): the saved job
+    with ``sets`` applied, or None without --resume. Shared by zo2 train and zo2 launch."""
+    from zo2.errors import ConfigError
+    from zo2.train.trainer import cut_run, load_resume_config
+
+    if run_dir is None:
+        if from_step is not None:
+            raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
+                              "--resume RUN_DIR too.")
+        return None
+    job = load_resume_config(run_dir, sets)
+    if from_step is not None:
+        note = cut_run(run_dir, from_step)
+        if note:
+            print(note, file=sys.stderr)
+    return job
+
+
 def _launch_job(train_args: list[str]):
     """(job, resume, overwrite, quiet) from zo2 train's arguments; a folder that holds a run resumes it."""
-    from zo2.errors import ConfigError
-
     from pathlib import Path
 
     from zo2.config.loader import load_config, load_saved_config
-    from zo2.train.trainer import CONFIG_FILE, holds_steps, load_resume_config
+    from zo2.errors import ConfigError
+    from zo2.train.trainer import CONFIG_FILE, holds_steps
 
     parser = argparse.ArgumentParser(prog="zo2 launch ... --", add_help=False)
     for flag in ("--preset", "--config", "--out", "--resume"):
@@ -171,17 +189,8 @@ def _launch_job(train_args: list[str]):
     if unknown:
         raise ConfigError(f"zo2 launch passes {' '.join(unknown)!r} to the job, but the job takes only --preset, "
                           "--config, --set, --out, --resume, --resume-from-step, --overwrite and --quiet.")
-    if args.resume_from_step is not None and not args.resume:
-        raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
-                          "--resume RUN_DIR too.")
-    if args.resume:
-        job = load_resume_config(args.resume, args.set)
-        if args.resume_from_step is not None:
-            from zo2.train.trainer import cut_run
-
-            note = cut_run(args.resume, args.resume_from_step)
-            if note:
-                print(note, file=sys.stderr)
+    job = _resumed_job(args.resume, args.set, args.resume_from_step)
+    if job is not None:
         return job, True, False, args.quiet
     job = load_config(args.preset, args.config, args.set)
     if args.out:
@@ -195,9 +204,8 @@ def _launch_job(train_args: list[str]):
 
 def _check_same_run(job, saved, run_dir) -> None:
     """Refuse to continue a run folder with settings its steps depend on changed (model, data, ...)."""
-    from zo2.errors import ConfigError
-
     from zo2.config.loader import job_to_dict
+    from zo2.errors import ConfigError
     from zo2.train.trainer import RESUME_LOCKED
 
     new, old = job_to_dict(job), job_to_dict(saved)
@@ -293,10 +301,9 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``zo2 train``."""
-    from zo2.errors import ConfigError
-
     from zo2.config.loader import describe_config, load_config
     from zo2.config.presets import list_presets
+    from zo2.errors import ConfigError
 
     if args.list_presets:
         print(list_presets())
@@ -304,21 +311,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    from zo2.train.trainer import cut_run, load_resume_config, set_cpu_threads, train_job
+    from zo2.train.trainer import set_cpu_threads, train_job
 
-    if args.resume_from_step is not None and not args.resume:
-        raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
-                          "--resume RUN_DIR too.")
-    if args.resume:
-        if args.preset or args.config or args.out:
-            raise ConfigError("--resume continues a run from the config saved in its folder, so --preset, --config "
-                              "and --out do not apply. Drop them; --set may still change e.g. train.steps.")
-        job = load_resume_config(args.resume, args.set)
-        if args.resume_from_step is not None:
-            note = cut_run(args.resume, args.resume_from_step)
-            if note:
-                print(note, file=sys.stderr)
-    else:
+    if args.resume and (args.preset or args.config or args.out):
+        raise ConfigError("--resume continues a run from the config saved in its folder, so --preset, --config "
+                          "and --out do not apply. Drop them; --set may still change e.g. train.steps.")
+    job = _resumed_job(args.resume, args.set, args.resume_from_step)
+    if job is None:
         job = load_config(args.preset, args.config, args.set)
         if args.out:
             job.run = replace(job.run, out_dir=args.out)
@@ -461,11 +460,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``zo2 plan``."""
-    from zo2.errors import ConfigError
-
     import json
     from pathlib import Path
 
+    from zo2.errors import ConfigError
     from zo2.parallel import plan
 
     rates = plan.calibrate(args.calibrate) if args.calibrate else plan.Rates()

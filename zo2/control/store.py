@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from zo2.errors import ResourceError
-from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
 from zo2.offload.markers import StoreMarkers, layout_digest
+from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
 from zo2.offload.store import new_store_name
-
-_SHM_DIR = Path("/dev/shm")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from zo2.errors import CheckpointError, ResourceError
-from zo2.offload.store import _SHM_DIR, ParameterStore, Segment
+from zo2.offload.store import SHM_DIR, ParameterStore, Segment
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.optim.optimizers import UnitState
 from zo2.optim.update import math_dtype
@@ -53,7 +53,7 @@ class StateArea:
             for store in self.stores.values():
                 for buf in store.buffers:
                     buf.zero_()
-        self._count_path = _SHM_DIR / f"{name}-state-count"
+        self._count_path = SHM_DIR / f"{name}-state-count"
         if not create and not self._count_path.exists():
             raise ResourceError(f"The optimizer-state count {self._count_path} does not exist: the scheduler "
                                 "creates it before starting the workers.")

@@ -24,7 +24,6 @@ from zo2.errors import ResourceError
 
 SHM_DIR = Path("/dev/shm")
 """Where shared stores live (tmpfs): a file per unit buffer."""
-_SHM_DIR = SHM_DIR
 HOST_MARGIN_BYTES = 2 << 30
 """Host memory left free for the rest of the process when checking that a store fits."""
 
@@ -50,7 +49,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_stores(folder: Path = _SHM_DIR) -> int:
+def remove_stale_stores(folder: Path = SHM_DIR) -> int:
     """Delete shared-store files left in /dev/shm (or, given the temporary folder, a scheduler's worker config
     files) by processes that died without cleaning up (SIGKILL, OOM kill, a hung job's SIGTERM): they hold host
     memory until reboot. Files of a live creator are kept. Returns the bytes freed."""
@@ -145,7 +144,7 @@ class ParameterStore:
         if not self.shared:
             return torch.empty(numel, dtype=self.dtype, pin_memory=pin)
         # Allocate in shared memory from the start and fill in place: sharing a filled tensor copies it.
-        path = _SHM_DIR / f"{self.name}-block{index}"
+        path = SHM_DIR / f"{self.name}-block{index}"
         if not self.owner and not path.exists():
             raise ResourceError(f"The shared parameter store {path} does not exist: the node's first process "
                                 "creates it before the others map it.")

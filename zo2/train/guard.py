@@ -18,9 +18,6 @@ from typing import Iterable, Mapping
 
 from zo2.errors import DivergedError, NonFiniteLossError
 
-WARMUP = 1
-"""Finite steps averaged before a jump can be judged: one is enough, an update that blows the weights up moves the
-loss by orders of magnitude, and the first update is as likely as any to do it."""
 SMOOTHING = 0.9
 """Weight of the past in the loss's exponential moving average."""
 
@@ -37,7 +34,8 @@ class LossGuard:
     run_dir: str = "RUN_DIR"
     streak: int = 0
     average: float | None = None
-    counted: int = 0
+    """Moving average of the in-range losses so far; a jump is judged from the first one on (one is enough: an update
+    that blows the weights up moves the loss by orders of magnitude, and the first update may be the one)."""
     last_good: int = -1
     """Record index of the last step whose loss was finite and in range (-1: none yet)."""
 
@@ -64,11 +62,9 @@ class LossGuard:
             self.streak += 1
             return "nonfinite"
         self.streak = 0
-        if (self.divergence_factor and self.average is not None and self.counted >= WARMUP
-                and loss > self.divergence_factor * self.average):
+        if self.divergence_factor and self.average is not None and loss > self.divergence_factor * self.average:
             return "diverged"
         self.average = loss if self.average is None else SMOOTHING * self.average + (1 - SMOOTHING) * loss
-        self.counted += 1
         self.last_good = step
         return None
 

@@ -180,6 +180,11 @@ def holds_steps(run_dir: Path) -> bool:
     return (log.is_file() and log.stat().st_size > 0) or bool(list_snapshots(run_dir))
 
 
+def is_stepless_run(run_dir: Path) -> bool:
+    """A zo2 run folder that holds no steps: a new run may replace it without --overwrite."""
+    return is_run_dir(run_dir) and not holds_steps(run_dir)
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, purpose: str = "resume") -> None:
     """Refuse to touch an existing run folder unless told to resume or overwrite it (nothing is written)."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -191,7 +196,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, purpose: str 
                    "folder"}.get(purpose, "")
             raise CheckpointError(f"{str(run_dir)!r} is not a zo2 run folder (it has no {CONFIG_FILE}), so there "
                                   f"is nothing to {purpose}. Pass the folder a previous `zo2 train` wrote{fix}.")
-    elif used and not overwrite and not (is_run_dir(run_dir) and not holds_steps(run_dir)):
+    elif used and not overwrite and not is_stepless_run(run_dir):
         raise CheckpointError(f"Run folder {str(run_dir)!r} already exists and is not empty; zo2 left it "
                               f"untouched. Continue that run with `zo2 train --resume {run_dir}`, start it over "
                               "with --overwrite (deletes its contents), or write elsewhere with --out DIR.")
@@ -220,7 +225,7 @@ def check_writable(folder: Path, what: str = "The run folder") -> None:
 def create_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Make the run folder, first deleting an old run there when ``overwrite`` or when it holds no steps (a start
     that failed before its first step: the corrected command starts the run)."""
-    if run_dir.is_dir() and (overwrite or (is_run_dir(run_dir) and not holds_steps(run_dir))):
+    if run_dir.is_dir() and (overwrite or is_stepless_run(run_dir)):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
