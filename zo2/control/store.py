@@ -69,7 +69,8 @@ class NodeStore:
 
     def __init__(self, model: torch.nn.Module, config: Any, writers: int):
         from zo2.config.zo import torch_dtype
-        from zo2.engine import build_units, segment_table
+        from zo2.models.units import build_units
+        from zo2.offload.arith import segment_table
         from zo2.models.base import adapter_for
         from zo2.offload.store import ALIGN, ParameterStore
         from zo2.optim.optimizers import build_optimizer
@@ -130,7 +131,7 @@ class NodeStore:
         return out
 
     def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
-        from zo2.parallel.mesh import share_bounds
+        from zo2.offload.store import share_bounds
 
         return share_bounds(self.store.flat(unit).numel(), writer, self.writers)
 
@@ -143,9 +144,9 @@ class NodeStore:
         it; a torn slice, one ahead of ``step`` or, with ``rebuild_all``, every unit is rebuilt from
         ``snapshot`` (a :class:`~zo2.train.checkpoint.Snapshot` at or before ``step + 1``, or None) or, without
         one, ``fill_base(views)`` (fills name → tensor views with the base weights), then the log replayed.
-        Updates run with the engine's arithmetic (``zo2.engine.update_flat``) on ``device``.
+        Updates run with the engine's arithmetic (``zo2.offload.arith.update_flat``) on ``device``.
         """
-        from zo2.engine import select_kernels, update_flat
+        from zo2.offload.arith import select_kernels, update_flat
         from zo2.optim.optimizers import UnitState
         from zo2.train.checkpoint import replay_updates
 

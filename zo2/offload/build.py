@@ -1,25 +1,33 @@
-"""Set an engine up for offloading: plan residency, build the store, place the rest on the device."""
+"""Set a model up for the engine: plan residency, build the stores, give every unit its residence
+(zo2.offload.residence), place the rest on the device, build the optimizer state beside the weights.
+
+:func:`build_offload` takes what the engine knows about the model (:class:`OffloadInputs`) and returns what the
+engine's visits use (:class:`Offload`); it is the one place that decides where each unit's weights live.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from zo2.errors import ModelError
+from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
-from zo2_kernels import SegmentTable
+from zo2.models.units import shared_names
+from zo2.offload.arith import segment_table
+from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
+from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
-
-if TYPE_CHECKING:
-    from zo2.engine import ZOEngine
+from zo2.optim.update import math_dtype
 
 log = logging.getLogger("zo2.offload")
 
@@ -42,12 +50,12 @@ def _place(model: nn.Module, device: torch.device, keep_on_host: set[int]) -> No
                 module._buffers[name] = b.to(device)
 
 
-def _pack_resident(engine: "ZOEngine", unit, device: torch.device) -> tuple[list, torch.Tensor | None]:
+def _pack_resident(inputs: "OffloadInputs", unit, device: torch.device) -> tuple[list, torch.Tensor | None]:
     """One flat device buffer for a resident unit's parameters (they become views of it): one kernel launch
     then covers the whole unit."""
-    params = [(n, engine.params[n]) for n in unit.owned]
+    params = [(n, inputs.params[n]) for n in unit.owned]
     if not params:
-        return [], torch.empty(0, dtype=engine.compute_dtype, device=device)
+        return [], torch.empty(0, dtype=inputs.compute_dtype, device=device)
     dtypes = {p.dtype for _, p in params}
     if len(dtypes) != 1:
         raise ModelError(f"{unit.name} mixes parameter dtypes {sorted(map(str, dtypes))}; set optim.storage_dtype "
@@ -61,10 +69,10 @@ def _pack_resident(engine: "ZOEngine", unit, device: torch.device) -> tuple[list
     return layout, flat
 
 
-def _sliced(engine: "ZOEngine") -> bool:
+def _sliced(inputs: "OffloadInputs") -> bool:
     """Several processes of this node stream blocks: share one store and split every transfer."""
-    comm = engine.comm
-    return comm is not None and comm.local_size > 1 and engine.config.sliced_transfers
+    comm = inputs.comm
+    return comm is not None and comm.local_size > 1 and inputs.config.sliced_transfers
 
 
 def shared_store_name(comm) -> str:
@@ -75,13 +83,13 @@ def shared_store_name(comm) -> str:
     return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
-def _build_store(engine: "ZOEngine", blocks: list, dtype: torch.dtype, device: torch.device) -> ParameterStore:
+def _build_store(inputs: "OffloadInputs", blocks: list, dtype: torch.dtype, device: torch.device) -> ParameterStore:
     """The parameter store: private pinned memory, or with sliced transfers one shared store per node that
     the node's first process creates and fills and the others map."""
     pin = device.type == "cuda"
-    if not _sliced(engine):
-        return ParameterStore.from_blocks(blocks, dtype, pin=pin, shared=engine.config.shared_store)
-    comm = engine.comm
+    if not _sliced(inputs):
+        return ParameterStore.from_blocks(blocks, dtype, pin=pin, shared=inputs.config.shared_store)
+    comm = inputs.comm
     kwargs = dict(pin=pin, shared=True, name=shared_store_name(comm), pad_to=comm.local_size * ALIGN)
     if comm.local_rank == 0:
         remove_stale_stores()  # what killed jobs left in /dev/shm
@@ -92,58 +100,55 @@ def _build_store(engine: "ZOEngine", blocks: list, dtype: torch.dtype, device: t
     return ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
 
 
-def _writer(engine: "ZOEngine") -> tuple[int, int]:
+def _writer(inputs: "OffloadInputs") -> tuple[int, int]:
     """(this process's index among the node's writers, their count)."""
-    comm = engine.comm
+    comm = inputs.comm
     if comm is None or comm.local_size == 1:
         return 0, 1
     return comm.local_rank, comm.local_size
 
 
-def _map_node_store(engine: "ZOEngine", device: torch.device) -> ParameterStore:
-    """Map the scheduler's node store (every unit, in unit order); the parameters become views of it."""
-    from zo2.offload.markers import StoreMarkers, layout_digest
-
-    spec = engine.store_spec
-    units = engine.units
+def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[ParameterStore, StoreMarkers]:
+    """Map the scheduler's node store (every unit, in unit order) and its markers; the parameters become views
+    of it."""
+    spec = inputs.store_spec
+    units = inputs.units
     if spec.units != len(units):
         raise ModelError(f"The node store holds {spec.units} units but this model has {len(units)}: the scheduler "
                          "and the workers built different models. Run them from the same config.")
-    _, writers = _writer(engine)
-    if writers > 1 and not _sliced(engine):
+    _, writers = _writer(inputs)
+    if writers > 1 and not _sliced(inputs):
         raise ModelError("Several workers of one node share the scheduler's store only with sliced transfers; set "
                          "optim.sliced_transfers = true.")
     if spec.writers != writers:
         raise ModelError(f"The node store was made for {spec.writers} writers, but this node runs {writers} "
                          "workers; start the workers from the scheduler that made the store.")
-    dtypes = {engine.params[n].dtype for u in units for n in u.owned}
+    dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
     if dtypes != {spec.torch_dtype}:
         raise ModelError(f"The node store holds {spec.dtype} but the model's trainable weights are "
                          f"{sorted(map(str, dtypes))}; build both from the same config (model.dtype, "
                          "optim.storage_dtype).")
-    store = ParameterStore.from_blocks([[(n, engine.params[n]) for n in u.owned] for u in units], spec.torch_dtype,
+    store = ParameterStore.from_blocks([[(n, inputs.params[n]) for n in u.owned] for u in units], spec.torch_dtype,
                                        pin=device.type == "cuda", shared=True, name=spec.name, create=False,
                                        pad_to=spec.pad_to)
     if layout_digest(store.layouts) != spec.digest:
         raise ModelError("The node store's layout differs from this model's (parameter names, shapes or order); "
                          "the scheduler and the workers built different models. Run them from the same config.")
-    engine.markers = StoreMarkers(spec.name, spec.units, spec.writers, create=False)
-    engine.store_writer = _writer(engine)[0]
     for k, u in enumerate(units):
         u.home = k
-    return store
+    return store, StoreMarkers(spec.name, spec.units, spec.writers, create=False)
 
 
-def _frozen_of(engine: "ZOEngine", modules: list[nn.Module]) -> list[FrozenSlot]:
+def _frozen_of(inputs: "OffloadInputs", modules: list[nn.Module]) -> list[FrozenSlot]:
     """The slots of the frozen (requires_grad=False) parameters under ``modules``."""
-    names = {id(p): n for n, p in engine.model.named_parameters()}
-    trainable = {id(p) for p in engine.params.values()}
+    names = {id(p): n for n, p in inputs.model.named_parameters()}
+    trainable = {id(p) for p in inputs.params.values()}
     return [s for m in modules for s in frozen_slots(m, names, trainable)]
 
 
-def _frozen_by_block(engine: "ZOEngine", blocks: list) -> list[list[FrozenSlot]]:
+def _frozen_by_block(inputs: "OffloadInputs", blocks: list) -> list[list[FrozenSlot]]:
     """The frozen slots of each block unit (empty lists when every parameter is trainable)."""
-    return [_frozen_of(engine, [engine.adapter.blocks()[u.index]]) for u in blocks]
+    return [_frozen_of(inputs, [inputs.adapter.blocks()[u.index]]) for u in blocks]
 
 
 def _frozen_nbytes(slots: list[FrozenSlot]) -> int:
@@ -151,15 +156,15 @@ def _frozen_nbytes(slots: list[FrozenSlot]) -> int:
     return _nbytes(list(unique.values()))
 
 
-def _frozen_store(engine: "ZOEngine", blocks: list, frozen: list[list[FrozenSlot]],
+def _frozen_store(inputs: "OffloadInputs", blocks: list, frozen: list[list[FrozenSlot]],
                   device: torch.device) -> FrozenStore | None:
     """The frozen parameters of the streamed blocks in a pinned host store indexed like the streamer's blocks
     (a GPU forward must not read pageable host memory); None when the streamed blocks have none."""
     streamed = [(u, fs) for u, fs in zip(blocks, frozen) if u.store_index is not None and fs]
     if not streamed:
         return None
-    outside = {id(s.module._parameters[s.attr]) for s in _frozen_of(engine, engine.adapter.embed_modules() +
-                                                                     engine.adapter.head_modules())}
+    outside = {id(s.module._parameters[s.attr]) for s in _frozen_of(inputs, inputs.adapter.embed_modules() +
+                                                                     inputs.adapter.head_modules())}
     outside |= {id(s.module._parameters[s.attr]) for u, fs in zip(blocks, frozen) if u.store_index is None
                 for s in fs}
     for u, fs in streamed:
@@ -171,71 +176,167 @@ def _frozen_store(engine: "ZOEngine", blocks: list, frozen: list[list[FrozenSlot
     return FrozenStore.from_slots(by_index, pin=device.type == "cuda")
 
 
-def build_offload(engine: "ZOEngine", device: torch.device) -> tuple[Plan, ParameterStore | None, BlockStreamer | None]:
-    cfg = engine.config
-    blocks = [u for u in engine.units if u.kind == "block"]
-    block_params = [[engine.params[n] for n in u.owned] for u in blocks]
-    frozen = _frozen_by_block(engine, blocks)  # e.g. base weights under LoRA: on the device or streamed too
+@dataclass
+class OffloadInputs:
+    """What the engine knows about the model when it sets it up."""
+
+    model: nn.Module
+    adapter: Any
+    params: dict[str, nn.Parameter]
+    """The trainable parameters, by name (already in the storage dtype)."""
+    units: list
+    """The model's units in visit order (zo2.models.units.Unit)."""
+    config: Any
+    """The engine's ZOConfig."""
+    compute_dtype: torch.dtype
+    optimizer: Any
+    """The engine's ZOOptimizer: its state sits (and streams) beside each unit's weights."""
+    comm: Any = None
+    """Under torchrun: the ZOComm (sliced transfers split every transfer across the node's processes)."""
+    store_spec: Any = None
+    """The scheduler's node store to map (zo2.control.store.StoreSpec), or None."""
+
+    def unit_dtype(self, unit: Any) -> torch.dtype:
+        return self.params[unit.owned[0]].dtype if unit.owned else self.compute_dtype
+
+
+@dataclass
+class Offload:
+    """What :func:`build_offload` set up: the plan, the stores and every unit's residence."""
+
+    plan: Plan
+    store: ParameterStore | None
+    """The host store of the streamed blocks (the whole node store under the scheduler), or None."""
+    streamer: BlockStreamer | None
+    residences: list[Residence]
+    """The distinct residences of the units (each unit's is ``unit.residence``)."""
+    opt_state: OptimizerState
+    """The optimizer's per-unit state (empty for stateless optimizers)."""
+    state_area: StateArea | None = None
+    """With a node store and a stateful optimizer: the scheduler's state area."""
+    markers: StoreMarkers | None = None
+    """With a node store: its per-unit markers, kept current on write-back."""
+
+
+def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
+    """Plan where every unit lives under the budget, build the stores and residences, move the rest onto
+    ``device``, and build the optimizer state beside the weights."""
+    cfg = inputs.config
+    blocks = [u for u in inputs.units if u.kind == "block"]
+    frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
+    plan = _plan(inputs, blocks, frozen, device)
+    markers = None
+    if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
+        store, markers = _map_node_store(inputs, device)
+        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.streamed], device, markers)
+    else:
+        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.streamed], device)
+    if streamer is not None:
+        streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
+    keep = {id(m) for u in blocks if u.store_index is not None for m in inputs.adapter.blocks()[u.index].modules()}
+    _place(inputs.model, device, keep)
+    residences = _settle_units(inputs, store, streamer, markers, device)
+    state_area = _map_state_area(inputs, store, device)
+    opt_state = build_optimizer_state(inputs.optimizer, inputs.units, inputs.unit_dtype, device, cfg.prefetch,
+                                      streamer=streamer, store=store, comm=inputs.comm, area=state_area,
+                                      from_area=inputs.store_spec is not None)
+    if plan.streamed or cfg.offload is not False:
+        log.info(plan.describe())
+    return Offload(plan, store, streamer, residences, opt_state, state_area, markers)
+
+
+def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], device: torch.device) -> Plan:
+    """The residency plan: each block's bytes (trainable, frozen and optimizer state) against the budget."""
+    cfg, params, opt = inputs.config, inputs.params, inputs.optimizer
+    block_params = [[params[n] for n in u.owned] for u in blocks]
     block_bytes = [_nbytes(ps) + _frozen_nbytes(fs) for ps, fs in zip(block_params, frozen)]
-    fixed = _nbytes([engine.params[n] for u in engine.units if u.kind != "block" for n in u.owned])
-    fixed += _frozen_nbytes(_frozen_of(engine, engine.adapter.embed_modules() + engine.adapter.head_modules()))
-    opt = engine.optimizer  # its state (momentum, Adam's moments) sits and streams with each unit's weights
+    fixed = _nbytes([params[n] for u in inputs.units if u.kind != "block" for n in u.owned])
+    fixed += _frozen_nbytes(_frozen_of(inputs, inputs.adapter.embed_modules() + inputs.adapter.head_modules()))
+    # the optimizer's state (momentum, Adam's moments) sits and streams with each unit's weights
     block_bytes = [b + sum(p.numel() * opt.state_bytes(p.dtype) for p in ps)
                    for b, ps in zip(block_bytes, block_params)]
-    fixed += sum(engine.params[n].numel() * opt.state_bytes(engine.params[n].dtype)
-                 for u in engine.units if u.kind != "block" for n in u.owned)
+    fixed += sum(params[n].numel() * opt.state_bytes(params[n].dtype)
+                 for u in inputs.units if u.kind != "block" for n in u.owned)
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
     largest_block = max((sum(p.numel() for p in ps) for ps in block_params), default=0)
-    compute_size = torch.empty((), dtype=engine.compute_dtype).element_size()
+    compute_size = torch.empty((), dtype=inputs.compute_dtype).element_size()
     # θ+ and θ− of one block in the compute dtype, plus the float32 direction of its largest parameter
     # (the torch reference path materializes z one parameter at a time; the Triton kernels never do)
     reserve = 2 * largest_block * compute_size + 4 * largest
     one_copy_reserve = largest_block * compute_size + 4 * largest
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    plan = plan_with_fallback(cfg.offload, block_bytes, fixed, reserve, one_copy_reserve, budget, cfg.prefetch)
-    store = streamer = None
-    if engine.store_spec is not None:  # the scheduler's node store: every unit is already in it
-        store = _map_node_store(engine, device)
-        streamed_units = [blocks[i] for i in plan.streamed]
-        for u in streamed_units:
-            u.store_index = u.home
-        if streamed_units:
-            streamer = BlockStreamer(store, device, cfg.prefetch, blocks=[u.home for u in streamed_units])
-            streamer.markers, streamer.writer = engine.markers, engine.store_writer
-            if _sliced(engine):
-                streamer.ranges = {u.home: engine.comm.slice_bounds(store.flat(u.home).numel())
-                                   for u in streamed_units}
-    elif plan.streamed:
-        streamed_units = [blocks[i] for i in plan.streamed]
-        for u in streamed_units:
-            if any(n in engine._shared_names for n in u.owned):
-                raise ModelError(f"{u.name} shares parameters with another unit and cannot be streamed.")
-        dtypes = {engine.params[n].dtype for u in streamed_units for n in u.owned}
-        if len(dtypes) > 1:
-            raise ModelError(f"Streamed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
-                             "one dtype (model.dtype) before building the engine.")
-        blocks_params = [[(n, engine.params[n]) for n in u.owned] for u in streamed_units]
-        # no dtype when no streamed block has a trainable parameter (prompt tuning: only their frozen ones stream)
-        store = _build_store(engine, blocks_params, dtypes.pop() if dtypes else engine.compute_dtype, device)
-        for k, u in enumerate(streamed_units):
-            u.store_index = k
-        streamer = BlockStreamer(store, device, cfg.prefetch)
-        if _sliced(engine):
-            streamer.ranges = {k: engine.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
+    return plan_with_fallback(cfg.offload, block_bytes, fixed, reserve, one_copy_reserve, budget, cfg.prefetch)
+
+
+def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, streamed: list, device: torch.device,
+                            markers: StoreMarkers) -> BlockStreamer | None:
+    """Under the scheduler: the streamed blocks move between the node store and the device."""
+    for u in streamed:
+        u.store_index = u.home
+    if not streamed:
+        return None
+    streamer = BlockStreamer(store, device, inputs.config.prefetch, blocks=[u.home for u in streamed])
+    streamer.markers, streamer.writer = markers, _writer(inputs)[0]
+    if _sliced(inputs):
+        streamer.ranges = {u.home: inputs.comm.slice_bounds(store.flat(u.home).numel()) for u in streamed}
+    return streamer
+
+
+def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.device
+                           ) -> tuple[ParameterStore | None, BlockStreamer | None]:
+    """The streamed blocks in a host store of this job (private, or shared by the node's processes)."""
+    if not streamed:
+        return None, None
+    shared = shared_names(inputs.units)
+    for u in streamed:
+        if any(n in shared for n in u.owned):
+            raise ModelError(f"{u.name} shares parameters with another unit and cannot be streamed.")
+    dtypes = {inputs.params[n].dtype for u in streamed for n in u.owned}
+    if len(dtypes) > 1:
+        raise ModelError(f"Streamed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
+                         "one dtype (model.dtype) before building the engine.")
+    blocks_params = [[(n, inputs.params[n]) for n in u.owned] for u in streamed]
+    # no dtype when no streamed block has a trainable parameter (prompt tuning: only their frozen ones stream)
+    store = _build_store(inputs, blocks_params, dtypes.pop() if dtypes else inputs.compute_dtype, device)
+    for k, u in enumerate(streamed):
+        u.store_index = k
+    streamer = BlockStreamer(store, device, inputs.config.prefetch)
+    if _sliced(inputs):
+        streamer.ranges = {k: inputs.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
+    return store, streamer
+
+
+def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
+                  markers: StoreMarkers | None, device: torch.device) -> list[Residence]:
+    """Give every unit its residence, layout and segment tables (resident units are packed on the device)."""
+    writer, writers = _writer(inputs)
+    resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
+    streamed = None
     if streamer is not None:
-        streamer.attach_frozen(_frozen_store(engine, blocks, frozen, device))
-    keep = {id(m) for u in blocks if u.store_index is not None for m in engine.adapter.blocks()[u.index].modules()}
-    _place(engine.model, device, keep)
-    for u in engine.units:
+        streamed = StreamedResidence(streamer, inputs.comm.gather_slices if streamer.ranges else None)
+    for u in inputs.units:
         if u.store_index is not None:
-            u.layout = store.layout(u.store_index)
+            u.residence, u.layout = streamed, store.layout(u.store_index)
         else:
-            u.layout, u.flat = _pack_resident(engine, u, device)
-        u.table = SegmentTable([(seg.offset, seg.numel, engine.keys[seg.name], engine.decay[seg.name])
-                                for seg in u.layout])
+            u.residence = resident
+            u.layout, u.flat = _pack_resident(inputs, u, device)
+        u.table = segment_table(u.layout, inputs.params, inputs.config.no_decay)
         if u.store_index is not None and streamer.ranges:
             u.slice_table = u.table.slice(*streamer.ranges[u.store_index])
-    if plan.streamed or cfg.offload is not False:
-        log.info(plan.describe())
-    return plan, store, streamer
+    return [resident] + ([streamed] if streamed is not None else [])
+
+
+def _map_state_area(inputs: OffloadInputs, store: ParameterStore | None, device: torch.device) -> StateArea | None:
+    """Map the node's optimizer-state area (the scheduler created and filled it)."""
+    spec, optimizer = inputs.store_spec, inputs.optimizer
+    if spec is None:
+        return None
+    if tuple(spec.state_names) != tuple(optimizer.state_names):
+        raise ModelError(f"The node store was made for optimizer state {list(spec.state_names)} but this "
+                         f"worker's optimizer ({optimizer.name}) keeps {list(optimizer.state_names)}: "
+                         "start the workers from the scheduler of the same config.")
+    if not spec.state_names:
+        return None
+    return StateArea(spec.name, store.layouts, spec.state_names, math_dtype(spec.torch_dtype),
+                     pad_to=spec.pad_to, create=False, pin=device.type == "cuda")

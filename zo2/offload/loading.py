@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -20,8 +20,19 @@ from torch import nn
 from zo2.errors import ModelError
 from zo2.optim.rng import param_key
 
-if TYPE_CHECKING:
-    from zo2.engine import ZOEngine
+
+
+class Fillable(Protocol):
+    """What the loaders fill: an engine (zo2.ZOEngine) after it placed the model."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    store: Any
+    device: torch.device
+
+    def invalidate_prefetch(self) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 @contextlib.contextmanager
@@ -50,7 +61,7 @@ def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     return model.eval()
 
 
-def _targets(engine: "ZOEngine") -> dict[str, torch.Tensor]:
+def _targets(engine: Fillable) -> dict[str, torch.Tensor]:
     """Where each trainable parameter's values live: a view of the store, or the (device) parameter itself."""
     targets = {n: p.data for n, p in engine.params.items()}
     if engine.store is not None:
@@ -82,7 +93,7 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 
 
 @torch.no_grad()
-def load_safetensors(engine: "ZOEngine", folder: str | Path) -> None:
+def load_safetensors(engine: Fillable, folder: str | Path) -> None:
     """Stream a checkpoint's tensors, one at a time, into the store or onto the device."""
     engine.invalidate_prefetch()
     load_safetensors_into(_targets(engine), folder, getattr(engine.model, "base_model_prefix", "model"))
@@ -117,7 +128,7 @@ def load_safetensors_into(targets: dict[str, torch.Tensor], folder: str | Path, 
 
 
 @torch.no_grad()
-def init_random(engine: "ZOEngine", seed: int = 0, std: float = 0.02) -> None:
+def init_random(engine: Fillable, seed: int = 0, std: float = 0.02) -> None:
     """Fill every trainable parameter with N(0, std²) (norm weights with 1, biases with 0), deterministically.
 
     Generated one parameter at a time on the compute device and copied into place, so even a store far larger

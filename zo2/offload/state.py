@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from zo2.errors import CheckpointError, ResourceError
-from zo2.offload.store import SHM_DIR, ParameterStore, Segment
+from zo2.offload.store import ALIGN, SHM_DIR, ParameterStore, Segment
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.optim.optimizers import UnitState
 from zo2.optim.update import math_dtype
 
 if TYPE_CHECKING:
-    from zo2.engine import ZOEngine, Unit
+    from zo2.models.units import Unit
 
 PREFIX = "optimizer/"
 """Saved state tensors are named ``optimizer/<buffer>/<parameter>``; the update count is ``optimizer/step``."""
@@ -186,12 +186,7 @@ class OptimizerState:
     def add_stats(self, stats: TransferStats) -> TransferStats:
         """``stats`` (the weights' transfers) plus the state's since the last call."""
         for streamer in self._all_streamers():
-            own = streamer.collect_stats()
-            stats.bytes_h2d += own.bytes_h2d
-            stats.bytes_d2h += own.bytes_d2h
-            stats.wait_ms += own.wait_ms
-            stats.uploads += own.uploads
-            stats.write_backs += own.write_backs
+            stats.add(streamer.collect_stats())
         return stats
 
     # ------------------------------------------------------------------ snapshots
@@ -296,31 +291,30 @@ def load_views(views: dict[str, torch.Tensor], tensors, names: Iterable[str]) ->
     return int(tensors[STEP_KEY])
 
 
-def build_optimizer_state(engine: "ZOEngine", area=None) -> OptimizerState:
-    """The engine's optimizer state, after ``build_offload`` placed the units. With sliced transfers a stateful
-    optimizer's streamed state lives in a state area shared by the node's processes (``area``: the scheduler's;
-    under torchrun the node's first process creates one beside the shared weights store), streamed in the
-    weights' slices; under the scheduler the state starts from the area."""
+def build_optimizer_state(optimizer: Any, units: list["Unit"], dtype_of, device: torch.device, prefetch: int, *,
+                          streamer: BlockStreamer | None, store: ParameterStore | None, comm: Any = None,
+                          area: StateArea | None = None, from_area: bool = False) -> OptimizerState:
+    """The optimizer's per-unit state, once the units are placed (``streamer``/``store``: the weights' ones).
+    With sliced transfers a stateful optimizer's streamed state lives in a state area shared by the node's
+    processes (``area``: the scheduler's; under torchrun the node's first process creates one beside the shared
+    weights store), streamed in the weights' slices; ``from_area`` (under the scheduler): the state starts from
+    the area."""
     ranges = None
-    if engine.streamer is not None and engine.streamer.ranges and engine.optimizer.state_names:
-        ranges = engine.streamer.ranges
+    if streamer is not None and streamer.ranges and optimizer.state_names:
+        ranges = streamer.ranges
         if area is None:
-            area = _shared_area(engine)
-    state = OptimizerState(engine.optimizer.state_names, engine.units, engine._unit_dtype, engine.device,
-                           engine.config.prefetch, area=area, ranges=ranges)
-    if area is not None and engine.store_spec is not None:
+            area = _shared_area(optimizer, store, comm, device)
+    state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
+    if area is not None and from_area:
         state.load_area()
     return state
 
 
-def _shared_area(engine: "ZOEngine"):
+def _shared_area(optimizer: Any, store: ParameterStore, comm: Any, device: torch.device) -> StateArea:
     """Under torchrun with sliced transfers: the node's state area, created (zero) by its first process and
     mapped by the others, named after the shared weights store and laid out like it."""
-    from zo2.offload.store import ALIGN
-
-    comm = engine.comm
-    kwargs = dict(pad_to=comm.local_size * ALIGN, pin=engine.device.type == "cuda")
-    args = (engine.store.name, engine.store.layouts, engine.optimizer.state_names, math_dtype(engine.store.dtype))
+    kwargs = dict(pad_to=comm.local_size * ALIGN, pin=device.type == "cuda")
+    args = (store.name, store.layouts, optimizer.state_names, math_dtype(store.dtype))
     if comm.local_rank == 0:
         area = StateArea(*args, create=True, **kwargs)
         comm.local_barrier()  # created: the others may map it

@@ -215,3 +215,10 @@ class ParameterStore:
             self.close()
         except Exception:
             pass
+
+
+def share_bounds(numel: int, index: int, count: int) -> tuple[int, int]:
+    """Share ``index`` of ``count`` equal shares [lo, hi) of a buffer of ``numel`` elements (padded to a multiple
+    of ``count``): what each process of a node uploads and writes back with sliced transfers."""
+    share = numel // count
+    return index * share, (index + 1) * share

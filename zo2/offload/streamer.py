@@ -35,6 +35,15 @@ class TransferStats:
     write_backs: int = 0
     _pending_waits: list = field(default_factory=list)
 
+    def add(self, other: "TransferStats") -> "TransferStats":
+        """Add ``other``'s (resolved) counts to these; returns self."""
+        self.bytes_h2d += other.bytes_h2d
+        self.bytes_d2h += other.bytes_d2h
+        self.wait_ms += other.wait_ms
+        self.uploads += other.uploads
+        self.write_backs += other.write_backs
+        return self
+
 
 class BlockStreamer:
     """Streams the blocks of ``store`` through ``prefetch + 2`` device buffers on ``device``."""

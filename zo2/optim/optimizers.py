@@ -39,6 +39,8 @@ from typing import Mapping
 import torch
 
 from zo2.optim.estimators import Update
+from zo2.optim.rng import direction
+from zo2.optim.rounding import stochastic_round
 from zo2.optim.update import combined_direction, math_dtype, updated
 
 OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-conservative", "zo-adam")
@@ -79,13 +81,9 @@ class ZOOptimizer:
         """θ ← θ − lr (D + λθ) in place on the flat buffer ``theta`` described by ``table`` (a SegmentTable).
 
         bf16/fp16 weights are rounded stochastically with ``stochastic_rounding_seed`` (as the update kernels do).
-        ``kernels`` (a zo2_kernels backend, default the torch reference) generates z, so the update uses the very
-        directions the perturbations of the same backend used.
+        ``kernels`` (a zo2_kernels backend; default: the definition in zo2.optim.rng, which the torch reference
+        runs) generates z, so the update uses the very directions the perturbations of the same backend used.
         """
-        from zo2_kernels import reference
-        from zo2_kernels.reference import stochastic_round
-
-        kernels = kernels or reference
         buffers = state.buffers if state is not None else {}
         t = (state.count if state is not None else 0) + 1
         flat = theta.view(-1)
@@ -107,6 +105,9 @@ class ZOOptimizer:
 
 def _segment_direction(kernels, seg, distribution: str, device: torch.device):
     """seed -> the float32 direction over segment ``seg`` (elements start..start+numel of parameter seg.key)."""
+    if kernels is None:
+        return lambda seed: direction(int(seed), seg.key, seg.start + seg.numel, start=seg.start, count=seg.numel,
+                                      distribution=distribution, device=device)
     return lambda seed: kernels.direction(int(seed), seg.key, seg.start, seg.numel, distribution, device=device)
 
 

@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from zo2.config.parallel import ParallelConfig
 from zo2.errors import ConfigError, ZO2Error
+from zo2.offload.store import share_bounds
 
 
 class Axis(str, Enum):
@@ -173,13 +174,6 @@ class ZOComm:
                 f"The replicas' weights diverged by step {step} (checksums {lo.item()!r} .. {hi.item()!r}): every "
                 "rank must run the same code, config and seed. Resume from the last snapshot; if it happens again, "
                 "check that all ranks use the same zo2, torch and kernel versions.")
-
-
-def share_bounds(numel: int, index: int, count: int) -> tuple[int, int]:
-    """Share ``index`` of ``count`` equal shares [lo, hi) of a buffer of ``numel`` elements (padded to a multiple
-    of ``count``): what each process of a node uploads and writes back with sliced transfers."""
-    share = numel // count
-    return index * share, (index + 1) * share
 
 
 def node_group(world: int, local_size: int):

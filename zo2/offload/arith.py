@@ -1,0 +1,60 @@
+"""The arithmetic on a unit's flat buffer, shared by the engine's visits and the scheduler's store repair: the
+kernels' segment table of a layout, the update θ ← θ − lr (D + λθ), its stochastic-rounding seed, and the choice
+of kernels backend."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+import zo2_kernels
+from zo2.errors import ConfigError
+from zo2.optim.decay import skips_decay
+from zo2.optim.estimators import Update
+from zo2.optim.rng import direction_seed, param_key
+
+ROUNDING_STREAM = 0x5352_0000_0000
+"""Separates the rounding seeds from the direction seeds."""
+
+
+def select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
+    """The perturbation/update backend: zo2_kernels' Triton kernels or the torch reference."""
+    if torch.float64 in dtypes and name != "triton":
+        return zo2_kernels.reference  # the Triton kernels take 16- and 32-bit floats only
+    try:
+        return zo2_kernels.get_backend(name, device)
+    except RuntimeError as err:
+        raise ConfigError(f"optim.kernels = 'triton' cannot be used: {err}. Use 'auto' or 'torch'.") from None
+
+
+def segment_table(layout: Sequence[Any], params: Any, no_decay: str) -> Any:
+    """The kernels' segment table of a flat buffer laid out as ``layout``: each parameter's perturbation key
+    and whether weight decay applies to it (the ``no_decay`` rule, zo2.optim.decay)."""
+    return zo2_kernels.SegmentTable([(seg.offset, seg.numel, param_key(seg.name),
+                                      not skips_decay(seg.name, params[seg.name], no_decay)) for seg in layout])
+
+
+def rounding_seed(config: Any, update: Update, dtype: torch.dtype) -> int | None:
+    """Seed of the stochastic rounding of ``update`` (a pure function of base seed and step, so replays and
+    offloaded runs round alike); None when the weights are not low precision or rounding is off."""
+    if dtype not in (torch.bfloat16, torch.float16) or not config.stochastic_rounding:
+        return None
+    return direction_seed(config.seed ^ ROUNDING_STREAM, update.step)
+
+
+def update_flat(kernels: Any, config: Any, target: torch.Tensor, table: Any, update: Update,
+                optimizer: Any = None, state: Any = None) -> None:
+    """θ ← θ − lr (D + λθ) in place on a flat buffer (or a slice of one) described by ``table``: the
+    arithmetic of every update the engine applies, also used to repair a store from the trajectory log.
+
+    D = Σ c z (MeZO-SGD, the fused kernels) unless ``optimizer`` (a :class:`~zo2.optim.optimizers.ZOOptimizer`)
+    is not plain SGD: then its rule, with ``state`` (a UnitState: its buffers laid out like ``target``) updated
+    in place."""
+    if optimizer is None or optimizer.fused:
+        kernels.update(target, table, update.seeds, update.coeffs, update.lr, config.weight_decay,
+                       config.distribution, stochastic_rounding_seed=rounding_seed(config, update, target.dtype),
+                       out=target)
+        return
+    optimizer.apply(target, table, state, update, config.weight_decay, config.distribution,
+                    rounding_seed(config, update, target.dtype), kernels=kernels)

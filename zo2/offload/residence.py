@@ -1,0 +1,177 @@
+"""Residences: where a unit's trainable weights live between visits, and how a visit gets them.
+
+A visit (zo2.visit) asks the unit's residence for the unit's flat buffer on the compute device, applies the
+deferred update to the part of it this process owns (:meth:`Residence.part`), writes that part back home,
+lets the residence assemble the whole buffer (sliced transfers), runs the forwards and releases it::
+
+    flat = r.acquire(unit)          # device copy holding the weights of step r.held(unit) or later
+    ... update flat[r.part(unit)] with r.table(unit) ...
+    r.write_back(unit, step)        # home now holds ``step`` (once the copy lands)
+    r.assemble(unit, flat)          # every process has the whole updated buffer
+    ... forwards on flat ...
+    r.release(unit)
+
+Implementations, chosen per unit in one place (:func:`zo2.offload.build.build_offload`, from the plan):
+
+* :class:`DeviceResidence` — resident: the home *is* the device buffer; acquire and write-back move nothing.
+  With the scheduler's node store, :meth:`~DeviceResidence.sync_home` copies this process's slice of the
+  buffer to the node store at sync points (the scheduler snapshots from there).
+* :class:`StreamedResidence` — streamed from a host store (private pinned memory, a shared ``/dev/shm`` store,
+  or the scheduler's node store) by a :class:`~zo2.offload.streamer.BlockStreamer`: uploads run ahead
+  (prefetch), write-backs overlap the forwards. With sliced transfers each process of a node uploads, updates
+  and writes back its slice and an all-gather assembles the block.
+
+A new home for weights (a lagging write-back, an NVMe tier) is a new residence: the visit does not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+
+from zo2.offload.store import share_bounds
+from zo2.offload.streamer import BlockStreamer, TransferStats
+
+
+class Residence:
+    """The interface every residence implements; the defaults are those of a unit that never leaves the device."""
+
+    def begin_pass(self, units: Sequence[Any]) -> None:
+        """A pass over ``units`` (visit order) starts: schedule what must move first."""
+
+    def acquire(self, unit: Any) -> torch.Tensor:
+        """``unit``'s flat buffer on the compute device, holding the weights of step :meth:`held` or later."""
+        raise NotImplementedError
+
+    def part(self, unit: Any) -> slice | None:
+        """The part of the buffer this process updates and writes back (None: all of it)."""
+        return None
+
+    def table(self, unit: Any) -> Any:
+        """The kernels' segment table of :meth:`part`."""
+        return unit.table
+
+    def write_back(self, unit: Any, step: int) -> None:
+        """Send the updated part home; afterwards home holds the weights after ``step``'s update."""
+
+    def assemble(self, unit: Any, flat: torch.Tensor) -> None:
+        """Make ``flat`` whole on every process after each updated its part (sliced transfers)."""
+
+    def release(self, unit: Any) -> None:
+        """The visit is done with the buffer (its forwards are queued)."""
+
+    def after_visit(self, unit: Any) -> None:
+        """Called after the visit's forwards: a chance to start moving the next pass's units."""
+
+    def frozen_weights(self, unit: Any) -> contextlib.AbstractContextManager:
+        """While active, the unit's frozen (read-only) parameters are readable on the compute device."""
+        return contextlib.nullcontext()
+
+    def held(self, unit: Any) -> int:
+        """The step whose update the home copy holds last (-1: the initial weights). Every residence so far
+        writes back on the visit that applies an update, so home holds what the device copy holds."""
+        return unit.applied
+
+    def synchronize(self) -> None:
+        """Wait until every write-back landed: afterwards home holds what the device copies hold."""
+
+    def take_issued(self) -> bool:
+        """Whether write-backs to a store shared by the node's processes were issued since the last call (the
+        caller then enters the node barrier: every process of the node answers alike)."""
+        return False
+
+    def invalidate(self) -> None:
+        """Forget device copies moved ahead: home was (or is about to be) written from the host."""
+
+    def collect_stats(self) -> TransferStats:
+        """Bytes moved since the last call."""
+        return TransferStats()
+
+    def sync_home(self, unit: Any) -> None:
+        """Make a node store (zo2.control) hold the unit's current weights (nothing to do when it always does)."""
+
+
+class DeviceResidence(Residence):
+    """Units resident on the compute device; with a node store, mirrored to it at sync points."""
+
+    def __init__(self, device: torch.device, node_store: Any = None, markers: Any = None, writer: int = 0,
+                 writers: int = 1):
+        self.device = torch.device(device)
+        self.node_store = node_store
+        self.markers = markers
+        """The node store's markers (zo2.offload.markers.StoreMarkers), written around every sync."""
+        self.writer, self.writers = writer, writers
+        """This process's index among the node's writers, and their count: it syncs its share of each unit."""
+
+    def acquire(self, unit: Any) -> torch.Tensor:
+        return unit.flat
+
+    def sync_home(self, unit: Any) -> None:
+        if self.node_store is None or unit.flat is None:
+            return
+        dst = self.node_store.flat(unit.home)
+        lo, hi = share_bounds(dst.numel(), self.writer, self.writers)
+        hi = min(hi, unit.flat.numel())  # the resident copy is not padded
+        self.markers.begin(unit.home, self.writer, unit.applied)
+        if hi > lo:
+            dst[lo:hi].copy_(unit.flat[lo:hi])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the bytes are in the store before the marker says so
+        self.markers.done(unit.home, self.writer, unit.applied)
+
+
+class StreamedResidence(Residence):
+    """Units streamed from a host store through a :class:`BlockStreamer` (``unit.store_index`` names the block);
+    ``gather(flat)`` assembles a sliced block (the node's all-gather), None without sliced transfers."""
+
+    def __init__(self, streamer: BlockStreamer, gather: Callable[[torch.Tensor], None] | None = None):
+        self.streamer = streamer
+        self.gather = gather
+        self.last: Any = None
+        """The last streamed unit of a pass: after its visit the next pass's first uploads start."""
+
+    def begin_pass(self, units: Sequence[Any]) -> None:
+        mine = [u for u in units if u.residence is self]
+        self.last = mine[-1] if mine else None
+        self.streamer.begin([u.store_index for u in mine])
+
+    def acquire(self, unit: Any) -> torch.Tensor:
+        return self.streamer.acquire(unit.store_index)
+
+    def part(self, unit: Any) -> slice | None:
+        bounds = self.streamer.ranges.get(unit.store_index)
+        return None if bounds is None else slice(*bounds)
+
+    def table(self, unit: Any) -> Any:
+        return unit.table if unit.slice_table is None else unit.slice_table
+
+    def write_back(self, unit: Any, step: int) -> None:
+        self.streamer.write_back(unit.store_index, step)
+
+    def assemble(self, unit: Any, flat: torch.Tensor) -> None:
+        if self.gather is not None:
+            self.gather(flat)
+
+    def release(self, unit: Any) -> None:
+        self.streamer.release(unit.store_index)
+
+    def after_visit(self, unit: Any) -> None:
+        if unit is self.last:
+            self.streamer.prefetch_next_pass()  # overlaps the remaining units and the head
+
+    def frozen_weights(self, unit: Any) -> contextlib.AbstractContextManager:
+        return self.streamer.frozen_weights(unit.store_index)
+
+    def synchronize(self) -> None:
+        self.streamer.synchronize()
+
+    def take_issued(self) -> bool:
+        return self.streamer.take_issued() and bool(self.streamer.ranges)
+
+    def invalidate(self) -> None:
+        self.streamer.invalidate()
+
+    def collect_stats(self) -> TransferStats:
+        return self.streamer.collect_stats()

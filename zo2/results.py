@@ -1,0 +1,42 @@
+"""What the engine reports: one step (:class:`StepResult`) and one evaluation (:class:`EvalResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zo2.optim.estimators import Update
+
+
+@dataclass
+class StepResult:
+    """What one ``ZOEngine.step`` reports."""
+
+    step: int
+    loss: float
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    lr: float
+    skipped: bool
+    update: Update | None
+    tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    """The loss of every evaluated point, in the estimator's order; zo-sgd-conservative appends L(θ) (unless the
+    estimator has it) and its two candidates' losses, L(θ − lr(ĝ + λθ)) and L(θ + lr(ĝ + λθ))."""
+    bytes_h2d: int = 0
+    """Bytes uploaded from the parameter store this step (0 when nothing streams)."""
+    bytes_d2h: int = 0
+    """Bytes written back to the parameter store this step."""
+    transfer_wait_ms: float = 0.0
+    """Time the compute stream waited for uploads (CUDA only)."""
+    peak_device_bytes: int = 0
+    """Peak memory allocated on the compute device during the step (CUDA only)."""
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    logits: torch.Tensor
