@@ -18,7 +18,7 @@ direction even when ``sr_seed`` equals a direction seed.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -27,6 +27,8 @@ from .segments import Segment, SegmentTable, SegmentLike
 BACKEND = "torch"
 
 SR_COUNTER_TAG = 1 << 62
+CPU_PIECE = 1 << 17
+"""Parameter elements per piece of a segment on the CPU (a multiple of every distribution's counter span)."""
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 Seeds = Union[Sequence[int], torch.Tensor]
@@ -94,6 +96,23 @@ def _z_of(seg: Segment, distribution: str, device: torch.device):
         int(seed), seg.key, seg.start + seg.numel, start=seg.start, count=seg.numel,
         distribution=distribution, device=device,
     )
+
+
+def _pieces(table: SegmentTable, device: torch.device) -> Iterator[Segment]:
+    """The segments of ``table``, on the CPU cut into pieces of at most :data:`CPU_PIECE` parameter elements.
+
+    Every function here is elementwise in (parameter, element), so a piece gives the same bits as its share of
+    the whole segment; the CPU's temporaries (z, the products) then stay in cache instead of costing one pass
+    over memory each. Cuts fall on parameter indices that are multiples of ``CPU_PIECE`` (whole counters)."""
+    for seg in table:
+        if device.type != "cpu" or seg.numel <= CPU_PIECE:
+            yield seg
+            continue
+        lo = seg.start
+        while lo < seg.start + seg.numel:
+            hi = min(seg.start + seg.numel, (lo // CPU_PIECE + 1) * CPU_PIECE)
+            yield Segment(seg.offset + lo - seg.start, hi - lo, seg.key, seg.decay, lo)
+            lo = hi
 
 
 def _int64_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
@@ -200,7 +219,7 @@ def perturb_pair(
 
 def _perturb_into(flat, table, seed, eps, distribution, plus, minus) -> None:
     upd = _upd()
-    for seg in table:
+    for seg in _pieces(table, flat.device):
         # Math in update.math_dtype(θ) (float32 but for float64 θ), cast once, straight to each output's dtype.
         t = flat[seg.offset : seg.end]
         z = _z_of(seg, distribution, flat.device)(seed)  # generated once, used for both signs
@@ -245,7 +264,7 @@ def update(
 def _update_into(flat, table, seeds, coeffs, lr, wd, distribution, sr_seed, new) -> None:
     upd = _upd()
     math = upd.math_dtype(flat.dtype)  # float32 (float64 for float64 θ, as the engine does)
-    for seg in table:
+    for seg in _pieces(table, flat.device):
         t = flat[seg.offset : seg.end]
         if seeds:
             d = upd.combined_direction(seeds, coeffs, _z_of(seg, distribution, flat.device), math)
@@ -276,9 +295,38 @@ def update_and_perturb(
     θ_new is :func:`update` stored in ``out``'s dtype (stochastically rounded if asked); θ± are computed from
     the *stored* θ_new, so they are exactly what perturbing the store afterwards would give.
     """
+    outs = (_out_like(theta, out, "out"), _out_like(theta, out_plus, "out_plus"),
+            _out_like(theta, out_minus, "out_minus"))
+    if _fused_cpu(theta, segments, prev_seeds, prev_coeffs, lr, weight_decay, seed, eps, distribution, outs):
+        return outs
     new = update(theta, segments, prev_seeds, prev_coeffs, lr, weight_decay, distribution,
-                 stochastic_rounding_seed=stochastic_rounding_seed, out=out)
+                 stochastic_rounding_seed=stochastic_rounding_seed, out=outs[0])
     plus, minus = perturb_pair(new, segments, seed, eps, distribution,
-                               out_plus=_out_like(theta, out_plus, "out_plus"),
-                               out_minus=_out_like(theta, out_minus, "out_minus"))
+                               out_plus=outs[1], out_minus=outs[2])
     return new, plus, minus
+
+
+def _fused_cpu(theta, segments, prev_seeds, prev_coeffs, lr, wd, seed, eps, distribution, outs) -> bool:
+    """:func:`update_and_perturb` in one pass per piece for float32 CPU buffers, with the compiled
+    ``zo2_update_perturb`` (:func:`zo2.optim.native.update_perturb`): the same float operations in the same order
+    as :func:`update` then :func:`perturb_pair` (float32 stores, so no stochastic rounding), the same bits.
+    False, having done nothing, where it does not apply (another device or dtype, no seeds, no library)."""
+    from zo2.optim import native
+
+    seeds, coeffs = _as_list(prev_seeds, int), _as_list(prev_coeffs, float)
+    if (theta.device.type != "cpu" or any(t.dtype != torch.float32 or t.device != theta.device for t in (theta, *outs))
+            or not seeds or len(seeds) != len(coeffs) or native.library() is None):
+        return False
+    _check_distribution(distribution)
+    table = SegmentTable.coerce(segments)
+    flat = _flat(theta, table)
+    new, plus, minus = (o.view(-1) for o in outs)
+    upd = _upd()
+    for seg in _pieces(table, flat.device):
+        z_of = _z_of(seg, distribution, flat.device)
+        d = upd.combined_direction(seeds, coeffs, z_of, torch.float32)
+        z = z_of(int(seed))
+        sl = slice(seg.offset, seg.end)
+        native.update_perturb(flat[sl], d, z, float(wd) if seg.decay else 0.0, float(lr), float(eps),
+                              new[sl], plus[sl], minus[sl])
+    return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import subprocess
 import tempfile
@@ -25,7 +26,19 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("philox.c")
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
+# -ffp-contract=off: no fused multiply-adds, so every float product and sum rounds as torch's do.
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-math-errno", "-pthread")
+_LIBS: tuple[str, ...] = ()
+_I64, _U32, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "zo2_philox4x32_range": (_I64, _I64, _U32, _U32, _PTR, _INT),
+    "zo2_gauss_prep": (_I64, _I64, _U32, _U32, _F32, _PTR, _PTR, _INT),
+    "zo2_gauss_finish": (_PTR, _PTR, _PTR, _I64, _PTR, _INT),
+    "zo2_rademacher": (_I64, _I64, _U32, _U32, _PTR, _INT),
+    "zo2_update_perturb": (_PTR, _PTR, _PTR, _I64, _INT, _F32, _F32, _F32, _F32, _PTR, _PTR, _PTR, _INT),
+}
+TWO_PI = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
+"""float32(2 pi), the constant of the reference's Box-Muller angle."""
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -39,7 +52,7 @@ def _build() -> Path:
     """The compiled library's path, compiling it first if the cache lacks it."""
     compiler = os.environ.get("CC", "cc")
     source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join((compiler, *_FLAGS, *_LIBS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"philox-{tag}.so"
     if target.is_file():
         return target
@@ -47,8 +60,8 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".philox-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-300:]}")
         os.replace(tmp, target)
@@ -68,16 +81,22 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
-        fn = lib.zo2_philox4x32_range
-        fn.argtypes = (ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
-        fn.restype = None
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = None
         _lib = lib
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"zo2: could not build the compiled CPU Philox generator ({exc}); the pure-torch reference "
                       "generates the directions instead (same values, several times slower). Install a C compiler "
                       "(cc), or set ZO2_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
         _lib = None
     return _lib
+
+
+def threads() -> int:
+    """Threads a compiled loop splits into: torch's intra-op thread count."""
+    return max(1, torch.get_num_threads())
 
 
 def philox_range(m0: int, m1: int, k0: int, k1: int) -> tuple[torch.Tensor, ...] | None:
@@ -88,5 +107,47 @@ def philox_range(m0: int, m1: int, k0: int, k1: int) -> tuple[torch.Tensor, ...]
         return None
     count = m1 - m0
     out = torch.empty(4 * count, dtype=torch.int64)
-    lib.zo2_philox4x32_range(m0, count, k0 & 0xFFFFFFFF, k1 & 0xFFFFFFFF, out.data_ptr())
+    lib.zo2_philox4x32_range(m0, count, k0 & 0xFFFFFFFF, k1 & 0xFFFFFFFF, out.data_ptr(), threads())
     return tuple(out.view(4, count))
+
+
+def gaussian(m0: int, m1: int, k0: int, k1: int) -> torch.Tensor | None:
+    """The 4 (m1 - m0) Gaussian elements of counters ``m0 .. m1`` (float32, element 4m + j at 4(m - m0) + j), the
+    reference's bits: C for the integers, the uniforms and the products; torch for log, sqrt, cos and sin.
+    None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    count, n = m1 - m0, threads()
+    u1 = torch.empty(2 * count, dtype=torch.float32)
+    theta = torch.empty(2 * count, dtype=torch.float32)
+    lib.zo2_gauss_prep(m0, count, k0 & 0xFFFFFFFF, k1 & 0xFFFFFFFF, TWO_PI, u1.data_ptr(), theta.data_ptr(), n)
+    cos = torch.cos(theta)
+    torch.sin(theta, out=theta)
+    torch.sqrt(torch.log(u1, out=u1).mul_(-2.0), out=u1)  # r, in place: torch's log and sqrt, not libm's
+    out = torch.empty(4 * count, dtype=torch.float32)
+    lib.zo2_gauss_finish(u1.data_ptr(), cos.data_ptr(), theta.data_ptr(), 2 * count, out.data_ptr(), n)
+    return out
+
+
+def rademacher(m0: int, m1: int, k0: int, k1: int) -> torch.Tensor | None:
+    """The 128 (m1 - m0) Rademacher signs (float32 ±1) of counters ``m0 .. m1``; None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(128 * (m1 - m0), dtype=torch.float32)
+    lib.zo2_rademacher(m0, m1 - m0, k0 & 0xFFFFFFFF, k1 & 0xFFFFFFFF, out.data_ptr(), threads())
+    return out
+
+
+def update_perturb(t: torch.Tensor, d: torch.Tensor, z: torch.Tensor, weight_decay: float, lr: float, eps: float,
+                   out: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor) -> bool:
+    """One pass over contiguous float32 CPU tensors of one length: ``out = t − lr (d + λ t)`` (λ = ``weight_decay``,
+    skipped when 0) then ``plus/minus = out ± ε z``, rounded as :func:`zo2.optim.update.updated` and
+    :func:`~zo2.optim.update.perturbed` round. ``out`` may be ``t``. False (nothing done) without the library."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.zo2_update_perturb(t.data_ptr(), d.data_ptr(), z.data_ptr(), t.numel(), int(bool(weight_decay)),
+                           weight_decay, lr, eps, -eps, out.data_ptr(), plus.data_ptr(), minus.data_ptr(), threads())
+    return True
