@@ -27,7 +27,7 @@ from .segments import Segment, SegmentTable, SegmentLike
 BACKEND = "torch"
 
 SR_COUNTER_TAG = 1 << 62
-CPU_PIECE = 1 << 17
+CPU_PIECE = 1 << 15
 """Parameter elements per piece of a segment on the CPU (a multiple of every distribution's counter span)."""
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -217,14 +217,29 @@ def perturb_pair(
     return plus, minus
 
 
+def _for_pieces(fn, table: SegmentTable, device: torch.device) -> None:
+    """``fn(seg)`` for every piece of ``table`` (:func:`_pieces`); on the CPU on torch's thread count of threads,
+    each piece on one (:func:`zo2.optim.native.map_pieces`). Pieces write disjoint slices."""
+    if device.type != "cpu":
+        for seg in table:
+            fn(seg)
+        return
+    from zo2.optim import native
+
+    native.map_pieces(fn, _pieces(table, device))
+
+
 def _perturb_into(flat, table, seed, eps, distribution, plus, minus) -> None:
     upd = _upd()
-    for seg in _pieces(table, flat.device):
+
+    def piece(seg: Segment) -> None:
         # Math in update.math_dtype(θ) (float32 but for float64 θ), cast once, straight to each output's dtype.
         t = flat[seg.offset : seg.end]
         z = _z_of(seg, distribution, flat.device)(seed)  # generated once, used for both signs
         plus[seg.offset : seg.end] = upd.perturbed(t, [(seed, 1.0)], eps, lambda _: z, out_dtype=plus.dtype)
         minus[seg.offset : seg.end] = upd.perturbed(t, [(seed, -1.0)], eps, lambda _: z, out_dtype=minus.dtype)
+
+    _for_pieces(piece, table, flat.device)
 
 
 def update(
@@ -264,7 +279,8 @@ def update(
 def _update_into(flat, table, seeds, coeffs, lr, wd, distribution, sr_seed, new) -> None:
     upd = _upd()
     math = upd.math_dtype(flat.dtype)  # float32 (float64 for float64 θ, as the engine does)
-    for seg in _pieces(table, flat.device):
+
+    def piece(seg: Segment) -> None:
         t = flat[seg.offset : seg.end]
         if seeds:
             d = upd.combined_direction(seeds, coeffs, _z_of(seg, distribution, flat.device), math)
@@ -272,6 +288,8 @@ def _update_into(flat, table, seeds, coeffs, lr, wd, distribution, sr_seed, new)
         else:
             value = t.to(math)
         new[seg.offset : seg.end] = _store_value(value, new.dtype, sr_seed, seg.key, seg.start)
+
+    _for_pieces(piece, table, flat.device)
 
 
 def update_and_perturb(
@@ -322,11 +340,14 @@ def _fused_cpu(theta, segments, prev_seeds, prev_coeffs, lr, wd, seed, eps, dist
     flat = _flat(theta, table)
     new, plus, minus = (o.view(-1) for o in outs)
     upd = _upd()
-    for seg in _pieces(table, flat.device):
+
+    def piece(seg: Segment) -> None:
         z_of = _z_of(seg, distribution, flat.device)
         d = upd.combined_direction(seeds, coeffs, z_of, torch.float32)
         z = z_of(int(seed))
         sl = slice(seg.offset, seg.end)
         native.update_perturb(flat[sl], d, z, float(wd) if seg.decay else 0.0, float(lr), float(eps),
                               new[sl], plus[sl], minus[sl])
+
+    _for_pieces(piece, table, flat.device)
     return True

@@ -20,8 +20,11 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
@@ -37,6 +40,7 @@ _SIGNATURES = {
     "zo2_rademacher": (_I64, _I64, _U32, _U32, _PTR, _INT),
     "zo2_update_perturb": (_PTR, _PTR, _PTR, _I64, _INT, _F32, _F32, _F32, _F32, _PTR, _PTR, _PTR, _INT),
 }
+T = TypeVar("T")
 TWO_PI = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
 """float32(2 pi), the constant of the reference's Box-Muller angle."""
 _lib: ctypes.CDLL | None = None
@@ -94,9 +98,43 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
 def threads() -> int:
-    """Threads a compiled loop splits into: torch's intra-op thread count."""
-    return max(1, torch.get_num_threads())
+    """Threads a compiled loop splits into: torch's intra-op thread count (1 inside :func:`map_pieces`)."""
+    return 1 if getattr(_local, "in_piece", False) else max(1, torch.get_num_threads())
+
+
+def _run_piece(fn: Callable[[T], None], item: T) -> None:
+    _local.in_piece = True
+    try:
+        fn(item)
+    finally:
+        _local.in_piece = False
+
+
+def map_pieces(fn: Callable[[T], None], items: Iterable[T]) -> None:
+    """``fn(item)`` for every item, on up to :func:`threads` threads, each taking the next item when it is free.
+
+    For independent pieces of at most 32768 elements: torch runs an op that small inline on the calling thread,
+    so no OpenMP team is started per op (a team waits for its slowest thread, ruinous on a machine whose other
+    cores are busy), and ``fn``'s compiled calls run on one thread each. The GIL is released inside torch ops and
+    ctypes calls, so the pieces overlap."""
+    global _pool, _pool_size
+    n = threads()
+    if n == 1:
+        for item in items:
+            _run_piece(fn, item)
+        return
+    if _pool is None or _pool_size != n:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="zo2-cpu"), n
+    for future in [_pool.submit(_run_piece, fn, item) for item in items]:
+        future.result()
 
 
 def philox_range(m0: int, m1: int, k0: int, k1: int) -> tuple[torch.Tensor, ...] | None:
