@@ -7,7 +7,9 @@ stochastic rounding of equal inputs; to float rounding for Gaussian directions, 
 their last bits between libraries).
 
 They run on any device (CPU or CUDA) and are the ``"torch"`` backend of :func:`zo2_kernels.get_backend`.
-They favour clarity over speed: each perturbation regenerates ``z`` in chunks with int64 tensor Philox.
+They favour clarity over speed, but on the CPU they are the engine's path: flat buffers are cut into pieces of
+:data:`CPU_PIECE` elements run on torch's thread count of threads, ``z`` comes from the compiled generator
+(:mod:`zo2.optim.native`, the same bits) and float32 ``update_and_perturb`` is one compiled pass per piece.
 
 Stochastic rounding is defined here (:func:`stochastic_round`, :func:`sr_words`): the random word of element
 ``k`` of parameter ``key`` under rounding seed ``sr_seed`` is word ``k % 4`` of Philox4x32-10 with key

@@ -1,15 +1,24 @@
-"""The compiled CPU Philox generator (``philox.c``), built on first use and loaded with ctypes.
+"""The compiled CPU direction generator (``philox.c``), built on first use and loaded with ctypes.
 
-The pure-torch reference spends ~90% of a direction's time in Philox's integer rounds (about 30 ms per million
-normals on one core, against 4 ms for the Box-Muller floats). This module compiles ``philox.c`` — plain C, no
-torch headers, under a second — with the system C compiler (``$CC``, else ``cc``) into a per-user cache
-(``$XDG_CACHE_HOME/zo2``, else ``~/.cache/zo2``), named by a hash of the source and the flags, written under a
-temporary name and renamed into place (processes starting together never load a half-written library). Integer
-arithmetic only: the words are bit-identical to the reference's, and the floats stay in torch, so every direction
-is the same bits either way (tests/unit/test_rng.py compares them).
+What it computes, bit for bit what the pure-torch reference (:mod:`zo2.optim.rng`, :mod:`zo2.optim.update`)
+computes: the Philox4x32-10 words; Gaussian directions (:func:`gaussian`) — in C the integer rounds, the uniforms
+and the Box–Muller products, in torch ``log``, ``sqrt``, ``cos`` and ``sin`` (torch's CPU kernels round those
+differently from the C library, in a few percent of values, so they cannot move to C without changing the bits);
+Rademacher signs (:func:`rademacher`); and the update and dual perturbation of float32 buffers in one pass
+(:func:`update_perturb`, the operations of ``update.updated`` then ``update.perturbed``, built with
+``-ffp-contract=off`` so no multiply-add is fused). tests/unit/test_native.py compares all of it with the
+reference.
 
-Where no compiler works, a one-line warning says so and the reference runs. ``ZO2_NATIVE=0`` turns the compiled
-path off.
+Threads: a C loop shares its blocks among :func:`threads` POSIX threads (torch's thread count); the kernels'
+torch reference cuts flat buffers into pieces of at most 32768 elements and runs them through :func:`map_pieces`
+on as many Python threads, torch running each piece's ops inline. The words depend only on the counters, so the
+bits do not depend on the thread count.
+
+The build: ``philox.c`` — plain C, no torch headers, about a second — compiled with the system C compiler (``$CC``,
+else ``cc``) into a per-user cache (``$XDG_CACHE_HOME/zo2``, else ``~/.cache/zo2``), named by a hash of the source
+and the flags, written under a temporary name and renamed into place (processes starting together never load a
+half-written library). Where no compiler works, a one-line warning says so and the reference runs.
+``ZO2_NATIVE=0`` turns the compiled path off.
 """
 
 from __future__ import annotations
