@@ -7,7 +7,9 @@ stochastic rounding of equal inputs; to float rounding for Gaussian directions, 
 their last bits between libraries).
 
 They run on any device (CPU or CUDA) and are the ``"torch"`` backend of :func:`zo2_kernels.get_backend`.
-They favour clarity over speed: each perturbation regenerates ``z`` in chunks with int64 tensor Philox.
+They favour clarity over speed, but on the CPU they are the engine's path: flat buffers are cut into pieces of
+:data:`CPU_PIECE` elements run on torch's thread count of threads, ``z`` comes from the compiled generator
+(:mod:`zo2.optim.native`, the same bits) and float32 ``update_and_perturb`` is one compiled pass per piece.
 
 Stochastic rounding is defined in :mod:`zo2.optim.rounding` (:func:`stochastic_round`, :func:`sr_words`, exposed
 here as this backend's functions): the random word of element
@@ -19,7 +21,7 @@ direction even when ``sr_seed`` equals a direction seed.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -28,13 +30,13 @@ from .segments import Segment, SegmentTable, SegmentLike
 BACKEND = "torch"
 
 SR_COUNTER_TAG = 1 << 62  # zo2.optim.rounding's (tests/unit/test_layering.py checks they agree)
+CPU_PIECE = 1 << 15
+"""Parameter elements per piece of a segment on the CPU (a multiple of every distribution's counter span)."""
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 Seeds = Union[Sequence[int], torch.Tensor]
 Coeffs = Union[Sequence[float], torch.Tensor]
 Segments = Union[SegmentTable, Sequence[SegmentLike]]
-
-_MASK32 = 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -104,6 +106,23 @@ def _z_of(seg: Segment, distribution: str, device: torch.device):
     )
 
 
+def _pieces(table: SegmentTable, device: torch.device) -> Iterator[Segment]:
+    """The segments of ``table``, on the CPU cut into pieces of at most :data:`CPU_PIECE` parameter elements.
+
+    Every function here is elementwise in (parameter, element), so a piece gives the same bits as its share of
+    the whole segment; the CPU's temporaries (z, the products) then stay in cache instead of costing one pass
+    over memory each. Cuts fall on parameter indices that are multiples of ``CPU_PIECE`` (whole counters)."""
+    for seg in table:
+        if device.type != "cpu" or seg.numel <= CPU_PIECE:
+            yield seg
+            continue
+        lo = seg.start
+        while lo < seg.start + seg.numel:
+            hi = min(seg.start + seg.numel, (lo // CPU_PIECE + 1) * CPU_PIECE)
+            yield Segment(seg.offset + lo - seg.start, hi - lo, seg.key, seg.decay, lo)
+            lo = hi
+
+
 # ------------------------------------------------------------------------------------------ stochastic rounding
 def sr_words(seed: int, key: int, offset: int, count: int, device=None) -> torch.Tensor:
     """The 32-bit random words (int64 tensor) that round elements ``offset .. offset+count`` of ``key``
@@ -161,14 +180,29 @@ def perturb_pair(
     return plus, minus
 
 
+def _for_pieces(fn, table: SegmentTable, device: torch.device) -> None:
+    """``fn(seg)`` for every piece of ``table`` (:func:`_pieces`); on the CPU on torch's thread count of threads,
+    each piece on one (:func:`zo2.optim.native.map_pieces`). Pieces write disjoint slices."""
+    if device.type != "cpu":
+        for seg in table:
+            fn(seg)
+        return
+    from zo2.optim import native
+
+    native.map_pieces(fn, _pieces(table, device))
+
+
 def _perturb_into(flat, table, seed, eps, distribution, plus, minus) -> None:
     upd = _upd()
-    for seg in table:
+
+    def piece(seg: Segment) -> None:
         # Math in update.math_dtype(θ) (float32 but for float64 θ), cast once, straight to each output's dtype.
         t = flat[seg.offset : seg.end]
         z = _z_of(seg, distribution, flat.device)(seed)  # generated once, used for both signs
         plus[seg.offset : seg.end] = upd.perturbed(t, [(seed, 1.0)], eps, lambda _: z, out_dtype=plus.dtype)
         minus[seg.offset : seg.end] = upd.perturbed(t, [(seed, -1.0)], eps, lambda _: z, out_dtype=minus.dtype)
+
+    _for_pieces(piece, table, flat.device)
 
 
 def update(
@@ -208,7 +242,8 @@ def update(
 def _update_into(flat, table, seeds, coeffs, lr, wd, distribution, sr_seed, new) -> None:
     upd = _upd()
     math = upd.math_dtype(flat.dtype)  # float32 (float64 for float64 θ, as the engine does)
-    for seg in table:
+
+    def piece(seg: Segment) -> None:
         t = flat[seg.offset : seg.end]
         if seeds:
             d = upd.combined_direction(seeds, coeffs, _z_of(seg, distribution, flat.device), math)
@@ -216,6 +251,8 @@ def _update_into(flat, table, seeds, coeffs, lr, wd, distribution, sr_seed, new)
         else:
             value = t.to(math)
         new[seg.offset : seg.end] = _store_value(value, new.dtype, sr_seed, seg.key, seg.start)
+
+    _for_pieces(piece, table, flat.device)
 
 
 def update_and_perturb(
@@ -239,9 +276,41 @@ def update_and_perturb(
     θ_new is :func:`update` stored in ``out``'s dtype (stochastically rounded if asked); θ± are computed from
     the *stored* θ_new, so they are exactly what perturbing the store afterwards would give.
     """
+    outs = (_out_like(theta, out, "out"), _out_like(theta, out_plus, "out_plus"),
+            _out_like(theta, out_minus, "out_minus"))
+    if _fused_cpu(theta, segments, prev_seeds, prev_coeffs, lr, weight_decay, seed, eps, distribution, outs):
+        return outs
     new = update(theta, segments, prev_seeds, prev_coeffs, lr, weight_decay, distribution,
-                 stochastic_rounding_seed=stochastic_rounding_seed, out=out)
+                 stochastic_rounding_seed=stochastic_rounding_seed, out=outs[0])
     plus, minus = perturb_pair(new, segments, seed, eps, distribution,
-                               out_plus=_out_like(theta, out_plus, "out_plus"),
-                               out_minus=_out_like(theta, out_minus, "out_minus"))
+                               out_plus=outs[1], out_minus=outs[2])
     return new, plus, minus
+
+
+def _fused_cpu(theta, segments, prev_seeds, prev_coeffs, lr, wd, seed, eps, distribution, outs) -> bool:
+    """:func:`update_and_perturb` in one pass per piece for float32 CPU buffers, with the compiled
+    ``zo2_update_perturb`` (:func:`zo2.optim.native.update_perturb`): the same float operations in the same order
+    as :func:`update` then :func:`perturb_pair` (float32 stores, so no stochastic rounding), the same bits.
+    False, having done nothing, where it does not apply (another device or dtype, no seeds, no library)."""
+    from zo2.optim import native
+
+    seeds, coeffs = _as_list(prev_seeds, int), _as_list(prev_coeffs, float)
+    if (theta.device.type != "cpu" or any(t.dtype != torch.float32 or t.device != theta.device for t in (theta, *outs))
+            or not seeds or len(seeds) != len(coeffs) or native.library() is None):
+        return False
+    _check_distribution(distribution)
+    table = SegmentTable.coerce(segments)
+    flat = _flat(theta, table)
+    new, plus, minus = (o.view(-1) for o in outs)
+    upd = _upd()
+
+    def piece(seg: Segment) -> None:
+        z_of = _z_of(seg, distribution, flat.device)
+        d = upd.combined_direction(seeds, coeffs, z_of, torch.float32)
+        z = z_of(int(seed))
+        sl = slice(seg.offset, seg.end)
+        native.update_perturb(flat[sl], d, z, float(wd) if seg.decay else 0.0, float(lr), float(eps),
+                              new[sl], plus[sl], minus[sl])
+
+    _for_pieces(piece, table, flat.device)
+    return True

@@ -111,6 +111,10 @@ def _philox_range(m0: int, m1: int, seed: int, key: int, device) -> tuple[torch.
 
 
 def _gaussian_counters(m0: int, m1: int, seed: int, key: int, device) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
+        vals = native.gaussian(m0, m1, seed, key)  # the same bits, from the compiled generator
+        if vals is not None:
+            return vals
     x0, x1, x2, x3 = _philox_range(m0, m1, seed, key, device)
     n0, n1 = _box_muller(_uniform(x0), _uniform(x1))
     n2, n3 = _box_muller(_uniform(x2), _uniform(x3))
@@ -118,6 +122,10 @@ def _gaussian_counters(m0: int, m1: int, seed: int, key: int, device) -> torch.T
 
 
 def _rademacher_counters(m0: int, m1: int, seed: int, key: int, device) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
+        vals = native.rademacher(m0, m1, seed, key)
+        if vals is not None:
+            return vals
     words = torch.stack(_philox_range(m0, m1, seed, key, device), dim=1)  # [m, 4]
     bits = torch.arange(32, dtype=torch.int64, device=device)
     signs = (words.unsqueeze(-1) >> bits) & 1  # [m, 4, 32]
