@@ -85,7 +85,7 @@ def _row8(a0, a1, a2, a3, b0, b1, b2, b3, C: tl.constexpr):
 @triton.jit
 def _z_tile(seed_lo, seed_hi, base, scale, GAUSSIAN: tl.constexpr, C: tl.constexpr):
     """``z · scale``, float32 ``[C, 16, 8]``, for parameter elements ``base + 128c + 8q + i`` (``scale``: a
-    float32 scalar). Rademacher: exactly ``z * scale``; gaussian: the radius is scaled (see _box_muller), so
+    float32 scalar). Rademacher: exactly ``z * scale``; gaussian: the radius is scaled (see triton_rng._box_muller), so
     the product is ``z * scale`` to float rounding, and exactly ``z`` for ``scale = 1``."""
     if GAUSSIAN:
         # Row (c, q) holds counters m (its elements 0..3) and m + 1 (4..7).
