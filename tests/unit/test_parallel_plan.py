@@ -10,7 +10,9 @@ import pytest
 
 from zo2.errors import ConfigError
 from zo2.parallel import plan
-from zo2.parallel.plan import Layout, ModelShape, Rates, Workload, predict, predict_layout
+from zo2.parallel.plan import predict
+from zo2.parallel.plan_inputs import Layout, ModelShape, Rates, Workload
+from zo2.parallel.plan_model import predict_layout
 from zo2_launcher.cli import main
 
 H200 = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-11-26-h200/offload.json"

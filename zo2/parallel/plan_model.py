@@ -1,0 +1,141 @@
+"""The time side of the cost model (:mod:`zo2.parallel.plan`): the busy time of compute, PCIe, NVLink, host DRAM and
+network for one streamed block, the head and the loss all-reduce, and from them the predicted step of one layout."""
+
+from __future__ import annotations
+
+import math
+
+from zo2.errors import ConfigError
+from zo2.parallel.plan_inputs import DTYPE_BYTES, GB, Layout, ModelShape, Rates, Workload
+from zo2.parallel.plan_memory import host_store_bytes, residency
+from zo2.parallel.plan_results import Breakdown, Prediction
+
+
+def block_flops(shape: ModelShape, tokens: int, seq: int) -> float:
+    """FLOPs of one block forward over ``tokens`` tokens in sequences of ``seq`` (causal attention)."""
+    return tokens * (2.0 * shape.block_params + 2.0 * seq * shape.attn_width)
+
+
+def forward_s(flops: float, rates: Rates) -> float:
+    """Time of a forward of ``flops``: roofline at the fitted efficiency, never below the fitted floor."""
+    return max(flops / (rates.matmul_tflops * rates.matmul_efficiency * 1e12), rates.fwd_floor_ms / 1e3)
+
+
+def _fractions(rates: Rates, direction: str) -> tuple[float, float, float]:
+    """(update_and_perturb, perturb_pair, update) fractions of copy bandwidth for ``direction``."""
+    if direction == "rademacher":
+        return rates.rad_update_perturb, rates.rad_pair, rates.rad_update
+    return rates.gauss_update_perturb, rates.gauss_pair, rates.gauss_update
+
+
+def _kernel_s(nbytes: float, fraction: float, rates: Rates) -> float:
+    return nbytes / (rates.copy_tbs * 1e12 * fraction)
+
+
+def _collective_s(layout: Layout, rates: Rates) -> float:
+    """One all-reduce of 2 floats over every rank (or the exchange of 2 scalars of PertP)."""
+    if layout.world == 1:
+        return 0.0
+    t = rates.collective_latency_us * 1e-6
+    if layout.nodes > 1:
+        hops = 2 * math.ceil(math.log2(layout.nodes))
+        t += hops * (rates.network_latency_us * 1e-6 + 8 / (rates.network_gbps * 1e9 / 8))
+    return t
+
+
+
+def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: Rates, one_copy: bool
+                     ) -> tuple[float, dict[str, float], float]:
+    """(compute time of a resident block, busy time of each resource for one streamed block, time to bring one
+    block in when nothing overlaps it: its upload, plus the all-gather when sliced)."""
+    s, c = DTYPE_BYTES[work.dtype], DTYPE_BYTES[work.compute_dtype]
+    block_s, block_c = shape.block_params * s, shape.block_params * c
+    copies = 2 // layout.pp
+    n = layout.gpus_per_node if layout.sliced else 1
+    up_frac, pair_frac, upd_frac = _fractions(rates, work.direction)
+    fwd = copies * forward_s(block_flops(shape, work.tokens // layout.dp, work.seq), rates)
+    extra_pass = _kernel_s(block_s, pair_frac, rates) if one_copy else 0.0
+    resident = fwd + _kernel_s(2 * block_s + copies * block_c, up_frac, rates) + extra_pass
+    if n == 1:
+        streamed_compute = resident
+        nvlink = 0.0
+    else:
+        streamed_compute = (fwd + _kernel_s(2 * block_s / n, upd_frac, rates)
+                            + _kernel_s(block_s + copies * block_c, pair_frac, rates) + extra_pass)
+        nvlink = block_s * (n - 1) / n / (rates.nvlink_gbs * GB) + rates.collective_latency_us * 1e-6
+    moved = block_s / n
+    pcie = max(moved / (rates.h2d_gbs * GB), moved / (rates.d2h_gbs * GB), 2 * moved / (rates.bidir_gbs * GB))
+    node_bytes = 2 * block_s * (1 if layout.sliced else layout.gpus_per_node)
+    host = node_bytes / (rates.host_mem_gbs * GB)
+    return (resident, {"compute": streamed_compute, "pcie": pcie, "nvlink": nvlink, "host-dram": host},
+            moved / (rates.h2d_gbs * GB) + nvlink)
+
+
+def _head_s(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> float:
+    """The head (2/pp forwards + loss) and the update+perturbation of embed/head, per step."""
+    s, c = DTYPE_BYTES[work.dtype], DTYPE_BYTES[work.compute_dtype]
+    tokens = work.tokens // layout.dp
+    copies = 2 // layout.pp
+    flops = 2.0 * tokens * shape.vocab * shape.embed_width
+    loss = tokens * shape.vocab * 4 * rates.loss_passes / (rates.copy_tbs * 1e12)
+    fwd = copies * max(flops / (rates.matmul_tflops * rates.matmul_efficiency * 1e12) + loss, rates.fwd_floor_ms / 1e3)
+    kernel = _kernel_s(2 * shape.fixed_params * s + copies * shape.fixed_params * c,
+                       _fractions(rates, work.direction)[0], rates)
+    return fwd + kernel
+
+
+def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = None, rates: Rates | None = None,
+                   baseline_step_s: float | None = None) -> Prediction:
+    """The predicted step of ``shape`` on ``layout``. ConfigError when the layout cannot run the batch."""
+    work = work or Workload()
+    rates = rates or Rates()
+    if work.batch % layout.dp:
+        raise ConfigError(f"{layout.name} on {layout.world} GPUs has dp = {layout.dp}, which does not divide the "
+                          f"global batch of {work.batch} sequences ({work.tokens} tokens / seq {work.seq}): "
+                          f"raise --tokens or lower --seq.")
+    mem = residency(shape, work, layout, rates)
+    res_compute, per_block, bring_in = _block_resources(shape, work, layout, rates, mem.one_copy)
+    head = _head_s(shape, work, layout, rates)
+    fill = rates.exposed_uploads * bring_in if mem.streamed else 0.0
+    comm = _collective_s(layout, rates)
+    step = mem.resident * res_compute + mem.streamed * max(per_block.values()) + head + fill + comm
+    busy = Breakdown(compute_s=mem.resident * res_compute + mem.streamed * per_block["compute"] + head,
+                     pcie_s=mem.streamed * per_block["pcie"] + fill, nvlink_s=mem.streamed * per_block["nvlink"],
+                     host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm)
+    bound = _bound(per_block, mem.streamed, mem.resident * res_compute + head, fill, comm)
+    host = host_store_bytes(shape, work, layout, mem.streamed)
+    notes = [mem.note] if mem.note else []
+    if mem.one_copy:
+        notes.append("one perturbed copy at a time (budget)")
+    if host > rates.host_capacity_gb * GB:
+        notes.append(f"host store {host / GB:.0f} GB > {rates.host_capacity_gb:.0f} GB")
+    speedup = (baseline_step_s / step) if baseline_step_s else 1.0
+    return Prediction(name=layout.name, strategy=layout.strategy, gpus_per_node=layout.gpus_per_node,
+                      nodes=layout.nodes, dp=layout.dp, pp=layout.pp, sliced=layout.sliced, mode=mem.mode,
+                      resident_blocks=mem.resident, streamed_blocks=mem.streamed, step_s=step,
+                      tokens_per_s=work.tokens / step, speedup=speedup, bound=bound, gpu_mem_gb=mem.peak / GB,
+                      host_mem_gb=host / GB, breakdown=busy, fits=mem.fits and host <= rates.host_capacity_gb * GB,
+                      notes=notes)
+
+
+
+def _bound(per_block: dict[str, float], streamed: int, compute_only: float, fill: float, comm: float) -> str:
+    """The resource on the longest share of the critical path: the streamed blocks' slowest resource, against the
+    resident blocks and head (compute), the pipeline fill (pcie) and the all-reduce (network)."""
+    path = {"compute": compute_only, "pcie": fill, "nvlink": 0.0, "host-dram": 0.0, "network": comm}
+    if streamed:
+        slowest = max(per_block, key=lambda k: per_block[k])
+        path[slowest] += streamed * per_block[slowest]
+    return max(path, key=lambda k: path[k])
+
+
+def layouts(gpus_per_node: int, nodes: int) -> list[Layout]:
+    """Every layout of N·M GPUs: ZO-DDP (pp 1), PertP or 2D (pp 2), each unsliced and (N > 1) sliced."""
+    out = []
+    world = gpus_per_node * nodes
+    for pp in (1, 2):
+        if world % pp or world == 1:
+            continue
+        for sliced in ((False, True) if gpus_per_node > 1 else (False,)):
+            out.append(Layout(gpus_per_node, nodes, pp, sliced))
+    return out or [Layout(1, 1)]
