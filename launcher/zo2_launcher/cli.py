@@ -155,7 +155,7 @@ def _resumed_job(run_dir: str | None, sets: list[str], from_step: int | None):
     """``--resume RUN_DIR`` (and ``--resume-from-step S``, which first cuts the run back to step S): the saved job
     with ``sets`` applied, or None without --resume. Shared by zo2 train and zo2 launch."""
     from zo2.errors import ConfigError
-    from zo2.train.trainer import cut_run, load_resume_config
+    from zo2.train.run_dir import cut_run, load_resume_config
 
     if run_dir is None:
         if from_step is not None:
@@ -176,7 +176,7 @@ def _launch_job(train_args: list[str]):
 
     from zo2.config.loader import load_config, load_saved_config
     from zo2.errors import ConfigError
-    from zo2.train.trainer import CONFIG_FILE, holds_steps
+    from zo2.train.run_dir import CONFIG_FILE, holds_steps
 
     parser = argparse.ArgumentParser(prog="zo2 launch ... --", add_help=False)
     for flag in ("--preset", "--config", "--out", "--resume"):
@@ -206,7 +206,7 @@ def _check_same_run(job, saved, run_dir) -> None:
     """Refuse to continue a run folder with settings its steps depend on changed (model, data, ...)."""
     from zo2.config.loader import job_to_dict
     from zo2.errors import ConfigError
-    from zo2.train.trainer import RESUME_LOCKED
+    from zo2.train.run_dir import RESUME_LOCKED
 
     new, old = job_to_dict(job), job_to_dict(saved)
     changed = [f"{section}.{key}" for section, values in new.items() if isinstance(values, dict)
@@ -311,7 +311,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    from zo2.train.trainer import set_cpu_threads, train_job
+    from zo2.train.build import set_cpu_threads
+    from zo2.train.trainer import train_job
 
     if args.resume and (args.preset or args.config or args.out):
         raise ConfigError("--resume continues a run from the config saved in its folder, so --preset, --config "
@@ -403,7 +404,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``zo2 replay``."""
-    from zo2.train.trainer import replay_run
+    from zo2.train.replay import replay_run
 
     out = replay_run(args.run_dir, args.to, args.out, from_base=args.from_base, progress=not args.quiet)
     print(f"zo2: wrote the replayed weights to {out}")

@@ -138,7 +138,7 @@ class Scheduler:
     def _prepare_run_dir(self) -> bool:
         """New run folder, or resume the run already there (True). ``resume=None``: resume when the folder
         holds a run (rerunning the same command continues it)."""
-        from zo2.train.trainer import CONFIG_FILE, check_run_dir, check_writable, create_run_dir
+        from zo2.train.run_dir import CONFIG_FILE, check_run_dir, check_writable, create_run_dir
 
         exists = (self.run_dir / CONFIG_FILE).is_file()
         resume = exists and not self.overwrite if self.resume is None else self.resume
@@ -151,11 +151,12 @@ class Scheduler:
 
     def _build(self) -> None:
         from zo2.config.loader import to_toml
-        from zo2.train.checkpoint import TrajectoryLog, check_log_covers_snapshots, latest_good_snapshot, read_log
+        from zo2.train.build import build_job_model, build_tokenizer, resolve_device
+        from zo2.train.checkpoint import (LOG_FILE, TrajectoryLog, check_log_covers_snapshots, latest_good_snapshot,
+                                          read_log)
         from zo2.train.metrics import JsonlWriter, MetricsWindow, NullWriter, truncate_jsonl
         from zo2.train.model import STREAMED
-        from zo2.train.trainer import (CONFIG_FILE, LOG_FILE, METRICS_FILE, build_job_model,
-                                       build_tokenizer, resolve_device, write_text_atomic)
+        from zo2.train.run_dir import CONFIG_FILE, METRICS_FILE, write_text_atomic
 
         job = self.job
         self.device = resolve_device(job.train.device) if job.train.device != "auto" else (
@@ -198,7 +199,7 @@ class Scheduler:
     def _fill_base(self, views: dict[str, torch.Tensor]) -> None:
         """Fill ``views`` (name → store view) with the run's base weights."""
         from zo2.offload.loading import init_random_into, load_safetensors_into
-        from zo2.train.trainer import build_job_model
+        from zo2.train.build import build_job_model
 
         m = self.job.model
         if self.streamed_model and m.path is not None:
@@ -213,7 +214,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ workers
     def _spawn(self) -> None:
-        from zo2.train.trainer import cpu_threads
+        from zo2.train.build import cpu_threads
 
         place = self.place
         port = place.master_port or free_port()
@@ -430,7 +431,7 @@ class Scheduler:
     def _save_best(self, best: dict) -> None:
         """The store holds the best weights so far (a task's metric): save them as ``best/`` + best.json."""
         from zo2.train.task_run import BEST_DIR, write_best
-        from zo2.train.trainer import save_model
+        from zo2.train.run_dir import save_model
 
         save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR)
         write_best(self.run_dir, best)
@@ -438,7 +439,7 @@ class Scheduler:
 
     def _snapshot(self, step: int, data: Any = None) -> None:
         from zo2.train.checkpoint import save_snapshot
-        from zo2.train.trainer import check_finite_weights
+        from zo2.train.run_dir import check_finite_weights
 
         if step == self.last_snapshot:
             return
@@ -496,7 +497,8 @@ class Scheduler:
     def _finish(self) -> int:
         from zo2.train.checkpoint import read_log
         from zo2.train.metrics import plot_loss
-        from zo2.train.trainer import FINAL_DIR, TrainSummary, describe_summary, save_model
+        from zo2.train.run_dir import FINAL_DIR, save_model
+        from zo2.train.trainer import TrainSummary, describe_summary
 
         if self.head:
             self._snapshot(self.done)

@@ -22,8 +22,8 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
     default its newest snapshot (the whole log replayed when it has none)."""
     from zo2.config.loader import load_config
     from zo2.train.checkpoint import latest_good_snapshot
-    from zo2.train.trainer import (CONFIG_FILE, build_data, build_engine, build_job_model, build_tokenizer,
-                                   load_resume_config)
+    from zo2.train.build import build_data, build_engine, build_job_model, build_tokenizer
+    from zo2.train.run_dir import CONFIG_FILE, load_resume_config
 
     target = Path(target)
     overrides = list(overrides or [])
@@ -60,7 +60,7 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
     if snap is not None:
         engine.load_trainable_state(snap.tensors)
     elif (target / CONFIG_FILE).is_file():
-        from zo2.train.trainer import restore_step
+        from zo2.train.replay import restore_step
 
         run_step = restore_step(engine, target, run_step, progress=progress)
         where = f"{target} at step {run_step}"
