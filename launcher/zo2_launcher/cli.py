@@ -1,4 +1,6 @@
-"""The ``zo2`` command line: ``zo2 train``, ``zo2 replay`` and ``zo2 plan``.
+"""The ``zo2`` command line: the parser, ``main``, and ``zo2 train``, ``replay``, ``eval``, ``slurm`` and
+``completion``; ``zo2 launch`` is in :mod:`zo2_launcher.launch`, ``zo2 plan`` in :mod:`zo2_launcher.plan`, what
+several commands share in :mod:`zo2_launcher.common`.
 
 Every user error is a :class:`~zo2.errors.ZO2Error`: it is printed as one paragraph on stderr and the command
 exits with status 2, without a traceback unless ``--debug`` is given.
@@ -14,6 +16,10 @@ import os
 import sys
 from dataclasses import replace
 from typing import Sequence
+
+from zo2_launcher.common import common_flags, resumed_job
+from zo2_launcher.launch import add_launch
+from zo2_launcher.plan import add_plan
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -34,13 +40,6 @@ examples:
 """
 
 
-def _common() -> argparse.ArgumentParser:
-    """Flags every subcommand takes."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback of errors")
-    return common
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``zo2`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -50,17 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_train(sub)
     _add_replay(sub)
-    _add_plan(sub)
+    add_plan(sub)
     _add_eval(sub)
     _add_completion(sub)
-    _add_launch(sub)
+    add_launch(sub)
     _add_slurm(sub)
     return parser
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train", parents=[common_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a model (no arguments: the tiny-opt demo job)", epilog=TRAIN_EXAMPLES,
         description="Train with zeroth-order steps. The job is a preset, a TOML file merged on top, then "
                     "--set overrides; the resolved config is saved in the run folder.")
@@ -86,7 +85,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_replay(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "replay", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "replay", parents=[common_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="rebuild a run's weights at any step from its trajectory log", epilog=REPLAY_EXAMPLES,
         description="Rebuild the weights after STEP steps from the base weights (or the newest snapshot at or "
                     "before STEP) and the trajectory log, bit for bit, and save them with save_pretrained.")
@@ -96,161 +95,6 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-base", action="store_true", help="ignore snapshots: replay the log from the base weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_replay)
-
-
-LAUNCH_EXAMPLES = """\
-examples:
-  zo2 launch --nproc-per-node 2 -- --set parallel.pp=2          # the default job: a scheduler + 2 CPU/GPU workers (PertP)
-  zo2 launch --nproc-per-node 8 -- --preset opt-13b --set parallel.dp=4 --set parallel.pp=2 --out runs/13b
-  zo2 launch --nproc-per-node 1 -- --config deploy/configs/opt175b-1gpu.toml   # run it again after a stop: it resumes
-  kill -USR1 <scheduler pid>                                    # a snapshot at the next step boundary
-  zo2 launch --nnodes 4 --node-rank $SLURM_NODEID --master-addr $HEAD --nproc-per-node 8 -- --config job.toml
-  zo2 launch --torchrun --nproc-per-node 8 -- --set parallel.dp=8   # plain torchrun, no scheduler
-"""
-
-
-def _add_launch(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "launch", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="run a job on N local workers under a scheduler (multi-GPU; fault tolerant)", epilog=LAUNCH_EXAMPLES,
-        description="Start this node's scheduler (zo2.control): it creates the parameter store in shared memory, "
-                    "fills it once, starts N workers (one per GPU, or N CPU processes) and supervises them: a "
-                    "killed or hung worker is replaced and the run continues from the last completed step; "
-                    "Ctrl-C/SIGTERM stops at a step boundary with a snapshot, and running the same command again "
-                    "resumes. Everything after `--` is the job, as for zo2 train (--preset, --config, --set, "
-                    "--out, --resume, --resume-from-step, --overwrite, --quiet). parallel.dp × parallel.pp must equal nodes × N.")
-    p.add_argument("--nproc-per-node", required=True, metavar="N",
-                   help="workers to start on this node: a number, or 'auto' (one per visible GPU; 1 without CUDA)")
-    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (default 1)")
-    p.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1 (default 0)")
-    p.add_argument("--master-addr", default="127.0.0.1", metavar="HOST",
-                   help="host of node 0, where the workers' torch.distributed store listens (default 127.0.0.1)")
-    p.add_argument("--master-port", type=int, metavar="PORT",
-                   help="port of that store (default: a free port on a single node; 29500 on several)")
-    p.add_argument("--torchrun", action="store_true",
-                   help="start N `zo2 train` processes with torchrun --standalone instead (no scheduler)")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then the arguments of zo2 train")
-    p.set_defaults(handler=cmd_launch)
-
-
-def _nproc(value: str) -> int:
-    """``--nproc-per-node``: a positive number, or 'auto' = the visible GPUs (1 on a machine without CUDA)."""
-    from zo2.errors import ConfigError
-
-    if value == "auto":
-        import torch
-
-        return max(torch.cuda.device_count(), 1)
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ConfigError(f"--nproc-per-node {value}: give the number of processes to start (>= 1), or 'auto' for "
-                          "one per visible GPU.")
-    return n
-
-
-def _resumed_job(run_dir: str | None, sets: list[str], from_step: int | None):
-    """``--resume RUN_DIR`` (and ``--resume-from-step S``, which first cuts the run back to step S): the saved job
-    with ``sets`` applied, or None without --resume. Shared by zo2 train and zo2 launch."""
-    from zo2.errors import ConfigError
-    from zo2.train.trainer import cut_run, load_resume_config
-
-    if run_dir is None:
-        if from_step is not None:
-            raise ConfigError("--resume-from-step S continues a run from an earlier step: give the run folder with "
-                              "--resume RUN_DIR too.")
-        return None
-    job = load_resume_config(run_dir, sets)
-    if from_step is not None:
-        note = cut_run(run_dir, from_step)
-        if note:
-            print(note, file=sys.stderr)
-    return job
-
-
-def _launch_job(train_args: list[str]):
-    """(job, resume, overwrite, quiet) from zo2 train's arguments; a folder that holds a run resumes it."""
-    from pathlib import Path
-
-    from zo2.config.loader import load_config, load_saved_config
-    from zo2.errors import ConfigError
-    from zo2.train.trainer import CONFIG_FILE, holds_steps
-
-    parser = argparse.ArgumentParser(prog="zo2 launch ... --", add_help=False)
-    for flag in ("--preset", "--config", "--out", "--resume"):
-        parser.add_argument(flag)
-    parser.add_argument("--resume-from-step", type=int)
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    args, unknown = parser.parse_known_args(train_args)
-    if unknown:
-        raise ConfigError(f"zo2 launch passes {' '.join(unknown)!r} to the job, but the job takes only --preset, "
-                          "--config, --set, --out, --resume, --resume-from-step, --overwrite and --quiet.")
-    job = _resumed_job(args.resume, args.set, args.resume_from_step)
-    if job is not None:
-        return job, True, False, args.quiet
-    job = load_config(args.preset, args.config, args.set)
-    if args.out:
-        job.run = replace(job.run, out_dir=args.out)
-    run_dir = Path(job.run.out_dir)
-    if (run_dir / CONFIG_FILE).is_file() and not args.overwrite and holds_steps(run_dir):  # again: continue
-        _check_same_run(job, load_saved_config(run_dir / CONFIG_FILE), run_dir)
-        return job, True, False, args.quiet
-    return job, False, args.overwrite, args.quiet
-
-
-def _check_same_run(job, saved, run_dir) -> None:
-    """Refuse to continue a run folder with settings its steps depend on changed (model, data, ...)."""
-    from zo2.config.loader import job_to_dict
-    from zo2.errors import ConfigError
-    from zo2.train.trainer import RESUME_LOCKED
-
-    new, old = job_to_dict(job), job_to_dict(saved)
-    changed = [f"{section}.{key}" for section, values in new.items() if isinstance(values, dict)
-               for key, value in values.items() if old.get(section, {}).get(key) != value
-               and any(f"{section}.{key}".startswith(locked) for locked in RESUME_LOCKED)]
-    if changed:
-        raise ConfigError(f"{run_dir} holds a run with different {', '.join(changed)}; its steps depend on them, so "
-                          "it cannot continue with this job. Use the same settings to resume it, --overwrite to "
-                          "start over, or --out to write elsewhere.")
-
-
-def cmd_launch(args: argparse.Namespace) -> int:
-    """``zo2 launch``: this node's scheduler and its workers (or, with --torchrun, torchrun itself)."""
-    from zo2.errors import ConfigError
-
-    args.nproc_per_node = _nproc(args.nproc_per_node)
-    if not 0 <= args.node_rank < args.nnodes:
-        raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes}).")
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    if args.torchrun:
-        return _torchrun(args.nproc_per_node, train_args)
-    from zo2.control.scheduler import NodePlace, Scheduler
-
-    job, resume, overwrite, quiet = _launch_job(train_args)
-    port = args.master_port or (29500 if args.nnodes > 1 else None)
-    place = NodePlace(args.nnodes, args.node_rank, args.master_addr, port)
-    return Scheduler(job, workers=args.nproc_per_node, resume=resume, overwrite=overwrite, quiet=quiet,
-                     place=place).run()
-
-
-def _torchrun(nproc: int, train_args: list[str]) -> int:
-    """torchrun --standalone --nproc-per-node N -m zo2 train ARGS."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: keep gloo on loopback
-    try:
-        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "zo2", "train", *train_args])
-    except ChildFailedError as err:
-        failures = "; ".join(f"rank {r}: exit {f.exitcode}" for r, f in err.failures.items())
-        print(f"zo2: error: a training process failed ({failures}); its own error is printed above.",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 SLURM_EXAMPLES = """\
@@ -263,7 +107,7 @@ examples:
 
 def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "slurm", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "slurm", parents=[common_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write an sbatch script for a multi-node zo2 train job and submit it", epilog=SLURM_EXAMPLES,
         description="Check the job (the config loads, parallel.dp × parallel.pp = nodes × GPUs per node), render "
                     "deploy/slurm/zo2.sbatch.template (one srun task per node running torchrun with a c10d "
@@ -311,12 +155,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    from zo2.train.trainer import set_cpu_threads, train_job
+    from zo2.train.build import set_cpu_threads
+    from zo2.train.trainer import train_job
 
     if args.resume and (args.preset or args.config or args.out):
         raise ConfigError("--resume continues a run from the config saved in its folder, so --preset, --config "
                           "and --out do not apply. Drop them; --set may still change e.g. train.steps.")
-    job = _resumed_job(args.resume, args.set, args.resume_from_step)
+    job = resumed_job(args.resume, args.set, args.resume_from_step)
     if job is None:
         job = load_config(args.preset, args.config, args.set)
         if args.out:
@@ -338,7 +183,7 @@ examples:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "eval", parents=[common_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="evaluate a run's weights or a model folder (held-out loss, or a MeZO task's accuracy/F1)",
         epilog=EVAL_EXAMPLES,
         description="Evaluate TARGET — a zo2 run folder (its newest good snapshot) or a Hugging Face model "
@@ -403,98 +248,10 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``zo2 replay``."""
-    from zo2.train.trainer import replay_run
+    from zo2.train.replay import replay_run
 
     out = replay_run(args.run_dir, args.to, args.out, from_base=args.from_base, progress=not args.quiet)
     print(f"zo2: wrote the replayed weights to {out}")
-    return 0
-
-
-PLAN_EXAMPLES = """\
-examples:
-  zo2 plan --preset opt-175b                                  # single-GPU ZO2 at 1 x 2048 tokens, H100 rates
-  zo2 plan --preset opt-175b --gpus-per-node 8 --nodes 2 --tokens 32768 --seq 1024
-  zo2 plan --preset opt-66b --gpus-per-node 8 --tokens 16384 --seq 512 --set rate.nvlink_gbs=300
-  zo2 plan --hidden 8192 --ffn 28672 --layers 80 --vocab 32000 --family llama --heads 64
-  zo2 plan --preset opt-175b --calibrate benchmarks/results/2026-11-26-h200/offload.json
-  zo2 plan --scaling --out plan.json                          # OPT-13B..175B x {2,4,8} GPUs x {1..4} nodes
-"""
-
-
-def _add_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "plan", parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="predict step time and memory of ZO2, PertP, ZO-DDP and 2D layouts (no GPU needed)",
-        epilog=PLAN_EXAMPLES,
-        description="Predict the step time (with its compute / PCIe / NVLink / host-memory / network breakdown), "
-                    "throughput, speed-up over single-GPU ZO2 and peak GPU and host memory of every layout of "
-                    "N GPUs per node x M nodes, with and without sliced transfers (zo2.parallel.plan). "
-                    "Rates default to one H100 (DESIGN.md section 7); --calibrate fits them to a benchmark JSON.")
-    p.add_argument("--preset", metavar="NAME", help="model shape of this preset (e.g. opt-175b; default opt-175b "
-                                                     "unless --hidden etc. are given)")
-    p.add_argument("--hidden", type=int, metavar="H", help="explicit shape: hidden size")
-    p.add_argument("--ffn", type=int, metavar="F", help="explicit shape: FFN size (default 4 x hidden)")
-    p.add_argument("--layers", type=int, metavar="L", help="number of blocks (also overrides a preset's depth)")
-    p.add_argument("--vocab", type=int, metavar="V", help="explicit shape: vocabulary size (default 50272)")
-    p.add_argument("--heads", type=int, metavar="N", help="explicit shape: attention heads (default hidden/128)")
-    p.add_argument("--family", default="opt", metavar="NAME", help="explicit shape: opt, llama, qwen3 or gpt2")
-    p.add_argument("--tokens", type=int, metavar="T", help="global tokens per step, batch x seq (default 2048; "
-                                                           "--scaling: 96 x 256)")
-    p.add_argument("--seq", type=int, metavar="S", help="sequence length (default min(tokens, 2048); --scaling: 256)")
-    p.add_argument("--dtype", default="bf16", metavar="DTYPE", help="storage dtype: bf16, fp16 or fp32")
-    p.add_argument("--compute-dtype", default="bf16", metavar="DTYPE", help="compute dtype: bf16 or fp16")
-    p.add_argument("--direction", default="gaussian", metavar="KIND", help="gaussian or rademacher")
-    p.add_argument("--prefetch", type=int, default=1, metavar="K", help="blocks uploaded ahead (default 1)")
-    p.add_argument("--offload", default="auto", metavar="MODE", help="auto (the planner decides), stream or resident")
-    p.add_argument("--gpus-per-node", type=int, default=1, metavar="N", help="GPUs per node, 1..8 (default 1)")
-    p.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
-    p.add_argument("--calibrate", metavar="FILE.json", help="fit rates to a benchmarks/bench_offload.py JSON (and the "
-                                                            "kernels.json beside it)")
-    p.add_argument("--set", metavar="rate.KEY=VALUE", action="append", default=[],
-                   help="override one rate, e.g. rate.nvlink_gbs=300 or rate.host_mem_gbs=inf; repeatable")
-    p.add_argument("--scaling", action="store_true", help="print the scaling table: OPT-13B/30B/66B/175B x "
-                                                          "{2,4,8} GPUs per node x {1..4} nodes")
-    p.add_argument("--out", metavar="FILE.json", help="also write the predictions as JSON")
-    p.set_defaults(handler=cmd_plan)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    """``zo2 plan``."""
-    import json
-    from pathlib import Path
-
-    from zo2.errors import ConfigError
-    from zo2.parallel import plan
-
-    rates = plan.calibrate(args.calibrate) if args.calibrate else plan.Rates()
-    rates = rates.updated(args.set)
-    common = dict(dtype=args.dtype, compute_dtype=args.compute_dtype, direction=args.direction,
-                  prefetch=args.prefetch, offload=args.offload)
-    if args.scaling:
-        tokens = args.tokens or plan.SCALING_BATCH * plan.SCALING_SEQ
-        seq = args.seq or (plan.SCALING_SEQ if args.tokens is None else min(args.tokens, 2048))
-        rows = plan.scaling_table(tokens=tokens, seq=seq, rates=rates, **common)
-        print(plan.format_scaling(rows, rates, tokens, seq))
-        payload = {"scaling": rows, "tokens": tokens, "seq": seq, "rates": vars(rates),
-                   "published": plan.PUBLISHED_DISTZO2, "assumptions": plan.FOOTER}
-    else:
-        if args.hidden is not None:
-            if args.preset:
-                raise ConfigError("--preset and --hidden both give the model shape; use one of them.")
-            if args.layers is None:
-                raise ConfigError("--hidden gives an explicit shape, which needs --layers too (e.g. --layers 96).")
-            model = plan.shape_from_dims(args.hidden, args.ffn or 4 * args.hidden, args.layers,
-                                         args.vocab or 50272, args.heads, args.family)
-        else:
-            model = plan.shape_from_preset(args.preset or "opt-175b", args.layers)
-        report = plan.predict(model, tokens=args.tokens or 2048, seq=args.seq, gpus_per_node=args.gpus_per_node,
-                              nodes=args.nodes, rates=rates, **common)
-        print(plan.format_report(report))
-        payload = report.to_dict()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-        print(f"zo2: wrote {args.out}")
     return 0
 
 

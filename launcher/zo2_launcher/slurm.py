@@ -135,7 +135,7 @@ def _sets(overrides: Sequence[str]) -> str:
 def resume_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides a ``--resume`` may repeat: the saved config.toml already holds every value, and zo2 train
     refuses those that would change what replay rebuilds (``RESUME_LOCKED``)."""
-    from zo2.train.trainer import RESUME_LOCKED
+    from zo2.train.run_dir import RESUME_LOCKED
 
     return [o for o in overrides if not _override_key(o).startswith(RESUME_LOCKED)]
 

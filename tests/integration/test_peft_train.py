@@ -14,7 +14,8 @@ from zo2.config import load_config  # noqa: E402
 from zo2.control.scheduler import Scheduler  # noqa: E402
 from zo2.errors import ConfigError, ModelError  # noqa: E402
 from zo2.train.checkpoint import load_snapshot, snapshot_path  # noqa: E402
-from zo2.train.trainer import Trainer, load_resume_config, train_job  # noqa: E402
+from zo2.train.run_dir import load_resume_config  # noqa: E402
+from zo2.train.trainer import Trainer, train_job  # noqa: E402
 
 BASE = ["train.steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=5", "train.eval_batches=0",
         "run.plot=false", "checkpoint.fsync=false"]

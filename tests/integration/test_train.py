@@ -16,7 +16,9 @@ from zo2.config import load_config
 from zo2.engine import default_loss
 from zo2.errors import NonFiniteLossError
 from zo2.train.checkpoint import CheckpointWarning, list_snapshots, load_snapshot, read_log
-from zo2.train.trainer import load_resume_config, read_metrics, replay_run, train_job
+from zo2.train.replay import replay_run
+from zo2.train.run_dir import load_resume_config, read_metrics
+from zo2.train.trainer import train_job
 from zo2_launcher.cli import main
 
 SMALL = ["train.steps=12", "train.log_every=2", "train.eval_every=4", "train.eval_batches=1",
@@ -115,7 +117,7 @@ def test_replay_to_step_zero_is_the_base_model(default_run, tmp_path):
     base = weights(replay_run(run_dir, 0, tmp_path / "zero"))
     from zo2.train.model import build_model
     from zo2.train.tokenizer import ByteTokenizer
-    from zo2.train.trainer import special_token_ids
+    from zo2.train.build import special_token_ids
 
     model = build_model(load_config().model, special_token_ids(ByteTokenizer()))
     for name, tensor in model.state_dict().items():

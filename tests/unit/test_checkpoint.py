@@ -330,7 +330,7 @@ def test_snapshots_of_views_of_one_buffer_are_written_without_copies_and_load_ba
     streaming writer stores them as they are, in a file safetensors reads."""
     from safetensors import safe_open
 
-    from zo2.train.checkpoint import write_safetensors
+    from zo2.train.durable import write_safetensors
 
     flat = torch.arange(40, dtype=torch.float32)
     views = {"b.weight": flat[:12].view(3, 4), "a.bias": flat[16:21], "half": torch.ones(3, dtype=torch.bfloat16),

@@ -172,7 +172,7 @@ def test_bash_completion_completes_commands_and_options(capsys, tmp_path):
 def test_launch_counts_its_workers(capsys, monkeypatch):
     import torch
 
-    from zo2_launcher.cli import _nproc
+    from zo2_launcher.launch import _nproc
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert _nproc("auto") == 1 and _nproc("3") == 3

@@ -239,7 +239,7 @@ def test_config_without_weights(tmp_path):
 def test_cpu_threads_one_for_tiny_shapes_and_every_core_otherwise(monkeypatch):
     import torch
 
-    from zo2.train.trainer import cpu_threads, set_cpu_threads
+    from zo2.train.build import cpu_threads, set_cpu_threads
 
     assert cpu_threads(load_config(), 2) == 1  # tiny-opt
     assert cpu_threads(load_config("opt-125m"), 2) == 2

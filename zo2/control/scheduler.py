@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,12 +32,11 @@ from typing import Any
 import torch
 
 from zo2.config.job import JobConfig
-from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, SchedulerChannel, new_token
+from zo2.control.protocol import SchedulerChannel, new_token
+from zo2.control.spawn import NodePlace, WorkerProc, kill_workers, start_worker, worker_env
 from zo2.control.store import NodeStore
-from zo2.offload.store import remove_stale_stores
-from zo2.control.worker import CONFIG_ENV, FAULT_ENV
 from zo2.errors import CheckpointError, ConfigError, ZO2Error
-from zo2.parallel.mesh import BIND_STORE_ENV
+from zo2.offload.store import remove_stale_stores
 
 log = logging.getLogger("zo2.control")
 
@@ -51,47 +46,6 @@ EXIT_STOPPED = 0
 
 class WorkerFailure(ZO2Error):
     """The workers failed more often than ``control.max_restarts`` allows, or reported an error."""
-
-
-@dataclass
-class NodePlace:
-    """Where this scheduler's node sits in a multi-node job (defaults: a single node)."""
-
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-
-
-WORKER_BOOTSTRAP = """\
-import ctypes, os, sys
-try:  # Linux: SIGKILL this worker when the scheduler dies, armed before the seconds of importing torch
-    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-except (OSError, AttributeError):
-    pass
-if os.getppid() != int(os.environ["ZO2_SCHEDULER_PID"]):  # it died before the line above: nobody to work for
-    sys.exit(3)
-import runpy
-runpy.run_module("zo2.control.worker", run_name="__main__", alter_sys=True)
-"""
-"""How the scheduler starts a worker (``python -c``): the parent-death signal is armed before anything is
-imported (``import zo2`` takes seconds), so a scheduler killed at any moment never leaves workers behind."""
-
-
-@dataclass
-class _Proc:
-    rank: int
-    popen: subprocess.Popen
-    started: float
-    identity: bytes | None = None
-    last_seen: float = 0.0
-    registered: bool = False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class Scheduler:
@@ -116,7 +70,7 @@ class Scheduler:
         self.run_dir = Path(job.run.out_dir)
         self.resume, self.overwrite = resume, overwrite
         self.token = new_token()
-        self.procs: list[_Proc] = []
+        self.procs: list[WorkerProc] = []
         self.restarts = 0
         self.recoveries: list[dict] = []
         """One entry per repair: why (the failure), step (restarted at), rebuilt and caught_up (unit counts)."""
@@ -138,7 +92,7 @@ class Scheduler:
     def _prepare_run_dir(self) -> bool:
         """New run folder, or resume the run already there (True). ``resume=None``: resume when the folder
         holds a run (rerunning the same command continues it)."""
-        from zo2.train.trainer import CONFIG_FILE, check_run_dir, check_writable, create_run_dir
+        from zo2.train.run_dir import CONFIG_FILE, check_run_dir, check_writable, create_run_dir
 
         exists = (self.run_dir / CONFIG_FILE).is_file()
         resume = exists and not self.overwrite if self.resume is None else self.resume
@@ -151,11 +105,12 @@ class Scheduler:
 
     def _build(self) -> None:
         from zo2.config.loader import to_toml
-        from zo2.train.checkpoint import TrajectoryLog, check_log_covers_snapshots, latest_good_snapshot, read_log
+        from zo2.train.build import build_job_model, build_tokenizer, resolve_device
+        from zo2.train.checkpoint import (LOG_FILE, TrajectoryLog, check_log_covers_snapshots, latest_good_snapshot,
+                                          read_log)
         from zo2.train.metrics import JsonlWriter, MetricsWindow, NullWriter, truncate_jsonl
         from zo2.train.model import STREAMED
-        from zo2.train.trainer import (CONFIG_FILE, LOG_FILE, METRICS_FILE, build_job_model,
-                                       build_tokenizer, resolve_device, write_text_atomic)
+        from zo2.train.run_dir import CONFIG_FILE, METRICS_FILE, write_text_atomic
 
         job = self.job
         self.device = resolve_device(job.train.device) if job.train.device != "auto" else (
@@ -198,7 +153,7 @@ class Scheduler:
     def _fill_base(self, views: dict[str, torch.Tensor]) -> None:
         """Fill ``views`` (name → store view) with the run's base weights."""
         from zo2.offload.loading import init_random_into, load_safetensors_into
-        from zo2.train.trainer import build_job_model
+        from zo2.train.build import build_job_model
 
         m = self.job.model
         if self.streamed_model and m.path is not None:
@@ -213,48 +168,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ workers
     def _spawn(self) -> None:
-        from zo2.train.trainer import cpu_threads
-
-        place = self.place
-        port = place.master_port or free_port()
-        env_base = dict(os.environ)
-        env_base.update({
-            "WORLD_SIZE": str(self.workers * place.nnodes), "LOCAL_WORLD_SIZE": str(self.workers),
-            "MASTER_ADDR": place.master_addr, "MASTER_PORT": str(port),
-            ENDPOINT_ENV: self.channel.endpoint, TOKEN_ENV: self.token,
-            "ZO2_SCHEDULER_PID": str(os.getpid()),
-            CONFIG_ENV: str(self.config_path), "ZO2_RUN_DIR": str(self.run_dir),
-            "ZO2_START_TIMEOUT_S": str(self.job.control.start_timeout_s),
-            "PYTHONUNBUFFERED": "1",
-            BIND_STORE_ENV: "1",  # the workers' rendezvous store listens on --master-addr only, not everywhere
-        })
-        if place.nnodes == 1:
-            env_base.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        # the node's cores shared by its workers (torch would start one thread per core in each of them)
-        cores = max(1, (os.cpu_count() or 1) // self.workers)
-        threads = cpu_threads(self.job, cores) if self.device.type == "cpu" else cores  # tiny models: one thread
-        env_base.setdefault("OMP_NUM_THREADS", str(threads))
-        env_base.pop(FAULT_ENV, None)
-        if self.fault and self.restarts == 0:  # an injected fault fires in the first generation only
-            env_base[FAULT_ENV] = self.fault
+        fault = self.fault if self.restarts == 0 else None  # an injected fault fires in the first generation only
+        env_base = worker_env(self.job, workers=self.workers, place=self.place, endpoint=self.channel.endpoint,
+                              token=self.token, config_path=self.config_path, run_dir=self.run_dir,
+                              device_type=self.device.type, fault=fault)
         self.procs = []
         self._generation_steps = 0  # steps this generation reported: none yet means a failure is a start-up one
         for local in range(self.workers):
-            env = dict(env_base, RANK=str(place.node_rank * self.workers + local), LOCAL_RANK=str(local),
-                       GROUP_RANK=str(place.node_rank))
-            popen = subprocess.Popen([sys.executable, "-c", WORKER_BOOTSTRAP], env=env,
-                                     start_new_session=True)  # a terminal's Ctrl-C reaches the scheduler only
-            self.procs.append(_Proc(local, popen, time.monotonic()))
+            self.procs.append(start_worker(env_base, local, self.workers, self.place.node_rank))
 
     def _kill_workers(self) -> None:
-        for p in self.procs:
-            if p.popen.poll() is None:
-                try:
-                    os.killpg(p.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            p.popen.wait()
+        kill_workers(self.procs)
 
     def _send_all(self, message: dict) -> None:
         for p in self.procs:
@@ -430,7 +354,7 @@ class Scheduler:
     def _save_best(self, best: dict) -> None:
         """The store holds the best weights so far (a task's metric): save them as ``best/`` + best.json."""
         from zo2.train.task_run import BEST_DIR, write_best
-        from zo2.train.trainer import save_model
+        from zo2.train.run_dir import save_model
 
         save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR)
         write_best(self.run_dir, best)
@@ -438,7 +362,7 @@ class Scheduler:
 
     def _snapshot(self, step: int, data: Any = None) -> None:
         from zo2.train.checkpoint import save_snapshot
-        from zo2.train.trainer import check_finite_weights
+        from zo2.train.run_dir import check_finite_weights
 
         if step == self.last_snapshot:
             return
@@ -496,7 +420,8 @@ class Scheduler:
     def _finish(self) -> int:
         from zo2.train.checkpoint import read_log
         from zo2.train.metrics import plot_loss
-        from zo2.train.trainer import FINAL_DIR, TrainSummary, describe_summary, save_model
+        from zo2.train.run_dir import FINAL_DIR, save_model
+        from zo2.train.trainer import TrainSummary, describe_summary
 
         if self.head:
             self._snapshot(self.done)

@@ -67,10 +67,9 @@ class Worker:
         from zo2.config.loader import load_saved_config
         from zo2.engine import ZOEngine
         from zo2.parallel.mesh import init_comm
-        from zo2.train.checkpoint import read_log
-        from zo2.train.trainer import LOG_FILE, build_data, build_guard, build_job_model, build_tokenizer
+        from zo2.train.build import build_data, build_guard, build_job_model, build_tokenizer, resolve_device
+        from zo2.train.checkpoint import LOG_FILE, read_log
         from zo2.train.task_run import build_task_run, read_best
-        from zo2.train.trainer import resolve_device
 
         self.run_dir, self.link, self.heartbeat = run_dir, link, heartbeat
         job = load_saved_config(Path(os.environ.get(CONFIG_ENV, run_dir / "config.toml")))

@@ -207,7 +207,7 @@ class ZOTrainerMixin:
             (folder / ENGINE_FILE).write_text(json.dumps(meta, indent=2))
             state = self.engine.optimizer_state()
             if state:  # momentum / Adam buffers: a resumed run continues them instead of starting from zero
-                from zo2.train.checkpoint import write_safetensors
+                from zo2.train.durable import write_safetensors
 
                 write_safetensors(folder / OPTIMIZER_FILE, state, metadata={"format": "zo2-optimizer-state"})
 

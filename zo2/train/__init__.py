@@ -1,4 +1,5 @@
-"""Training: the loop and its run folder (trainer), model building, data, tokenizers, metrics, checkpoints.
+"""Training: the loop (trainer), its pieces (build), run folders (run_dir), replay, model building, data,
+tokenizers, metrics, checkpoints.
 
 The names below are imported lazily, so ``import zo2.train.data`` does not pull in the engine and transformers.
 """
@@ -12,9 +13,9 @@ _EXPORTS = {
     "Trainer": "zo2.train.trainer",
     "TrainSummary": "zo2.train.trainer",
     "train_job": "zo2.train.trainer",
-    "replay_run": "zo2.train.trainer",
-    "load_resume_config": "zo2.train.trainer",
-    "read_metrics": "zo2.train.trainer",
+    "replay_run": "zo2.train.replay",
+    "load_resume_config": "zo2.train.run_dir",
+    "read_metrics": "zo2.train.run_dir",
     "build_model": "zo2.train.model",
     "hf_config": "zo2.train.model",
 }

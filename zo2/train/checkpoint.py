@@ -1,5 +1,8 @@
 """Checkpoints (DESIGN.md §5): an append-only trajectory log, atomic safetensors snapshots, and replay.
 
+The bytes of a log line are :mod:`zo2.train.log_format`'s; the safetensors writer, tensor CRCs and fsync are
+:mod:`zo2.train.durable`'s.
+
 Conventions the trainer follows (nothing here enforces more than the step numbering):
 
 * **Log:** one record per step ``t``, appended once the step's update is known (:func:`make_record`):
@@ -21,12 +24,10 @@ Conventions the trainer follows (nothing here enforces more than the step number
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -36,6 +37,8 @@ from safetensors import safe_open
 
 from zo2.errors import CheckpointError, write_failure
 from zo2.optim.estimators import Update
+from zo2.train.durable import fsync_dir, fsync_file, tensor_crc, tensors_checksum, write_safetensors
+from zo2.train.log_format import decode_line, encode_line, jsonable
 
 LOG_FILE = "trajectory.jsonl"
 """The trajectory log's name in a run folder."""
@@ -49,9 +52,6 @@ SNAPSHOT_FORMAT = 1
 _META_KEY = "zo2"
 _SNAPSHOT_NAME = re.compile(r"^step_(\d{8,})\.safetensors$")
 _TMP_MARK = ".tmp."
-_LINE_HEAD = b'{"crc":'
-_LINE_MID = b',"r":'
-_CRC_DIGITS = 10
 
 
 class CheckpointWarning(UserWarning):
@@ -80,64 +80,6 @@ def make_record(update: Update, *, data: Mapping[str, Any], loss: float, project
     """The log record of one step: the update's fields plus data position, loss, g and the skipped flag."""
     return {**update.to_dict(), "data": dict(data), "loss": float(loss), "projected_grad": float(projected_grad),
             "skipped": bool(skipped), **extra}
-
-
-def encode_line(record: Mapping[str, Any]) -> bytes:
-    """``{"crc":"<10 digits>","r":<record JSON>}\n`` where the CRC32 covers the record's JSON bytes exactly.
-
-    Strictly valid JSON Lines (any JSON reader takes it): floats are written with ``repr`` and so read back
-    bit-identical; NaN and ±inf, which JSON lacks, as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``
-    (:func:`decode_line` turns them back into floats). Logs written before this format (the CRC as a bare
-    zero-padded number, bare NaN) still read.
-    """
-    payload = json.dumps(_json_safe(record), separators=(",", ":"), default=_jsonable, allow_nan=False).encode("utf-8")
-    crc = zlib.crc32(payload)
-    return _LINE_HEAD + f'"{crc:0{_CRC_DIGITS}d}"'.encode() + _LINE_MID + payload + b"}\n"
-
-
-_NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by its name (JSON has no NaN or infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _from_json_safe(value: Any) -> Any:
-    """The inverse of :func:`_json_safe` (no field of a record holds these exact strings as text)."""
-    if isinstance(value, str):
-        return _NON_FINITE.get(value, value)
-    if isinstance(value, dict):
-        return {k: _from_json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_json_safe(v) for v in value]
-    return value
-
-
-def decode_line(line: bytes) -> dict | None:
-    """The record of one complete log line, or None if the line is torn or fails its CRC."""
-    head = len(_LINE_HEAD)
-    quoted = line[head:head + 1] == b'"'  # the current format; older logs wrote the CRC as a bare number
-    digits_at = head + quoted
-    start = digits_at + _CRC_DIGITS + quoted + len(_LINE_MID)
-    if not (line.endswith(b"}\n") and line.startswith(_LINE_HEAD) and len(line) > start + 2
-            and line[digits_at + _CRC_DIGITS: start] == (b'"' if quoted else b"") + _LINE_MID):
-        return None
-    digits = line[digits_at: digits_at + _CRC_DIGITS]
-    payload = line[start:-2]
-    if not digits.isdigit() or int(digits) != zlib.crc32(payload):
-        return None
-    try:
-        record = _from_json_safe(json.loads(payload))
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and _is_int(record.get("step")) else None
 
 
 @dataclass
@@ -222,7 +164,7 @@ class TrajectoryLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
         if not existed and fsync:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     @property
     def next_step(self) -> int | None:
@@ -315,55 +257,6 @@ def list_snapshots(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _SNAPSHOT_NAME.match(p.name)), key=snapshot_step)
 
 
-def tensor_crc(tensor: torch.Tensor) -> int:
-    """CRC32 of a tensor's dtype, shape and bytes (as safetensors stores them)."""
-    t = tensor.detach().contiguous().cpu()
-    crc = zlib.crc32(f"{t.dtype}|{tuple(t.shape)}".encode())
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
-
-
-def tensors_checksum(crcs: Mapping[str, int]) -> str:
-    """One checksum over the per-tensor CRCs, in name order."""
-    crc = 0
-    for name in sorted(crcs):
-        crc = zlib.crc32(f"{name}={crcs[name]};".encode(), crc)
-    return f"crc32:{crc:08x}"
-
-
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
-
-
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` in the safetensors format, streaming each one's bytes from where it lives.
-
-    ``safetensors.torch.save_file`` refuses tensors that share storage (views of one flat store buffer) and
-    builds the whole file in memory; this writes the same format tensor by tensor, so a snapshot of a
-    parameter store needs no second copy of it (a device tensor is copied to the host one at a time).
-    """
-    names = sorted(tensors)
-    entries, offset = {}, 0
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {t.dtype} cannot be written to safetensors")
-        nbytes = t.numel() * t.element_size()
-        entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                         "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header = json.dumps({"__metadata__": dict(metadata), **entries}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for name in names:
-            t = tensors[name].detach()
-            t = t.contiguous().cpu() if (t.device.type != "cpu" or not t.is_contiguous()) else t
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
 def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
                   keep_last: int = 2, fsync: bool = True) -> Path:
     """Write ``tensors`` and ``meta`` atomically as the step-``step`` snapshot; keep the newest ``keep_last``.
@@ -379,7 +272,7 @@ def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Te
     crcs = {name: tensor_crc(t) for name, t in tensors.items()}
     header = {"format": SNAPSHOT_FORMAT, "step": step, "checksum": tensors_checksum(crcs), "crcs": crcs,
               "meta": dict(meta)}
-    header_json = json.dumps(header, default=_jsonable)
+    header_json = json.dumps(header, default=jsonable)
     final = snapshot_path(run_dir, step)
     folder = final.parent
     try:
@@ -389,12 +282,12 @@ def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Te
         try:
             write_safetensors(tmp, tensors, metadata={_META_KEY: header_json})
             if fsync:
-                _fsync_file(tmp)
+                fsync_file(tmp)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
         if fsync:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except OSError as exc:
         raise CheckpointError(f"Could not write snapshot {str(final)!r}: {exc}. Free disk space or fix the run "
                               "folder's permissions; the previous snapshots are untouched.") from exc
@@ -580,36 +473,6 @@ def replay_updates(apply_fn: Callable[[Update], Any], records: Iterable[Mapping[
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-
-def _jsonable(value: Any) -> Any:
-    """JSON fallback for numpy/torch scalars (exact: ``.item()`` gives a Python number)."""
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (a no-op where directories cannot be fsynced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _steps(records: list[dict]) -> str:
     """How many steps ``records`` hold, for messages: steps are counted as done (a log of N records holds steps

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zo2.errors import ConfigError
+
+if TYPE_CHECKING:
+    from zo2.config.job import JobConfig
+    from zo2.engine import ZOEngine
+    from zo2.train.checkpoint import Snapshot
 
 
 def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str | None = None,
@@ -20,13 +25,40 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
     ``task_path``. ``target``: a Hugging Face model folder, or a run folder — its weights after ``step`` steps
     (the snapshot of that step, or the newest one before it and the trajectory log replayed up to ``step``), by
     default its newest snapshot (the whole log replayed when it has none)."""
-    from zo2.config.loader import load_config
-    from zo2.train.checkpoint import latest_good_snapshot
-    from zo2.train.trainer import (CONFIG_FILE, build_data, build_engine, build_job_model, build_tokenizer,
-                                   load_resume_config)
+    from zo2.train.build import build_data, build_engine, build_job_model, build_tokenizer
+    from zo2.train.run_dir import CONFIG_FILE
 
     target = Path(target)
-    overrides = list(overrides or [])
+    job, snap, run_step, where = _target_job(target, list(overrides or []), step)
+    tokenizer = build_tokenizer(job)
+    model = build_job_model(job, tokenizer)
+    engine = build_engine(job, model)
+    if snap is not None:
+        engine.load_trainable_state(snap.tensors)
+    elif (target / CONFIG_FILE).is_file():
+        from zo2.train.replay import restore_step
+
+        run_step = restore_step(engine, target, run_step, progress=progress)
+        where = f"{target} at step {run_step}"
+    if task is None:
+        if task_path is not None or task_eval_path is not None:
+            raise ConfigError("--task-path needs --task NAME (which task's format and template to use).")
+        _, evals = build_data(replace(job, train=replace(job.train, eval_batches=max(job.train.eval_batches, 1))),
+                              tokenizer)
+        losses = [engine.evaluate(batch).loss for batch in evals]
+        return {"target": where, "eval_loss": sum(losses) / len(losses), "batches": len(losses)}
+    return {"target": where, **_evaluate_task(engine, tokenizer, job, task, task_path, task_eval_path, num_eval,
+                                              progress)}
+
+
+def _target_job(target: Path, overrides: list[str], step: int | None
+                ) -> tuple[JobConfig, Snapshot | None, int | None, str]:
+    """(job, snapshot, step, description) of ``target``: a run folder's saved job with the snapshot to load (None:
+    restore ``step`` from the log, the whole log when None), or the job of a Hugging Face model folder."""
+    from zo2.config.loader import load_config
+    from zo2.train.checkpoint import latest_good_snapshot
+    from zo2.train.run_dir import CONFIG_FILE, load_resume_config
+
     run_step: int | None = None  # a run folder: the step whose weights are evaluated
     snap = None
     if (target / CONFIG_FILE).is_file():
@@ -37,8 +69,8 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
             run_step = snap.step if snap is not None else None
         else:  # exactly step S: its snapshot, or the newest one before it (or the base) and the log up to S
             run_step = step
-        where = f"{target} at step {'(end of the log)' if run_step is None else run_step}"
-    elif (target / "config.json").is_file():
+        return job, snap, run_step, f"{target} at step {'(end of the log)' if run_step is None else run_step}"
+    if (target / "config.json").is_file():
         from zo2.train.tokenizer import TOKENIZER_FILES
 
         # the folder's own tokenizer when it has one (a zo2 run's final/ of the byte tokenizer has none)
@@ -50,27 +82,14 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
             longest = check_model_folder(target).get("max_position_embeddings")
             if longest:
                 job = replace(job, data=replace(job.data, max_length=int(longest)))
-        where = str(target)
-    else:
-        raise ConfigError(f"{str(target)!r} is neither a zo2 run folder (config.toml) nor a Hugging Face model "
-                          "folder (config.json). Pass the folder `zo2 train` wrote, or a model folder.")
-    tokenizer = build_tokenizer(job)
-    model = build_job_model(job, tokenizer)
-    engine = build_engine(job, model)
-    if snap is not None:
-        engine.load_trainable_state(snap.tensors)
-    elif (target / CONFIG_FILE).is_file():
-        from zo2.train.trainer import restore_step
+        return job, None, None, str(target)
+    raise ConfigError(f"{str(target)!r} is neither a zo2 run folder (config.toml) nor a Hugging Face model "
+                      "folder (config.json). Pass the folder `zo2 train` wrote, or a model folder.")
 
-        run_step = restore_step(engine, target, run_step, progress=progress)
-        where = f"{target} at step {run_step}"
-    if task is None:
-        if task_path is not None or task_eval_path is not None:
-            raise ConfigError("--task-path needs --task NAME (which task's format and template to use).")
-        _, evals = build_data(replace(job, train=replace(job.train, eval_batches=max(job.train.eval_batches, 1))),
-                              tokenizer)
-        losses = [engine.evaluate(batch).loss for batch in evals]
-        return {"target": where, "eval_loss": sum(losses) / len(losses), "batches": len(losses)}
+
+def _evaluate_task(engine: ZOEngine, tokenizer: Any, job: JobConfig, task: str, task_path: str | None,
+                   task_eval_path: str | None, num_eval: int | None, progress: bool) -> dict[str, Any]:
+    """The task's name, metric and results on its evaluation split (``num_eval`` sampled examples)."""
     from zo2.config.task import TaskConfig
     from zo2.tasks import evaluate_task, load_task, metric_name
 
@@ -81,4 +100,4 @@ def evaluate_run(target: str | Path, *, task: str | None = None, task_path: str 
                            max_length=min(cfg.max_length, job.data.max_length),
                            max_new_tokens=cfg.max_new_tokens, length_normalize=cfg.length_normalize,
                            progress=progress)
-    return {"target": where, "task": data.task.name, "metric": metric_name(cfg, data.task), **result}
+    return {"task": data.task.name, "metric": metric_name(cfg, data.task), **result}
