@@ -227,3 +227,34 @@ def test_checker_finds_a_relative_cycle_and_underscore_names(tree):
     _, underscore, loops = check(tree)
     assert underscore == ["zo2.engine imports _fast from zo2.offload.helpers"]
     assert loops == [["zo2.offload._private", "zo2.offload.helpers"]]
+
+
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 60
+
+
+def oversized(sources, root: Path = ROOT) -> list[str]:
+    """Files over MAX_FILE_LINES lines and functions over MAX_FUNCTION_LINES, each a place to split by meaning."""
+    found = []
+    for name, path in sorted(modules(sources).items()):
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            found.append(f"{path.relative_to(root)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_files_and_functions_read_in_one_sitting():
+    assert oversized(SOURCES) == []
+
+
+def test_size_check_finds_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "zo2").mkdir()
+    (tmp_path / "zo2" / "__init__.py").write_text("")
+    (tmp_path / "zo2" / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert oversized([(tmp_path / "zo2", "zo2")], tmp_path) == [f"zo2/long.py:5 long: {MAX_FUNCTION_LINES + 1} lines"]
