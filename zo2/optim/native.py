@@ -10,8 +10,8 @@ Rademacher signs (:func:`rademacher`); and the update and dual perturbation of f
 reference.
 
 Threads: a C loop shares its blocks among :func:`threads` POSIX threads (torch's thread count); the kernels'
-torch reference cuts flat buffers into pieces of at most 32768 elements and runs them through :func:`map_pieces`
-on as many Python threads, torch running each piece's ops inline. The words depend only on the counters, so the
+torch reference cuts flat buffers into pieces of at most ``zo2_kernels.reference.CPU_PIECE`` elements and runs them
+through :func:`map_pieces` on as many Python threads. The words depend only on the counters, so the
 bits do not depend on the thread count.
 
 The build: ``philox.c`` — plain C, no torch headers, about a second — compiled with the system C compiler (``$CC``,
@@ -128,10 +128,9 @@ def _run_piece(fn: Callable[[T], None], item: T) -> None:
 def map_pieces(fn: Callable[[T], None], items: Iterable[T]) -> None:
     """``fn(item)`` for every item, on up to :func:`threads` threads, each taking the next item when it is free.
 
-    For independent pieces of at most 32768 elements: torch runs an op that small inline on the calling thread,
-    so no OpenMP team is started per op (a team waits for its slowest thread, ruinous on a machine whose other
-    cores are busy), and ``fn``'s compiled calls run on one thread each. The GIL is released inside torch ops and
-    ctypes calls, so the pieces overlap."""
+    For independent pieces (``zo2_kernels.reference.CPU_PIECE`` elements at most): ``fn``'s compiled calls run on
+    one thread each, and its torch ops release the GIL, so the pieces overlap; a piece's temporaries stay in
+    cache instead of costing one pass over memory each."""
     global _pool, _pool_size
     n = threads()
     if n == 1:
