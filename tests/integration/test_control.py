@@ -236,23 +236,27 @@ def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_writes_a_consistent_snapshot_and_the_same_command_resumes(tmp_path, reference):
+def test_sigterm_writes_a_consistent_snapshot_and_the_same_command_resumes(tmp_path):
+    # long enough that the signal lands before the end: a tiny-model step takes well under 0.1 s on the CPU
+    steps = 60
+    reference = tmp_path / "reference"
+    train_job(job(reference, f"train.steps={steps}"), quiet=True)
     run_dir = tmp_path / "run"
-    proc = _launch(run_dir)
+    proc = _launch(run_dir, f"train.steps={steps}")
     wait_for_steps(run_dir, 2, proc=proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     stopped = len(read_log(run_dir / "trajectory.jsonl"))
-    assert 2 <= stopped < STEPS, out
+    assert 2 <= stopped < steps, out
     assert snapshot_path(run_dir, stopped).is_file(), out
     assert "resume" in out
-    proc = _launch(run_dir)  # the same command again
+    proc = _launch(run_dir, f"train.steps={steps}")  # the same command again
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert f"resuming at step {stopped}" in out
     assert logged(run_dir) == logged(reference)
-    assert_same(final_weights(run_dir), final_weights(reference))
+    assert_same(final_weights(run_dir, steps), final_weights(reference, steps))
 
 
 def test_a_corrupt_latest_snapshot_falls_back_to_the_previous_one(tmp_path, reference):
