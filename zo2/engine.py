@@ -203,6 +203,7 @@ class ZOEngine:
             transfer.add(residence.collect_stats())
         self.last_transfer = transfer = self.opt_state.add_stats(transfer)
         measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
+                        replays=transfer.replays,
                         peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0)
         if not finite:
             nan = float("nan")
@@ -210,8 +211,10 @@ class ZOEngine:
                               **measured)
         if self.config.deferred_update:
             self.pending = update
+            self.visitor.remember(update)
         else:
             self.apply_update(update)
+        self.visitor.forget_before(min(u.residence.held(u) for u in self.units))
         return StepResult(step, est.loss, est.loss_plus, est.loss_minus, est.projected_grad, lr, False, update,
                           tokens, time.perf_counter() - start, losses, **measured)
 
@@ -235,11 +238,12 @@ class ZOEngine:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Apply the pending deferred update now; afterwards ``model`` holds the current weights."""
-        if self.pending is not None:
-            for unit in self.units:
-                self.visitor.apply(unit, self.pending)
-            self.pending = None
+        """Apply the pending deferred update now and write every lagging home copy; afterwards ``model`` holds
+        the current weights."""
+        for unit in self.units:
+            self.visitor.settle(unit, self.pending)
+        self.pending = None
+        self.visitor.history.clear()  # every home copy holds every update now
         self.opt_state.synchronize()
         for residence in self.residences:
             residence.synchronize()
@@ -270,6 +274,7 @@ class ZOEngine:
     def apply_update(self, update: Update) -> None:
         """Apply ``update`` to every parameter (replay of a logged step), flushing any pending one first."""
         self.flush()
+        self.visitor.remember(update)
         for unit in self.units:
             self.visitor.apply(unit, update)
         for residence in self.residences:
@@ -346,6 +351,8 @@ class ZOEngine:
         self.step_count = int(state["step"])
         for unit in self.units:
             unit.applied = self.step_count - 1
+        for residence in self.residences:
+            residence.invalidate()  # home holds what the units now say they hold
 
     def save(self, path: str | Path) -> None:
         """Write the current weights (safetensors) and the engine state (JSON) to the folder ``path``."""

@@ -34,20 +34,25 @@ class Visitor:
         self.opt_state = opt_state
         self.compute_dtype = compute_dtype
         self.one_copy = one_copy
+        self.history: dict[int, Update] = {}
+        """Updates by step, kept while some residence's home copy lags behind them (``optim.writeback_every``)."""
 
     @contextlib.contextmanager
-    def visit(self, unit: Any, pending: Update | None, seeds: Sequence[int] = ()
+    def visit(self, unit: Any, pending: Update | None, seeds: Sequence[int] = (), home: bool = False
               ) -> Iterator[tuple[torch.Tensor, Pairs]]:
         """The unit's flat buffer on the compute device with ``pending`` applied (once), and θ ± εz(seed).
 
-        With one seed and an update to apply to the whole buffer, the update and both perturbations are one
-        fused pass (``update_and_perturb``). The updated part goes home while the forwards run.
+        A copy whose home lags (its residence holds an older step) first gets the logged updates it lacks,
+        replayed with the same calls as when they were first applied. With one seed and an update to apply to
+        the whole buffer, the update and both perturbations are one fused pass (``update_and_perturb``). The
+        updated part goes home while the forwards run, when the residence wants it or ``home`` asks for it.
         """
         res = unit.residence
         flat = res.acquire(unit)
         cfg, k = self.config, self.kernels
         pairs: Pairs = {}
         try:
+            self._catch_up(unit, flat)
             if pending is not None and unit.applied < pending.step:
                 part = res.part(unit)
                 if part is None and len(seeds) == 1 and not self.one_copy and self.optimizer.fused:
@@ -60,7 +65,10 @@ class Visitor:
                 else:
                     self._update(flat if part is None else flat[part], res.table(unit), pending, unit, part)
                 unit.applied = pending.step
-                res.write_back(unit, pending.step)
+                if home or res.wants_write_back(unit, pending.step):
+                    res.write_back(unit, pending.step)
+            elif home and res.held(unit) < unit.applied:
+                res.write_back(unit, unit.applied)
             res.assemble(unit, flat)
             for seed in seeds if not self.one_copy else ():
                 if seed not in pairs:
@@ -73,10 +81,40 @@ class Visitor:
             self.opt_state.release(unit)
 
     def apply(self, unit: Any, update: Update) -> None:
-        """Apply ``update`` to ``unit`` unless it holds it already (a flush, or a logged step replayed)."""
+        """Apply ``update`` to ``unit`` unless it holds it already (a logged step replayed)."""
         if unit.applied < update.step:
             with self.visit(unit, update):
                 pass
+
+    def settle(self, unit: Any, update: Update | None) -> None:
+        """Apply ``update`` (if given and not yet applied) and leave home holding the unit's current weights (a
+        flush: every lagging home copy is written)."""
+        if (update is not None and unit.applied < update.step) or unit.residence.held(unit) < unit.applied:
+            with self.visit(unit, update, home=True):
+                pass
+
+    def remember(self, update: Update) -> None:
+        """Keep ``update`` for replays on home copies that lag behind it."""
+        self.history[update.step] = update
+
+    def forget_before(self, step: int) -> None:
+        """Drop the updates of steps up to ``step`` (every home copy holds them)."""
+        for s in [s for s in self.history if s <= step]:
+            del self.history[s]
+
+    def _catch_up(self, unit: Any, flat: torch.Tensor) -> None:
+        """Replay on ``flat`` (just acquired, holding its home's step) the updates home lacks."""
+        res = unit.residence
+        lag = res.held(unit)
+        if lag >= unit.applied:
+            return
+        missing = [s for s in range(lag + 1, unit.applied + 1) if s not in self.history]
+        if missing:
+            raise RuntimeError(f"{unit.name}: home holds step {lag} but the updates of steps {missing[:3]} to "
+                               "replay on it were not kept; this is a bug in zo2.")
+        for s in range(lag + 1, unit.applied + 1):
+            self._update(flat, unit.table, self.history[s], unit, None)
+        res.replayed(unit.applied - lag)
 
     def _update(self, target: torch.Tensor, table: Any, update: Update, unit: Any, part: slice | None) -> None:
         """θ ← θ − lr (D + λθ) on ``target`` (``unit``'s buffer, or its ``part`` this process owns with sliced

@@ -227,7 +227,7 @@ class Worker:
 def _measurements(result: Any) -> dict[str, Any]:
     return {k: getattr(result, k) for k in ("step", "loss", "loss_plus", "loss_minus", "projected_grad", "lr",
                                              "skipped", "tokens", "seconds", "bytes_h2d", "bytes_d2h",
-                                             "transfer_wait_ms", "peak_device_bytes")}
+                                             "transfer_wait_ms", "replays", "peak_device_bytes")}
 
 
 def _scheduler_alive(pid: int) -> bool:

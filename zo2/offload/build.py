@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2.errors import ModelError
+from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
@@ -222,9 +222,11 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     """Plan where every unit lives under the budget, build the stores and residences, move the rest onto
     ``device``, and build the optimizer state beside the weights."""
     cfg = inputs.config
+    _check_writeback(inputs)
     blocks = [u for u in inputs.units if u.kind == "block"]
     frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
     plan = _plan(inputs, blocks, frozen, device)
+    plan.writeback_every = cfg.writeback_every
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
@@ -242,6 +244,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
                                       from_area=inputs.store_spec is not None)
     if plan.streamed or cfg.offload is not False:
         log.info(plan.describe())
+
     return Offload(plan, store, streamer, residences, opt_state, state_area, markers)
 
 
@@ -267,6 +270,22 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
     return plan_with_fallback(cfg.offload, block_bytes, fixed, reserve, one_copy_reserve, budget, cfg.prefetch)
+
+
+def _check_writeback(inputs: OffloadInputs) -> None:
+    """``optim.writeback_every`` > 1 where this version supports it, else a ConfigError saying what to set."""
+    k = inputs.config.writeback_every
+    if k == 1:
+        return
+    if inputs.optimizer.state_names:
+        raise ConfigError(f"optim.writeback_every = {k} needs a stateless optimizer, but {inputs.optimizer.name} "
+                          f"keeps state ({', '.join(inputs.optimizer.state_names)}) that would have to be replayed "
+                          "with the weights. Set optim.writeback_every = 1, or use zo-sgd, zo-sgd-sign or "
+                          "zo-sgd-conservative.")
+    if inputs.store_spec is not None or _sliced(inputs):
+        where = "the scheduler's node store (zo2 launch)" if inputs.store_spec is not None else "sliced transfers"
+        raise ConfigError(f"optim.writeback_every = {k} is not supported with {where}: the node's processes share "
+                          "one home copy. Set optim.writeback_every = 1 there.")
 
 
 def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, streamed: list, device: torch.device,
@@ -314,7 +333,9 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
     streamed = None
     if streamer is not None:
-        streamed = StreamedResidence(streamer, inputs.comm.gather_slices if streamer.ranges else None)
+        streamed = StreamedResidence(streamer, [u for u in inputs.units if u.store_index is not None],
+                                     inputs.comm.gather_slices if streamer.ranges else None,
+                                     inputs.config.writeback_every)
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)

@@ -82,6 +82,8 @@ class Plan:
     """Form one perturbed copy of a unit at a time (θ+εz, its forward, then θ−εz) instead of both at once:
     half the working memory, one more pass over the unit's weights per perturbation. Chosen when the
     budget needs it."""
+    writeback_every: int = 1
+    """A streamed block is written back every this many steps (``optim.writeback_every``)."""
 
     @property
     def bytes_per_step_h2d(self) -> int:
@@ -89,7 +91,8 @@ class Plan:
 
     @property
     def bytes_per_step_d2h(self) -> int:
-        return self.bytes_per_step_h2d
+        """Written back per step, on average over ``writeback_every`` steps."""
+        return self.bytes_per_step_h2d // self.writeback_every
 
     @property
     def expected_peak(self) -> int:
@@ -107,6 +110,9 @@ class Plan:
             f"  expected peak device memory {_gb(self.expected_peak)}"
             + (f" of a {_gb(self.budget)} budget" if self.budget is not None else ""),
         ]
+        if self.writeback_every > 1:
+            lines.append(f"  streamed blocks written back every {self.writeback_every} steps (and at every sync "
+                         "point); an upload replays the updates its host copy lacks")
         if self.one_copy:
             lines.append("  one perturbed copy at a time (θ+εz, then θ−εz) to fit the budget")
         return "\n".join(lines)

@@ -53,6 +53,11 @@ class Residence:
         """The kernels' segment table of :meth:`part`."""
         return unit.table
 
+    def wants_write_back(self, unit: Any, step: int) -> bool:
+        """Whether the visit that applied ``step``'s update should send it home now (else home lags, and the next
+        visit replays what it lacks: :meth:`held`)."""
+        return True
+
     def write_back(self, unit: Any, step: int) -> None:
         """Send the updated part home; afterwards home holds the weights after ``step``'s update."""
 
@@ -70,9 +75,12 @@ class Residence:
         return contextlib.nullcontext()
 
     def held(self, unit: Any) -> int:
-        """The step whose update the home copy holds last (-1: the initial weights). Every residence so far
-        writes back on the visit that applies an update, so home holds what the device copy holds."""
+        """The step whose update the home copy holds last (-1: the initial weights). :meth:`acquire` returns that
+        state; the visit replays the updates held+1 .. ``unit.applied`` on it before anything else."""
         return unit.applied
+
+    def replayed(self, count: int) -> None:
+        """``count`` logged updates were replayed on an acquired copy (counted in the transfer stats)."""
 
     def synchronize(self) -> None:
         """Wait until every write-back landed: afterwards home holds what the device copies hold."""
@@ -126,11 +134,17 @@ class StreamedResidence(Residence):
     """Units streamed from a host store through a :class:`BlockStreamer` (``unit.store_index`` names the block);
     ``gather(flat)`` assembles a sliced block (the node's all-gather), None without sliced transfers."""
 
-    def __init__(self, streamer: BlockStreamer, gather: Callable[[torch.Tensor], None] | None = None):
+    def __init__(self, streamer: BlockStreamer, units: Sequence[Any],
+                 gather: Callable[[torch.Tensor], None] | None = None, writeback_every: int = 1):
         self.streamer = streamer
+        self.units = list(units)
         self.gather = gather
+        self.writeback_every = writeback_every
+        """K: a block's store copy may lag up to K - 1 updates behind (``optim.writeback_every``)."""
         self.last: Any = None
         """The last streamed unit of a pass: after its visit the next pass's first uploads start."""
+        self._held = {u.name: u.applied for u in self.units}
+        """The step each unit's store copy holds."""
 
     def begin_pass(self, units: Sequence[Any]) -> None:
         mine = [u for u in units if u.residence is self]
@@ -147,8 +161,18 @@ class StreamedResidence(Residence):
     def table(self, unit: Any) -> Any:
         return unit.table if unit.slice_table is None else unit.slice_table
 
+    def wants_write_back(self, unit: Any, step: int) -> bool:
+        return step - self.held(unit) >= self.writeback_every
+
     def write_back(self, unit: Any, step: int) -> None:
         self.streamer.write_back(unit.store_index, step)
+        self._held[unit.name] = step
+
+    def held(self, unit: Any) -> int:
+        return self._held[unit.name]
+
+    def replayed(self, count: int) -> None:
+        self.streamer.stats.replays += count
 
     def assemble(self, unit: Any, flat: torch.Tensor) -> None:
         if self.gather is not None:
@@ -172,6 +196,7 @@ class StreamedResidence(Residence):
 
     def invalidate(self) -> None:
         self.streamer.invalidate()
+        self._held = {u.name: u.applied for u in self.units}  # written from the host: it holds what the units hold
 
     def collect_stats(self) -> TransferStats:
         return self.streamer.collect_stats()

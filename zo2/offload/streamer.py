@@ -33,6 +33,8 @@ class TransferStats:
     wait_ms: float = 0.0
     uploads: int = 0
     write_backs: int = 0
+    replays: int = 0
+    """Updates replayed on device copies whose store copy lagged (a lagging write-back)."""
     _pending_waits: list = field(default_factory=list)
 
     def add(self, other: "TransferStats") -> "TransferStats":
@@ -42,6 +44,7 @@ class TransferStats:
         self.wait_ms += other.wait_ms
         self.uploads += other.uploads
         self.write_backs += other.write_backs
+        self.replays += other.replays
         return self
 
 

@@ -24,7 +24,8 @@ import torch
 
 from zo2.errors import CheckpointError, write_failure
 
-TRANSFER_ZERO = {"h2d_gb": 0.0, "d2h_gb": 0.0, "transfer_wait_s": 0.0, "step_s": 0.0, "peak_device_gib": 0.0}
+TRANSFER_ZERO = {"h2d_gb": 0.0, "d2h_gb": 0.0, "transfer_wait_s": 0.0, "step_s": 0.0, "peak_device_gib": 0.0,
+                 "replays": 0}
 
 
 @dataclass
@@ -57,6 +58,7 @@ class MetricsWindow:
         t["transfer_wait_s"] += getattr(result, "transfer_wait_ms", 0.0) / 1e3
         t["step_s"] += getattr(result, "seconds", 0.0)
         t["peak_device_gib"] = max(t["peak_device_gib"], getattr(result, "peak_device_bytes", 0) / 1024 ** 3)
+        t["replays"] += getattr(result, "replays", 0)
 
     def transfer_summary(self) -> str:
         """'H2D 1.2 GB/s, wait 35%, peak 10.2 GiB' for the progress bar ('' when nothing streams)."""
@@ -91,6 +93,8 @@ class MetricsWindow:
             "transfer_wait_s": self._transfer["transfer_wait_s"],
             "compute_s": max(self._transfer["step_s"] - self._transfer["transfer_wait_s"], 0.0),
             "peak_device_gib": self._transfer["peak_device_gib"],
+            # logged updates replayed on uploaded blocks whose host copy lagged (optim.writeback_every > 1)
+            "replays": self._transfer["replays"],
         }
         self._losses, self._tokens, self._window_start = [], 0, time.perf_counter()
         self._transfer = dict(TRANSFER_ZERO)

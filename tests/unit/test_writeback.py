@@ -1,0 +1,108 @@
+"""A lagging write-back (optim.writeback_every = K): streamed blocks go home every K steps, an upload replays the
+updates its home copy lacks, and every K gives the same bits as writing back every step (and as all-resident)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zo2 import ZOConfig, ZOEngine
+from zo2.errors import ConfigError
+from zo2_testing import assert_same_params, clone_model, padded_batch, tiny_model
+
+STEPS = 7
+
+
+def run(model, steps=STEPS, **cfg):
+    config = dict(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11)
+    config.update(cfg)
+    engine = ZOEngine(model, ZOConfig(**config))
+    results = [engine.step(padded_batch(seed=s)) for s in range(steps)]
+    engine.flush()
+    return engine, results
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-sgd-sign", "zo-sgd-conservative"])
+def test_every_k_gives_the_same_bits(family, optimizer):
+    base = tiny_model(family, seed=3)
+    resident, expected = run(clone_model(base), offload=False, optimizer=optimizer)
+    for k in (1, 2, 3, 8):
+        engine, results = run(clone_model(base), offload=True, writeback_every=k, optimizer=optimizer)
+        assert [r.losses for r in results] == [r.losses for r in expected], f"K={k}"
+        assert_same_params(engine.model, resident.model)
+
+
+@pytest.mark.parametrize("q, prefetch", [(2, 1), (1, 3)])
+def test_low_precision_several_directions_and_deeper_prefetch(q, prefetch):
+    """bf16 weights round stochastically with per-step seeds: a replayed update must round as the first time."""
+    base = tiny_model("llama", seed=5, num_hidden_layers=4)
+    cfg = dict(storage_dtype="bf16", compute_dtype="fp32", q=q, prefetch=prefetch)
+    every, expected = run(clone_model(base), offload=True, writeback_every=1, **cfg)
+    lagging, results = run(clone_model(base), offload=True, writeback_every=3, **cfg)
+    assert [r.losses for r in results] == [r.losses for r in expected]
+    assert_same_params(lagging.model, every.model)
+
+
+def test_d2h_bytes_fall_k_fold_and_replays_are_counted():
+    base = tiny_model("opt", seed=2, num_hidden_layers=4)
+    _, every = run(clone_model(base), steps=8, offload=True, writeback_every=1)
+    engine, lagging = run(clone_model(base), steps=8, offload=True, writeback_every=4)
+    store = engine.store.nbytes
+    # step t applies step t-1's update: steps 1..7 write back every block when K = 1
+    assert sum(r.bytes_d2h for r in every) == 7 * store
+    # K = 4: only step 4 (applying update 3, four updates after the initial weights) writes back; the last
+    # three updates go home at the final flush, which is not a step
+    assert [r.bytes_d2h for r in lagging] == [0, 0, 0, 0, store, 0, 0, 0]
+    assert sum(r.bytes_h2d for r in lagging) == sum(r.bytes_h2d for r in every)
+    blocks = len(engine.plan.streamed)
+    # a block's home lags 0..3 updates when it is uploaded; each missing update is replayed once per upload
+    assert [r.replays for r in lagging] == [0, 0, blocks, 2 * blocks, 3 * blocks, 0, blocks, 2 * blocks]
+    assert all(r.replays == 0 for r in every)
+    assert "written back every 4 steps" in engine.plan.describe()
+
+
+def test_evaluate_snapshot_and_resume_in_the_middle_of_a_lag():
+    base = tiny_model("opt", seed=8, num_hidden_layers=3)
+    reference, expected = run(clone_model(base), offload=False)
+    engine = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11, offload=True,
+                                                  writeback_every=5))
+    resident = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11, offload=False))
+    for s in range(3):
+        assert engine.step(padded_batch(seed=s)).losses == resident.step(padded_batch(seed=s)).losses
+    batch = padded_batch(seed=99)
+    assert engine.evaluate(batch).loss == resident.evaluate(batch).loss  # a flush: every lagging block goes home
+    engine.step(padded_batch(seed=3))
+    snapshot, state = engine.trainable_state(), engine.state_dict()
+    resumed = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11, offload=True,
+                                                   writeback_every=5))
+    resumed.load_trainable_state(snapshot)
+    resumed.load_state_dict(state)
+    for s in range(4, STEPS):
+        assert resumed.step(padded_batch(seed=s)).losses == expected[s].losses
+    resumed.flush()
+    assert_same_params(resumed.model, reference.model)
+
+
+def test_lora_base_weights_stream_read_only_with_a_lagging_adapter():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_model("opt", seed=4)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights="gaussian"))
+    every, expected = run(clone_model(model), offload=True, writeback_every=1)
+    lagging, results = run(clone_model(model), offload=True, writeback_every=3)
+    assert [r.losses for r in results] == [r.losses for r in expected]
+    assert_same_params(lagging.model, every.model)
+
+
+@pytest.mark.parametrize("optimizer", ["zo-sgd-momentum", "zo-adam"])
+def test_a_stateful_optimizer_is_refused_with_the_fix(optimizer):
+    with pytest.raises(ConfigError, match=f"writeback_every = 2 needs a stateless optimizer, but {optimizer}"):
+        ZOEngine(tiny_model("opt"), ZOConfig(offload=True, writeback_every=2, optimizer=optimizer))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_values_are_refused(bad):
+    with pytest.raises(ConfigError, match="optim.writeback_every"):
+        ZOConfig(writeback_every=bad)
