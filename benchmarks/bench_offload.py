@@ -7,10 +7,17 @@ pinned host↔device bandwidths for one block and the time of two forwards of on
 
     floor = Σ_blocks max(2·forward, bytes_up / BW_h2d, bytes_down / BW_d2h)
 
-next to the measured streamed step. Prints a table, writes JSON.
+next to the measured streamed step. With ``--writeback K ...`` the streamed step also runs with
+``optim.writeback_every = K`` (blocks written back every K steps), measured against the one-way floor
+
+    floor_h2d = Σ_blocks max(2·forward, bytes_up / BW_h2d)
+
+(the median step of a K-step cycle; the cycle's one write-back is spread over its steps). Prints a table, writes
+JSON.
 
     python benchmarks/bench_offload.py                         # GPU: 1.3b 6.7b 13b 30b 175b-shaped
     python benchmarks/bench_offload.py --shapes opt-1.3b --layers 4 --batches 1x2048
+    python benchmarks/bench_offload.py --shapes opt-6.7b opt-175b --writeback 2 4 8   # lagging write-back
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ def bandwidths(nbytes: int) -> tuple[float, float]:
     return nbytes / up / 1e9, nbytes / down / 1e9
 
 
-def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto") -> ZOEngine:
+def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto", writeback: int = 1) -> ZOEngine:
     cfg = dict(lr=1e-7, eps=1e-3, offload=offload, device="cuda", gpu_memory_budget=budget, prefetch=1)
+    if writeback > 1:
+        cfg["writeback_every"] = writeback
     if "kernels" in ZOConfig.__dataclass_fields__:
         cfg["kernels"] = kernels
     engine = ZOEngine(empty_model(opt_config(shape, layers), torch.bfloat16), ZOConfig(**cfg))
@@ -85,8 +94,29 @@ def block_forward_time(engine: ZOEngine, batch: dict) -> float:
     return cuda_timed(lambda: adapter.block(0, hidden, ctx), warmup=2, repeat=5)
 
 
+def run_writeback(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, kernels: str,
+                  writebacks: list[int], measured: dict, block_bytes: int, bw_up: float) -> list[dict]:
+    """The streamed step with a lagging write-back, against the one-way (H2D) floor measured in the same run."""
+    rows = []
+    for k in writebacks:
+        engine = engine_for(shape, layers, True, kernels=kernels, writeback=k)
+        for b, s in batches:
+            fwd, t_res = measured[(b, s)]
+            t_str, info = step_time(engine, batch_of(b, s), max(repeat, 2 * k))
+            floor = layers * max(2 * fwd, block_bytes / (bw_up * 1e9))
+            rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
+                         "writeback_every": k, "bw_h2d": bw_up, "fwd2_ms": 2 * fwd * 1e3, "resident_ms": t_res * 1e3,
+                         "streamed_ms": t_str * 1e3, "ratio": t_str / t_res, "floor_h2d_ms": floor * 1e3,
+                         "vs_floor_h2d": t_str / floor, "budget": None, **info})
+            print(rows[-1], flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, budget_cap: str | None,
-              kernels: str) -> list[dict]:
+              kernels: str, writebacks: list[int] = ()) -> list[dict]:
     rows = []
     resident = engine_for(shape, layers, False, kernels=kernels)
     block_bytes = resident.plan.block_bytes[0]
@@ -114,6 +144,8 @@ def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: i
     del streamed
     gc.collect()
     torch.cuda.empty_cache()
+    rows += run_writeback(shape, layers, batches, repeat, kernels, [k for k in writebacks if k > 1], measured,
+                          block_bytes, bw_up)
     if budget_cap:
         b, s = batches[0]
         row = {"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
@@ -142,6 +174,8 @@ def main() -> None:
     parser.add_argument("--budget-shape", default="opt-175b", help="shape also run under --budget")
     parser.add_argument("--budget", default="18GB")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--writeback", type=int, nargs="*", default=[],
+                        help="also run the streamed step with optim.writeback_every = each K given")
     parser.add_argument("--out", default="benchmarks/out/offload.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -154,7 +188,7 @@ def main() -> None:
             parser.error(f"unknown shape {shape}; known: {', '.join(opt_shapes())}")
         cap = args.budget if shape == args.budget_shape else None
         try:
-            rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels)
+            rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels, args.writeback)
         except Exception as err:  # keep measuring the other shapes; the JSON records the failure
             rows.append({"shape": shape, "error": f"{type(err).__name__}: {err}"})
             print(rows[-1], flush=True)
@@ -166,6 +200,12 @@ def main() -> None:
                        ("resident_ms", "resident ms", ".1f"), ("streamed_ms", "streamed ms", ".1f"),
                        ("ratio", "str/res", ".2f"), ("floor_ms", "floor ms", ".1f"), ("vs_floor", "str/floor", ".2f"),
                        ("wait_ms", "wait ms", ".1f"), ("peak_gb", "peak GB", ".2f"), ("budget", "budget", "s")])
+    lagging = [r for r in rows if r.get("writeback_every")]
+    if lagging:
+        print()
+        print_table(lagging, [("shape", "shape", "s"), ("batch", "batch", "s"), ("writeback_every", "K", "d"),
+                              ("streamed_ms", "streamed ms", ".1f"), ("floor_h2d_ms", "H2D floor ms", ".1f"),
+                              ("vs_floor_h2d", "str/H2D floor", ".2f"), ("d2h_gb", "D2H GB (last step)", ".2f")])
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} {r.get('budget') or ''}: {r['error']}")
