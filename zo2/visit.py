@@ -103,7 +103,8 @@ class Visitor:
             del self.history[s]
 
     def _catch_up(self, unit: Any, flat: torch.Tensor) -> None:
-        """Replay on ``flat`` (just acquired, holding its home's step) the updates home lacks."""
+        """Replay on ``flat`` (just acquired, holding its home's step) the updates home lacks: on the part this
+        process owns (sliced transfers: the whole buffer is assembled after the visit's update)."""
         res = unit.residence
         lag = res.held(unit)
         if lag >= unit.applied:
@@ -112,8 +113,10 @@ class Visitor:
         if missing:
             raise RuntimeError(f"{unit.name}: home holds step {lag} but the updates of steps {missing[:3]} to "
                                "replay on it were not kept; this is a bug in zo2.")
+        part = res.part(unit)
+        target = flat if part is None else flat[part]
         for s in range(lag + 1, unit.applied + 1):
-            self._update(flat, unit.table, self.history[s], unit, None)
+            self._update(target, res.table(unit), self.history[s], unit, part)
         res.replayed(unit.applied - lag)
 
     def _update(self, target: torch.Tensor, table: Any, update: Update, unit: Any, part: slice | None) -> None:

@@ -19,7 +19,7 @@ from zo2.control.protocol import SchedulerChannel, WorkerLink, new_token
 from zo2.control.scheduler import Scheduler
 from zo2.errors import CheckpointError
 from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log, snapshot_path
-from zo2.train.trainer import train_job
+from zo2.train.trainer import read_metrics, train_job
 
 STEPS = 6
 BASE = [f"train.steps={STEPS}", "data.batch_size=2", "data.max_length=48", "optim.offload=true",
@@ -146,6 +146,31 @@ def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_b
 def test_kill_9_at_a_random_step_loses_nothing(tmp_path, reference, at):
     run_dir = tmp_path / "run"
     sched = run_scheduler(run_dir, action=_kill_worker_after(at))
+    assert sched.restarts == 1
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+
+
+def test_a_lagging_write_back_torn_by_a_kill_is_repaired_from_the_log(tmp_path, reference):
+    """optim.writeback_every = 2: blocks go home every other step (and at each snapshot); rank 0 dies tearing
+    block 1's write-back in step 5. The torn block is rebuilt, the blocks whose home lags are caught up from the
+    log like any clean slice holding an older step, and the run ends equal to zo2 train's (K = 1)."""
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, "optim.writeback_every=2", fault="0:5:2")
+    assert sched.restarts == 1
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["rebuilt"] == 1 and repair["step"] == 5, repair
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+    lines = [m for m in read_metrics(run_dir) if m["kind"] == "train"]
+    assert any(m["d2h_gb"] == 0 for m in lines[1:]) and any(m["replays"] > 0 for m in lines), lines
+
+
+@pytest.mark.slow
+def test_a_lagging_write_back_with_two_sliced_workers_survives_kill_9(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    sched = run_scheduler(run_dir, "parallel.pp=2", "optim.writeback_every=3", workers=2,
+                          action=_kill_worker_after(2))
     assert sched.restarts == 1
     assert logged(run_dir) == logged(reference)
     assert_same(final_weights(run_dir), final_weights(reference))

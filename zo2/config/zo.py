@@ -89,8 +89,7 @@ class ZOConfig:
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of
     every K write-backs are saved. Every sync point (flush, snapshot, evaluation, the end) writes every lagging
-    block. 1: every step. Stateless optimizers, this process's own store only (not the scheduler's node store or
-    sliced transfers)."""
+    block. 1: every step. Stateless optimizers only (zo-sgd, zo-sgd-sign, zo-sgd-conservative)."""
     gpu_memory_budget: int | float | str | None = None
     """Device memory the engine may plan for: bytes (int or '18GB'), a fraction of free memory (0.9), or None
     for NVML's free memory minus a margin (on CPU, None means no limit)."""

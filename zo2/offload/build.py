@@ -273,7 +273,10 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
 
 
 def _check_writeback(inputs: OffloadInputs) -> None:
-    """``optim.writeback_every`` > 1 where this version supports it, else a ConfigError saying what to set."""
+    """``optim.writeback_every`` > 1 needs a stateless optimizer (a ConfigError saying what to set otherwise).
+
+    Under the scheduler a lagging unit is one whose markers hold an older step, which its repair already catches
+    up from the log; with sliced transfers every process makes the same write-back decisions, each for its slice."""
     k = inputs.config.writeback_every
     if k == 1:
         return
@@ -282,10 +285,6 @@ def _check_writeback(inputs: OffloadInputs) -> None:
                           f"keeps state ({', '.join(inputs.optimizer.state_names)}) that would have to be replayed "
                           "with the weights. Set optim.writeback_every = 1, or use zo-sgd, zo-sgd-sign or "
                           "zo-sgd-conservative.")
-    if inputs.store_spec is not None or _sliced(inputs):
-        where = "the scheduler's node store (zo2 launch)" if inputs.store_spec is not None else "sliced transfers"
-        raise ConfigError(f"optim.writeback_every = {k} is not supported with {where}: the node's processes share "
-                          "one home copy. Set optim.writeback_every = 1 there.")
 
 
 def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, streamed: list, device: torch.device,
