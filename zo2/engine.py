@@ -32,7 +32,6 @@ from zo2.errors import CheckpointError, ModelError
 from zo2.models.base import adapter_for
 from zo2.models.losses import LossFn, default_loss, loss_weight
 from zo2.models.units import build_units, shared_names
-from zo2.offload.arith import select_kernels
 from zo2.offload.build import OffloadInputs, build_offload
 from zo2.offload.store import share_bounds
 from zo2.offload.streamer import TransferStats
@@ -93,7 +92,7 @@ class ZOEngine:
         from which streamed blocks' state streams (sliced like the weights) and resident units' is synced."""
         self.opt_state = offload.opt_state
         """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
-        self.kernels = select_kernels(self.config.kernels, self.device, {inputs.unit_dtype(u) for u in self.units})
+        self.kernels = offload.kernels
         self.visitor = Visitor(self.config, self.kernels, self.optimizer, self.opt_state, self.compute_dtype,
                                self.plan.one_copy)
         self.last_transfer: TransferStats | None = None

@@ -106,3 +106,26 @@ def test_a_stateful_optimizer_is_refused_with_the_fix(optimizer):
 def test_bad_values_are_refused(bad):
     with pytest.raises(ConfigError, match="optim.writeback_every"):
         ZOConfig(writeback_every=bad)
+
+
+def test_auto_is_the_cost_models_optimum():
+    from zo2.offload.planner import WRITEBACK_LIMIT, auto_writeback
+
+    # per block and step: (K-1)/2 replays at the kernel's rate against bytes/K over the link
+    def cost(k, kernel, link):
+        return (k - 1) / (2 * kernel) + 1 / (k * link)
+
+    for kernel, link in [(3.5e12, 55e9), (1e12, 25e9), (2e11, 50e9), (5e9, 20e9)]:
+        k = auto_writeback(kernel, link)
+        best = min(range(1, WRITEBACK_LIMIT + 1), key=lambda j: cost(j, kernel, link))
+        assert cost(k, kernel, link) <= cost(best, kernel, link) * 1.02, (kernel, link, k, best)
+    assert auto_writeback(3.5e12, 55e9) == 11  # an H100's update pass over PCIe 5
+    assert auto_writeback(5e9, 20e9) == 1  # a CPU: regenerating z costs more than copying
+    assert auto_writeback(1e15, 1e9) == WRITEBACK_LIMIT
+    assert auto_writeback(0.0, 1e9) == 1
+
+
+def test_auto_writes_back_every_step_on_a_cpu():
+    engine, results = run(tiny_model("opt", seed=1), steps=3, offload=True, writeback_every="auto")
+    assert engine.plan.writeback_every == 1 and all(r.replays == 0 for r in results)
+    assert "written back every" not in engine.plan.describe()

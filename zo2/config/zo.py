@@ -85,11 +85,13 @@ class ZOConfig:
     rest from host memory; true: stream every block; false: no streaming."""
     prefetch: int = 1
     """Blocks uploaded ahead of the one being computed (device memory holds prefetch + 2 streamed blocks)."""
-    writeback_every: int = 1
+    writeback_every: int | str = 1
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of
     every K write-backs are saved. Every sync point (flush, snapshot, evaluation, the end) writes every lagging
-    block. 1: every step. Stateless optimizers only (zo-sgd, zo-sgd-sign, zo-sgd-conservative)."""
+    block. 1: every step. 'auto': K from the measured rates of an update pass on the GPU and of the host link (1 on
+    a CPU, with a stateful optimizer, or where several processes share the node's store). K > 1 needs a stateless
+    optimizer (zo-sgd, zo-sgd-sign, zo-sgd-conservative)."""
     gpu_memory_budget: int | float | str | None = None
     """Device memory the engine may plan for: bytes (int or '18GB'), a fraction of free memory (0.9), or None
     for NVML's free memory minus a margin (on CPU, None means no limit)."""
@@ -151,8 +153,9 @@ class ZOConfig:
         require_choice("optim.kernels", self.kernels, ("auto", "triton", "torch"))
         require(isinstance(self.prefetch, int) and self.prefetch >= 1, "optim.prefetch", self.prefetch,
                 "it must be an integer >= 1.")
-        require(isinstance(self.writeback_every, int) and not isinstance(self.writeback_every, bool)
-                and self.writeback_every >= 1, "optim.writeback_every", self.writeback_every,
-                "it must be an integer >= 1 (1 writes back every step).")
+        require(self.writeback_every == "auto" or (isinstance(self.writeback_every, int)
+                and not isinstance(self.writeback_every, bool) and self.writeback_every >= 1),
+                "optim.writeback_every", self.writeback_every,
+                "it must be an integer >= 1 (1 writes back every step) or 'auto'.")
         require(self.lr_schedule == "constant" or self.total_steps is not None, "optim.total_steps",
                 self.total_steps, f"the {self.lr_schedule!r} schedule needs the number of steps it decays over.")

@@ -19,11 +19,11 @@ from torch import nn
 from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
-from zo2.offload.planner import Plan, parse_budget, plan_with_fallback
+from zo2.offload.planner import Plan, auto_writeback, parse_budget, plan_with_fallback
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
-from zo2.offload.arith import segment_table
+from zo2.offload.arith import segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
@@ -212,6 +212,8 @@ class Offload:
     """The distinct residences of the units (each unit's is ``unit.residence``)."""
     opt_state: OptimizerState
     """The optimizer's per-unit state (empty for stateless optimizers)."""
+    kernels: Any
+    """The perturbation/update backend every visit uses (zo2_kernels' Triton kernels or the torch reference)."""
     state_area: StateArea | None = None
     """With a node store and a stateful optimizer: the scheduler's state area."""
     markers: StoreMarkers | None = None
@@ -226,7 +228,6 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     blocks = [u for u in inputs.units if u.kind == "block"]
     frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
     plan = _plan(inputs, blocks, frozen, device)
-    plan.writeback_every = cfg.writeback_every
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
@@ -237,7 +238,12 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
         streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
     keep = {id(m) for u in blocks if u.store_index is not None for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
+    kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
     residences = _settle_units(inputs, store, streamer, markers, device)
+    streamed = next((r for r in residences if isinstance(r, StreamedResidence)), None)
+    plan.writeback_every = _writeback_every(inputs, streamed, kernels, device)
+    if streamed is not None:
+        streamed.writeback_every = plan.writeback_every
     state_area = _map_state_area(inputs, store, device)
     opt_state = build_optimizer_state(inputs.optimizer, inputs.units, inputs.unit_dtype, device, cfg.prefetch,
                                       streamer=streamer, store=store, comm=inputs.comm, area=state_area,
@@ -245,7 +251,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     if plan.streamed or cfg.offload is not False:
         log.info(plan.describe())
 
-    return Offload(plan, store, streamer, residences, opt_state, state_area, markers)
+    return Offload(plan, store, streamer, residences, opt_state, kernels, state_area, markers)
 
 
 def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], device: torch.device) -> Plan:
@@ -278,13 +284,57 @@ def _check_writeback(inputs: OffloadInputs) -> None:
     Under the scheduler a lagging unit is one whose markers hold an older step, which its repair already catches
     up from the log; with sliced transfers every process makes the same write-back decisions, each for its slice."""
     k = inputs.config.writeback_every
-    if k == 1:
+    if k == 1 or k == "auto":
         return
     if inputs.optimizer.state_names:
         raise ConfigError(f"optim.writeback_every = {k} needs a stateless optimizer, but {inputs.optimizer.name} "
                           f"keeps state ({', '.join(inputs.optimizer.state_names)}) that would have to be replayed "
                           "with the weights. Set optim.writeback_every = 1, or use zo-sgd, zo-sgd-sign or "
                           "zo-sgd-conservative.")
+
+
+def _writeback_every(inputs: OffloadInputs, residence: StreamedResidence | None, kernels: Any,
+                     device: torch.device) -> int:
+    """``optim.writeback_every`` as a number: 'auto' measures an update pass over the first streamed block on the
+    device and its upload (:func:`~zo2.offload.planner.auto_writeback`); 1 where nothing streams, on a CPU, with a
+    stateful optimizer, or where the node's processes share one store (they must all choose the same K)."""
+    k = inputs.config.writeback_every
+    if residence is None:
+        return 1
+    if k != "auto":
+        return k
+    if (device.type != "cuda" or inputs.optimizer.state_names
+            or inputs.store_spec is not None or _sliced(inputs)):
+        return 1
+    unit = next(u for u in inputs.units if u.residence is residence)
+    kernel_rate, link_rate = _measure_rates(residence.streamer, unit, kernels, inputs.config)
+    chosen = auto_writeback(kernel_rate, link_rate)
+    log.info("optim.writeback_every = 'auto': an update pass runs at %.0f GB/s and uploads at %.1f GB/s, so blocks "
+             "are written back every %d steps", kernel_rate / 1e9, link_rate / 1e9, chosen)
+    return chosen
+
+
+def _measure_rates(streamer: BlockStreamer, unit: Any, kernels: Any, config: Any) -> tuple[float, float]:
+    """Bytes/s of one update pass over ``unit``'s buffer in a free slot of the streamer, and of its upload from the
+    store (median of 5 each, CUDA events). The slot is scratch: nothing has been uploaded yet."""
+    src = streamer.store.flat(unit.store_index)
+    slot = streamer.slots[0][: src.numel()]
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times[1:])[2]  # the first is a warm-up
+
+    nbytes = src.numel() * src.element_size()
+    upload = timed(lambda: slot.copy_(src, non_blocking=True))
+    replay = timed(lambda: kernels.update(slot, unit.table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot))
+    return nbytes / max(replay, 1e-9), nbytes / max(upload, 1e-9)
 
 
 def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, streamed: list, device: torch.device,
@@ -334,7 +384,7 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
     if streamer is not None:
         streamed = StreamedResidence(streamer, [u for u in inputs.units if u.store_index is not None],
                                      inputs.comm.gather_slices if streamer.ranges else None,
-                                     inputs.config.writeback_every)
+                                     1)  # K is set once the kernels are known (_writeback_every)
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
