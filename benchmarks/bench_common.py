@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from zo2.offload.cuda_time import cuda_timed  # noqa: F401  (the benchmarks' CUDA timer)
+
 def opt_shapes() -> list[str]:
     """The OPT presets (the published shapes), e.g. 'opt-1.3b' .. 'opt-175b'."""
     from zo2.config.presets import preset_names
@@ -63,21 +65,6 @@ def timed(fn: Callable[[], object], warmup: int = 2, repeat: int = 5) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def cuda_timed(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> float:
-    """Median time of ``fn`` on the current CUDA stream in seconds, measured with events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
     return statistics.median(times)
 
 

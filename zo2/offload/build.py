@@ -18,6 +18,7 @@ from torch import nn
 
 from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers, layout_digest
+from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.planner import Plan, auto_writeback, parse_budget, plan_with_fallback
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
@@ -319,21 +320,10 @@ def _measure_rates(streamer: BlockStreamer, unit: Any, kernels: Any, config: Any
     store (median of 5 each, CUDA events). The slot is scratch: nothing has been uploaded yet."""
     src = streamer.store.flat(unit.store_index)
     slot = streamer.slots[0][: src.numel()]
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times[1:])[2]  # the first is a warm-up
-
     nbytes = src.numel() * src.element_size()
-    upload = timed(lambda: slot.copy_(src, non_blocking=True))
-    replay = timed(lambda: kernels.update(slot, unit.table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot))
+    upload = cuda_timed(lambda: slot.copy_(src, non_blocking=True), warmup=1, repeat=5)
+    replay = cuda_timed(lambda: kernels.update(slot, unit.table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot),
+                        warmup=1, repeat=5)
     return nbytes / max(replay, 1e-9), nbytes / max(upload, 1e-9)
 
 
