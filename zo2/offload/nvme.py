@@ -1,0 +1,424 @@
+"""The NVMe tier's file store and the engines that move its bytes.
+
+:class:`NvmeStore` keeps one flat buffer per unit in files under a folder on a local (NVMe) disk, laid out for
+``O_DIRECT``: every unit's bytes are padded to a multiple of :data:`PAGE` and read or written whole, from and into
+buffers whose address is a multiple of :data:`PAGE` (:func:`aligned_empty`). A unit has two versions,
+``unit-<k>.a`` and ``unit-<k>.b``, and a marker ``unit-<k>.json`` naming the current one and the step it holds.
+A write fills the other version, makes it durable (``fsync``), and only then replaces the marker (written to a
+temporary file, ``fsync``-ed, renamed, the folder ``fsync``-ed): a crash at any point leaves the previous version
+current and intact.
+
+The bytes move through an :class:`IOEngine`: :class:`ThreadPoolEngine` (``os.preadv`` / ``os.pwritev`` in a pool
+of threads, ``O_DIRECT`` where the file system accepts it) or :class:`AioEngine` (DeepSpeed's ``aio_handle``,
+libaio). :func:`open_engine` picks one and logs which and why. The store is not wired into the residences yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from zo2.errors import CheckpointError, ConfigError, ResourceError, write_failure
+from zo2.offload.store import Segment, layout_numel
+
+log = logging.getLogger("zo2.offload")
+
+PAGE = 4096
+"""Alignment of O_DIRECT transfers: buffer addresses, file offsets and lengths are multiples of it."""
+DISK_MARGIN_BYTES = 256 << 20
+"""Disk space left free in the store's folder when checking that the store fits."""
+VERSIONS = ("a", "b")
+
+
+def round_up(nbytes: int, to: int = PAGE) -> int:
+    return -(-nbytes // to) * to
+
+
+def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` rounded up to :data:`PAGE`, whose ``data_ptr()`` is a multiple of PAGE
+    (allocated with a page of slack and sliced; the slice keeps the allocation alive). Pinned when asked."""
+    size = round_up(max(nbytes, 1))
+    base = torch.empty(size + PAGE, dtype=torch.uint8, pin_memory=pin)
+    shift = (-base.data_ptr()) % PAGE
+    return base[shift : shift + size]
+
+
+def is_aligned(tensor: torch.Tensor) -> bool:
+    return tensor.data_ptr() % PAGE == 0 and tensor_bytes(tensor) % PAGE == 0
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous CPU tensor, as a flat uint8 view (bf16 included)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("NVMe transfers need a contiguous CPU tensor (pinned for fast uploads).")
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+class IOEngine(Protocol):
+    """Moves whole tensors between files and host memory: submit any number of reads and writes, then
+    :meth:`wait` for all of them (it raises the first failure). ``name`` says which engine runs."""
+
+    name: str
+
+    def submit_read(self, path: str | Path, offset: int, tensor: torch.Tensor) -> None: ...
+
+    def submit_write(self, path: str | Path, offset: int, tensor: torch.Tensor) -> None: ...
+
+    def wait(self) -> int: ...
+
+
+class ThreadPoolEngine:
+    """``os.preadv`` / ``os.pwritev`` in a pool of ``queue_depth`` threads, each request cut into chunks of
+    ``block_size`` bytes. Files are opened with ``O_DIRECT`` when the buffer, offset and length are aligned and
+    the file system accepts it; where it refuses (tmpfs, some network file systems) the engine falls back to
+    buffered I/O and says so once in the log."""
+
+    name = "threads"
+
+    def __init__(self, queue_depth: int = 8, block_size: int = 1 << 20, *, direct: bool = True):
+        self.block_size = max(round_up(block_size), PAGE)
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.buffered_folders: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=max(queue_depth, 1), thread_name_prefix="zo2-nvme")
+        self._pending: list[tuple[int, list[Future]]] = []
+
+    def submit_read(self, path: str | Path, offset: int, tensor: torch.Tensor) -> None:
+        self._submit(path, offset, tensor, write=False)
+
+    def submit_write(self, path: str | Path, offset: int, tensor: torch.Tensor) -> None:
+        self._submit(path, offset, tensor, write=True)
+
+    def _submit(self, path: str | Path, offset: int, tensor: torch.Tensor, *, write: bool) -> None:
+        data = as_bytes(tensor)
+        fd = self._open(Path(path), write, direct=is_aligned(data) and offset % PAGE == 0)
+        view = memoryview(data.numpy())
+        futures = [self._pool.submit(_transfer, fd, view[lo : lo + self.block_size], offset + lo, write)
+                   for lo in range(0, len(view), self.block_size)]
+        self._pending.append((fd, futures))
+
+    def _open(self, path: Path, write: bool, *, direct: bool) -> int:
+        flags = (os.O_WRONLY | os.O_CREAT) if write else os.O_RDONLY
+        if direct and self.direct:
+            try:
+                return os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # the file system refuses O_DIRECT
+                    raise
+                self._note_buffered(path.parent)
+        return os.open(path, flags, 0o644)
+
+    def _note_buffered(self, folder: Path) -> None:
+        if str(folder) not in self.buffered_folders:
+            self.buffered_folders.add(str(folder))
+            log.info("NVMe store: the file system of %s refuses O_DIRECT; using buffered I/O there", folder)
+
+    def wait(self) -> int:
+        """Wait for every submitted request; raise the first error. Returns the number of requests."""
+        pending, self._pending = self._pending, []
+        error = None
+        for fd, futures in pending:
+            for future in futures:
+                exc = future.exception()
+                error = error or exc
+            os.close(fd)
+        if error is not None:
+            raise error
+        return len(pending)
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+
+
+def _transfer(fd: int, view: memoryview, offset: int, write: bool) -> None:
+    """Move all of ``view`` at ``offset``, looping over short reads and writes."""
+    done = 0
+    while done < len(view):
+        part = view[done:]
+        n = os.pwritev(fd, [part], offset + done) if write else os.preadv(fd, [part], offset + done)
+        if n <= 0:
+            raise OSError(5, f"short {'write' if write else 'read'}: {done} of {len(view)} bytes at {offset}")
+        done += n
+
+
+class AioEngine:
+    """DeepSpeed's asynchronous I/O handle (libaio): ``async_pread`` / ``async_pwrite`` queue requests, ``wait``
+    returns when all landed. Buffers should be pinned and PAGE-aligned (the handle opens files with O_DIRECT)."""
+
+    name = "aio"
+
+    def __init__(self, aio_op: Any, queue_depth: int = 8, block_size: int = 1 << 20, threads: int = 1):
+        self.handle = aio_op.aio_handle(block_size, queue_depth, False, True, threads)
+        self._submitted = 0
+
+    def submit_read(self, path: str | Path, offset: int, tensor: torch.Tensor) -> None:
+        self._check(self.handle.async_pread(as_bytes(tensor), str(path), offset), "read", path)
+
+    def submit_write(self, path: str | Path, offset: int, tensor: torch.Tensor) -> None:
+        self._check(self.handle.async_pwrite(as_bytes(tensor), str(path), offset), "write", path)
+
+    def _check(self, status: Any, what: str, path: str | Path) -> None:
+        if status not in (None, 0):
+            raise OSError(5, f"async {what} of {path} was refused by the aio handle (status {status})")
+        self._submitted += 1
+
+    def wait(self) -> int:
+        submitted, self._submitted = self._submitted, 0
+        if not submitted:
+            return 0
+        completed = self.handle.wait()
+        if completed != submitted:
+            raise OSError(5, f"the aio handle completed {completed} of {submitted} requests")
+        return completed
+
+    def close(self) -> None:
+        self.wait()
+
+
+def load_aio() -> tuple[Any, str]:
+    """DeepSpeed's async_io op, or None and the reason it cannot run here."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+    except ImportError:
+        return None, "deepspeed not installed (pip install -e \".[deepspeed]\")"
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible():
+        return None, "libaio missing: AsyncIOBuilder not compatible (apt-get install libaio-dev; see ds_report)"
+    try:
+        return builder.load(), "deepspeed async_io op loaded"
+    except Exception as exc:  # a failed JIT build, a missing compiler
+        return None, f"AsyncIOBuilder.load() failed: {exc}"
+
+
+def open_engine(prefer: str = "auto", queue_depth: int = 8, block_size: int = 1 << 20,
+                threads: int = 1) -> IOEngine:
+    """``auto``: DeepSpeed's AIO engine where the op loads, else the thread pool; ``aio`` insists on AIO
+    (ConfigError with the reason when it cannot load); ``threads`` the thread pool. Logs which engine runs and
+    why."""
+    if prefer not in ("auto", "aio", "threads"):
+        raise ConfigError(f"offload io engine must be 'auto', 'aio' or 'threads', not {prefer!r}.")
+    if prefer == "threads":
+        log.info("NVMe I/O engine: thread pool (chosen in the config)")
+        return ThreadPoolEngine(queue_depth, block_size)
+    op, reason = load_aio()
+    if op is not None:
+        log.info("NVMe I/O engine: DeepSpeed aio (%s)", reason)
+        return AioEngine(op, queue_depth, block_size, threads)
+    if prefer == "aio":
+        raise ConfigError(f"The AIO engine cannot run: {reason}. Install it, or use the thread pool engine.")
+    log.info("NVMe I/O engine: thread pool (%s)", reason)
+    return ThreadPoolEngine(queue_depth, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------- the store
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """Raise ResourceError with the numbers when ``needed`` more bytes do not fit on the disk of ``folder``."""
+    if needed <= 0:
+        return
+    free = shutil.disk_usage(folder).free
+    if needed + DISK_MARGIN_BYTES > free:
+        raise ResourceError(
+            f"{what} needs {needed / 1e9:.2f} GB more on the disk of {folder}, but only {free / 1e9:.2f} GB is "
+            f"free (keeping {DISK_MARGIN_BYTES / 1e9:.2f} GB free). Nothing there was changed. Free space, point "
+            "[offload] nvme_path at a larger disk, or use a smaller storage dtype (bf16 halves fp32).")
+
+
+class NvmeStore:
+    """One file pair per unit under ``folder``: the unit's flat buffer (``dtype``, the numel of its layout)
+    padded to :data:`PAGE`, in two versions and a marker. Files already there (a resumed run) are kept with their
+    markers; missing ones are created at full size, after checking the disk has room for them."""
+
+    def __init__(self, folder: str | Path, layouts: Sequence[Sequence[Segment]], dtype: torch.dtype, *,
+                 engine: IOEngine | None = None, pin: bool | None = None):
+        self.folder = Path(folder)
+        self.layouts = [list(layout) for layout in layouts]
+        self.dtype = dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.numels = [layout_numel(layout) for layout in self.layouts]
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else open_engine()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._markers = [self._read_marker(k) for k in range(len(self))]
+        self._bounce: torch.Tensor | None = None
+        self._create_files()
+
+    @classmethod
+    def from_numels(cls, folder: str | Path, numels: Sequence[int], dtype: torch.dtype, **kwargs) -> "NvmeStore":
+        """A store of plain flat buffers, one per unit, of the given sizes."""
+        return cls(folder, [[Segment("flat", 0, n, (n,))] for n in numels], dtype, **kwargs)
+
+    # ------------------------------------------------------------------ layout
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    def data_bytes(self, k: int) -> int:
+        return self.numels[k] * self.itemsize
+
+    def file_bytes(self, k: int) -> int:
+        """The unit's bytes on disk (and in a staging buffer): its data padded to a multiple of PAGE."""
+        return round_up(self.data_bytes(k))
+
+    @property
+    def nbytes(self) -> int:
+        """Disk bytes of the whole store (both versions of every unit)."""
+        return sum(len(VERSIONS) * self.file_bytes(k) for k in range(len(self)))
+
+    def path(self, k: int, version: str) -> Path:
+        return self.folder / f"unit-{k}.{version}"
+
+    def marker_path(self, k: int) -> Path:
+        return self.folder / f"unit-{k}.json"
+
+    def staging(self, k: int) -> torch.Tensor:
+        """A PAGE-aligned uint8 buffer (pinned where CUDA exists) that :meth:`read` and :meth:`write` move without
+        a copy; ``typed(k, buf)`` is its flat view in the store's dtype."""
+        return aligned_empty(self.file_bytes(k), pin=self.pin)
+
+    def typed(self, k: int, buf: torch.Tensor) -> torch.Tensor:
+        return as_bytes(buf)[: self.data_bytes(k)].view(self.dtype)
+
+    # ------------------------------------------------------------------ markers
+    def held(self, k: int) -> int | None:
+        """The step the current version of unit ``k`` holds; None before its first write."""
+        marker = self._markers[k]
+        return None if marker is None else marker["step"]
+
+    def current(self, k: int) -> str | None:
+        marker = self._markers[k]
+        return None if marker is None else marker["version"]
+
+    def _read_marker(self, k: int) -> dict | None:
+        path = self.marker_path(k)
+        if not path.exists():
+            return None
+        try:
+            marker = json.loads(path.read_text())
+            ok = marker["version"] in VERSIONS and isinstance(marker["step"], int)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"The NVMe store marker {path} is unreadable. Delete the folder {self.folder} to "
+                                  "start the store afresh from a snapshot.")
+        if marker.get("bytes") != self.file_bytes(k):
+            raise CheckpointError(
+                f"The NVMe store marker {path} is for a unit of {marker.get('bytes')} bytes, but this model's unit "
+                f"{k} has {self.file_bytes(k)}: the folder {self.folder} holds another model's store. Use another "
+                "nvme_path, or delete the folder.")
+        return marker
+
+    def _switch(self, k: int, version: str, step: int) -> None:
+        """Make ``version`` current, durably: temporary file, fsync, atomic rename, fsync of the folder."""
+        marker = {"version": version, "step": int(step), "bytes": self.file_bytes(k)}
+        tmp = self.marker_path(k).with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(marker))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.marker_path(k))
+        self._markers[k] = marker
+        _fsync_path(self.folder)
+
+    # ------------------------------------------------------------------ files
+    def _create_files(self) -> None:
+        """Check the disk first, then give every version file its full size (nothing written before the check)."""
+        missing = []
+        for k in range(len(self)):
+            for version in VERSIONS:
+                path = self.path(k, version)
+                have = path.stat().st_size if path.exists() else 0
+                if have < self.file_bytes(k):
+                    missing.append((path, self.file_bytes(k), self.file_bytes(k) - have))
+        check_disk(self.folder, sum(gap for _, _, gap in missing),
+                   f"The NVMe store ({len(self)} units, {self.nbytes / 1e9:.2f} GB with two versions of each)")
+        for path, size, _ in missing:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, size)  # reserve the blocks: a later write cannot run out of space
+                except OSError:
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+
+    def _bounce_for(self, k: int) -> torch.Tensor:
+        size = self.file_bytes(k)
+        if self._bounce is None or tensor_bytes(self._bounce) < size:
+            self._bounce = aligned_empty(max(self.file_bytes(i) for i in range(len(self))), pin=self.pin)
+        return self._bounce[:size]
+
+    # ------------------------------------------------------------------ read / write
+    def read(self, k: int, out: torch.Tensor) -> int:
+        """Fill ``out`` (a contiguous CPU tensor of at least the unit's data bytes, any dtype) with the current
+        version of unit ``k``; returns the step it holds. An aligned buffer of :meth:`file_bytes` (as
+        :meth:`staging` gives) is read into directly, any other through a bounce buffer."""
+        version = self.current(k)
+        if version is None:
+            raise CheckpointError(f"Unit {k} of the NVMe store {self.folder} was never written: nothing to read.")
+        data = as_bytes(out)
+        if tensor_bytes(data) < self.data_bytes(k):
+            raise ValueError(f"read buffer of {tensor_bytes(data)} bytes for unit {k} of {self.data_bytes(k)} bytes")
+        path = self.path(k, version)
+        if path.stat().st_size < self.file_bytes(k):
+            raise CheckpointError(f"{path} (the current version of unit {k}) is shorter than the unit: the NVMe "
+                                  "store was damaged outside the program. Restore the run from a snapshot.")
+        direct = data.data_ptr() % PAGE == 0 and tensor_bytes(data) >= self.file_bytes(k)
+        target = data[: self.file_bytes(k)] if direct else self._bounce_for(k)
+        self.engine.submit_read(path, 0, target)
+        self.engine.wait()
+        if not direct:
+            data[: self.data_bytes(k)].copy_(target[: self.data_bytes(k)])
+        return self._markers[k]["step"]
+
+    def write(self, k: int, src: torch.Tensor, step: int) -> None:
+        """Store ``src`` (the unit's data, at least its bytes) as unit ``k`` after ``step``: into the version that
+        is not current, durable before the marker names it. A failed write leaves the current version as it
+        was and raises ResourceError saying so."""
+        data = as_bytes(src)
+        if tensor_bytes(data) < self.data_bytes(k):
+            raise ValueError(f"write buffer of {tensor_bytes(data)} bytes for unit {k} of {self.data_bytes(k)} bytes")
+        direct = data.data_ptr() % PAGE == 0 and tensor_bytes(data) >= self.file_bytes(k)
+        if direct:
+            source = data[: self.file_bytes(k)]
+        else:
+            source = self._bounce_for(k)
+            source[: self.data_bytes(k)].copy_(data[: self.data_bytes(k)])
+            source[self.data_bytes(k) :].zero_()
+        version = VERSIONS[1] if self.current(k) == VERSIONS[0] else VERSIONS[0]
+        path = self.path(k, version)
+        try:
+            self.engine.submit_write(path, 0, source)
+            self.engine.wait()
+            _fsync_path(path)
+            self._switch(k, version, step)
+        except OSError as exc:
+            kept = (f"The previous version of unit {k} (step {self.held(k)}) is intact" if self.held(k) is not None
+                    else f"Unit {k} holds nothing yet")
+            raise ResourceError(write_failure(path, exc, f"writing unit {k} of the NVMe store", kept)) from exc
+
+    def close(self) -> None:
+        """Finish pending I/O; shut the engine down if the store opened it."""
+        self.engine.wait()
+        if self._owns_engine and hasattr(self.engine, "close"):
+            self.engine.close()
