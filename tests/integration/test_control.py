@@ -55,6 +55,19 @@ def reference(tmp_path_factory):
     return run_dir
 
 
+LONG = 60
+"""Steps of the runs a test interrupts at a moment it does not control (a signal, a kill after some steps): a
+tiny-model step takes a few hundredths of a second on the CPU, so a six-step run can end before the signal lands."""
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """The uninterrupted single-process run of the job with LONG steps."""
+    run_dir = tmp_path_factory.mktemp("long_reference") / "run"
+    train_job(job(run_dir, f"train.steps={LONG}"), quiet=True)
+    return run_dir
+
+
 def run_scheduler(run_dir: Path, *extra: str, workers: int = 1, fault: str | None = None,
                   action=None) -> Scheduler:
     sched = Scheduler(job(run_dir, *extra), workers=workers, quiet=True, fault=fault)
@@ -143,12 +156,12 @@ def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_b
 
 
 @pytest.mark.parametrize("at", [1, 4])
-def test_kill_9_at_a_random_step_loses_nothing(tmp_path, reference, at):
+def test_kill_9_at_a_random_step_loses_nothing(tmp_path, long_reference, at):
     run_dir = tmp_path / "run"
-    sched = run_scheduler(run_dir, action=_kill_worker_after(at))
+    sched = run_scheduler(run_dir, f"train.steps={LONG}", action=_kill_worker_after(at))
     assert sched.restarts == 1
-    assert logged(run_dir) == logged(reference)
-    assert_same(final_weights(run_dir), final_weights(reference))
+    assert logged(run_dir) == logged(long_reference)
+    assert_same(final_weights(run_dir, LONG), final_weights(long_reference, LONG))
 
 
 def test_a_lagging_write_back_torn_by_a_kill_is_repaired_from_the_log(tmp_path, reference):
@@ -167,21 +180,22 @@ def test_a_lagging_write_back_torn_by_a_kill_is_repaired_from_the_log(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_lagging_write_back_with_two_sliced_workers_survives_kill_9(tmp_path, reference):
+def test_a_lagging_write_back_with_two_sliced_workers_survives_kill_9(tmp_path, long_reference):
     run_dir = tmp_path / "run"
-    sched = run_scheduler(run_dir, "parallel.pp=2", "optim.writeback_every=3", workers=2,
+    sched = run_scheduler(run_dir, "parallel.pp=2", "optim.writeback_every=3", f"train.steps={LONG}", workers=2,
                           action=_kill_worker_after(2))
     assert sched.restarts == 1
-    assert logged(run_dir) == logged(reference)
-    assert_same(final_weights(run_dir), final_weights(reference))
+    assert logged(run_dir) == logged(long_reference)
+    assert_same(final_weights(run_dir, LONG), final_weights(long_reference, LONG))
 
 
 @pytest.mark.slow
-def test_a_hung_worker_is_detected_by_its_missing_heartbeats(tmp_path, reference):
+def test_a_hung_worker_is_detected_by_its_missing_heartbeats(tmp_path, long_reference):
     run_dir = tmp_path / "run"
-    sched = run_scheduler(run_dir, "control.heartbeat_timeout_s=3", action=_kill_worker_after(2, signal.SIGSTOP))
+    sched = run_scheduler(run_dir, "control.heartbeat_timeout_s=3", f"train.steps={LONG}",
+                          action=_kill_worker_after(2, signal.SIGSTOP))
     assert sched.restarts == 1
-    assert_same(final_weights(run_dir), final_weights(reference))
+    assert_same(final_weights(run_dir, LONG), final_weights(long_reference, LONG))
 
 
 @pytest.fixture(scope="module")
@@ -261,11 +275,8 @@ def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_writes_a_consistent_snapshot_and_the_same_command_resumes(tmp_path):
-    # long enough that the signal lands before the end: a tiny-model step takes well under 0.1 s on the CPU
-    steps = 60
-    reference = tmp_path / "reference"
-    train_job(job(reference, f"train.steps={steps}"), quiet=True)
+def test_sigterm_writes_a_consistent_snapshot_and_the_same_command_resumes(tmp_path, long_reference):
+    steps, reference = LONG, long_reference
     run_dir = tmp_path / "run"
     proc = _launch(run_dir, f"train.steps={steps}")
     wait_for_steps(run_dir, 2, proc=proc)
@@ -431,15 +442,16 @@ def test_the_workers_listen_on_loopback_only(tmp_path, reference):
     assert not wide, f"listening beyond loopback: {wide}"
 
 
-def test_sigusr1_writes_a_snapshot_between_the_regular_ones(tmp_path, reference):
+def test_sigusr1_writes_a_snapshot_between_the_regular_ones(tmp_path, long_reference):
     def ask(sched: Scheduler) -> None:
         wait_for_steps(sched.run_dir, 1)
         os.kill(os.getpid(), signal.SIGUSR1)  # the scheduler runs in this process's main thread
     run_dir = tmp_path / "run"
-    run_scheduler(run_dir, "checkpoint.save_every=0", action=ask)  # regular snapshots: only the final one
+    # regular snapshots: only the final one
+    run_scheduler(run_dir, "checkpoint.save_every=0", f"train.steps={LONG}", action=ask)
     steps = {int(p.stem.split("_")[1]) for p in list_snapshots(run_dir)}
-    assert 6 in steps and len(steps) == 2 and min(steps) >= 2, steps  # one more, where the signal arrived
-    assert_same(final_weights(run_dir), final_weights(reference))
+    assert LONG in steps and len(steps) == 2 and min(steps) >= 2, steps  # one more, where the signal arrived
+    assert_same(final_weights(run_dir, LONG), final_weights(long_reference, LONG))
 
 
 def test_a_configuration_error_in_a_worker_stops_the_run_with_its_message(tmp_path):
@@ -476,14 +488,14 @@ def test_a_start_up_failure_stops_at_once_and_the_corrected_command_starts_the_r
 
 
 def test_the_conservative_optimizer_runs_under_the_scheduler_and_survives_a_kill(tmp_path):
-    extra = ("optim.optimizer=zo-sgd-conservative",)
+    extra = ("optim.optimizer=zo-sgd-conservative", f"train.steps={LONG}")
     reference = tmp_path / "reference"
     train_job(job(reference, *extra), quiet=True)
     run_dir = tmp_path / "run"
     sched = run_scheduler(run_dir, *extra, action=_kill_worker_after(3))
     assert sched.restarts == 1
     assert logged(run_dir) == logged(reference)
-    assert_same(final_weights(run_dir), final_weights(reference))
+    assert_same(final_weights(run_dir, LONG), final_weights(reference, LONG))
 
 
 def _children(pid: int) -> list[int]:
