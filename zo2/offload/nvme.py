@@ -27,6 +27,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from zo2.errors import CheckpointError, ConfigError, ResourceError, write_failure
+from zo2.fsync import fsync_dir, fsync_file
 from zo2.offload.store import Segment, layout_numel
 
 log = logging.getLogger("zo2.offload")
@@ -224,14 +225,6 @@ def open_engine(prefer: str = "auto", queue_depth: int = 8, block_size: int = 1 
 
 
 # ---------------------------------------------------------------------------------------------------- the store
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_disk(folder: Path, needed: int, what: str) -> None:
     """Raise ResourceError with the numbers when ``needed`` more bytes do not fit on the disk of ``folder``."""
     if needed <= 0:
@@ -338,7 +331,7 @@ class NvmeStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.marker_path(k))
         self._markers[k] = marker
-        _fsync_path(self.folder)
+        fsync_dir(self.folder)
 
     # ------------------------------------------------------------------ files
     def _create_files(self) -> None:
@@ -410,7 +403,7 @@ class NvmeStore:
         try:
             self.engine.submit_write(path, 0, source)
             self.engine.wait()
-            _fsync_path(path)
+            fsync_file(path)
             self._switch(k, version, step)
         except OSError as exc:
             kept = (f"The previous version of unit {k} (step {self.held(k)}) is intact" if self.held(k) is not None

@@ -37,7 +37,8 @@ from safetensors import safe_open
 
 from zo2.errors import CheckpointError, write_failure
 from zo2.optim.estimators import Update
-from zo2.train.durable import fsync_dir, fsync_file, tensor_crc, tensors_checksum, write_safetensors
+from zo2.fsync import fsync_dir, fsync_file
+from zo2.train.durable import tensor_crc, tensors_checksum, write_safetensors
 from zo2.train.log_format import decode_line, encode_line, jsonable
 
 LOG_FILE = "trajectory.jsonl"

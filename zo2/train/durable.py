@@ -1,10 +1,9 @@
-"""Durable files for checkpoints: safetensors written tensor by tensor, CRCs of tensors, and fsync of files and
-folders (a rename or a new file survives a crash only once its folder is fsynced)."""
+"""Durable files for checkpoints: safetensors written tensor by tensor and CRCs of tensors (fsync of files and
+folders: zo2.fsync)."""
 
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Mapping
@@ -59,26 +58,3 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
             t = t.contiguous().cpu() if (t.device.type != "cpu" or not t.is_contiguous()) else t
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (a no-op where directories cannot be fsynced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
