@@ -33,7 +33,7 @@ from zo2.models.base import adapter_for
 from zo2.models.losses import LossFn, default_loss, loss_weight
 from zo2.models.units import build_units, shared_names
 from zo2.offload.build import OffloadInputs, build_offload
-from zo2.offload.store import share_bounds
+from zo2.offload.residence import DeviceResidence
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
 from zo2.optim.estimators import Point, Update, build_estimator
@@ -257,15 +257,15 @@ class ZOEngine:
     def sync_store(self) -> None:
         """With a node store (zo2.control): flush, then write every resident unit back to the store (this
         process's slice of it when several workers share the node), so the store holds the current weights and
-        the scheduler can snapshot them. Streamed units are written back on every visit already."""
+        the scheduler can snapshot them. Streamed units are home after the flush (it writes every lagging one)."""
         self.flush()
         if self.store_spec is None:
             return
         for unit in self.units:
             unit.residence.sync_home(unit)
         if self.state_area is not None:
-            residence = self.residences[0]  # the device residence: this process's share of each unit
-            self.opt_state.save_area(lambda n: share_bounds(n, residence.writer, residence.writers))
+            resident = next(r for r in self.residences if isinstance(r, DeviceResidence))
+            self.opt_state.save_area(resident.share)  # this process's share of each unit's state
         if self.comm is not None:
             self.comm.local_barrier()
 

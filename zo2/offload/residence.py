@@ -116,11 +116,15 @@ class DeviceResidence(Residence):
     def acquire(self, unit: Any) -> torch.Tensor:
         return unit.flat
 
+    def share(self, numel: int) -> tuple[int, int]:
+        """This process's share [lo, hi) of a node-store buffer (or state buffer) of ``numel`` elements."""
+        return share_bounds(numel, self.writer, self.writers)
+
     def sync_home(self, unit: Any) -> None:
         if self.node_store is None or unit.flat is None:
             return
         dst = self.node_store.flat(unit.home)
-        lo, hi = share_bounds(dst.numel(), self.writer, self.writers)
+        lo, hi = self.share(dst.numel())
         hi = min(hi, unit.flat.numel())  # the resident copy is not padded
         self.markers.begin(unit.home, self.writer, unit.applied)
         if hi > lo:
