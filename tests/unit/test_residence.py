@@ -94,3 +94,25 @@ def test_a_new_residence_plugs_into_the_visit_unchanged(optimizer):
     assert custom.calls["write_back"] == 4 * len(blocks)  # one per applied update: steps 0..3, the last on flush
     assert all(custom.held(u) == 3 for u in blocks)
     assert all(torch.equal(custom.home[u.name], u.flat) for u in blocks)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_dropping_the_engine_frees_its_buffers_without_the_cycle_collector(offload):
+    """Units hold their residence; a residence that held its units back would form a cycle, and the streamer's
+    device slots would stay allocated after ``del engine`` until Python's cycle collector happened to run."""
+    import gc
+    import weakref
+
+    engine = ZOEngine(tiny_model("opt", seed=1), ZOConfig(offload=offload, **CFG))
+    engine.step(padded_batch(seed=0))
+    refs = [weakref.ref(engine), *(weakref.ref(r) for r in engine.residences), weakref.ref(engine.units[1])]
+    if engine.streamer is not None:
+        refs.append(weakref.ref(engine.streamer))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del engine
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        if enabled:
+            gc.enable()

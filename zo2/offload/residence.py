@@ -27,6 +27,7 @@ A new home for weights (a lagging write-back, an NVMe tier) is a new residence: 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -141,18 +142,24 @@ class StreamedResidence(Residence):
     def __init__(self, streamer: BlockStreamer, units: Sequence[Any],
                  gather: Callable[[torch.Tensor], None] | None = None, writeback_every: int = 1):
         self.streamer = streamer
-        self.units = list(units)
+        self._units = [weakref.ref(u) for u in units]
+        """The units streamed here, held weakly: each unit holds its residence, and a cycle would keep the
+        streamer's device slots alive after the engine is dropped, until Python's cycle collector runs."""
         self.gather = gather
         self.writeback_every = writeback_every
         """K: a block's store copy may lag up to K - 1 updates behind (``optim.writeback_every``)."""
-        self.last: Any = None
-        """The last streamed unit of a pass: after its visit the next pass's first uploads start."""
-        self._held = {u.name: u.applied for u in self.units}
+        self.last: str | None = None
+        """The name of the last streamed unit of a pass: after its visit the next pass's first uploads start."""
+        self._held = {u.name: u.applied for u in units}
         """The step each unit's store copy holds."""
+
+    def units(self) -> list[Any]:
+        """The units streamed here (those still alive)."""
+        return [u for u in (ref() for ref in self._units) if u is not None]
 
     def begin_pass(self, units: Sequence[Any]) -> None:
         mine = [u for u in units if u.residence is self]
-        self.last = mine[-1] if mine else None
+        self.last = mine[-1].name if mine else None
         self.streamer.begin([u.store_index for u in mine])
 
     def acquire(self, unit: Any) -> torch.Tensor:
@@ -186,7 +193,7 @@ class StreamedResidence(Residence):
         self.streamer.release(unit.store_index)
 
     def after_visit(self, unit: Any) -> None:
-        if unit is self.last:
+        if unit.name == self.last:
             self.streamer.prefetch_next_pass()  # overlaps the remaining units and the head
 
     def frozen_weights(self, unit: Any) -> contextlib.AbstractContextManager:
@@ -200,7 +207,7 @@ class StreamedResidence(Residence):
 
     def invalidate(self) -> None:
         self.streamer.invalidate()
-        self._held = {u.name: u.applied for u in self.units}  # written from the host: it holds what the units hold
+        self._held = {u.name: u.applied for u in self.units()}  # written from the host: it holds what the units hold
 
     def collect_stats(self) -> TransferStats:
         return self.streamer.collect_stats()
