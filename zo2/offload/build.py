@@ -20,6 +20,7 @@ from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
+from zo2.offload.pieces import PieceStore, PiecewiseResidence, module_ranges, piece_bounds
 from zo2.offload.planner import Plan, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
@@ -228,6 +229,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     _check_writeback(inputs)
     blocks = [u for u in inputs.units if u.kind == "block"]
     frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
+    _check_granularity(inputs, frozen)
     kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
     plan = _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels))
     markers = None
@@ -277,16 +279,39 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     reserve = _largest_module(inputs) * compute_size + (4 * largest if materializes_z else 0)
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    return make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
+    piece = None
+    if cfg.stream_granularity == "matrix":  # the largest upload: one module's parameters
+        itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)
+        piece = _largest_module(inputs, blocks) * itemsize
+    return make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
 
 
-def _largest_module(inputs: OffloadInputs) -> int:
-    """The most trainable elements one module holds directly (what zo2.points forms at a point at once)."""
+def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:
+    """The most trainable elements one module (of ``units``, default all) holds directly (what zo2.points forms
+    at a point at once)."""
     per_module: dict[int, int] = {}
-    for u in inputs.units:
+    for u in inputs.units if units is None else units:
         for s in u.slots:
             per_module[id(s.module)] = per_module.get(id(s.module), 0) + inputs.params[s.name].numel()
     return max(per_module.values(), default=0)
+
+
+def _check_granularity(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) -> None:
+    """``optim.stream_granularity = 'matrix'`` needs what zo2.offload.pieces supports (ConfigError otherwise)."""
+    if inputs.config.stream_granularity != "matrix":
+        return
+    why = None
+    if inputs.store_spec is not None:
+        why = "blocks streamed from zo2 launch's node store"
+    elif _sliced(inputs):
+        why = "sliced transfers (several processes per node)"
+    elif inputs.optimizer.state_names:
+        why = f"{inputs.optimizer.name}, which keeps state that streams block by block"
+    elif any(frozen):
+        why = "frozen (PEFT base) weights, which stream block by block"
+    if why is not None:
+        raise ConfigError(f"optim.stream_granularity = 'matrix' does not yet work with {why}. Set "
+                          "optim.stream_granularity = 'block'.")
 
 
 def _check_writeback(inputs: OffloadInputs) -> None:
@@ -328,11 +353,15 @@ def _writeback_every(inputs: OffloadInputs, residence: StreamedResidence | None,
 def _measure_rates(streamer: BlockStreamer, unit: Any, kernels: Any, config: Any) -> tuple[float, float]:
     """Bytes/s of one update pass over ``unit``'s buffer in a free slot of the streamer, and of its upload from the
     store (median of 5 each, CUDA events). The slot is scratch: nothing has been uploaded yet."""
-    src = streamer.store.flat(unit.store_index)
+    if isinstance(streamer.store, PieceStore):  # one matrix at a time: the first piece (of the first block)
+        block, lo, hi = streamer.store.pieces[0]
+        src, table = streamer.store.flat(0), unit.table.slice(lo, hi)
+    else:
+        src, table = streamer.store.flat(unit.store_index), unit.table
     slot = streamer.slots[0][: src.numel()]
     nbytes = src.numel() * src.element_size()
     upload = cuda_timed(lambda: slot.copy_(src, non_blocking=True), warmup=1, repeat=5)
-    replay = cuda_timed(lambda: kernels.update(slot, unit.table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot),
+    replay = cuda_timed(lambda: kernels.update(slot, table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot),
                         warmup=1, repeat=5)
     return nbytes / max(replay, 1e-9), nbytes / max(upload, 1e-9)
 
@@ -369,10 +398,36 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     store = _build_store(inputs, blocks_params, dtypes.pop() if dtypes else inputs.compute_dtype, device)
     for k, u in enumerate(streamed):
         u.store_index = k
+    if inputs.config.stream_granularity == "matrix":
+        return store, BlockStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
     streamer = BlockStreamer(store, device, inputs.config.prefetch)
     if _sliced(inputs):
         streamer.ranges = {k: inputs.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
     return store, streamer
+
+
+def _piece_store(inputs: OffloadInputs, store: ParameterStore, streamed: list) -> PieceStore:
+    """The pieces of every streamed block (zo2.offload.pieces), numbered block after block."""
+    pieces = []
+    for u in streamed:
+        layout = store.layout(u.store_index)
+        bounds = piece_bounds(module_ranges(u.slots, layout), store.flat(u.store_index).numel())
+        pieces += [(u.store_index, lo, hi) for lo, hi in bounds]
+    return PieceStore(store, pieces)
+
+
+def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: list) -> StreamedResidence:
+    """The residence of the streamed units: block by block, or a piece at a time over a PieceStore."""
+    if isinstance(streamer.store, PieceStore):
+        bounds: dict[str, list[tuple[int, int]]] = {}
+        first: dict[str, int] = {}
+        for k, (block, lo, hi) in enumerate(streamer.store.pieces):
+            name = next(u.name for u in units if u.store_index == block)
+            first.setdefault(name, k)
+            bounds.setdefault(name, []).append((lo, hi))
+        return PiecewiseResidence(streamer, units, bounds, first)
+    return StreamedResidence(streamer, units, inputs.comm.gather_slices if streamer.ranges else None,
+                             1)  # K is set once the kernels are known (_writeback_every)
 
 
 def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
@@ -382,9 +437,7 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
     streamed = None
     if streamer is not None:
-        streamed = StreamedResidence(streamer, [u for u in inputs.units if u.store_index is not None],
-                                     inputs.comm.gather_slices if streamer.ranges else None,
-                                     1)  # K is set once the kernels are known (_writeback_every)
+        streamed = _streamed_residence(inputs, streamer, [u for u in inputs.units if u.store_index is not None])
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
