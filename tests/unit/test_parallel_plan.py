@@ -224,3 +224,14 @@ def test_cli_plan_bad_flags_exit_2(capsys, argv, needle):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("zo2: error: ") and needle in err and "Traceback" not in err
+
+
+def test_matrix_granularity_slots_hold_the_largest_weight_not_a_block():
+    block = predict_layout(TOY, Layout(), _stream(), ROUND)
+    matrix = predict_layout(TOY, Layout(), _stream(granularity="matrix"), ROUND)
+    slots = 3  # prefetch 1 + 2
+    assert (block.gpu_mem_gb - matrix.gpu_mem_gb) * 1e9 == pytest.approx(
+        slots * (TOY.block_params - TOY.largest_weight) * 2, rel=1e-9)
+    assert matrix.step_s == block.step_s  # the same bytes move
+    with pytest.raises(ConfigError, match="--granularity"):
+        Workload(granularity="layer")
