@@ -108,6 +108,8 @@ def test_one_matrix_at_a_time_needs_a_fraction_of_the_blocks_memory():
         return result
 
     block = (12 * 1024 * 1024 + 13 * 1024) * 2
+    fc1 = (4096 * 1024 + 4096) * 2
     b, m = peak("block"), peak("matrix")
-    # 3 block slots (75 MB) become 3 slots of the largest matrix (fc1: 8.4 MB)
-    assert m < b - 2 * block, (b, m)
+    # 3 block slots (75.6 MB) become 3 slots of the largest matrix (fc1: 8.4 MB); measured on an H200: 123.6 MB
+    # -> 73.2 MB, 50.4 MB less (3 x (block - fc1) = 50.4 MB)
+    assert m < b - 2.5 * (block - fc1), (b, m)
