@@ -99,3 +99,16 @@ def test_what_matrix_mode_does_not_support_yet_is_refused_with_the_fix(case):
 def test_a_bad_granularity_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="stream_granularity"):
         ZOConfig(stream_granularity="layer")
+
+
+def test_prefetch_counts_matrices_not_the_norms_between_them():
+    engine = ZOEngine(tiny_model("llama", seed=1), ZOConfig(offload=True, stream_granularity="matrix", prefetch=1,
+                                                             **CFG))
+    for s in range(2):  # the first pass learns the order the forwards read the pieces in; the second uses it
+        engine.step(padded_batch(seed=s))
+    streamer = engine.streamer
+    largest = max(streamer.store.flat(i).numel() for i in range(len(streamer.store)))
+    sizes = [streamer.store.flat(b).numel() for b in streamer._order]
+    assert sizes[0] * 16 < largest  # llama reads its input norm first
+    ahead = streamer._ahead(0)
+    assert [streamer.store.flat(b).numel() * 16 >= largest for b in ahead] == [False, True]

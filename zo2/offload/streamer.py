@@ -61,6 +61,7 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         indices = range(len(store)) if blocks is None else blocks
         largest = max((store.flat(i).numel() for i in indices), default=0)
+        self._largest = largest
         self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
         self.stats = TransferStats()
         self.measure = measure and self.cuda
@@ -98,9 +99,7 @@ class BlockStreamer:
         self._order = list(order)
         self._position = {b: k for k, b in enumerate(self._order)}
         self._uploaded = {b: e for b, e in self._uploaded.items() if b in self._position}
-        for b in self._order[: self.prefetch]:
-            if b not in self._uploaded:
-                self._upload(b, required=False)
+        self._prefetch(0)
 
     def prefetch_next_pass(self) -> None:
         """At the end of a pass, start uploading the first blocks of the next one (same order), so their
@@ -110,7 +109,21 @@ class BlockStreamer:
         is applied to the device copy when the block is visited. Call :meth:`invalidate` if the store is
         written from the host in between.
         """
-        for b in self._order[: self.prefetch]:
+        self._prefetch(0)
+
+    def _ahead(self, start: int) -> list[int]:
+        """The blocks from position ``start`` on that a prefetch covers: the next ``prefetch`` ones, where a small
+        one (under 1/16 of the largest, a norm streamed one matrix at a time) does not count."""
+        out, large = [], 0
+        for b in self._order[start:]:
+            if large == self.prefetch:
+                break
+            out.append(b)
+            large += self.store.flat(b).numel() * 16 >= self._largest
+        return out
+
+    def _prefetch(self, start: int) -> None:
+        for b in self._ahead(start):
             if b not in self._uploaded:
                 self._upload(b, required=False)
 
@@ -126,10 +139,7 @@ class BlockStreamer:
         if block not in self._uploaded:
             self._upload(block)
         self._in_use.add(self._slot_of[block])  # before prefetching: no upload ahead may land in this slot
-        pos = self._position[block]
-        for nxt in self._order[pos + 1 : pos + 1 + self.prefetch]:
-            if nxt not in self._uploaded:
-                self._upload(nxt, required=False)
+        self._prefetch(self._position[block] + 1)
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             if self.measure:
