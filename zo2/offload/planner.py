@@ -98,7 +98,15 @@ class Plan:
         resident = sum(self.block_bytes[i] for i in self.resident)
         return self.fixed_bytes + resident + self.slot_bytes + self.reserve_bytes
 
-    def describe(self) -> str:
+    def peak_with(self, act_block: float, act_head: float) -> int:
+        """The expected peak with activations: the working reserve and a block's activations together, or the
+        head's, whichever is larger (zo2.parallel.plan_memory.activation_bytes gives them for a batch)."""
+        resident = sum(self.block_bytes[i] for i in self.resident)
+        return int(self.fixed_bytes + resident + self.slot_bytes + max(self.reserve_bytes + act_block, act_head))
+
+    def describe(self, activations: tuple[str, float, float] | None = None) -> str:
+        """The plan as text; ``activations`` = (batch, a block's activations, the head's) adds the peak with them
+        for that batch (the same number ``zo2 plan`` predicts for this residency)."""
         n = len(self.block_bytes)
         lines = [
             f"residency plan: {len(self.resident)}/{n} blocks resident, {len(self.streamed)}/{n} streamed "
@@ -109,6 +117,10 @@ class Plan:
             f"  expected peak device memory {_gb(self.expected_peak)}"
             + (f" of a {_gb(self.budget)} budget" if self.budget is not None else ""),
         ]
+        if activations is not None:
+            batch, act_block, act_head = activations
+            lines[-1] += (f"; with the activations of a {batch} batch "
+                          f"{_gb(self.peak_with(act_block, act_head))}")
         if self.writeback_every > 1:
             lines.append(f"  streamed blocks written back every {self.writeback_every} steps (and at every sync "
                          "point); an upload replays the updates its host copy lacks")

@@ -21,6 +21,17 @@ class Residency:
     note: str = ""
 
 
+def activation_bytes(hidden: int, ffn: int, vocab: int, tokens: int, copies: int, compute_bytes: int
+                     ) -> tuple[float, float]:
+    """(a block's activations, the head's) for ``copies`` points of ``tokens`` tokens run as one batch: a block
+    holds its hidden states in and out and a feed-forward intermediate with its per-point parts joined; the head
+    the points' logits and two float32 copies of one point's (the loss). The start-of-run plan (zo2.engine) and
+    ``zo2 plan`` both use it."""
+    act_block = copies * tokens * (2 * hidden + 2 * ffn) * compute_bytes
+    act_head = tokens * vocab * (copies * compute_bytes + 8)
+    return act_block, act_head
+
+
 def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> Residency:
     """The planner's choice of resident blocks, and the peak GPU memory it implies.
 
@@ -31,10 +42,11 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
     block, fixed = shape.block_params * s, shape.fixed_params * s
     copies = 2 // layout.pp
     rank_tokens = work.tokens // layout.dp
-    act_block = copies * rank_tokens * (2 * shape.hidden + 2 * shape.ffn) * c
-    act_head = rank_tokens * shape.vocab * (copies * c + 8)
+    act_block, act_head = activation_bytes(shape.hidden, shape.ffn, shape.vocab, rank_tokens, copies, c)
     budget = rates.gpu_mem_gb * GB - max(rates.margin_fraction * rates.gpu_mem_gb * GB, rates.margin_min_gb * GB)
-    reserve = shape.largest_weight * c  # the Triton kernels form it without holding z
+    # the largest module's parameters at a point (the embedding's, when it is larger than a block's matrices); the
+    # Triton kernels form it without holding z
+    reserve = max(shape.largest_weight, shape.vocab * shape.embed_width) * c
 
     def peak(resident: int, slots: float) -> float:
         return fixed + resident * block + slots + max(reserve + act_block, act_head)
