@@ -254,7 +254,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['shape']} {r.get('budget') or ''}: {r['error']}")
     write_json(args.out, {"benchmark": "offload", "env": environment(), "layers": args.layers,
-                          "loss_chunk_bytes": LOSS_CHUNK_BYTES, "rows": rows})
+                          "loss_chunk_bytes": LOSS_CHUNK_BYTES, "head_points_at_once": 1, "rows": rows})
 
 
 if __name__ == "__main__":

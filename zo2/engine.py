@@ -176,15 +176,16 @@ class ZOEngine:
                     hidden, ctx = self.adapter.embed(ids, mask)
                 elif unit.kind == "block":
                     hidden = self.adapter.block(unit.index, hidden, ctx)
-                else:
-                    logits = self.adapter.head(hidden, ctx)
+                else:  # one point at a time: one point's logits exist at once
                     for i in range(n):
-                        mine = logits[i * rows : (i + 1) * rows]
+                        with forward.at(i):
+                            logits = self.adapter.head(hidden[i * rows : (i + 1) * rows], ctx)
                         # .double() is exact for any dtype and keeps float64 checks exact
-                        losses.append(self.loss_fn(mine, batch).detach().double().reshape(()))
+                        losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))
                         if keep_logits:
-                            logits_out.append(mine)
-                    hidden = ctx = logits = None
+                            logits_out.append(logits)
+                        del logits
+                    hidden = ctx = None
             unit.residence.after_visit(unit)  # a streamed pass's last block starts the next pass's uploads
         return losses, logits_out
 

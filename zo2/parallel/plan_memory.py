@@ -23,13 +23,14 @@ class Residency:
 
 
 def activation_bytes(hidden: int, ffn: int, vocab: int, tokens: int, copies: int, compute_bytes: int,
-                     loss_chunk_bytes: float = LOSS_CHUNK_BYTES) -> tuple[float, float]:
+                     loss_chunk_bytes: float = LOSS_CHUNK_BYTES, head_points: int = 1) -> tuple[float, float]:
     """(a block's activations, the head's) for ``copies`` points of ``tokens`` tokens run as one batch: a block
     holds its hidden states in and out and a feed-forward intermediate with its per-point parts joined; the head
-    the points' logits and the loss's float32 chunk (zo2.models.base.LOSS_CHUNK_BYTES). The start-of-run plan (zo2.engine) and
+    runs one point at a time (``head_points``: how many points' logits exist at once, 1 since the head went point
+    by point) and holds the loss's float32 chunk (zo2.models.base.LOSS_CHUNK_BYTES). The start-of-run plan (zo2.engine) and
     ``zo2 plan`` both use it."""
     act_block = copies * tokens * (2 * hidden + 2 * ffn) * compute_bytes
-    act_head = tokens * vocab * copies * compute_bytes + min(tokens * vocab * 8, loss_chunk_bytes)
+    act_head = tokens * vocab * head_points * compute_bytes + min(tokens * vocab * 8, loss_chunk_bytes)
     return act_block, act_head
 
 
@@ -44,7 +45,8 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
     copies = 2 // layout.pp
     rank_tokens = work.tokens // layout.dp
     act_block, act_head = activation_bytes(shape.hidden, shape.ffn, shape.vocab, rank_tokens, copies, c,
-                                           rates.loss_chunk_mb * 2**20)
+                                           rates.loss_chunk_mb * 2**20,
+                                           copies if rates.head_points_at_once > 1 else 1)
     budget = rates.gpu_mem_gb * GB - max(rates.margin_fraction * rates.gpu_mem_gb * GB, rates.margin_min_gb * GB)
     # the largest module's parameters at a point (the embedding's, when it is larger than a block's matrices); the
     # Triton kernels form it without holding z
