@@ -36,7 +36,7 @@ from zo2.offload.build import OffloadInputs, build_offload
 from zo2.offload.residence import DeviceResidence
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
-from zo2.parallel.plan_memory import activation_bytes
+from zo2.parallel.plan_memory import activation_bytes, working_bytes
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
 from zo2.optim.rng import direction, param_key
@@ -116,8 +116,9 @@ class ZOEngine:
         copies = len(self.comm.my_points(n)) if self.comm is not None else n
         tokens = rows * seq // (self.comm.dims.dp if self.comm is not None else 1)  # this rank's shard
         size = torch.empty((), dtype=self.compute_dtype).element_size()
-        act_block, act_head = activation_bytes(hidden, ffn, vocab, tokens, copies, size)
-        return self.plan.describe(activations=(f"{rows}x{seq}", act_block, act_head))
+        act_block, logits, loss = activation_bytes(hidden, ffn, vocab, tokens, copies, size)
+        return self.plan.describe(activations=(f"{rows}x{seq}", lambda block, reserve: working_bytes(
+            block, reserve, act_block, logits, loss)))
 
     # ------------------------------------------------------------------ setup
     def _set_dtypes(self) -> None:

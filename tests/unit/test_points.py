@@ -124,16 +124,20 @@ def test_the_start_of_run_plan_prints_zo2_plans_peak():
 
     from zo2.config.presets import get_preset
     from zo2.parallel.plan_inputs import Layout, Rates, Workload, shape_from_config
+    from zo2.parallel.plan_memory import working_bytes
     from zo2.parallel.plan_model import predict_layout
     from zo2.train.model import build_model
 
     m = replace(get_preset("opt-125m").model, num_layers=2, dtype="bf16")
     engine = ZOEngine(build_model(m), ZOConfig(offload=True, kernels="torch"))
+    engine.plan.reserve_bytes -= 4 * max(p.numel() for u in engine.units if u.kind == "block"
+                                         for n in u.owned for p in [engine.params[n]])  # zo2 plan models Triton
+    engine.plan.block_reserve_bytes -= 4 * max(p.numel() for u in engine.units if u.kind == "block"
+                                               for n in u.owned for p in [engine.params[n]])
     text = engine.describe_plan(4, 128)
     assert "with the activations of a 4x128 batch" in text
-    act_block, act_head = _act(m, 4 * 128)
-    assert act_head > engine.plan.reserve_bytes + act_block  # the head's logits set the peak here
-    ours = engine.plan.peak_with(act_block, act_head)
+    act_block, logits, loss = _act(m, 4 * 128)
+    ours = engine.plan.peak_with(lambda block, reserve: working_bytes(block, reserve, act_block, logits, loss))
     shape = shape_from_config(m)
     theirs = predict_layout(shape, Layout(), Workload(tokens=4 * 128, seq=128, offload="stream"), Rates()).gpu_mem_gb
     assert ours == pytest.approx(theirs * 1e9, rel=1e-6)
