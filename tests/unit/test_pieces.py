@@ -47,11 +47,12 @@ def test_slots_hold_a_matrix_not_a_block_and_every_byte_moves_once_per_step():
     engine = ZOEngine(tiny_model("llama", seed=1, num_hidden_layers=4),
                       ZOConfig(offload=True, stream_granularity="matrix", **CFG))
     block_elems = max(engine.store.flat(i).numel() for i in range(len(engine.store)))
-    slot_elems = engine.streamer.slots[0].numel()
-    assert slot_elems < block_elems / 2
-    assert len(engine.streamer.slots) == engine.config.prefetch + 2
+    piece_elems = max(engine.streamer.store.flat(i).numel() for i in range(len(engine.streamer.store)))
+    assert piece_elems < block_elems / 2
+    ring = engine.streamer.pool.numel()
+    assert ring == (engine.config.prefetch + 2) * piece_elems
     itemsize = engine.store.flat(0).element_size()
-    assert engine.plan.slot_bytes >= len(engine.streamer.slots) * slot_elems * itemsize
+    assert engine.plan.slot_bytes == ring * itemsize == engine.streamer.device_bytes
     store_bytes = sum(engine.store.flat(i).numel() for i in range(len(engine.store))) * itemsize
     moved = [engine.step(padded_batch(seed=s)) for s in range(4)]
     # once the first pass has shown the order the forwards read the pieces in (the next step's first pieces
@@ -112,3 +113,51 @@ def test_prefetch_counts_matrices_not_the_norms_between_them():
     assert sizes[0] * 16 < largest  # llama reads its input norm first
     ahead = streamer._ahead(0)
     assert [streamer.store.flat(b).numel() * 16 >= largest for b in ahead] == [False, True]
+
+
+class _Pieces:
+    """A store of pieces of the given sizes whose values say which piece they are."""
+
+    def __init__(self, sizes):
+        self.buffers = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]
+        self.dtype = torch.float32
+
+    def __len__(self):
+        return len(self.buffers)
+
+    def flat(self, i):
+        return self.buffers[i]
+
+
+def test_the_ring_never_overwrites_a_piece_a_forward_reads_and_keeps_copies_until_their_room_is_needed():
+    """Random acquire / release (kept or not) / drop sequences over pieces of mixed sizes: every acquired copy
+    holds its piece, a held copy never changes while held, and a kept copy is reused only while intact."""
+    import random
+
+    from zo2.offload.pieces import RingStreamer
+
+    rng = random.Random(0)
+    sizes = [rng.choice([1, 2, 30, 100, 100]) for _ in range(40)]
+    streamer = RingStreamer(_Pieces(sizes), torch.device("cpu"), prefetch=1)
+    assert streamer.pool.numel() == 3 * 100
+    streamer.begin(list(range(len(sizes))))
+    held: dict[int, torch.Tensor] = {}
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.5 and len(held) < 2:
+            b = rng.randrange(len(sizes))
+            kept = streamer.has(b)
+            buf = streamer.acquire(b)
+            assert torch.equal(buf, torch.full((sizes[b],), float(b))), (b, kept)
+            held[b] = buf
+        elif held:
+            b = rng.choice(list(held))
+            streamer.release(b, keep=rng.random() < 0.7)
+            del held[b]
+        for b, buf in held.items():
+            assert torch.equal(buf, torch.full((sizes[b],), float(b)))
+        if rng.random() < 0.05:
+            victim = rng.randrange(len(sizes))
+            if victim not in held:
+                streamer.drop(victim)
+                assert not streamer.has(victim)

@@ -20,7 +20,7 @@ from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
-from zo2.offload.pieces import PieceStore, PiecewiseResidence, module_ranges, piece_bounds
+from zo2.offload.pieces import PieceStore, PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
 from zo2.offload.planner import Plan, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
@@ -403,7 +403,7 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     for k, u in enumerate(streamed):
         u.store_index = k
     if inputs.config.stream_granularity == "matrix":
-        return store, BlockStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
+        return store, RingStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
     streamer = BlockStreamer(store, device, inputs.config.prefetch)
     if _sliced(inputs):
         streamer.ranges = {k: inputs.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}

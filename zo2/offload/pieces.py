@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from zo2.offload.residence import StreamedResidence
+from zo2.offload.streamer import BlockStreamer
 from zo2.offload.store import ParameterStore
 
 def module_ranges(slots: Sequence[Any], layout: Sequence[Any]) -> list[tuple[int, int]]:
@@ -62,6 +63,63 @@ class PieceStore:
     def flat(self, index: int) -> torch.Tensor:
         block, lo, hi = self.pieces[index]
         return self.store.flat(block)[lo:hi]
+
+
+class RingStreamer(BlockStreamer):
+    """A :class:`BlockStreamer` whose device memory is one ring of ``(prefetch + 2)`` × the largest piece,
+    allocated piece by piece in upload order, instead of fixed slots: a norm's few KB take a few KB, so the large
+    matrices around it keep the room, and a matrix's slot is reused only after the pieces uploaded since have
+    filled the ring (by then its write-back has long landed). Each allocation is a "slot" of the base class
+    (its own id, view, busy events and in-use mark); an upload waits for the busy events of every allocation it
+    overwrites and never overwrites one a forward still reads."""
+
+    def __init__(self, store: Any, device: torch.device, prefetch: int = 1, measure: bool = True):
+        super().__init__(store, device, prefetch, measure)
+        capacity = (prefetch + 2) * self._largest
+        self.pool = self.slots[0].new_empty(capacity)
+        self.slots = {0: self.pool}  # id 0: the whole ring (scratch for measurements before any upload)
+        self._slot_busy = {0: []}
+        self._live: dict[int, tuple[int, int]] = {}
+        """Allocation id → its [lo, hi) of the ring, for every allocation not yet overwritten."""
+        self._head = 0
+        self._ids = 0
+
+    @property
+    def device_bytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    def attach_frozen(self, frozen: Any) -> None:
+        if frozen is not None:
+            raise ValueError("the ring streamer moves trainable pieces only (frozen weights stream by block)")
+
+    def _choose_slot(self, block: int, required: bool) -> int | None:
+        n = self.store.flat(block).numel()
+        lo = self._head
+        for _ in range(len(self._live) + 2):
+            if lo + n > self.pool.numel():
+                lo = 0
+            busy = [a for a, (x, y) in self._live.items() if x < lo + n and lo < y and a in self._in_use]
+            if not busy:
+                break
+            lo = max(self._live[a][1] for a in busy)  # past what a forward still reads
+        else:
+            if not required:
+                return None
+            raise RuntimeError("the streamer's ring is taken by weights forwards still read; this is a bug in zo2.")
+        victims = [a for a, (x, y) in self._live.items() if x < lo + n and lo < y]
+        self._ids += 1
+        slot = self._ids
+        self._slot_busy[slot] = [e for a in victims for e in self._slot_busy.pop(a)]
+        for a in victims:
+            del self._live[a]
+            self.slots.pop(a)
+            for b in [b for b, s in self._slot_of.items() if s == a]:
+                self._uploaded.pop(b, None)  # its copy is overwritten now
+                del self._slot_of[b]
+        self._live[slot] = (lo, lo + n)
+        self.slots[slot] = self.pool[lo : lo + n]
+        self._head = lo + n
+        return slot
 
 
 class PieceSource:

@@ -236,20 +236,28 @@ class BlockStreamer:
         return stats
 
     # ------------------------------------------------------------------ internals
-    def _upload(self, block: int, required: bool = True) -> None:
-        """Upload ``block`` into the next slot no forward still reads (round robin). A prefetch
-        (``required=False``) finding every slot in use is skipped; a needed upload raises."""
+    def _choose_slot(self, block: int, required: bool) -> int | None:
+        """The slot ``block`` is uploaded into: the next one no forward still reads (round robin); its
+        ``_slot_busy`` events are what the upload waits for. None (a prefetch is skipped) when every slot is in
+        use; a needed upload then raises."""
         free = [k % len(self.slots) for k in range(self._next_slot, self._next_slot + len(self.slots))
                 if k % len(self.slots) not in self._in_use]
         if not free:
             if not required:
-                return
+                return None
             raise RuntimeError(f"the streamer's {len(self.slots)} device slots are all in use: an upload would "
                                "overwrite weights a forward still reads; this is a bug in zo2.")
         slot = free[0]
         self._next_slot = (slot + 1) % len(self.slots)
         for other in [b for b, s in self._slot_of.items() if s == slot and b != block]:
             self._uploaded.pop(other, None)  # a copy uploaded ahead but never used is overwritten now
+        return slot
+
+    def _upload(self, block: int, required: bool = True) -> None:
+        """Upload ``block`` into the slot :meth:`_choose_slot` gives (nothing if it gives none)."""
+        slot = self._choose_slot(block, required)
+        if slot is None:
+            return
         self._slot_of[block] = slot
         part = self._range(block)
         src = self.store.flat(block)[part]
