@@ -71,21 +71,24 @@ class Visitor:
                        pending: Update | None, target: int, home: bool) -> None:
         """Bring an acquired piece of ``unit`` (the range ``bounds`` of its flat buffer) to step ``target``: the
         logged updates its home copy lacks replayed, then ``pending``, with the piece's slice of the segment
-        table (the values a whole-buffer pass gives); written back when the residence wants it or ``home``."""
+        table (the values a whole-buffer pass gives), on the part this process owns with sliced transfers;
+        written back when the residence wants it or ``home``; then assembled whole (sliced transfers)."""
         res = unit.residence
         held = res.piece_held(piece)
-        if held >= target:
-            return
-        table = res.piece_table(unit, piece, bounds)
-        for s in range(held + 1, target + 1):
-            update = pending if pending is not None and s == pending.step else self.history.get(s)
-            if update is None:
-                raise RuntimeError(f"{unit.name}: a piece's home holds step {held} but the update of step {s} to "
-                                   "replay on it was not kept; this is a bug in zo2.")
-            self._update(buf, table, update, unit, None)
-        res.replayed(max(0, min(target, unit.applied) - held))
-        if home or res.piece_wants_write_back(piece, target):
-            res.write_piece(piece, target)
+        if held < target:
+            part = res.piece_part(piece)
+            table = res.piece_table(unit, piece, bounds)
+            target_buf = buf if part is None else buf[part]
+            for s in range(held + 1, target + 1):
+                update = pending if pending is not None and s == pending.step else self.history.get(s)
+                if update is None:
+                    raise RuntimeError(f"{unit.name}: a piece's home holds step {held} but the update of step {s} "
+                                       "to replay on it was not kept; this is a bug in zo2.")
+                self._update(target_buf, table, update, unit, None)
+            res.replayed(max(0, min(target, unit.applied) - held))
+            if home or res.piece_wants_write_back(piece, target):
+                res.write_piece(piece, target)
+        res.assemble(unit, buf)
 
     def apply(self, unit: Any, update: Update) -> None:
         """Apply ``update`` to ``unit`` unless it holds it already (a logged step replayed)."""

@@ -129,6 +129,18 @@ def test_sliced_transfers_move_a_quarter_of_the_host_bytes_per_rank(tmp_path):
     assert [res["store_files"] for res in results][1:] == [0, 0, 0]  # one store on the node, made by rank 0
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_sliced_matrix_streaming_is_exact(tmp_path, k):
+    """One matrix at a time with sliced transfers: each of two processes uploads, updates and writes back its half
+    of every piece and an all-gather assembles it; perturbation parallelism keeps it exact against one process
+    streaming by block."""
+    single_losses, single_params, base = _single(offload=True)
+    results = _spawn(tmp_path, 1, 2, offload=True, stream_granularity="matrix", writeback_every=k)
+    _assert_matches(results, single_losses, single_params, base, exact=True)
+    if k == 1:  # each process moves half of every piece: half the store up and back
+        assert all(res["h2d"] == res["store_bytes"] // 2 == res["d2h"] for res in results)
+
+
 def test_sliced_perturbation_parallel_is_exact(tmp_path):
     single_losses, single_params, base = _single(offload=True)
     _assert_matches(_spawn(tmp_path, 1, 2, offload=True), single_losses, single_params, base, exact=True)

@@ -88,8 +88,9 @@ class ZOConfig:
     stream_granularity: str = "block"
     """What a streamed block moves as: 'block' (the whole block per upload; prefetch + 2 block-sized device
     slots) or 'matrix' (one weight matrix at a time, neighbouring small modules merged: prefetch + 2 slots of the
-    largest matrix, a fraction of a block). Same values bit for bit. 'matrix' needs a private host store (not
-    sliced transfers or zo2 launch's node store), a stateless optimizer and no frozen (PEFT base) weights."""
+    largest matrix, a fraction of a block). Same values bit for bit. 'matrix' works with sliced transfers (1, 2, 4
+    or 8 processes per node), not yet with zo2 launch's node store, a stateful optimizer or frozen (PEFT base)
+    weights."""
     writeback_every: int | str = 1
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of

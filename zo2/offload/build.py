@@ -307,8 +307,9 @@ def _check_granularity(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) ->
     why = None
     if inputs.store_spec is not None:
         why = "blocks streamed from zo2 launch's node store"
-    elif _sliced(inputs):
-        why = "sliced transfers (several processes per node)"
+    elif _sliced(inputs) and ALIGN % inputs.comm.local_size:
+        why = (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, 2, "
+               "4 or 8)")
     elif inputs.optimizer.state_names:
         why = f"{inputs.optimizer.name}, which keeps state that streams block by block"
     elif any(frozen):
@@ -403,7 +404,11 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     for k, u in enumerate(streamed):
         u.store_index = k
     if inputs.config.stream_granularity == "matrix":
-        return store, RingStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
+        streamer = RingStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
+        if _sliced(inputs):
+            streamer.ranges = {k: inputs.comm.slice_bounds(streamer.store.flat(k).numel())
+                               for k in range(len(streamer.store))}
+        return store, streamer
     streamer = BlockStreamer(store, device, inputs.config.prefetch)
     if _sliced(inputs):
         streamer.ranges = {k: inputs.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
@@ -429,7 +434,8 @@ def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: l
             name = next(u.name for u in units if u.store_index == block)
             first.setdefault(name, k)
             bounds.setdefault(name, []).append((lo, hi))
-        return PiecewiseResidence(streamer, units, bounds, first)
+        return PiecewiseResidence(streamer, units, bounds, first,
+                                  inputs.comm.gather_slices if streamer.ranges else None)
     return StreamedResidence(streamer, units, inputs.comm.gather_slices if streamer.ranges else None,
                              1)  # K is set once the kernels are known (_writeback_every)
 

@@ -13,8 +13,10 @@ forwards move on to another piece (not while a module call that reads it is stil
 visit ends, so every parameter always receives every update. Uploads run in the order the previous pass used
 the pieces (the layout order before the first pass).
 
-Not yet with sliced transfers, the scheduler's node store, a stateful optimizer or frozen (PEFT base) weights:
-those keep block granularity (a ConfigError says so).
+With sliced transfers each process uploads, updates and writes back its part of every piece, and an all-gather
+assembles the piece when it arrives (every process acquires the same pieces in the same order). Not yet with the
+scheduler's node store, a stateful optimizer or frozen (PEFT base) weights: those keep block granularity (a
+ConfigError says so).
 """
 
 from __future__ import annotations
@@ -198,8 +200,9 @@ class PiecewiseResidence(StreamedResidence):
     """Streamed units moved one piece (a module's parameters) at a time; see the module docstring."""
 
     def __init__(self, streamer: Any, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
-                 first_piece: dict[str, int], writeback_every: int = 1):
-        super().__init__(streamer, units, None, writeback_every)
+                 first_piece: dict[str, int], gather: Callable[[torch.Tensor], None] | None = None,
+                 writeback_every: int = 1):
+        super().__init__(streamer, units, gather, writeback_every)
         self._bounds = bounds
         """Unit name → the [lo, hi) of each of its pieces, in layout order."""
         self._first = first_piece
@@ -249,11 +252,19 @@ class PiecewiseResidence(StreamedResidence):
     def piece_held(self, piece: int) -> int:
         return self._piece_held[piece]
 
+    def piece_part(self, piece: int) -> slice | None:
+        """With sliced transfers, the part of the piece this process uploads, updates and writes back."""
+        bounds = self.streamer.ranges.get(piece)
+        return None if bounds is None else slice(*bounds)
+
     def piece_table(self, unit: Any, piece: int, bounds: tuple[int, int]) -> Any:
-        """The segment table of the piece's range (kept: the kernels cache its device copy per table)."""
+        """The segment table of the piece's range, or of this process's part of it with sliced transfers (kept:
+        the kernels cache its device copy per table)."""
         table = self._tables.get(piece)
         if table is None:
-            table = self._tables[piece] = unit.table.slice(*bounds)
+            part = self.piece_part(piece)
+            lo, hi = bounds if part is None else (bounds[0] + part.start, bounds[0] + part.stop)
+            table = self._tables[piece] = unit.table.slice(lo, hi)
         return table
 
     def write_piece(self, piece: int, step: int) -> None:
