@@ -161,3 +161,24 @@ def test_the_ring_never_overwrites_a_piece_a_forward_reads_and_keeps_copies_unti
             if victim not in held:
                 streamer.drop(victim)
                 assert not streamer.has(victim)
+
+
+def test_auto_streams_one_matrix_at_a_time_when_blocks_do_not_fit_the_budget():
+    from zo2.errors import ResourceError
+
+    base = tiny_model("llama", seed=3, num_hidden_layers=4)
+    probe = ZOEngine(clone_model(base), ZOConfig(offload=True, stream_granularity="matrix", **CFG))
+    budget = probe.plan.expected_peak + 1  # room for matrix slots, not for block slots
+    assert probe.plan.expected_peak < probe.plan.fixed_bytes + 3 * max(probe.plan.block_bytes)
+    with pytest.raises(ResourceError, match="does not fit the device budget"):
+        ZOEngine(clone_model(base), ZOConfig(offload="auto", stream_granularity="block", gpu_memory_budget=budget,
+                                             **CFG))
+    resident, lr_ = _run(clone_model(base), offload=False)
+    auto, la = _run(clone_model(base), offload="auto", gpu_memory_budget=budget)
+    assert auto.plan.granularity == "matrix" and lr_ == la
+    assert_same_params(resident.model, auto.model)
+    roomy, _ = _run(clone_model(base), offload=True)  # no budget on a CPU: blocks fit
+    assert roomy.plan.granularity == "block"
+    with pytest.raises(ResourceError):  # a stateful optimizer cannot stream by matrix: the block error stands
+        ZOEngine(clone_model(base), ZOConfig(offload="auto", gpu_memory_budget=budget,
+                                             **{**CFG, "optimizer": "zo-adam"}))

@@ -85,10 +85,11 @@ class ZOConfig:
     rest from host memory; true: stream every block; false: no streaming."""
     prefetch: int = 1
     """Blocks uploaded ahead of the one being computed (device memory holds prefetch + 2 streamed blocks)."""
-    stream_granularity: str = "block"
+    stream_granularity: str = "auto"
     """What a streamed block moves as: 'block' (the whole block per upload; prefetch + 2 block-sized device
-    slots) or 'matrix' (one weight matrix at a time, neighbouring small modules merged: prefetch + 2 slots of the
-    largest matrix, a fraction of a block). Same values bit for bit. 'matrix' works with sliced transfers (1, 2, 4
+    slots), 'matrix' (one module's parameters at a time through a ring of prefetch + 2 of the largest matrix, a
+    fraction of a block), or 'auto' (block, and matrix where block streaming does not fit the device budget).
+    Same values bit for bit. 'matrix' works with sliced transfers (1, 2, 4
     or 8 processes per node), not yet with zo2 launch's node store, a stateful optimizer or frozen (PEFT base)
     weights."""
     writeback_every: int | str = 1
@@ -159,7 +160,7 @@ class ZOConfig:
         require_choice("optim.kernels", self.kernels, ("auto", "triton", "torch"))
         require(isinstance(self.prefetch, int) and self.prefetch >= 1, "optim.prefetch", self.prefetch,
                 "it must be an integer >= 1.")
-        require_choice("optim.stream_granularity", self.stream_granularity, ("block", "matrix"))
+        require_choice("optim.stream_granularity", self.stream_granularity, ("auto", "block", "matrix"))
         require(self.writeback_every == "auto" or (isinstance(self.writeback_every, int)
                 and not isinstance(self.writeback_every, bool) and self.writeback_every >= 1),
                 "optim.writeback_every", self.writeback_every,

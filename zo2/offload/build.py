@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2.errors import ConfigError, ModelError
+from zo2.errors import ConfigError, ModelError, ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
@@ -237,7 +237,8 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
         store, markers = _map_node_store(inputs, device)
         streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.streamed], device, markers)
     else:
-        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.streamed], device)
+        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.streamed], device,
+                                                 plan.granularity == "matrix")
     if streamer is not None:
         streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
     keep = {id(m) for u in blocks if u.store_index is not None for m in inputs.adapter.blocks()[u.index].modules()}
@@ -281,11 +282,17 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     block_reserve = _largest_module(inputs, blocks) * compute_size + z  # while a block runs
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    piece = None
-    if cfg.stream_granularity == "matrix":  # the largest upload: one module's parameters
-        itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)
-        piece = _largest_module(inputs, blocks) * itemsize
-    plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
+    itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)
+    piece = _largest_module(inputs, blocks) * itemsize  # one matrix at a time: the largest upload
+    if cfg.stream_granularity == "matrix":
+        plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
+    else:
+        try:
+            plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
+        except ResourceError:  # 'auto': block streaming does not fit the budget; one matrix at a time may
+            if cfg.stream_granularity == "block" or _matrix_blocker(inputs, frozen) is not None:
+                raise
+            plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
     plan.block_reserve_bytes = block_reserve
     return plan
 
@@ -300,23 +307,26 @@ def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:
     return max(per_module.values(), default=0)
 
 
+def _matrix_blocker(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) -> str | None:
+    """Why this run cannot stream one matrix at a time (zo2.offload.pieces), or None."""
+    if inputs.store_spec is not None:
+        return "blocks streamed from zo2 launch's node store"
+    if _sliced(inputs) and ALIGN % inputs.comm.local_size:
+        return (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, "
+                "2, 4 or 8)")
+    if inputs.optimizer.state_names:
+        return f"{inputs.optimizer.name}, which keeps state that streams block by block"
+    if any(frozen):
+        return "frozen (PEFT base) weights, which stream block by block"
+    return None
+
+
 def _check_granularity(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) -> None:
     """``optim.stream_granularity = 'matrix'`` needs what zo2.offload.pieces supports (ConfigError otherwise)."""
-    if inputs.config.stream_granularity != "matrix":
-        return
-    why = None
-    if inputs.store_spec is not None:
-        why = "blocks streamed from zo2 launch's node store"
-    elif _sliced(inputs) and ALIGN % inputs.comm.local_size:
-        why = (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, 2, "
-               "4 or 8)")
-    elif inputs.optimizer.state_names:
-        why = f"{inputs.optimizer.name}, which keeps state that streams block by block"
-    elif any(frozen):
-        why = "frozen (PEFT base) weights, which stream block by block"
+    why = _matrix_blocker(inputs, frozen) if inputs.config.stream_granularity == "matrix" else None
     if why is not None:
         raise ConfigError(f"optim.stream_granularity = 'matrix' does not yet work with {why}. Set "
-                          "optim.stream_granularity = 'block'.")
+                          "optim.stream_granularity = 'block' (or 'auto').")
 
 
 def _check_writeback(inputs: OffloadInputs) -> None:
@@ -385,7 +395,7 @@ def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, stream
     return streamer
 
 
-def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.device
+def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.device, matrix: bool = False
                            ) -> tuple[ParameterStore | None, BlockStreamer | None]:
     """The streamed blocks in a host store of this job (private, or shared by the node's processes)."""
     if not streamed:
@@ -403,7 +413,7 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     store = _build_store(inputs, blocks_params, dtypes.pop() if dtypes else inputs.compute_dtype, device)
     for k, u in enumerate(streamed):
         u.store_index = k
-    if inputs.config.stream_granularity == "matrix":
+    if matrix:
         streamer = RingStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
         if _sliced(inputs):
             streamer.ranges = {k: inputs.comm.slice_bounds(streamer.store.flat(k).numel())
