@@ -52,9 +52,9 @@ class OffloadConfig:
     """Host memory the streamed blocks may occupy (bytes, or '64GB'/'512GiB'), including the NVMe tier's staging
     buffers. Unset: what psutil reports available, minus max(2 GiB, 10%)."""
     nvme_engine: str = "auto"
-    """How the NVMe files are read and written: 'aio' (DeepSpeed's async I/O op, libaio; pip install -e
-    \".[deepspeed]\"), 'threads' (a pool of O_DIRECT preadv/pwritev threads) or 'auto' (aio where it loads, else
-    threads; the log says which and why)."""
+    """How the NVMe files are read and written: 'aio' (DeepSpeed's async I/O op on libaio: the deepspeed extra,
+    see the README's NVMe tier), 'threads' (a pool of O_DIRECT preadv/pwritev threads) or 'auto' (aio where it
+    loads, else threads; the log says which and why)."""
     nvme_queue_depth: int = 8
     """Requests in flight at once (threads of the thread pool; the aio handle's queue depth)."""
     nvme_block_size: int | str = "1MiB"
