@@ -1,0 +1,72 @@
+"""The tiers below the device: which streamed blocks keep their home in pinned host memory and which in files on
+an NVMe disk (DESIGN.md §2b).
+
+The residency planner (zo2.offload.planner) chooses the blocks resident on the device under
+``optim.gpu_memory_budget``; :func:`place_tiers` then homes the streamed ones in pinned host memory, in order,
+while they fit ``offload.host_memory_budget`` (the NVMe tier's staging buffers count against it), and the rest in
+files under ``offload.nvme_path``. Without an NVMe folder, streamed blocks beyond the host budget are a
+ResourceError with the numbers and the fix.
+"""
+
+from __future__ import annotations
+
+import psutil
+
+from zo2.errors import ResourceError
+from zo2.offload.nvme import round_up
+from zo2.offload.planner import Plan
+from zo2.offload.store import HOST_MARGIN_BYTES
+
+HOST_MARGIN_FRACTION = 0.10
+"""The default host budget keeps max(HOST_MARGIN_BYTES, this fraction of available memory) free."""
+
+
+def default_host_budget() -> int:
+    """What psutil reports available, minus max(2 GiB, 10%)."""
+    available = psutil.virtual_memory().available
+    return int(available - max(HOST_MARGIN_BYTES, HOST_MARGIN_FRACTION * available))
+
+
+def staging_buffers(prefetch: int) -> int:
+    """Pinned staging buffers of the NVMe tier: ``prefetch`` + 1 reads ahead and one write-back."""
+    return prefetch + 2
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, prefetch: int) -> Plan:
+    """Split ``plan.streamed`` between pinned host memory and NVMe (``plan.nvme``) under ``host_budget`` bytes
+    (None: :func:`default_host_budget`); returns ``plan``, updated."""
+    streamed = plan.streamed
+    need = sum(plan.block_bytes[i] for i in streamed)
+    explicit = host_budget is not None
+    budget = host_budget if explicit else default_host_budget()
+    plan.host_budget = budget
+    if need <= budget or not streamed:
+        return plan
+    where = "offload.host_memory_budget" if explicit else "what psutil reports available, minus a margin"
+    if nvme_path is None:
+        raise ResourceError(
+            f"The {len(streamed)} streamed blocks need {_gb(need)} of pinned host memory, but the host budget is "
+            f"{_gb(budget)} ({where}). Set [offload] nvme_path to a folder on a local NVMe disk to keep the blocks "
+            "that do not fit there, raise offload.host_memory_budget, or use a smaller storage dtype "
+            "(optim.storage_dtype = 'bf16' halves fp32).")
+    staging = staging_buffers(prefetch) * round_up(max(plan.block_bytes[i] for i in streamed))
+    room = budget - staging
+    if room < 0:
+        raise ResourceError(
+            f"The host budget of {_gb(budget)} ({where}) cannot hold the NVMe tier's {staging_buffers(prefetch)} "
+            f"staging buffers of the largest block ({_gb(staging)}). Raise offload.host_memory_budget or lower "
+            "optim.prefetch.")
+    host: list[int] = []
+    for i in streamed:
+        if plan.block_bytes[i] > room:
+            break
+        room -= plan.block_bytes[i]
+        host.append(i)
+    plan.nvme = streamed[len(host):]
+    plan.staging_bytes = staging
+    plan.nvme_path = nvme_path
+    return plan
