@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2.errors import ConfigError, ModelError
+from zo2.errors import ConfigError, ModelError, ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
-from zo2.offload.planner import Plan, auto_writeback, parse_budget, plan_with_fallback
+from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, parse_budget, plan_with_fallback
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
@@ -28,6 +28,9 @@ from zo2.offload.arith import segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
+from zo2.offload.nvme import open_engine
+from zo2.offload.tiered import NvmeResidence, build_nvme_tier
+from zo2.offload.tiers import place_tiers
 from zo2.optim.update import math_dtype
 
 log = logging.getLogger("zo2.offload")
@@ -196,6 +199,9 @@ class OffloadInputs:
     """Under torchrun: the ZOComm (sliced transfers split every transfer across the node's processes)."""
     store_spec: Any = None
     """The scheduler's node store to map (zo2.control.store.StoreSpec), or None."""
+    tiers: Any = None
+    """The job's ``[offload]`` section (zo2.config.offload.OffloadConfig): the host memory budget and the NVMe
+    tier; None: the default host budget and no NVMe tier."""
 
     def unit_dtype(self, unit: Any) -> torch.dtype:
         return self.params[unit.owned[0]].dtype if unit.owned else self.compute_dtype
@@ -228,23 +234,26 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     _check_writeback(inputs)
     blocks = [u for u in inputs.units if u.kind == "block"]
     frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
-    plan = _plan(inputs, blocks, frozen, device)
+    plan = _place_tiers(inputs, _plan(inputs, blocks, frozen, device), frozen)
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
         streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.streamed], device, markers)
     else:
-        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.streamed], device)
+        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device)
     if streamer is not None:
         streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
-    keep = {id(m) for u in blocks if u.store_index is not None for m in inputs.adapter.blocks()[u.index].modules()}
+    nvme = _nvme_tier(inputs, [blocks[i] for i in plan.nvme], device)
+    keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
+            for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
     kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
-    residences = _settle_units(inputs, store, streamer, markers, device)
-    streamed = next((r for r in residences if isinstance(r, StreamedResidence)), None)
-    plan.writeback_every = _writeback_every(inputs, streamed, kernels, device)
-    if streamed is not None:
-        streamed.writeback_every = plan.writeback_every
+    residences = _settle_units(inputs, store, streamer, markers, device, nvme)
+    streamed = next((r for r in residences if type(r) is StreamedResidence), None)
+    plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
+    for r in residences:
+        if isinstance(r, StreamedResidence):
+            r.writeback_every = plan.writeback_every
     state_area = _map_state_area(inputs, store, device)
     opt_state = build_optimizer_state(inputs.optimizer, inputs.units, inputs.unit_dtype, device, cfg.prefetch,
                                       streamer=streamer, store=store, comm=inputs.comm, area=state_area,
@@ -307,6 +316,8 @@ def _writeback_every(inputs: OffloadInputs, residence: StreamedResidence | None,
     if (device.type != "cuda" or inputs.optimizer.state_names
             or inputs.store_spec is not None or _sliced(inputs)):
         return 1
+    if isinstance(residence, NvmeResidence):  # only an NVMe tier: its reads are far slower than the host link
+        return WRITEBACK_LIMIT
     unit = next(u for u in inputs.units if u.residence is residence)
     kernel_rate, link_rate = _measure_rates(residence.streamer, unit, kernels, inputs.config)
     chosen = auto_writeback(kernel_rate, link_rate)
@@ -366,7 +377,8 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
 
 
 def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
-                  markers: StoreMarkers | None, device: torch.device) -> list[Residence]:
+                  markers: StoreMarkers | None, device: torch.device, nvme: NvmeResidence | None = None
+                  ) -> list[Residence]:
     """Give every unit its residence, layout and segment tables (resident units are packed on the device)."""
     writer, writers = _writer(inputs)
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
@@ -378,13 +390,15 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
+        elif nvme is not None and nvme.holds(u):
+            u.residence, u.layout = nvme, nvme.store.layouts[nvme.index(u)]
         else:
             u.residence = resident
             u.layout, u.flat = _pack_resident(inputs, u, device)
         u.table = segment_table(u.layout, inputs.params, inputs.config.no_decay)
         if u.store_index is not None and streamer.ranges:
             u.slice_table = u.table.slice(*streamer.ranges[u.store_index])
-    return [resident] + ([streamed] if streamed is not None else [])
+    return [resident] + ([streamed] if streamed is not None else []) + ([nvme] if nvme is not None else [])
 
 
 def _map_state_area(inputs: OffloadInputs, store: ParameterStore | None, device: torch.device) -> StateArea | None:
@@ -400,3 +414,50 @@ def _map_state_area(inputs: OffloadInputs, store: ParameterStore | None, device:
         return None
     return StateArea(spec.name, store.layouts, spec.state_names, math_dtype(spec.torch_dtype),
                      pad_to=spec.pad_to, create=False, pin=device.type == "cuda")
+
+
+def _place_tiers(inputs: OffloadInputs, plan: Plan, frozen: list[list[FrozenSlot]]) -> Plan:
+    """Home the streamed blocks in pinned host memory under ``offload.host_memory_budget`` and the rest on NVMe
+    (zo2.offload.tiers), where this process creates the host store; the NVMe tier's limits as ConfigErrors."""
+    tiers = inputs.tiers
+    nvme_path = getattr(tiers, "nvme_path", None)
+    if nvme_path is not None and inputs.store_spec is not None:
+        raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
+                          "lives in host memory); unset it, or run the job with zo2 train.")
+    if nvme_path is not None and inputs.comm is not None:
+        raise ConfigError("offload.nvme_path is not yet supported with several processes (torchrun); unset it, "
+                          "or run one process.")
+    if inputs.store_spec is not None or (_sliced(inputs) and inputs.comm.local_rank != 0):
+        return plan  # the node store is the scheduler's; a torchrun node's first process checks its store
+    stateful = nvme_path is not None and inputs.optimizer.state_names
+    try:
+        plan = place_tiers(plan, getattr(tiers, "host_budget_bytes", None), nvme_path, inputs.config.prefetch)
+    except ResourceError:
+        if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
+            _refuse_state(inputs)
+        raise
+    if plan.nvme and stateful:
+        _refuse_state(inputs)
+    if plan.nvme and any(frozen[i] for i in plan.nvme):
+        raise ConfigError("The NVMe tier holds trainable weights only, but the blocks that do not fit "
+                          "offload.host_memory_budget have frozen parameters (a PEFT model's base weights). Raise "
+                          "offload.host_memory_budget, or fine-tune all weights.")
+    return plan
+
+
+def _refuse_state(inputs: OffloadInputs) -> None:
+    raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and "
+                      f"{inputs.optimizer.name} keeps {', '.join(inputs.optimizer.state_names)}. Use zo-sgd, "
+                      "zo-sgd-sign or zo-sgd-conservative, or raise offload.host_memory_budget.")
+
+
+def _nvme_tier(inputs: OffloadInputs, units: list, device: torch.device) -> NvmeResidence | None:
+    """The NVMe-homed blocks' residence (their files written, their parameters moved to the meta device)."""
+    if not units:
+        return None
+    shared = shared_names(inputs.units)
+    if any(n in shared for u in units for n in u.owned):
+        raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
+    t = inputs.tiers
+    engine = open_engine(t.nvme_engine, t.nvme_queue_depth, t.block_size_bytes)
+    return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)
