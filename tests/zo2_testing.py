@@ -57,11 +57,13 @@ def clone_model(model):
 
 
 def assert_same_params(a, b) -> None:
-    """Bit-for-bit equality of all parameters of two models."""
+    """Bit-for-bit equality of all parameters of two models (compared on the CPU: a streamed model's parameters
+    live in host memory, a resident one's on the device)."""
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     assert pa.keys() == pb.keys()
     for name in pa:
-        assert torch.equal(pa[name], pb[name]), f"{name} differs (max {(pa[name] - pb[name]).abs().max()})"
+        x, y = pa[name].detach().cpu(), pb[name].detach().cpu()
+        assert torch.equal(x, y), f"{name} differs (max {(x - y).abs().max()})"
 
 
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -31,7 +31,7 @@ from zo2.config.zo import ZOConfig, torch_dtype
 from zo2.errors import CheckpointError, ModelError
 from zo2.models.base import adapter_for
 from zo2.models.losses import LossFn, default_loss, loss_weight
-from zo2.models.units import build_units, shared_names
+from zo2.models.units import build_units
 from zo2.offload.build import OffloadInputs, build_offload
 from zo2.offload.residence import DeviceResidence
 from zo2.offload.streamer import TransferStats
@@ -40,8 +40,9 @@ from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
+from zo2.points import PointsForward, PointValues, groups_of
 from zo2.results import EvalResult, StepResult
-from zo2.visit import Visitor, swapped
+from zo2.visit import Visitor
 
 if TYPE_CHECKING:
     from zo2.parallel.mesh import ZOComm
@@ -75,7 +76,6 @@ class ZOEngine:
         self.decay = {n: not skips_decay(n, p, self.config.no_decay) for n, p in self.params.items()}
         """Whether weight decay applies to each parameter (the ``optim.no_decay`` rule, zo2.optim.decay)."""
         self.units = build_units(self.adapter, self.params, type(model).__name__)
-        self._shared_names = shared_names(self.units)
         self.estimator = build_estimator(self.config.estimator, self.config.seed, self.config.eps, self.config.q)
         self.optimizer = build_optimizer(self.config)
         self.step_count = 0
@@ -95,8 +95,10 @@ class ZOEngine:
         self.opt_state = offload.opt_state
         """The optimizer's per-unit state (zo2.offload.state): empty for stateless optimizers."""
         self.kernels = offload.kernels
-        self.visitor = Visitor(self.config, self.kernels, self.optimizer, self.opt_state, self.compute_dtype,
-                               self.plan.one_copy)
+        self.visitor = Visitor(self.config, self.kernels, self.optimizer, self.opt_state)
+        self.point_values = PointValues(self.config, self.kernels, self.compute_dtype)
+        self._groups = {u.name: groups_of(u) for u in self.units}
+        """The modules holding each unit's parameters, with their ranges of its flat buffer (zo2.points)."""
         self.last_transfer: TransferStats | None = None
 
     # ------------------------------------------------------------------ setup
@@ -136,38 +138,48 @@ class ZOEngine:
     # ------------------------------------------------------------------ forwards
     def _run(self, batch: Mapping[str, torch.Tensor], points: Sequence[Point], pending: Update | None,
              keep_logits: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run every point through the units in order; apply ``pending`` to each unit on its visit."""
-        hidden: list[Any] = [None] * len(points)
+        """Run every point through the units in order as one batch (point i on rows [i·B, (i+1)·B), zo2.points);
+        apply ``pending`` to each unit on its visit."""
+        n, rows = len(points), batch["input_ids"].shape[0]
+        ids, mask = _repeat(batch["input_ids"], n), _repeat(batch.get("attention_mask"), n)
+        forward = PointsForward(self.point_values, points, rows)
+        hidden: Any = None
+        ctx: Any = None
         losses: list[torch.Tensor] = []
         logits_out: list[torch.Tensor] = []
-        ctx: list[Any] = [None] * len(points)  # per point: a prefix-tuned model's holds that point's prefixes
-        seeds = list(dict.fromkeys(seed for p in points for seed, _ in p.terms))
-        shared: list[dict[str, torch.Tensor]] = [{} for _ in points]  # tied weights, read again by the head
         for residence in self.residences:
             residence.begin_pass(self.units)
         if pending is not None:
             self.opt_state.begin(self.units)  # the state streams with the weights when an update is applied
         for unit in self.units:
-            with self.visitor.visit(unit, pending, seeds) as (flat, pairs), unit.residence.frozen_weights(unit):
-                for i, point in enumerate(points):
-                    values = self.visitor.point_values(unit, flat, pairs, point)
-                    shared[i].update({n: v for n, v in values.items() if n in self._shared_names})
-                    values.update({s.name: shared[i][s.name] for s in unit.slots if s.name not in values})
-                    with swapped(unit, values):
-                        if unit.kind == "embed":
-                            hidden[i], ctx[i] = self.adapter.embed(batch["input_ids"], batch.get("attention_mask"))
-                        elif unit.kind == "block":
-                            hidden[i] = self.adapter.block(unit.index, hidden[i], ctx[i])
-                        else:
-                            logits = self.adapter.head(hidden[i], ctx[i])
-                            # .double() is exact for any dtype and keeps float64 checks exact
-                            losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))
-                            if keep_logits:
-                                logits_out.append(logits)
-                            hidden[i] = ctx[i] = None
-                    del values  # frees this point's perturbed copy before the next one is formed
+            with (self.visitor.visit(unit, pending) as flat, unit.residence.frozen_weights(unit),
+                  forward.installed(self._groups[unit.name], flat, self._tied)):
+                if unit.kind == "embed":
+                    hidden, ctx = self.adapter.embed(ids, mask)
+                elif unit.kind == "block":
+                    hidden = self.adapter.block(unit.index, hidden, ctx)
+                else:
+                    logits = self.adapter.head(hidden, ctx)
+                    for i in range(n):
+                        mine = logits[i * rows : (i + 1) * rows]
+                        # .double() is exact for any dtype and keeps float64 checks exact
+                        losses.append(self.loss_fn(mine, batch).detach().double().reshape(()))
+                        if keep_logits:
+                            logits_out.append(mine)
+                    hidden = ctx = logits = None
             unit.residence.after_visit(unit)  # a streamed pass's last block starts the next pass's uploads
         return losses, logits_out
+
+    def _tied(self, name: str) -> tuple[torch.Tensor, int, int, Any, tuple[int, ...]]:
+        """Where a parameter read by one unit and owned by another (a tied weight) is formed from: the owner's
+        buffer (resident), the range and segment table of the parameter there, its shape."""
+        owner = next(u for u in self.units if name in u.owned)
+        seg = next(s for s in owner.layout if s.name == name)
+        if owner.flat is None:
+            raise ModelError(f"{name} is read by two units and its owner {owner.name} is streamed; tied weights "
+                             "need their owner resident on the compute device.")
+        lo, hi = seg.offset, seg.offset + seg.numel
+        return owner.flat, lo, hi, owner.table.slice(lo, hi), tuple(seg.shape)
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -394,3 +406,10 @@ class ZOEngine:
         engine.load_trainable_state(load_file(str(path / "weights.safetensors"), device=str(engine.device)))
         engine.load_state_dict(meta["state"])
         return engine
+
+
+def _repeat(tensor: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``tensor``'s rows n times over (point i's copy of the batch at rows [i·B, (i+1)·B))."""
+    if tensor is None or n == 1:
+        return tensor
+    return tensor.repeat(n, *([1] * (tensor.dim() - 1)))

@@ -15,16 +15,19 @@ from zo2.parallel.plan_inputs import Layout, ModelShape, Rates, Workload
 from zo2.parallel.plan_model import predict_layout
 from zo2_launcher.cli import main
 
-H200 = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-11-26-h200/offload.json"
+H200 = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-12-04-h200/offload.json"
 TOLERANCE = 0.35
-"""Predicted / measured must lie in [1 - TOLERANCE, 1 + TOLERANCE] for the H200 rows."""
+"""Predicted / measured step times must lie in [1 - TOLERANCE, 1 + TOLERANCE] for the H200 rows."""
+PEAK_TOLERANCE = 0.05
+"""Predicted / measured peak GPU memory, likewise."""
 
 # Round numbers: 1 GB blocks in bf16 (0.5 G parameters), 1 TFLOP/s at efficiency 1, links of 10 GB/s.
 TOY = ModelShape(name="toy", hidden=1000, ffn=4000, layers=2, vocab=1000, attn_width=1000,
                  block_params=500_000_000, fixed_params=1_000_000, embed_width=1000, largest_weight=4_000_000)
 ROUND = Rates(h2d_gbs=10, d2h_gbs=10, bidir_gbs=16, matmul_tflops=1.0, matmul_efficiency=1.0, fwd_floor_ms=1e-6,
               copy_tbs=1.0, nvlink_gbs=100, collective_latency_us=1e-6, network_latency_us=1e-6, host_mem_gbs=1000,
-              gpu_mem_gb=10, gauss_update_perturb=0.5, gauss_pair=0.5, gauss_update=0.5, loss_passes=0.0)
+              gpu_mem_gb=10, gauss_update_perturb=0.5, gauss_pair=0.5, gauss_update=0.5, loss_passes=0.0,
+              point_overhead_ms=0.0)
 TOKENS, SEQ = 1000, 100  # block forward = 1000 · (2·0.5e9 + 2·100·1000) = 1.0002e12 flops = 1.0002 s
 
 
@@ -32,16 +35,20 @@ def _stream(**kw) -> Workload:
     return Workload(tokens=TOKENS, seq=SEQ, offload="stream", **kw)
 
 
+def _kernels(copies: int, params: float) -> float:
+    """The update (read + write θ) and each point's parameters (read θ, write the point), bf16, at half of 1 TB/s."""
+    return (2 + 2 * copies) * params * 2 / (1e12 * 0.5)
+
+
 def _head_s(copies: int, tokens: int = TOKENS) -> float:
     flops = 2.0 * tokens * TOY.vocab * TOY.embed_width
-    kernel = (2 + copies) * TOY.fixed_params * 2 / (1e12 * 0.5)
-    return copies * flops / 1e12 + kernel
+    return copies * flops / 1e12 + _kernels(copies, TOY.fixed_params)
 
 
 def test_single_gpu_streamed_step_is_the_formula():
     p = predict_layout(TOY, Layout(), _stream(), ROUND)
     fwd = TOKENS * (2 * 0.5e9 + 2 * SEQ * 1000) / 1e12
-    compute = 2 * fwd + 4e9 / (1e12 * 0.5)          # update_and_perturb: read + write θ, write θ+ and θ−
+    compute = 2 * fwd + _kernels(2, 0.5e9)
     transfer = max(1e9 / 10e9, 1e9 / 10e9, 2e9 / 16e9)  # both directions share the link
     assert p.streamed_blocks == 2 and p.mode == "streamed"
     assert p.step_s == pytest.approx(2 * max(compute, transfer) + _head_s(2), rel=1e-12)
@@ -54,6 +61,15 @@ def test_transfer_bound_when_the_link_is_slow():
     p = predict_layout(TOY, Layout(), _stream(), slow)
     assert p.bound == "pcie"
     assert p.step_s == pytest.approx(2 * (2e9 / 0.8e9) + _head_s(2), rel=1e-12)
+
+
+def test_point_overhead_adds_per_block_and_point():
+    base = predict_layout(TOY, Layout(), _stream(), ROUND)
+    slow = predict_layout(TOY, Layout(), _stream(), replace(ROUND, point_overhead_ms=5.0))
+    pertp = predict_layout(TOY, Layout(2, 1, 2, False), _stream(), replace(ROUND, point_overhead_ms=5.0))
+    base_pertp = predict_layout(TOY, Layout(2, 1, 2, False), _stream(), ROUND)
+    assert slow.breakdown.compute_s - base.breakdown.compute_s == pytest.approx(2 * 2 * 5e-3)  # 2 blocks × 2 points
+    assert pertp.breakdown.compute_s - base_pertp.breakdown.compute_s == pytest.approx(2 * 1 * 5e-3)
 
 
 def test_exposed_upload_adds_one_upload():
@@ -79,16 +95,15 @@ def test_pertp_halves_the_forwards_per_rank():
     zo2 = predict_layout(TOY, Layout(), _stream(), ROUND)
     pertp = predict_layout(TOY, Layout(2, 1, 2, False), _stream(), ROUND)
     assert pertp.strategy == "pertp" and pertp.dp == 1
-    kernel = lambda copies: (2 + copies) * 1e9 / (1e12 * 0.5)  # noqa: E731
     assert zo2.breakdown.compute_s - pertp.breakdown.compute_s == pytest.approx(
-        2 * (fwd + kernel(2) - kernel(1)) + _head_s(2) - _head_s(1))
+        2 * (fwd + _kernels(2, 0.5e9) - _kernels(1, 0.5e9)) + _head_s(2) - _head_s(1))
     assert pertp.step_s < zo2.step_s
 
 
 def test_ddp_splits_the_batch_and_needs_whole_sequences():
     ddp = predict_layout(TOY, Layout(2, 1, 1, False), _stream(), ROUND)
     fwd_half = (TOKENS // 2) * (2 * 0.5e9 + 2 * SEQ * 1000) / 1e12
-    assert ddp.breakdown.compute_s == pytest.approx(2 * (2 * fwd_half + 4e9 / 0.5e12) + _head_s(2, TOKENS // 2))
+    assert ddp.breakdown.compute_s == pytest.approx(2 * (2 * fwd_half + _kernels(2, 0.5e9)) + _head_s(2, TOKENS // 2))
     with pytest.raises(ConfigError, match="does not divide the global batch"):
         predict_layout(TOY, Layout(4, 4, 1, False), _stream(), ROUND)  # dp 16 > 10 sequences
 
@@ -158,7 +173,7 @@ def test_reproduces_the_h200_measurements_within_tolerance():
     assert len(rows) == 10
     for r in rows:
         assert abs(r["streamed_ratio"] - 1) <= TOLERANCE, r
-        assert abs(r["peak_pred_gb"] / r["peak_gb"] - 1) <= TOLERANCE, r
+        assert abs(r["peak_pred_gb"] / r["peak_gb"] - 1) <= PEAK_TOLERANCE, r
         if not (r["shape"] == "opt-1.3b" and r["batch"] == "1x2048"):  # that resident time includes compilation
             assert abs(r["resident_ratio"] - 1) <= TOLERANCE, r
 

@@ -109,7 +109,10 @@ class PromptAdapter(_PromptLearningAdapter):
         batch, length = input_ids.shape
 
         def prepend(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-            prompts = self.model.get_prompt(batch_size=batch)  # reads the (perturbed) prompt-encoder weights
+            # reads the (perturbed) prompt-encoder weights on one row of prompt tokens; with several points in one
+            # batch (zo2.points) that row comes back as each point's prompt over its rows, else as one row
+            prompts = self.model.get_prompt(batch_size=1)
+            prompts = prompts.expand(batch, *prompts.shape[1:]) if prompts.shape[0] == 1 else prompts
             return torch.cat([prompts.to(device=out.device, dtype=out.dtype), out], dim=1)
 
         if attention_mask is not None:

@@ -28,6 +28,12 @@ def select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
         raise ConfigError(f"optim.kernels = 'triton' cannot be used: {err}. Use 'auto' or 'torch'.") from None
 
 
+def materializes_directions(kernels: Any) -> bool:
+    """Whether ``kernels`` hold a parameter's direction z in float32 while they run (the torch reference does,
+    one parameter at a time; the Triton kernels generate z in registers)."""
+    return kernels is zo2_kernels.reference
+
+
 def segment_table(layout: Sequence[Any], params: Any, no_decay: str) -> Any:
     """The kernels' segment table of a flat buffer laid out as ``layout``: each parameter's perturbation key
     and whether weight decay applies to it (the ``no_decay`` rule, zo2.optim.decay)."""

@@ -20,11 +20,11 @@ from zo2.errors import ConfigError, ModelError, ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
-from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, parse_budget, plan_with_fallback
+from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
-from zo2.offload.arith import segment_table, select_kernels
+from zo2.offload.arith import materializes_directions, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
@@ -234,7 +234,9 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     _check_writeback(inputs)
     blocks = [u for u in inputs.units if u.kind == "block"]
     frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
-    plan = _place_tiers(inputs, _plan(inputs, blocks, frozen, device), frozen)
+    kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
+    plan = _place_tiers(inputs, _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels)),
+                        frozen)
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
@@ -247,7 +249,6 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
             for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
-    kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
     residences = _settle_units(inputs, store, streamer, markers, device, nvme)
     streamed = next((r for r in residences if type(r) is StreamedResidence), None)
     plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
@@ -264,8 +265,10 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     return Offload(plan, store, streamer, residences, opt_state, kernels, state_area, markers)
 
 
-def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], device: torch.device) -> Plan:
-    """The residency plan: each block's bytes (trainable, frozen and optimizer state) against the budget."""
+def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], device: torch.device,
+          materializes_z: bool) -> Plan:
+    """The residency plan: each block's bytes (trainable, frozen and optimizer state) against the budget;
+    ``materializes_z``: the kernels are the torch reference, which holds a parameter's direction in float32."""
     cfg, params, opt = inputs.config, inputs.params, inputs.optimizer
     block_params = [[params[n] for n in u.owned] for u in blocks]
     block_bytes = [_nbytes(ps) + _frozen_nbytes(fs) for ps, fs in zip(block_params, frozen)]
@@ -276,16 +279,24 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
                    for b, ps in zip(block_bytes, block_params)]
     fixed += sum(params[n].numel() * opt.state_bytes(params[n].dtype)
                  for u in inputs.units if u.kind != "block" for n in u.owned)
+    # one module's parameters at one point in the compute dtype (zo2.points forms them just in time), plus the
+    # float32 direction of a block's largest parameter where the torch reference runs (it materializes z one
+    # parameter at a time; the Triton kernels never do)
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
-    largest_block = max((sum(p.numel() for p in ps) for ps in block_params), default=0)
     compute_size = torch.empty((), dtype=inputs.compute_dtype).element_size()
-    # θ+ and θ− of one block in the compute dtype, plus the float32 direction of its largest parameter
-    # (the torch reference path materializes z one parameter at a time; the Triton kernels never do)
-    reserve = 2 * largest_block * compute_size + 4 * largest
-    one_copy_reserve = largest_block * compute_size + 4 * largest
+    reserve = _largest_module(inputs) * compute_size + (4 * largest if materializes_z else 0)
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    return plan_with_fallback(cfg.offload, block_bytes, fixed, reserve, one_copy_reserve, budget, cfg.prefetch)
+    return make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
+
+
+def _largest_module(inputs: OffloadInputs) -> int:
+    """The most trainable elements one module holds directly (what zo2.points forms at a point at once)."""
+    per_module: dict[int, int] = {}
+    for u in inputs.units:
+        for s in u.slots:
+            per_module[id(s.module)] = per_module.get(id(s.module), 0) + inputs.params[s.name].numel()
+    return max(per_module.values(), default=0)
 
 
 def _check_writeback(inputs: OffloadInputs) -> None:

@@ -76,13 +76,9 @@ class Plan:
     slot_bytes: int
     """Device buffers of the streamer: (prefetch + 2) × the largest streamed block."""
     reserve_bytes: int
-    """Working memory kept free for perturbed copies, directions and activations."""
+    """Working memory kept free for one module's parameters at a point (zo2.points) and directions."""
     budget: int | None
     prefetch: int
-    one_copy: bool = False
-    """Form one perturbed copy of a unit at a time (θ+εz, its forward, then θ−εz) instead of both at once:
-    half the working memory, one more pass over the unit's weights per perturbation. Chosen when the
-    budget needs it."""
     writeback_every: int = 1
     """A streamed block is written back every this many steps (``optim.writeback_every``)."""
     nvme: list[int] = field(default_factory=list)
@@ -138,8 +134,6 @@ class Plan:
         if self.writeback_every > 1:
             lines.append(f"  streamed blocks written back every {self.writeback_every} steps (and at every sync "
                          "point); an upload replays the updates its host copy lacks")
-        if self.one_copy:
-            lines.append("  one perturbed copy at a time (θ+εz, then θ−εz) to fit the budget")
         if self.nvme:
             lines += self._describe_tiers()
         return "\n".join(lines)
@@ -164,17 +158,6 @@ class Plan:
                    bytes_per_step_disk_read=self.bytes_per_step_disk_read,
                    bytes_per_step_disk_written=self.bytes_per_step_disk_written)
         return out
-
-
-def plan_with_fallback(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,
-                       one_copy_reserve: int, budget: int | None, prefetch: int) -> Plan:
-    """:func:`make_plan`, retried with one perturbed copy at a time when both copies do not fit the budget."""
-    try:
-        return make_plan(offload, block_bytes, fixed_bytes, reserve_bytes, budget, prefetch)
-    except ResourceError:
-        plan = make_plan(offload, block_bytes, fixed_bytes, one_copy_reserve, budget, prefetch)
-        plan.one_copy = True
-        return plan
 
 
 def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,

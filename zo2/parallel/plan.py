@@ -28,15 +28,16 @@ floor, generalised)::
   flops = tokens · (2 · block parameters + 2 · seq · attention width) (causal attention); the efficiency and the
   floor (launch-bound small blocks) are fitted to measured forward times (DESIGN.md §7 for the H100 defaults, or
   a benchmark JSON with ``--calibrate``).
-- Perturbation kernels: bytes moved / (device copy rate · the kernel's measured fraction of copy):
-  unsliced ``update_and_perturb`` (read θ, write θ and the 2/pp perturbed copies); sliced: ``update`` of the own
-  slice, then ``perturb_pair`` of the assembled block.
+- Perturbation kernels: bytes moved / (device copy rate · the kernel's measured fraction of copy): ``update``
+  of the block (of the own slice when sliced: read and write θ), then each of the 2/pp points' parameters formed
+  module by module (zo2.points: read θ, write the point).
 - The residency planner of DESIGN.md §2 (zo2/offload/planner.py): all resident when embed+head, every block,
-  θ± of one block and the activations fit the GPU budget (GPU memory minus max(5%, 1 GiB)); otherwise as many
+  one module's parameters at a point and the activations fit the GPU budget (GPU memory minus max(5%, 1 GiB)); otherwise as many
   blocks as fit stay resident and the rest stream through (prefetch + 2) block buffers.
-- Peak GPU memory per GPU: embed+head + resident blocks + stream buffers + θ± of one block (one copy under pp = 2)
-  + the float32 direction of the largest weight (as the planner reserves) + activations (hidden streams and FFN
-  of one block, or bf16 + 2 float32 copies of the logits, whichever is larger).
+- Peak GPU memory per GPU: embed+head + resident blocks + stream buffers + the largest weight at a point (and its
+  float32 direction, as the planner reserves) + activations of the 2/pp points run as one batch (hidden states in
+  and out and the FFN intermediate with its per-point parts joined, of one block; or the points' logits plus two
+  float32 copies of one point's, whichever is larger).
 - Host memory per node: the pinned parameter store (the streamed blocks), one per rank unsliced, one per node
   sliced.
 - Host DRAM bandwidth per node (an assumption, default 480 GB/s ≈ 78% of two DDR5-4800 sockets): every byte

@@ -101,10 +101,31 @@ def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
     if kernels.is_file() and kernels != Path(path):
         changes.update(_kernel_rates(_load_json(kernels)))
         sources.append(str(kernels))
+    overhead = _point_overhead(rows, replace(base, **changes))
+    if overhead is not None:
+        changes["point_overhead_ms"] = overhead
     changes["source"] = f"calibrated from {' + '.join(sources)} ({device or 'device not recorded'}); rest: defaults"
     rates = replace(base, **changes)
     rates.check()
     return rates
+
+
+def _point_overhead(rows: list[dict], rates: Rates) -> float | None:
+    """Engine ms per block and point: the smallest shape's resident steps (where it weighs most) minus what the
+    model predicts without it, per block and point; None without such rows."""
+    rows = [r for r in rows if r.get("resident_ms") and r.get("shape") and r.get("batch") and not r.get("budget")]
+    if not rows:
+        return None
+    smallest = min({r["shape"] for r in rows}, key=lambda name: shape_from_preset(name).block_params)
+    bare = replace(rates, point_overhead_ms=0.0)
+    residuals = []
+    for r in (r for r in rows if r["shape"] == smallest):
+        b, s = _parse_batch(r["batch"])
+        layers = int(r.get("layers", 4))
+        pred = predict_layout(shape_from_preset(smallest, layers=layers), Layout(),
+                              Workload(tokens=b * s, seq=s, offload="resident"), bare).step_s * 1e3
+        residuals.append(max(0.0, (r["resident_ms"] - pred) / (2 * layers)))
+    return median(residuals)
 
 
 def _kernel_rates(data: dict) -> dict:
@@ -130,9 +151,9 @@ def _kernel_rates(data: dict) -> dict:
 def compare_with_benchmark(path: str | Path, rates: Rates | None = None) -> list[dict]:
     """Predicted vs measured streamed and resident step times for every row of an offload.json.
 
-    ``rates`` default: :func:`calibrate` of the file with ``exposed_uploads = 1`` (the engine the 2026-11-26
-    measurement ran had one un-overlapped upload per step)."""
-    rates = rates or replace(calibrate(path), exposed_uploads=1.0)
+    ``rates`` default: :func:`calibrate` of the file (for a measurement from before the engine prefetched across
+    the step boundary, e.g. 2026-11-26, pass rates with ``exposed_uploads = 1``)."""
+    rates = rates or calibrate(path)
     out = []
     for r in _load_json(path).get("rows", []):
         if "error" in r or not r.get("streamed_ms") or r.get("budget"):

@@ -65,6 +65,10 @@ class Rates:
     """Rademacher update alone (assumed as update_and_perturb)."""
     loss_passes: float = 4.0
     """Passes over float32 logits per forward in the loss (upcast, softmax, gather)."""
+    point_overhead_ms: float = 1.0
+    """Engine time per block and point beyond its forward and kernels: launching the kernels that form each
+    module's parameters at the point, splitting and joining the batch (zo2.points). Fitted by ``--calibrate``
+    to the smallest shape's resident steps (2026-12-04 H200: about 1 ms for an OPT block's 8 modules)."""
     exposed_uploads: float = 0.0
     """Uploads per step not hidden behind compute (pipeline fill). 0: the engine prefetches across the step
     boundary; the 2026-11-26 H200 measurement predates that and had 1."""
@@ -89,7 +93,7 @@ class Rates:
             value = getattr(self, f.name)
             if f.name in ("source",):
                 continue
-            if f.name in ("exposed_uploads", "fwd_floor_ms", "loss_passes"):
+            if f.name in ("exposed_uploads", "fwd_floor_ms", "loss_passes", "point_overhead_ms"):
                 if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
                     raise ConfigError(f"rate.{f.name} = {value}: it must be a number >= 0 (--set rate.{f.name}=...).")
                 continue

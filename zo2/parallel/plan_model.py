@@ -44,7 +44,7 @@ def _collective_s(layout: Layout, rates: Rates) -> float:
 
 
 
-def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: Rates, one_copy: bool
+def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: Rates
                      ) -> tuple[float, dict[str, float], float]:
     """(compute time of a resident block, busy time of each resource for one streamed block, time to bring one
     block in when nothing overlaps it: its upload, plus the all-gather when sliced)."""
@@ -52,16 +52,17 @@ def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: R
     block_s, block_c = shape.block_params * s, shape.block_params * c
     copies = 2 // layout.pp
     n = layout.gpus_per_node if layout.sliced else 1
-    up_frac, pair_frac, upd_frac = _fractions(rates, work.direction)
+    _, _, upd_frac = _fractions(rates, work.direction)
     fwd = copies * forward_s(block_flops(shape, work.tokens // layout.dp, work.seq), rates)
-    extra_pass = _kernel_s(block_s, pair_frac, rates) if one_copy else 0.0
-    resident = fwd + _kernel_s(2 * block_s + copies * block_c, up_frac, rates) + extra_pass
+    # the update (read and write θ, this rank's slice when sliced), then each point's parameters formed module by
+    # module (zo2.points: read θ, write the point) with the update's kernel
+    points = _kernel_s(copies * (block_s + block_c), upd_frac, rates) + copies * rates.point_overhead_ms / 1e3
+    resident = fwd + _kernel_s(2 * block_s, upd_frac, rates) + points
     if n == 1:
         streamed_compute = resident
         nvlink = 0.0
     else:
-        streamed_compute = (fwd + _kernel_s(2 * block_s / n, upd_frac, rates)
-                            + _kernel_s(block_s + copies * block_c, pair_frac, rates) + extra_pass)
+        streamed_compute = fwd + _kernel_s(2 * block_s / n, upd_frac, rates) + points
         nvlink = block_s * (n - 1) / n / (rates.nvlink_gbs * GB) + rates.collective_latency_us * 1e-6
     moved = block_s / n
     pcie = max(moved / (rates.h2d_gbs * GB), moved / (rates.d2h_gbs * GB), 2 * moved / (rates.bidir_gbs * GB))
@@ -72,15 +73,15 @@ def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: R
 
 
 def _head_s(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> float:
-    """The head (2/pp forwards + loss) and the update+perturbation of embed/head, per step."""
+    """The head (2/pp forwards + loss) and the update and points of embed/head, per step."""
     s, c = DTYPE_BYTES[work.dtype], DTYPE_BYTES[work.compute_dtype]
     tokens = work.tokens // layout.dp
     copies = 2 // layout.pp
     flops = 2.0 * tokens * shape.vocab * shape.embed_width
     loss = tokens * shape.vocab * 4 * rates.loss_passes / (rates.copy_tbs * 1e12)
     fwd = copies * max(flops / (rates.matmul_tflops * rates.matmul_efficiency * 1e12) + loss, rates.fwd_floor_ms / 1e3)
-    kernel = _kernel_s(2 * shape.fixed_params * s + copies * shape.fixed_params * c,
-                       _fractions(rates, work.direction)[0], rates)
+    kernel = _kernel_s(2 * shape.fixed_params * s + copies * shape.fixed_params * (s + c),
+                       _fractions(rates, work.direction)[2], rates)
     return fwd + kernel
 
 
@@ -94,7 +95,7 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                           f"global batch of {work.batch} sequences ({work.tokens} tokens / seq {work.seq}): "
                           f"raise --tokens or lower --seq.")
     mem = residency(shape, work, layout, rates)
-    res_compute, per_block, bring_in = _block_resources(shape, work, layout, rates, mem.one_copy)
+    res_compute, per_block, bring_in = _block_resources(shape, work, layout, rates)
     head = _head_s(shape, work, layout, rates)
     fill = rates.exposed_uploads * bring_in if mem.streamed else 0.0
     comm = _collective_s(layout, rates)
@@ -105,8 +106,6 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
     bound = _bound(per_block, mem.streamed, mem.resident * res_compute + head, fill, comm)
     host = host_store_bytes(shape, work, layout, mem.streamed)
     notes = [mem.note] if mem.note else []
-    if mem.one_copy:
-        notes.append("one perturbed copy at a time (budget)")
     if host > rates.host_capacity_gb * GB:
         notes.append(f"host store {host / GB:.0f} GB > {rates.host_capacity_gb:.0f} GB")
     speedup = (baseline_step_s / step) if baseline_step_s else 1.0

@@ -1,0 +1,117 @@
+"""Every point of a step as one batch, each module's parameters formed just in time (zo2.points)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from zo2 import ZOConfig, ZOEngine
+from zo2.errors import ModelError
+from zo2.models.units import Slot
+from zo2.optim.estimators import Point
+from zo2.points import Group, PointsForward, PointValues
+from zo2_testing import clone_model, padded_batch, tiny_model
+
+FAMILIES = ["opt", "llama", "qwen3", "gpt2"]
+
+
+def reference_loss(model, params: dict, batch) -> float:
+    """The HF model's own forward, one point at a time, with its parameters replaced."""
+    logits = functional_call(model, params, (), {"input_ids": batch["input_ids"],
+                                                  "attention_mask": batch["attention_mask"]}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), labels.reshape(-1),
+                                             ignore_index=-100).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("q", [1, 2])
+def test_points_in_one_batch_give_each_points_own_loss(family, q):
+    """L(θ + εz_j) and L(θ − εz_j) of all q directions from one pass of 2q·B rows equal the model's own forward at
+    each point separately (float64, so any mix-up of rows or points is far above the rounding)."""
+    model = tiny_model(family, seed=1, dtype=torch.float64).eval()
+    batch = padded_batch(seed=2)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = ZOEngine(clone_model(model), ZOConfig(lr=0.0, eps=1e-2, seed=5, q=q))
+    r = engine.step(batch)
+    assert len(r.losses) == 2 * q
+    for j in range(q):
+        z = engine.perturbation(0, j)
+        for sign, got in ((1, r.losses[2 * j]), (-1, r.losses[2 * j + 1])):
+            point = {n: (t + sign * 1e-2 * z[n].double()) if n in z else t for n, t in theta.items()}
+            assert got == pytest.approx(reference_loss(model, point, batch), rel=1e-12)
+    assert r.losses[0] != r.losses[1]
+
+
+def test_at_most_one_modules_parameters_are_formed_at_a_time(monkeypatch):
+    """Never two perturbed copies of a block: the buffers formed for points are dropped after their module's call,
+    so the live ones never exceed the largest module's parameters (plus θ views, which cost nothing)."""
+    live: dict[int, int] = {}
+    peak = [0]
+    original = PointValues.form
+
+    def counting(self, flat, lo, hi, table, point):
+        out = original(self, flat, lo, hi, table, point)
+        if out.data_ptr() != flat[lo:hi].data_ptr():  # a formed buffer, not a view of θ
+            key = id(out)
+            live[key] = out.numel()
+            weakref.finalize(out, live.pop, key, None)
+            peak[0] = max(peak[0], sum(live.values()))
+        return out
+
+    monkeypatch.setattr(PointValues, "form", counting)
+    model = tiny_model("llama", seed=3, num_hidden_layers=4)
+    engine = ZOEngine(model, ZOConfig(lr=1e-3, seed=1, q=2))
+    for s in range(2):
+        engine.step(padded_batch(seed=s))
+    per_module: dict[int, int] = {}
+    for u in engine.units:
+        for slot in u.slots:
+            per_module[id(slot.module)] = per_module.get(id(slot.module), 0) + engine.params[slot.name].numel()
+    largest_block = max(sum(engine.params[n].numel() for n in u.owned) for u in engine.units if u.kind == "block")
+    assert 0 < peak[0] <= max(per_module.values()) < largest_block
+
+
+class _ByPoint(PointValues):
+    """θ + (i + 1) · 1000 at point i: which point a module was called at shows in its output."""
+
+    def __init__(self, points):
+        super().__init__(None, None, torch.float32)
+        self.index = {id(p): i for i, p in enumerate(points)}
+
+    def form(self, flat, lo, hi, table, point):
+        return flat[lo:hi] + 1000.0 * (self.index[id(point)] + 1)
+
+
+def _linear_group():
+    lin = nn.Linear(2, 1, bias=False)
+    flat = torch.zeros(2)
+    group = Group(lin, [Slot(lin, "weight", "w")], 0, 2, None, {"w": (0, 2, (1, 2))})
+    return lin, flat, group
+
+
+def test_each_point_gets_its_rows_also_flattened_and_a_one_row_input_is_broadcast():
+    points = [Point(((1, 1.0),)), Point(((1, -1.0),)), Point(((2, 1.0),))]
+    lin, flat, group = _linear_group()
+    fwd = PointsForward(_ByPoint(points), points, rows=2)
+    x = torch.ones(6, 2)
+    with fwd.installed([group], flat):
+        out = lin(x)
+        flat_tokens = lin(torch.ones(6 * 5, 2))  # (n·B·T, d): the tokens of each point's rows, flattened
+        one_row = lin(torch.ones(1, 2))
+    assert out[:, 0].tolist() == [2000.0, 2000.0, 4000.0, 4000.0, 6000.0, 6000.0]
+    assert flat_tokens[:, 0].tolist() == [2000.0] * 10 + [4000.0] * 10 + [6000.0] * 10
+    assert one_row[:, 0].tolist() == out[:, 0].tolist()
+    assert "forward" not in lin.__dict__ and torch.equal(lin(x), x @ lin.weight.T)  # uninstalled afterwards
+
+
+def test_an_input_without_the_batch_rows_is_refused_with_the_reason():
+    points = [Point(((1, 1.0),)), Point(((1, -1.0),))]
+    lin, flat, group = _linear_group()
+    with PointsForward(_ByPoint(points), points, rows=3).installed([group], flat):
+        with pytest.raises(ModelError, match=r"does not start with the batch's 2×3 rows"):
+            lin(torch.ones(5, 2))

@@ -1,0 +1,210 @@
+"""Every perturbed point through a unit as one batch, each module's parameters formed just in time.
+
+A step evaluates n points (θ + εz and θ − εz, or 2q of them, or a conservative step's candidates) on a batch of B
+rows. The engine runs them as one batch of n·B rows: point i owns rows [i·B, (i+1)·B). Modules without the unit's
+parameters (attention arithmetic, activations, masks, rotary embeddings) run on all n·B rows at once; a module
+that holds some of the unit's parameters (a linear layer, a norm, an embedding, a LoRA factor) is called once per
+point on that point's rows, with its parameters at that point: formed from θ by the kernels into a scratch buffer
+right before the call (``θ ± εz`` as the update ``θ − 1·(∓ε z)``, a candidate as the update itself), used, and
+dropped. So a unit's weights are needed at one moment per step, never two perturbed copies of a block exist, and
+at most one module's perturbed parameters do.
+
+The kernels run on the module's range of the unit's flat buffer with the sliced segment table
+(``SegmentTable.slice``), which gives exactly the values a pass over the whole buffer gives there: how the buffer is
+cut does not change a bit. Every mode (resident, streamed, sliced) runs this same scheme.
+
+A module's input may hold the batch's rows or its tokens flattened (``(n·B·T, d)``): either way point i's part is
+the i-th of n equal parts of the first dimension. A module called with one row (a position table read with
+``position_ids`` of shape ``(1, T)``) gives each point's output broadcast over that point's B rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from zo2.errors import ModelError
+from zo2.offload.arith import rounding_seed
+from zo2.optim.estimators import Point
+
+
+@dataclass
+class Group:
+    """A module holding some of a unit's parameters: its slots, and the range of the owner's flat buffer that
+    covers the owned ones."""
+
+    module: nn.Module
+    slots: list[Any] = field(default_factory=list)
+    lo: int = 0
+    hi: int = 0
+    table: Any = None
+    """The kernels' segment table of ``flat[lo:hi]``."""
+    offsets: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
+    """Parameter name → (offset in ``flat[lo:hi]``, numel, shape)."""
+
+
+def groups_of(unit: Any) -> list[Group]:
+    """The modules of ``unit`` that hold its parameters (direct ones), each with the range of the unit's flat
+    buffer its owned parameters span (a parameter it reads but another unit owns, a tied weight, is formed from
+    that unit's buffer)."""
+    by_module: dict[int, Group] = {}
+    for slot in unit.slots:
+        by_module.setdefault(id(slot.module), Group(slot.module)).slots.append(slot)
+    groups = list(by_module.values())
+    for g in groups:
+        _span(g, {s.name for s in g.slots}, unit)
+    return groups
+
+
+def _span(group: Group, names: set[str], unit: Any) -> None:
+    segs = [seg for seg in unit.layout if seg.name in names]
+    if not segs:
+        return
+    group.lo = min(seg.offset for seg in segs)
+    group.hi = max(seg.offset + seg.numel for seg in segs)
+    group.table = unit.table.slice(group.lo, group.hi)
+    group.offsets = {seg.name: (seg.offset - group.lo, seg.numel, tuple(seg.shape)) for seg in segs}
+
+
+class PointValues:
+    """Forms a group's parameters at a point from a flat buffer (the kernels' arithmetic, out of place)."""
+
+    def __init__(self, config: Any, kernels: Any, compute_dtype: torch.dtype):
+        self.config = config
+        self.kernels = kernels
+        self.compute_dtype = compute_dtype
+
+    def form(self, flat: torch.Tensor, lo: int, hi: int, table: Any, point: Point) -> torch.Tensor:
+        """``flat[lo:hi]`` at ``point``, in the compute dtype (a view of ``flat`` for θ itself where the dtypes
+        match)."""
+        src = flat[lo:hi]
+        cfg, k = self.config, self.kernels
+        if point.after is not None:
+            upd = point.after
+            out = torch.empty(hi - lo, dtype=flat.dtype, device=flat.device)
+            k.update(src, table, upd.seeds, upd.coeffs, upd.lr, cfg.weight_decay, cfg.distribution,
+                     stochastic_rounding_seed=rounding_seed(cfg, upd, flat.dtype), out=out)
+            return out if out.dtype == self.compute_dtype else out.to(self.compute_dtype)
+        if not point.terms:
+            return src if src.dtype == self.compute_dtype else src.to(self.compute_dtype)
+        (seed, sign), = point.terms
+        out = torch.empty(hi - lo, dtype=self.compute_dtype, device=flat.device)
+        # θ ± εz as the update θ − 1·((∓ε) z): one read of θ, one write of the point
+        k.update(src, table, [seed], [-sign * cfg.eps], 1.0, 0.0, cfg.distribution, out=out)
+        return out
+
+
+class PointsForward:
+    """Installs, for one unit's visit, the per-point calls on the modules holding its parameters (see the module
+    docstring): ``installed(groups, flat, tied)`` with the unit's flat buffer on the compute device and, for
+    parameters the unit reads but another unit owns, ``tied(name)`` → (that unit's buffer, the parameter's range
+    lo, hi there, its segment table, its shape)."""
+
+    def __init__(self, values: PointValues, points: Sequence[Point], rows: int):
+        self.values = values
+        self.points = list(points)
+        self.rows = rows
+        """B: the rows of one point (the batch has n·B)."""
+        self.current: int | None = None
+        """The point whose rows are running inside a per-point call (nested modules use it as it is)."""
+
+    @contextlib.contextmanager
+    def installed(self, groups: Sequence[Group], flat: torch.Tensor | None,
+                  tied: Callable[[str], tuple[torch.Tensor, int, int, Any, tuple[int, ...]]] | None = None
+                  ) -> Iterator[None]:
+        saved = []
+        try:
+            for g in groups:
+                saved.append((g.module, g.module.__dict__.get("forward")))
+                g.module.forward = self._wrapped(g, g.module.forward, flat, tied)
+            yield
+        finally:
+            for module, previous in saved:
+                if previous is None:
+                    del module.__dict__["forward"]
+                else:
+                    module.forward = previous
+
+    def _wrapped(self, group: Group, forward: Callable, flat: torch.Tensor | None, tied: Any) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.current is not None or len(self.points) == 1:
+                return self._at(group, forward, flat, tied, self.current or 0, args, kwargs)
+            return self._per_point(group, forward, flat, tied, args, kwargs)
+        return call
+
+    def _at(self, group: Group, forward: Callable, flat: torch.Tensor | None, tied: Any, i: int,
+            args: tuple, kwargs: dict) -> Any:
+        """Call ``forward`` with the group's parameters at point ``i``."""
+        point = self.points[i]
+        views: dict[str, torch.Tensor] = {}
+        if group.offsets:
+            buf = self.values.form(flat, group.lo, group.hi, group.table, point)
+            views = {n: buf[o : o + k].view(shape) for n, (o, k, shape) in group.offsets.items()}
+        for s in group.slots:
+            if s.name not in views:
+                src, lo, hi, table, shape = tied(s.name)
+                views[s.name] = self.values.form(src, lo, hi, table, point).view(shape)
+        saved = [(s, s.module._parameters[s.attr]) for s in group.slots]
+        previous, self.current = self.current, i
+        try:
+            for s in group.slots:
+                s.module._parameters[s.attr] = views[s.name]
+            return forward(*args, **kwargs)
+        finally:
+            self.current = previous
+            for s, p in saved:
+                s.module._parameters[s.attr] = p
+
+    def _per_point(self, group: Group, forward: Callable, flat: torch.Tensor | None, tied: Any,
+                   args: tuple, kwargs: dict) -> Any:
+        n, b = len(self.points), self.rows
+        lead = next((a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)), None)
+        total = None if lead is None or lead.dim() == 0 else lead.shape[0]
+        if total == 1 and n * b != 1:  # one row: each point's output broadcast over its B rows
+            return _cat([_expand(self._at(group, forward, flat, tied, i, args, kwargs), b) for i in range(n)])
+        if total is None or total % (n * b) or (lead.dim() == 1 and total != n * b):
+            raise ModelError(
+                f"{type(group.module).__name__} holds trainable parameters but its input (shape "
+                f"{None if lead is None else tuple(lead.shape)}) does not start with the batch's {n}×{b} rows (or "
+                "its tokens, or one row): zo2 runs the perturbed points as one batch and cannot give each point its "
+                "rows here. This module's family needs its own block adapter.")
+        per = total // n  # point i's rows (or its rows' tokens, flattened) are [i·per, (i+1)·per)
+        return _cat([self._at(group, forward, flat, tied, i, *_rows((args, kwargs), total, i * per, (i + 1) * per))
+                     for i in range(n)])
+
+
+def _rows(tree: Any, total: int, lo: int, hi: int) -> Any:
+    """``tree`` with every tensor whose first dimension is the whole batch cut to rows [lo, hi)."""
+    if torch.is_tensor(tree):
+        return tree[lo:hi] if tree.dim() > 0 and tree.shape[0] == total else tree
+    if isinstance(tree, tuple):
+        return tuple(_rows(t, total, lo, hi) for t in tree)
+    if isinstance(tree, list):
+        return [_rows(t, total, lo, hi) for t in tree]
+    if isinstance(tree, dict):
+        return {k: _rows(v, total, lo, hi) for k, v in tree.items()}
+    return tree
+
+
+def _expand(out: Any, rows: int) -> Any:
+    if torch.is_tensor(out):
+        return out.expand(rows, *out.shape[1:]) if out.dim() > 0 and out.shape[0] == 1 else out
+    if isinstance(out, tuple):
+        return tuple(_expand(o, rows) for o in out)
+    return out
+
+
+def _cat(outs: list[Any]) -> Any:
+    first = outs[0]
+    if torch.is_tensor(first):
+        return torch.cat(outs, dim=0)
+    if isinstance(first, tuple):
+        return tuple(_cat([o[j] for o in outs]) for j in range(len(first)))
+    if first is None:
+        return None
+    raise ModelError(f"a module holding trainable parameters returned {type(first).__name__}; zo2 can join "
+                     "per-point outputs only when they are tensors or tuples of tensors.")
