@@ -50,7 +50,7 @@ class OffloadConfig:
     refused with the numbers). Not supported under ``zo2 launch`` yet."""
     host_memory_budget: int | str | None = None
     """Host memory the streamed blocks may occupy (bytes, or '64GB'/'512GiB'), including the NVMe tier's staging
-    buffers. Unset: what psutil reports available, minus max(2 GiB, 10%)."""
+    buffers. Unset: what psutil reports available minus 2 GiB (the host store's own check)."""
     nvme_engine: str = "auto"
     """How the NVMe files are read and written: 'aio' (DeepSpeed's async I/O op on libaio: the deepspeed extra,
     see the README's NVMe tier), 'threads' (a pool of O_DIRECT preadv/pwritev threads) or 'auto' (aio where it

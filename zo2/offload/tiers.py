@@ -17,14 +17,10 @@ from zo2.offload.nvme import round_up
 from zo2.offload.planner import Plan
 from zo2.offload.store import HOST_MARGIN_BYTES
 
-HOST_MARGIN_FRACTION = 0.10
-"""The default host budget keeps max(HOST_MARGIN_BYTES, this fraction of available memory) free."""
-
-
 def default_host_budget() -> int:
-    """What psutil reports available, minus max(2 GiB, 10%)."""
-    available = psutil.virtual_memory().available
-    return int(available - max(HOST_MARGIN_BYTES, HOST_MARGIN_FRACTION * available))
+    """What psutil reports available minus HOST_MARGIN_BYTES (2 GiB): the host store's own check, so a model that
+    fits it is never refused here."""
+    return int(psutil.virtual_memory().available - HOST_MARGIN_BYTES)
 
 
 def staging_buffers(prefetch: int) -> int:
