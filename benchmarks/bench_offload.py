@@ -18,6 +18,7 @@ JSON.
     python benchmarks/bench_offload.py                         # GPU: 1.3b 6.7b 13b 30b 175b-shaped
     python benchmarks/bench_offload.py --shapes opt-1.3b --layers 4 --batches 1x2048
     python benchmarks/bench_offload.py --shapes opt-6.7b opt-175b --writeback 2 4 8   # lagging write-back
+    python benchmarks/bench_offload.py --shapes opt-6.7b opt-175b --writeback 4 --matrix  # one matrix at a time
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ def bandwidths(nbytes: int) -> tuple[float, float]:
     return nbytes / up / 1e9, nbytes / down / 1e9
 
 
-def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto", writeback: int = 1) -> ZOEngine:
+def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto", writeback: int = 1,
+               granularity: str = "block") -> ZOEngine:
     cfg = dict(lr=1e-7, eps=1e-3, offload=offload, device="cuda", gpu_memory_budget=budget, prefetch=1)
     if writeback > 1:
         cfg["writeback_every"] = writeback
+    if granularity != "block":
+        cfg["stream_granularity"] = granularity
     if "kernels" in ZOConfig.__dataclass_fields__:
         cfg["kernels"] = kernels
     engine = ZOEngine(empty_model(opt_config(shape, layers), torch.bfloat16), ZOConfig(**cfg))
@@ -115,8 +119,31 @@ def run_writeback(shape: str, layers: int, batches: list[tuple[int, int]], repea
     return rows
 
 
+def run_matrix(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, kernels: str,
+               writebacks: list[int], block_rows: list[dict], block_bytes: int, bw_up: float) -> list[dict]:
+    """The streamed step one matrix at a time (optim.stream_granularity = 'matrix'), K = 1 and each K of
+    ``writebacks``, against block granularity with the same K measured earlier in this run (``block_rows``)."""
+    rows = []
+    for k in [1] + [k for k in writebacks if k > 1]:
+        engine = engine_for(shape, layers, True, kernels=kernels, writeback=k, granularity="matrix")
+        for b, s in batches:
+            block = next(r for r in block_rows if r["batch"] == f"{b}x{s}" and r.get("writeback_every", 1) == k)
+            t_str, info = step_time(engine, batch_of(b, s), max(repeat, 2 * k))
+            floor = layers * max(block["fwd2_ms"] / 1e3, block_bytes / (bw_up * 1e9))
+            rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
+                         "granularity": "matrix", "writeback_every": k, "streamed_ms": t_str * 1e3,
+                         "block_ms": block["streamed_ms"], "vs_block": t_str * 1e3 / block["streamed_ms"],
+                         "floor_h2d_ms": floor * 1e3, "vs_floor_h2d": t_str / floor, "block_peak_gb": block["peak_gb"],
+                         "plan_peak_gb": engine.plan.expected_peak / 1e9, "budget": None, **info})
+            print(rows[-1], flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, budget_cap: str | None,
-              kernels: str, writebacks: list[int] = ()) -> list[dict]:
+              kernels: str, writebacks: list[int] = (), matrix: bool = False) -> list[dict]:
     rows = []
     resident = engine_for(shape, layers, False, kernels=kernels)
     block_bytes = resident.plan.block_bytes[0]
@@ -146,6 +173,8 @@ def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: i
     torch.cuda.empty_cache()
     rows += run_writeback(shape, layers, batches, repeat, kernels, [k for k in writebacks if k > 1], measured,
                           block_bytes, bw_up)
+    if matrix:
+        rows += run_matrix(shape, layers, batches, repeat, kernels, list(writebacks), list(rows), block_bytes, bw_up)
     if budget_cap:
         b, s = batches[0]
         row = {"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
@@ -176,6 +205,9 @@ def main() -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--writeback", type=int, nargs="*", default=[],
                         help="also run the streamed step with optim.writeback_every = each K given")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also stream one matrix at a time (optim.stream_granularity = 'matrix'), with K = 1 "
+                             "and each --writeback K, against block granularity in the same run")
     parser.add_argument("--out", default="benchmarks/out/offload.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -188,7 +220,8 @@ def main() -> None:
             parser.error(f"unknown shape {shape}; known: {', '.join(opt_shapes())}")
         cap = args.budget if shape == args.budget_shape else None
         try:
-            rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels, args.writeback)
+            rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels, args.writeback,
+                              args.matrix)
         except Exception as err:  # keep measuring the other shapes; the JSON records the failure
             rows.append({"shape": shape, "error": f"{type(err).__name__}: {err}"})
             print(rows[-1], flush=True)
@@ -200,12 +233,22 @@ def main() -> None:
                        ("resident_ms", "resident ms", ".1f"), ("streamed_ms", "streamed ms", ".1f"),
                        ("ratio", "str/res", ".2f"), ("floor_ms", "floor ms", ".1f"), ("vs_floor", "str/floor", ".2f"),
                        ("wait_ms", "wait ms", ".1f"), ("peak_gb", "peak GB", ".2f"), ("budget", "budget", "s")])
+    matrix = [r for r in rows if r.get("granularity") == "matrix"]
+    rows = [r for r in rows if r.get("granularity") != "matrix"]
     lagging = [r for r in rows if r.get("writeback_every")]
     if lagging:
         print()
         print_table(lagging, [("shape", "shape", "s"), ("batch", "batch", "s"), ("writeback_every", "K", "d"),
                               ("streamed_ms", "streamed ms", ".1f"), ("floor_h2d_ms", "H2D floor ms", ".1f"),
                               ("vs_floor_h2d", "str/H2D floor", ".2f"), ("d2h_gb", "D2H GB (last step)", ".2f")])
+    if matrix:
+        print()
+        print_table(matrix, [("shape", "shape", "s"), ("batch", "batch", "s"), ("writeback_every", "K", "d"),
+                             ("streamed_ms", "matrix ms", ".1f"), ("block_ms", "block ms", ".1f"),
+                             ("vs_block", "matrix/block", ".3f"), ("vs_floor_h2d", "matrix/H2D floor", ".2f"),
+                             ("peak_gb", "peak GB", ".2f"), ("block_peak_gb", "block peak GB", ".2f"),
+                             ("plan_peak_gb", "plan GB", ".2f"), ("wait_ms", "wait ms", ".1f")])
+    rows += matrix
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} {r.get('budget') or ''}: {r['error']}")

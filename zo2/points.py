@@ -80,19 +80,19 @@ class PointValues:
 
     def form(self, flat: torch.Tensor, lo: int, hi: int, table: Any, point: Point) -> torch.Tensor:
         """``flat[lo:hi]`` at ``point``, in the compute dtype (a view of ``flat`` for θ itself where the dtypes
-        match)."""
+        match). ``flat``: the unit's buffer, or a source giving its ranges (zo2.offload.pieces.PieceSource)."""
         src = flat[lo:hi]
         cfg, k = self.config, self.kernels
         if point.after is not None:
             upd = point.after
-            out = torch.empty(hi - lo, dtype=flat.dtype, device=flat.device)
+            out = torch.empty(hi - lo, dtype=src.dtype, device=src.device)
             k.update(src, table, upd.seeds, upd.coeffs, upd.lr, cfg.weight_decay, cfg.distribution,
-                     stochastic_rounding_seed=rounding_seed(cfg, upd, flat.dtype), out=out)
+                     stochastic_rounding_seed=rounding_seed(cfg, upd, src.dtype), out=out)
             return out if out.dtype == self.compute_dtype else out.to(self.compute_dtype)
         if not point.terms:
             return src if src.dtype == self.compute_dtype else src.to(self.compute_dtype)
         (seed, sign), = point.terms
-        out = torch.empty(hi - lo, dtype=self.compute_dtype, device=flat.device)
+        out = torch.empty(hi - lo, dtype=self.compute_dtype, device=src.device)
         # θ ± εz as the update θ − 1·((∓ε) z): one read of θ, one write of the point
         k.update(src, table, [seed], [-sign * cfg.eps], 1.0, 0.0, cfg.distribution, out=out)
         return out
@@ -130,10 +130,13 @@ class PointsForward:
                     module.forward = previous
 
     def _wrapped(self, group: Group, forward: Callable, flat: torch.Tensor | None, tied: Any) -> Callable:
+        around = getattr(flat, "call", None)  # a unit streamed a piece at a time releases pieces after a call
+
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self.current is not None or len(self.points) == 1:
-                return self._at(group, forward, flat, tied, self.current or 0, args, kwargs)
-            return self._per_point(group, forward, flat, tied, args, kwargs)
+            with around() if around is not None else contextlib.nullcontext():
+                if self.current is not None or len(self.points) == 1:
+                    return self._at(group, forward, flat, tied, self.current or 0, args, kwargs)
+                return self._per_point(group, forward, flat, tied, args, kwargs)
         return call
 
     def _at(self, group: Group, forward: Callable, flat: torch.Tensor | None, tied: Any, i: int,

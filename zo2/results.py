@@ -33,7 +33,8 @@ class StepResult:
     transfer_wait_ms: float = 0.0
     """Time the compute stream waited for uploads (CUDA only)."""
     replays: int = 0
-    """Logged updates replayed on uploaded blocks whose host copy lagged (``optim.writeback_every`` > 1)."""
+    """Logged updates replayed on uploaded blocks whose host copy lagged (``optim.writeback_every`` > 1); streaming
+    one matrix at a time, on uploaded pieces (each piece's replays count)."""
     peak_device_bytes: int = 0
     """Peak memory allocated on the compute device during the step (CUDA only)."""
 

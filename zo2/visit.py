@@ -42,6 +42,14 @@ class Visitor:
         res = unit.residence
         flat = res.acquire(unit)
         try:
+            if not isinstance(flat, torch.Tensor):  # streamed a piece at a time (zo2.offload.pieces)
+                target = pending.step if pending is not None and unit.applied < pending.step else unit.applied
+                flat.prepare = lambda piece, buf, lo, hi: self._prepare_piece(unit, piece, buf, (lo, hi), pending,
+                                                                               target, home)
+                yield flat
+                flat.finish()
+                unit.applied = target
+                return
             self._catch_up(unit, flat)
             if pending is not None and unit.applied < pending.step:
                 part = res.part(unit)
@@ -54,8 +62,30 @@ class Visitor:
             res.assemble(unit, flat)
             yield flat
         finally:
+            if not isinstance(flat, torch.Tensor):
+                flat.close()
             res.release(unit)
             self.opt_state.release(unit)
+
+    def _prepare_piece(self, unit: Any, piece: int, buf: torch.Tensor, bounds: tuple[int, int],
+                       pending: Update | None, target: int, home: bool) -> None:
+        """Bring an acquired piece of ``unit`` (the range ``bounds`` of its flat buffer) to step ``target``: the
+        logged updates its home copy lacks replayed, then ``pending``, with the piece's slice of the segment
+        table (the values a whole-buffer pass gives); written back when the residence wants it or ``home``."""
+        res = unit.residence
+        held = res.piece_held(piece)
+        if held >= target:
+            return
+        table = res.piece_table(unit, piece, bounds)
+        for s in range(held + 1, target + 1):
+            update = pending if pending is not None and s == pending.step else self.history.get(s)
+            if update is None:
+                raise RuntimeError(f"{unit.name}: a piece's home holds step {held} but the update of step {s} to "
+                                   "replay on it was not kept; this is a bug in zo2.")
+            self._update(buf, table, update, unit, None)
+        res.replayed(max(0, min(target, unit.applied) - held))
+        if home or res.piece_wants_write_back(piece, target):
+            res.write_piece(piece, target)
 
     def apply(self, unit: Any, update: Update) -> None:
         """Apply ``update`` to ``unit`` unless it holds it already (a logged step replayed)."""

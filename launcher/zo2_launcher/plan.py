@@ -43,6 +43,8 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--direction", default="gaussian", metavar="KIND", help="gaussian or rademacher")
     p.add_argument("--prefetch", type=int, default=1, metavar="K", help="blocks uploaded ahead (default 1)")
     p.add_argument("--offload", default="auto", metavar="MODE", help="auto (the planner decides), stream or resident")
+    p.add_argument("--granularity", default="block", metavar="G",
+                   help="what one upload moves: block (default) or matrix (optim.stream_granularity)")
     p.add_argument("--gpus-per-node", type=int, default=1, metavar="N", help="GPUs per node, 1..8 (default 1)")
     p.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
     p.add_argument("--calibrate", metavar="FILE.json", help="fit rates to a benchmarks/bench_offload.py JSON (and the "
@@ -66,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rates = plan.calibrate(args.calibrate) if args.calibrate else plan.Rates()
     rates = rates.updated(args.set)
     common = dict(dtype=args.dtype, compute_dtype=args.compute_dtype, direction=args.direction,
-                  prefetch=args.prefetch, offload=args.offload)
+                  prefetch=args.prefetch, offload=args.offload, granularity=args.granularity)
     if args.scaling:
         tokens = args.tokens or plan.SCALING_BATCH * plan.SCALING_SEQ
         seq = args.seq or (plan.SCALING_SEQ if args.tokens is None else min(args.tokens, 2048))

@@ -119,6 +119,9 @@ def test_nvme_tier_refuses_stateful_optimizers_and_node_stores(tmp_path):
     with pytest.raises(ConfigError, match="optimizer state"):
         nvme_engine(model, tmp_path, optimizer="zo-adam")
     assert not list(tmp_path.iterdir())  # refused before any file was made
+    with pytest.raises(ConfigError, match="stream_granularity"):
+        nvme_engine(model, tmp_path, stream_granularity="matrix")
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------ the streamer

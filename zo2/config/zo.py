@@ -85,6 +85,11 @@ class ZOConfig:
     rest from host memory; true: stream every block; false: no streaming."""
     prefetch: int = 1
     """Blocks uploaded ahead of the one being computed (device memory holds prefetch + 2 streamed blocks)."""
+    stream_granularity: str = "block"
+    """What a streamed block moves as: 'block' (the whole block per upload; prefetch + 2 block-sized device
+    slots) or 'matrix' (one weight matrix at a time, neighbouring small modules merged: prefetch + 2 slots of the
+    largest matrix, a fraction of a block). Same values bit for bit. 'matrix' needs a private host store (not
+    sliced transfers or zo2 launch's node store), a stateless optimizer and no frozen (PEFT base) weights."""
     writeback_every: int | str = 1
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of
@@ -153,6 +158,7 @@ class ZOConfig:
         require_choice("optim.kernels", self.kernels, ("auto", "triton", "torch"))
         require(isinstance(self.prefetch, int) and self.prefetch >= 1, "optim.prefetch", self.prefetch,
                 "it must be an integer >= 1.")
+        require_choice("optim.stream_granularity", self.stream_granularity, ("block", "matrix"))
         require(self.writeback_every == "auto" or (isinstance(self.writeback_every, int)
                 and not isinstance(self.writeback_every, bool) and self.writeback_every >= 1),
                 "optim.writeback_every", self.writeback_every,

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2.errors import ConfigError, ModelError, ResourceError
+from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
+from zo2.offload.pieces import PieceStore, PiecewiseResidence, module_ranges, piece_bounds
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
@@ -28,9 +29,8 @@ from zo2.offload.arith import materializes_directions, segment_table, select_ker
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
-from zo2.offload.nvme import open_engine
-from zo2.offload.tiered import NvmeResidence, build_nvme_tier
-from zo2.offload.tiers import place_tiers
+from zo2.offload.tiered import NvmeResidence, nvme_tier_for
+from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype
 
 log = logging.getLogger("zo2.offload")
@@ -234,9 +234,10 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     _check_writeback(inputs)
     blocks = [u for u in inputs.units if u.kind == "block"]
     frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
+    _check_granularity(inputs, frozen)
     kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
-    plan = _place_tiers(inputs, _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels)),
-                        frozen)
+    plan = _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels))
+    plan = place_tiers_for(inputs, plan, frozen, creates_store=not _sliced(inputs) or inputs.comm.local_rank == 0)
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
@@ -245,12 +246,12 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
         store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device)
     if streamer is not None:
         streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
-    nvme = _nvme_tier(inputs, [blocks[i] for i in plan.nvme], device)
+    nvme = nvme_tier_for(inputs, [blocks[i] for i in plan.nvme], device)
     keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
             for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
     residences = _settle_units(inputs, store, streamer, markers, device, nvme)
-    streamed = next((r for r in residences if type(r) is StreamedResidence), None)
+    streamed = next((r for r in residences if isinstance(r, StreamedResidence) and r is not nvme), None)
     plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
     for r in residences:
         if isinstance(r, StreamedResidence):
@@ -287,16 +288,39 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     reserve = _largest_module(inputs) * compute_size + (4 * largest if materializes_z else 0)
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    return make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
+    piece = None
+    if cfg.stream_granularity == "matrix":  # the largest upload: one module's parameters
+        itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)
+        piece = _largest_module(inputs, blocks) * itemsize
+    return make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
 
 
-def _largest_module(inputs: OffloadInputs) -> int:
-    """The most trainable elements one module holds directly (what zo2.points forms at a point at once)."""
+def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:
+    """The most trainable elements one module (of ``units``, default all) holds directly (what zo2.points forms
+    at a point at once)."""
     per_module: dict[int, int] = {}
-    for u in inputs.units:
+    for u in inputs.units if units is None else units:
         for s in u.slots:
             per_module[id(s.module)] = per_module.get(id(s.module), 0) + inputs.params[s.name].numel()
     return max(per_module.values(), default=0)
+
+
+def _check_granularity(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) -> None:
+    """``optim.stream_granularity = 'matrix'`` needs what zo2.offload.pieces supports (ConfigError otherwise)."""
+    if inputs.config.stream_granularity != "matrix":
+        return
+    why = None
+    if inputs.store_spec is not None:
+        why = "blocks streamed from zo2 launch's node store"
+    elif _sliced(inputs):
+        why = "sliced transfers (several processes per node)"
+    elif inputs.optimizer.state_names:
+        why = f"{inputs.optimizer.name}, which keeps state that streams block by block"
+    elif any(frozen):
+        why = "frozen (PEFT base) weights, which stream block by block"
+    if why is not None:
+        raise ConfigError(f"optim.stream_granularity = 'matrix' does not yet work with {why}. Set "
+                          "optim.stream_granularity = 'block'.")
 
 
 def _check_writeback(inputs: OffloadInputs) -> None:
@@ -340,11 +364,15 @@ def _writeback_every(inputs: OffloadInputs, residence: StreamedResidence | None,
 def _measure_rates(streamer: BlockStreamer, unit: Any, kernels: Any, config: Any) -> tuple[float, float]:
     """Bytes/s of one update pass over ``unit``'s buffer in a free slot of the streamer, and of its upload from the
     store (median of 5 each, CUDA events). The slot is scratch: nothing has been uploaded yet."""
-    src = streamer.store.flat(unit.store_index)
+    if isinstance(streamer.store, PieceStore):  # one matrix at a time: the first piece (of the first block)
+        block, lo, hi = streamer.store.pieces[0]
+        src, table = streamer.store.flat(0), unit.table.slice(lo, hi)
+    else:
+        src, table = streamer.store.flat(unit.store_index), unit.table
     slot = streamer.slots[0][: src.numel()]
     nbytes = src.numel() * src.element_size()
     upload = cuda_timed(lambda: slot.copy_(src, non_blocking=True), warmup=1, repeat=5)
-    replay = cuda_timed(lambda: kernels.update(slot, unit.table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot),
+    replay = cuda_timed(lambda: kernels.update(slot, table, [0], [0.0], 0.0, 0.0, config.distribution, out=slot),
                         warmup=1, repeat=5)
     return nbytes / max(replay, 1e-9), nbytes / max(upload, 1e-9)
 
@@ -381,10 +409,36 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     store = _build_store(inputs, blocks_params, dtypes.pop() if dtypes else inputs.compute_dtype, device)
     for k, u in enumerate(streamed):
         u.store_index = k
+    if inputs.config.stream_granularity == "matrix":
+        return store, BlockStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
     streamer = BlockStreamer(store, device, inputs.config.prefetch)
     if _sliced(inputs):
         streamer.ranges = {k: inputs.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
     return store, streamer
+
+
+def _piece_store(inputs: OffloadInputs, store: ParameterStore, streamed: list) -> PieceStore:
+    """The pieces of every streamed block (zo2.offload.pieces), numbered block after block."""
+    pieces = []
+    for u in streamed:
+        layout = store.layout(u.store_index)
+        bounds = piece_bounds(module_ranges(u.slots, layout), store.flat(u.store_index).numel())
+        pieces += [(u.store_index, lo, hi) for lo, hi in bounds]
+    return PieceStore(store, pieces)
+
+
+def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: list) -> StreamedResidence:
+    """The residence of the streamed units: block by block, or a piece at a time over a PieceStore."""
+    if isinstance(streamer.store, PieceStore):
+        bounds: dict[str, list[tuple[int, int]]] = {}
+        first: dict[str, int] = {}
+        for k, (block, lo, hi) in enumerate(streamer.store.pieces):
+            name = next(u.name for u in units if u.store_index == block)
+            first.setdefault(name, k)
+            bounds.setdefault(name, []).append((lo, hi))
+        return PiecewiseResidence(streamer, units, bounds, first)
+    return StreamedResidence(streamer, units, inputs.comm.gather_slices if streamer.ranges else None,
+                             1)  # K is set once the kernels are known (_writeback_every)
 
 
 def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
@@ -395,9 +449,7 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
     streamed = None
     if streamer is not None:
-        streamed = StreamedResidence(streamer, [u for u in inputs.units if u.store_index is not None],
-                                     inputs.comm.gather_slices if streamer.ranges else None,
-                                     1)  # K is set once the kernels are known (_writeback_every)
+        streamed = _streamed_residence(inputs, streamer, [u for u in inputs.units if u.store_index is not None])
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
@@ -425,50 +477,3 @@ def _map_state_area(inputs: OffloadInputs, store: ParameterStore | None, device:
         return None
     return StateArea(spec.name, store.layouts, spec.state_names, math_dtype(spec.torch_dtype),
                      pad_to=spec.pad_to, create=False, pin=device.type == "cuda")
-
-
-def _place_tiers(inputs: OffloadInputs, plan: Plan, frozen: list[list[FrozenSlot]]) -> Plan:
-    """Home the streamed blocks in pinned host memory under ``offload.host_memory_budget`` and the rest on NVMe
-    (zo2.offload.tiers), where this process creates the host store; the NVMe tier's limits as ConfigErrors."""
-    tiers = inputs.tiers
-    nvme_path = getattr(tiers, "nvme_path", None)
-    if nvme_path is not None and inputs.store_spec is not None:
-        raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
-                          "lives in host memory); unset it, or run the job with zo2 train.")
-    if nvme_path is not None and inputs.comm is not None:
-        raise ConfigError("offload.nvme_path is not yet supported with several processes (torchrun); unset it, "
-                          "or run one process.")
-    if inputs.store_spec is not None or (_sliced(inputs) and inputs.comm.local_rank != 0):
-        return plan  # the node store is the scheduler's; a torchrun node's first process checks its store
-    stateful = nvme_path is not None and inputs.optimizer.state_names
-    try:
-        plan = place_tiers(plan, getattr(tiers, "host_budget_bytes", None), nvme_path, inputs.config.prefetch)
-    except ResourceError:
-        if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
-            _refuse_state(inputs)
-        raise
-    if plan.nvme and stateful:
-        _refuse_state(inputs)
-    if plan.nvme and any(frozen[i] for i in plan.nvme):
-        raise ConfigError("The NVMe tier holds trainable weights only, but the blocks that do not fit "
-                          "offload.host_memory_budget have frozen parameters (a PEFT model's base weights). Raise "
-                          "offload.host_memory_budget, or fine-tune all weights.")
-    return plan
-
-
-def _refuse_state(inputs: OffloadInputs) -> None:
-    raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and "
-                      f"{inputs.optimizer.name} keeps {', '.join(inputs.optimizer.state_names)}. Use zo-sgd, "
-                      "zo-sgd-sign or zo-sgd-conservative, or raise offload.host_memory_budget.")
-
-
-def _nvme_tier(inputs: OffloadInputs, units: list, device: torch.device) -> NvmeResidence | None:
-    """The NVMe-homed blocks' residence (their files written, their parameters moved to the meta device)."""
-    if not units:
-        return None
-    shared = shared_names(inputs.units)
-    if any(n in shared for u in units for n in u.owned):
-        raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
-    t = inputs.tiers
-    engine = open_engine(t.nvme_engine, t.nvme_queue_depth, t.block_size_bytes)
-    return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)

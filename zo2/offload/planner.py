@@ -81,6 +81,8 @@ class Plan:
     prefetch: int
     writeback_every: int = 1
     """A streamed block is written back every this many steps (``optim.writeback_every``)."""
+    granularity: str = "block"
+    """What one upload moves: a whole block, or one matrix (``optim.stream_granularity``)."""
     nvme: list[int] = field(default_factory=list)
     """Streamed blocks homed in files on NVMe (``offload.nvme_path``) rather than pinned host memory
     (zo2.offload.tiers): the ones that do not fit ``offload.host_memory_budget``."""
@@ -124,7 +126,7 @@ class Plan:
         n = len(self.block_bytes)
         lines = [
             f"residency plan: {len(self.resident)}/{n} blocks resident, {len(self.streamed)}/{n} streamed "
-            f"(prefetch {self.prefetch})",
+            f"(prefetch {self.prefetch}" + (", one matrix at a time)" if self.granularity == "matrix" else ")"),
             f"  embed+head {_gb(self.fixed_bytes)}, resident blocks {_gb(sum(self.block_bytes[i] for i in self.resident))}, "
             f"stream buffers {_gb(self.slot_bytes)}, working reserve {_gb(self.reserve_bytes)}",
             f"  per step: {_gb(self.bytes_per_step_h2d)} host→device, up to {_gb(self.bytes_per_step_d2h)} device→host",
@@ -161,14 +163,17 @@ class Plan:
 
 
 def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,
-              budget: int | None, prefetch: int) -> Plan:
-    """Choose the resident blocks. ``offload``: False (all resident), True (all streamed) or 'auto'."""
+              budget: int | None, prefetch: int, piece_bytes: int | None = None) -> Plan:
+    """Choose the resident blocks. ``offload``: False (all resident), True (all streamed) or 'auto';
+    ``piece_bytes``: streaming one matrix at a time, the largest upload (the device slots' size; default: the
+    largest block)."""
     n = len(block_bytes)
-    slot = (prefetch + 2) * max(block_bytes, default=0)
+    slot = (prefetch + 2) * (max(block_bytes, default=0) if piece_bytes is None else piece_bytes)
     if offload is False or (offload == "auto" and (budget is None or fixed_bytes + sum(block_bytes) + reserve_bytes <= budget)):
         return Plan(list(range(n)), [], block_bytes, fixed_bytes, 0, reserve_bytes, budget, prefetch)
     if offload is True:
-        return Plan([], list(range(n)), block_bytes, fixed_bytes, slot, reserve_bytes, budget, prefetch)
+        return Plan([], list(range(n)), block_bytes, fixed_bytes, slot, reserve_bytes, budget, prefetch,
+                    granularity="block" if piece_bytes is None else "matrix")
     room = budget - fixed_bytes - slot - reserve_bytes
     if room < 0:
         raise ResourceError(
@@ -185,7 +190,8 @@ def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, res
     streamed = [i for i in range(n) if i not in resident]
     if not streamed:
         slot = 0
-    return Plan(resident, streamed, block_bytes, fixed_bytes, slot, reserve_bytes, budget, prefetch)
+    return Plan(resident, streamed, block_bytes, fixed_bytes, slot, reserve_bytes, budget, prefetch,
+                granularity="block" if piece_bytes is None or not streamed else "matrix")
 
 
 WRITEBACK_LIMIT = 16

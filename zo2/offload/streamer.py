@@ -66,6 +66,7 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         indices = range(len(store)) if blocks is None else blocks
         largest = max((self._numel(i) for i in indices), default=0)
+        self._largest = largest
         self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
         self.stats = TransferStats()
         self.measure = measure and self.cuda
@@ -80,6 +81,7 @@ class BlockStreamer:
         self._uploaded: dict[int, object] = {}
         self._written: dict[int, object] = {}  # block -> D2H-done event of its last write-back
         self._slot_busy: list[list] = [[] for _ in self.slots]  # events to wait on before reusing a slot
+        self._in_use: set[int] = set()  # slots acquired and not yet released
         self.markers = None
         """A node store's markers (zo2.offload.markers.StoreMarkers): each write-back is marked in flight before
         its bytes move and done once they landed, so a crash never leaves a torn block unnoticed."""
@@ -102,9 +104,7 @@ class BlockStreamer:
         self._order = list(order)
         self._position = {b: k for k, b in enumerate(self._order)}
         self._uploaded = {b: e for b, e in self._uploaded.items() if b in self._position}
-        for b in self._order[: self.prefetch]:
-            if b not in self._uploaded:
-                self._upload(b)
+        self._prefetch(0)
 
     def prefetch_next_pass(self) -> None:
         """At the end of a pass, start uploading the first blocks of the next one (same order), so their
@@ -114,9 +114,23 @@ class BlockStreamer:
         is applied to the device copy when the block is visited. Call :meth:`invalidate` if the store is
         written from the host in between.
         """
-        for b in self._order[: self.prefetch]:
+        self._prefetch(0)
+
+    def _ahead(self, start: int) -> list[int]:
+        """The blocks from position ``start`` on that a prefetch covers: the next ``prefetch`` ones, where a small
+        one (under 1/16 of the largest, a norm streamed one matrix at a time) does not count."""
+        out, large = [], 0
+        for b in self._order[start:]:
+            if large == self.prefetch:
+                break
+            out.append(b)
+            large += self._numel(b) * 16 >= self._largest
+        return out
+
+    def _prefetch(self, start: int) -> None:
+        for b in self._ahead(start):
             if b not in self._uploaded:
-                self._upload(b)
+                self._upload(b, required=False)
 
     def invalidate(self) -> None:
         """Forget device copies uploaded ahead: the store was (or is about to be) written from the host."""
@@ -129,10 +143,8 @@ class BlockStreamer:
             self.begin([block])
         if block not in self._uploaded:
             self._upload(block)
-        pos = self._position[block]
-        for nxt in self._order[pos + 1 : pos + 1 + self.prefetch]:
-            if nxt not in self._uploaded:
-                self._upload(nxt)
+        self._in_use.add(self._slot_of[block])  # before prefetching: no upload ahead may land in this slot
+        self._prefetch(self._position[block] + 1)
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             if self.measure:
@@ -192,13 +204,25 @@ class BlockStreamer:
         self.stats.write_backs += 1
         self._issued += 1
 
-    def release(self, block: int) -> None:
-        """The compute stream is done with ``block``'s slot once the work queued so far has run."""
+    def release(self, block: int, keep: bool = False) -> None:
+        """The compute stream is done with ``block``'s slot once the work queued so far has run. ``keep``: the
+        device copy may be acquired again (as it is now) until an upload reuses its slot or :meth:`drop`."""
         if self.cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             self._slot_busy[self._slot_of[block]].append(done)
-        self._uploaded.pop(block, None)
+        self._in_use.discard(self._slot_of[block])
+        if not keep:
+            self._uploaded.pop(block, None)
+
+    def has(self, block: int) -> bool:
+        """Whether a device copy of ``block`` is there to acquire without an upload."""
+        return block in self._uploaded
+
+    def drop(self, block: int) -> None:
+        """Forget a kept device copy of ``block`` (it holds changes its home does not: never acquire it again)."""
+        if self._slot_of.get(block) not in self._in_use:
+            self._uploaded.pop(block, None)
 
     def synchronize(self) -> None:
         """Wait for every write-back: afterwards the store (and the module parameters) are current."""
@@ -234,9 +258,18 @@ class BlockStreamer:
         return stats
 
     # ------------------------------------------------------------------ internals
-    def _upload(self, block: int) -> None:
-        slot = self._next_slot
-        self._next_slot = (self._next_slot + 1) % len(self.slots)
+    def _upload(self, block: int, required: bool = True) -> None:
+        """Upload ``block`` into the next slot no forward still reads (round robin). A prefetch
+        (``required=False``) finding every slot in use is skipped; a needed upload raises."""
+        free = [k % len(self.slots) for k in range(self._next_slot, self._next_slot + len(self.slots))
+                if k % len(self.slots) not in self._in_use]
+        if not free:
+            if not required:
+                return
+            raise RuntimeError(f"the streamer's {len(self.slots)} device slots are all in use: an upload would "
+                               "overwrite weights a forward still reads; this is a bug in zo2.")
+        slot = free[0]
+        self._next_slot = (slot + 1) % len(self.slots)
         for other in [b for b, s in self._slot_of.items() if s == slot and b != block]:
             self._uploaded.pop(other, None)  # a copy uploaded ahead but never used is overwritten now
         self._slot_of[block] = slot

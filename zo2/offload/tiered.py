@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from zo2.errors import ModelError
-from zo2.offload.nvme import NvmeStore, aligned_empty
+from zo2.models.units import shared_names
+from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
 from zo2.offload.residence import StreamedResidence
 from zo2.offload.store import ParameterStore, pack_layout, repoint
 from zo2.offload.streamer import BlockStreamer
@@ -69,13 +70,15 @@ class NvmeStreamer(BlockStreamer):
         finally:
             self._wanted = None
 
-    def _upload(self, block: int) -> None:
+    def _upload(self, block: int, required: bool = True) -> None:
         self._read_ahead(block)
         ready = block in self._reads and self._reads[block][1].done()
         if block != self._wanted and not ready:
             return  # uploaded once its read landed, at the latest when acquired
-        super()._upload(block)
-        self._uploaded_from[self._taken] = self._uploaded.get(block)
+        self._taken = None
+        super()._upload(block, required)
+        if self._taken is not None:  # the upload ran (a prefetch finding every slot in use does not)
+            self._uploaded_from[self._taken] = self._uploaded.get(block)
 
     def _source(self, block: int) -> torch.Tensor:
         if block not in self._reads:
@@ -269,3 +272,16 @@ def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter],
         for p in owned:
             repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))  # home is the file: no host copy
     return NvmeResidence(NvmeStreamer(store, device, prefetch), units)
+
+
+def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> NvmeResidence | None:
+    """The residence of the NVMe-homed ``units`` of an engine's offload inputs (zo2.offload.build.OffloadInputs),
+    their files written and their parameters moved to the meta device; None when there are none."""
+    if not units:
+        return None
+    shared = shared_names(inputs.units)
+    if any(n in shared for u in units for n in u.owned):
+        raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
+    t = inputs.tiers
+    engine = open_engine(t.nvme_engine, t.nvme_queue_depth, t.block_size_bytes)
+    return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)

@@ -10,12 +10,15 @@ ResourceError with the numbers and the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psutil
 
-from zo2.errors import ResourceError
+from zo2.errors import ConfigError, ResourceError
 from zo2.offload.nvme import round_up
 from zo2.offload.planner import Plan
 from zo2.offload.store import HOST_MARGIN_BYTES
+
 
 def default_host_budget() -> int:
     """What psutil reports available minus HOST_MARGIN_BYTES (2 GiB): the host store's own check, so a model that
@@ -66,3 +69,42 @@ def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, pref
     plan.staging_bytes = staging
     plan.nvme_path = nvme_path
     return plan
+
+
+def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) -> Plan:
+    """:func:`place_tiers` for an engine's offload inputs (zo2.offload.build.OffloadInputs: its ``tiers`` are the
+    ``[offload]`` section) where this process creates the host store (``creates_store``); the NVMe tier's limits
+    as ConfigErrors. ``frozen``: the frozen parameters of each block."""
+    tiers = inputs.tiers
+    nvme_path = getattr(tiers, "nvme_path", None)
+    if nvme_path is not None and inputs.store_spec is not None:
+        raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
+                          "lives in host memory); unset it, or run the job with zo2 train.")
+    if nvme_path is not None and inputs.comm is not None:
+        raise ConfigError("offload.nvme_path is not yet supported with several processes (torchrun); unset it, "
+                          "or run one process.")
+    if inputs.store_spec is not None or not creates_store:
+        return plan  # the node store is the scheduler's; a torchrun node's first process checks its store
+    stateful = nvme_path is not None and inputs.optimizer.state_names
+    try:
+        plan = place_tiers(plan, getattr(tiers, "host_budget_bytes", None), nvme_path, inputs.config.prefetch)
+    except ResourceError:
+        if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
+            _refuse_state(inputs.optimizer)
+        raise
+    if plan.nvme and stateful:
+        _refuse_state(inputs.optimizer)
+    if plan.nvme and inputs.config.stream_granularity == "matrix":
+        raise ConfigError("offload.nvme_path: the NVMe tier streams whole blocks, but optim.stream_granularity = "
+                          "'matrix'. Set optim.stream_granularity = 'block', or raise offload.host_memory_budget.")
+    if plan.nvme and any(frozen[i] for i in plan.nvme):
+        raise ConfigError("The NVMe tier holds trainable weights only, but the blocks that do not fit "
+                          "offload.host_memory_budget have frozen parameters (a PEFT model's base weights). Raise "
+                          "offload.host_memory_budget, or fine-tune all weights.")
+    return plan
+
+
+def _refuse_state(optimizer: Any) -> None:
+    raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
+                      f"keeps {', '.join(optimizer.state_names)}. Use zo-sgd, zo-sgd-sign or zo-sgd-conservative, "
+                      "or raise offload.host_memory_budget.")

@@ -99,13 +99,15 @@ def resolve_model(model: str | ModelShape) -> ModelShape:
 
 def predict(model: str | ModelShape, *, tokens: int = 2048, seq: int | None = None, dtype: str = "bf16",
             compute_dtype: str = "bf16", gpus_per_node: int = 1, nodes: int = 1, rates: Rates | None = None,
-            direction: str = "gaussian", prefetch: int = 1, offload: str = "auto") -> PlanReport:
+            direction: str = "gaussian", prefetch: int = 1, offload: str = "auto",
+            granularity: str = "block") -> PlanReport:
     """Predict single-GPU ZO2 and every layout of ``gpus_per_node`` × ``nodes`` GPUs for ``model`` (a preset name
     or a :class:`ModelShape`) at ``tokens`` global tokens per step (sequences of ``seq``, default
     min(tokens, 2048))."""
     shape = resolve_model(model)
     work = Workload(tokens=tokens, seq=seq if seq is not None else min(tokens, 2048), dtype=dtype,
-                    compute_dtype=compute_dtype, direction=direction, prefetch=prefetch, offload=offload)
+                    compute_dtype=compute_dtype, direction=direction, prefetch=prefetch, offload=offload,
+                    granularity=granularity)
     rates = rates or Rates()
     rates.check()
     Layout(gpus_per_node, nodes)  # validates the flags

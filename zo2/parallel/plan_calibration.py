@@ -156,7 +156,8 @@ def compare_with_benchmark(path: str | Path, rates: Rates | None = None) -> list
     rates = rates or calibrate(path)
     out = []
     for r in _load_json(path).get("rows", []):
-        if "error" in r or not r.get("streamed_ms") or r.get("budget"):
+        if "error" in r or not r.get("streamed_ms") or r.get("budget") or r.get("writeback_every") \
+                or r.get("granularity"):  # the plain block-streamed rows (with the resident time beside them)
             continue
         b, s = _parse_batch(r["batch"])
         shape = shape_from_preset(r["shape"], layers=int(r.get("layers", 4)))

@@ -54,7 +54,8 @@ def format_report(report: PlanReport) -> str:
     s, w = report.model, report.workload
     head = (f"{s.name}: {s.params / 1e9:.1f} B parameters, {s.layers} blocks of {s.block_params / 1e6:.0f} M "
             f"({s.block_params * DTYPE_BYTES[w.dtype] / GB:.2f} GB {w.dtype}); {w.tokens} tokens per step "
-            f"({w.batch} x {w.seq}), {w.direction} directions, prefetch {w.prefetch}, offload {w.offload}; "
+            f"({w.batch} x {w.seq}), {w.direction} directions, prefetch {w.prefetch}, offload {w.offload}"
+            + (", one matrix at a time" if w.granularity == "matrix" else "") + "; "
             f"{report.gpus_per_node} GPU(s) per node x {report.nodes} node(s)")
     rows = [report.baseline] + report.rows
     lines = [head, "", format_table([_plan_row(p) for p in rows], PLAN_COLUMNS)]

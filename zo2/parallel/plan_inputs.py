@@ -207,6 +207,8 @@ class Workload:
     prefetch: int = 1
     offload: str = "auto"
     """'auto' (the planner decides), 'stream' (every block streamed) or 'resident' (none streamed)."""
+    granularity: str = "block"
+    """What one upload moves: 'block' or 'matrix' (``optim.stream_granularity``): the device slots' size."""
 
     def __post_init__(self) -> None:
         _require_int("--tokens", self.tokens, 1)
@@ -219,6 +221,7 @@ class Workload:
         _choice("--direction", self.direction, DIRECTIONS)
         _choice("--offload", self.offload, OFFLOAD_MODES)
         _require_int("--prefetch", self.prefetch, 0)
+        _choice("--granularity", self.granularity, ("block", "matrix"))
 
     @property
     def batch(self) -> int:

@@ -44,7 +44,7 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
         fits = everything <= budget
         note = "" if fits else "all-resident does not fit the GPU budget"
         return Residency("resident", shape.layers, 0, everything, fits, note)
-    slots = (work.prefetch + 2) * block
+    slots = (work.prefetch + 2) * (block if work.granularity == "block" else shape.largest_weight * s)
     room = budget - peak(0, slots)
     if room >= 0:
         resident = 0 if work.offload == "stream" else min(shape.layers - 1, int(room // block))

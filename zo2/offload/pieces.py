@@ -1,0 +1,215 @@
+"""Streaming a block one weight matrix at a time (``optim.stream_granularity = "matrix"``).
+
+A streamed block's flat buffer is cut into *pieces* at the boundaries between the modules holding its parameters
+(a linear layer's weight and bias, a norm's): one piece per module (:func:`piece_bounds`). The :class:`~zo2.offload.streamer.BlockStreamer`
+moves pieces instead of blocks (:class:`PieceStore` shows it each piece as a "block"), through a ring of
+``prefetch + 2`` piece-sized slots: the device holds a few matrices of a block, never the block.
+
+A visit gets a :class:`PieceSource` instead of the flat buffer. The forwards read a module's range of it just
+in time (zo2.points): the piece holding that range is acquired, brought to the unit's step when it arrives — the
+updates its home copy lacks replayed and the pending one applied, with the sliced segment table, so the values are
+bit for bit a whole-buffer pass's — written back when the lagging write-back wants it, and released when the
+forwards move on to another piece (not while a module call that reads it is still running). Pieces the forwards never touched are brought up to date when the
+visit ends, so every parameter always receives every update. Uploads run in the order the previous pass used
+the pieces (the layout order before the first pass).
+
+Not yet with sliced transfers, the scheduler's node store, a stateful optimizer or frozen (PEFT base) weights:
+those keep block granularity (a ConfigError says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+
+from zo2.offload.residence import StreamedResidence
+from zo2.offload.store import ParameterStore
+
+def module_ranges(slots: Sequence[Any], layout: Sequence[Any]) -> list[tuple[int, int]]:
+    """The [lo, hi) range of the flat buffer each module holding owned parameters spans, in layout order."""
+    offsets = {seg.name: (seg.offset, seg.offset + seg.numel) for seg in layout}
+    by_module: dict[int, list[tuple[int, int]]] = {}
+    for s in slots:
+        if s.name in offsets:
+            by_module.setdefault(id(s.module), []).append(offsets[s.name])
+    spans = [(min(lo for lo, _ in r), max(hi for _, hi in r)) for r in by_module.values()]
+    return sorted(spans)
+
+
+def piece_bounds(ranges: Sequence[tuple[int, int]], numel: int) -> list[tuple[int, int]]:
+    """Cut ``[0, numel)`` at module boundaries: one piece per module (padding after a module stays with it), so
+    every element belongs to exactly one piece and no module's range is split. Small modules are not merged with
+    their neighbours: a norm read at the start of a block and a matrix read at its end would then move twice."""
+    cuts = sorted({0, numel, *(lo for lo, _ in ranges)})
+    cuts = [c for c in cuts if not any(lo < c < hi for lo, hi in ranges)]  # never inside a module's range
+    return list(zip(cuts, cuts[1:]))
+
+
+class PieceStore:
+    """The pieces of a :class:`ParameterStore`'s blocks, shown to a BlockStreamer as blocks of their own."""
+
+    def __init__(self, store: ParameterStore, pieces: Sequence[tuple[int, int, int]]):
+        self.store = store
+        self.pieces = list(pieces)
+        """(block, lo, hi) of each piece."""
+        self.dtype = store.dtype
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def flat(self, index: int) -> torch.Tensor:
+        block, lo, hi = self.pieces[index]
+        return self.store.flat(block)[lo:hi]
+
+
+class PieceSource:
+    """What a visit of a piecewise-streamed unit gets instead of its flat buffer: ``source[lo:hi]`` is the device
+    copy of that range (within one piece), brought to the unit's step on first use (``prepare``)."""
+
+    def __init__(self, residence: "PiecewiseResidence", unit: Any):
+        self.residence = residence
+        self.unit = unit
+        self.prepare: Callable[[int, torch.Tensor, int, int], None] | None = None
+        """``prepare(piece, buffer, lo, hi)``: bring an acquired piece up to date (set by the visit)."""
+        self.ready: set[int] = set()
+        """Pieces brought up to date during this visit (one needed again after its slot was reused is uploaded
+        and prepared again: its home may lag)."""
+        self.held_now: list[int] = []
+        """Pieces acquired and not yet released: the one in use stays held until another is needed."""
+        self.calls: list[set[int]] = []
+        """The pieces each active module call (outermost first) reads."""
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        lo, hi = index.start, index.stop
+        piece, (p_lo, p_hi) = self.residence.piece_of(self.unit, lo, hi)
+        buf = self.piece(piece, p_lo, p_hi)
+        return buf[lo - p_lo : hi - p_lo]
+
+    def piece(self, piece: int, lo: int, hi: int) -> torch.Tensor:
+        res = self.residence
+        if piece not in self.held_now:  # moving on: let go of the pieces no active module call reads
+            self.release_held(keep=set().union(*self.calls))
+            kept = piece in self.ready and res.streamer.has(piece)  # still in its slot, as this visit left it
+            buf = res.streamer.acquire(piece)
+            self.held_now.append(piece)
+            res.used(self.unit, piece)
+            if not kept:  # freshly uploaded: it holds what its home holds
+                self.prepare(piece, buf, lo, hi)
+                self.ready.add(piece)
+        else:
+            buf = res.streamer.acquire(piece)
+        if self.calls:
+            self.calls[-1].add(piece)
+        return buf
+
+    @contextlib.contextmanager
+    def call(self):
+        """Around a module call: the pieces it reads stay held until it returns (a module inside it may need
+        another piece meanwhile)."""
+        self.calls.append(set())
+        try:
+            yield
+        finally:
+            self.calls.pop()
+
+    def release_held(self, keep: set[int] = frozenset()) -> None:
+        """Release the held pieces except ``keep`` (their forwards are queued: a slot is reused only after).
+        Their device copies stay acquirable until an upload takes the slot, so a piece needed again in this
+        visit (a norm read before and after another piece) moves only if its slot was reused."""
+        for piece in [p for p in self.held_now if p not in keep]:
+            self.residence.streamer.release(piece, keep=True)
+        self.held_now = [p for p in self.held_now if p in keep]
+
+    def close(self) -> None:
+        """End of the visit: release everything and forget the kept copies (the next visit uploads afresh)."""
+        self.release_held()
+        for piece in self.ready:
+            self.residence.streamer.drop(piece)
+
+    def finish(self) -> None:
+        """Bring every piece the forwards did not touch up to date, and release what is held."""
+        for piece, (lo, hi) in self.residence.pieces_of(self.unit):
+            if piece not in self.ready:
+                self.piece(piece, lo, hi)
+        self.close()
+
+
+class PiecewiseResidence(StreamedResidence):
+    """Streamed units moved one piece (a module's parameters) at a time; see the module docstring."""
+
+    def __init__(self, streamer: Any, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
+                 first_piece: dict[str, int], writeback_every: int = 1):
+        super().__init__(streamer, units, None, writeback_every)
+        self._bounds = bounds
+        """Unit name → the [lo, hi) of each of its pieces, in layout order."""
+        self._first = first_piece
+        """Unit name → the streamer index of its first piece (its pieces are numbered consecutively)."""
+        self._piece_held = {p: u.applied for u in units for p, _ in self.pieces_of(u)}
+        """The step each piece's home copy holds."""
+        self._order: dict[str, list[int]] = {}
+        """Unit name → the order its pieces were first used in the last pass (prefetch follows it)."""
+        self._using: dict[str, list[int]] = {}
+        self._tables: dict[int, Any] = {}
+
+    def pieces_of(self, unit: Any) -> list[tuple[int, tuple[int, int]]]:
+        first = self._first[unit.name]
+        return [(first + i, b) for i, b in enumerate(self._bounds[unit.name])]
+
+    def piece_of(self, unit: Any, lo: int, hi: int) -> tuple[int, tuple[int, int]]:
+        for piece, (p_lo, p_hi) in self.pieces_of(unit):
+            if p_lo <= lo and hi <= p_hi:
+                return piece, (p_lo, p_hi)
+        raise RuntimeError(f"{unit.name}: range [{lo}, {hi}) lies in no single piece; this is a bug in zo2.")
+
+    def used(self, unit: Any, piece: int) -> None:
+        order = self._using.setdefault(unit.name, [])
+        if piece not in order:
+            order.append(piece)
+
+    # ------------------------------------------------------------------ the Residence interface
+    def begin_pass(self, units: Sequence[Any]) -> None:
+        mine = [u for u in units if u.residence is self]
+        self.last = mine[-1].name if mine else None
+        order: list[int] = []
+        for u in mine:
+            seen = self._order.get(u.name, [])
+            order += seen + [p for p, _ in self.pieces_of(u) if p not in seen]
+        self._using = {}
+        self.streamer.begin(order)
+
+    def acquire(self, unit: Any) -> PieceSource:
+        return PieceSource(self, unit)
+
+    def part(self, unit: Any) -> None:
+        return None
+
+    def piece_wants_write_back(self, piece: int, step: int) -> bool:
+        return step - self._piece_held[piece] >= self.writeback_every
+
+    def piece_held(self, piece: int) -> int:
+        return self._piece_held[piece]
+
+    def piece_table(self, unit: Any, piece: int, bounds: tuple[int, int]) -> Any:
+        """The segment table of the piece's range (kept: the kernels cache its device copy per table)."""
+        table = self._tables.get(piece)
+        if table is None:
+            table = self._tables[piece] = unit.table.slice(*bounds)
+        return table
+
+    def write_piece(self, piece: int, step: int) -> None:
+        self.streamer.write_back(piece, step)
+        self._piece_held[piece] = step
+
+    def held(self, unit: Any) -> int:
+        return min(self._piece_held[p] for p, _ in self.pieces_of(unit))
+
+    def release(self, unit: Any) -> None:
+        order = self._using.get(unit.name)
+        if order:
+            self._order[unit.name] = order
+
+    def invalidate(self) -> None:
+        self.streamer.invalidate()
+        self._piece_held = {p: u.applied for u in self.units() for p, _ in self.pieces_of(u)}
