@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from bench_common import cuda_timed, environment, opt_config, opt_shapes, print_table, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
+from zo2.models.base import LOSS_CHUNK_BYTES  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
 
 
@@ -252,7 +253,8 @@ def main() -> None:
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} {r.get('budget') or ''}: {r['error']}")
-    write_json(args.out, {"benchmark": "offload", "env": environment(), "layers": args.layers, "rows": rows})
+    write_json(args.out, {"benchmark": "offload", "env": environment(), "layers": args.layers,
+                          "loss_chunk_bytes": LOSS_CHUNK_BYTES, "head_points_at_once": 1, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from zo2.offload.build import OffloadInputs, build_offload
 from zo2.offload.residence import DeviceResidence
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
+from zo2.parallel.plan_memory import activation_bytes, working_bytes
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
 from zo2.optim.rng import direction, param_key
@@ -101,6 +102,26 @@ class ZOEngine:
         """The modules holding each unit's parameters, with their ranges of its flat buffer (zo2.points)."""
         self.last_transfer: TransferStats | None = None
 
+    def describe_plan(self, rows: int | None = None, seq: int | None = None) -> str:
+        """The residency plan as text; with a batch of ``rows`` × ``seq`` tokens, also the peak with its
+        activations (zo2.parallel.plan_memory.activation_bytes: the number ``zo2 plan`` predicts)."""
+        if rows is None or seq is None:
+            return self.plan.describe()
+        cfg = self.model.config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        ffn = (getattr(cfg, "ffn_dim", None) or getattr(cfg, "intermediate_size", None)
+               or getattr(cfg, "n_inner", None) or 4 * (hidden or 0))
+        vocab = getattr(cfg, "vocab_size", None)
+        if not hidden or not vocab:
+            return self.plan.describe()
+        n = len(self.estimator.points(0))
+        copies = len(self.comm.my_points(n)) if self.comm is not None else n
+        tokens = rows * seq // (self.comm.dims.dp if self.comm is not None else 1)  # this rank's shard
+        size = torch.empty((), dtype=self.compute_dtype).element_size()
+        act_block, logits, loss = activation_bytes(hidden, ffn, vocab, tokens, copies, size)
+        return self.plan.describe(activations=(f"{rows}x{seq}", lambda block, reserve: working_bytes(
+            block, reserve, act_block, logits, loss)))
+
     # ------------------------------------------------------------------ setup
     def _set_dtypes(self) -> None:
         """Cast trainable weights to the storage dtype; frozen ones to the compute dtype (never updated, they are
@@ -158,15 +179,16 @@ class ZOEngine:
                     hidden, ctx = self.adapter.embed(ids, mask)
                 elif unit.kind == "block":
                     hidden = self.adapter.block(unit.index, hidden, ctx)
-                else:
-                    logits = self.adapter.head(hidden, ctx)
+                else:  # one point at a time: one point's logits exist at once
                     for i in range(n):
-                        mine = logits[i * rows : (i + 1) * rows]
+                        with forward.at(i):
+                            logits = self.adapter.head(hidden[i * rows : (i + 1) * rows], ctx)
                         # .double() is exact for any dtype and keeps float64 checks exact
-                        losses.append(self.loss_fn(mine, batch).detach().double().reshape(()))
+                        losses.append(self.loss_fn(logits, batch).detach().double().reshape(()))
                         if keep_logits:
-                            logits_out.append(mine)
-                    hidden = ctx = logits = None
+                            logits_out.append(logits)
+                        del logits
+                    hidden = ctx = None
             unit.residence.after_visit(unit)  # a streamed pass's last block starts the next pass's uploads
         return losses, logits_out
 

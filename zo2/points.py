@@ -113,6 +113,15 @@ class PointsForward:
         """The point whose rows are running inside a per-point call (nested modules use it as it is)."""
 
     @contextlib.contextmanager
+    def at(self, i: int) -> Iterator[None]:
+        """Run what follows at point ``i`` alone (its rows only, e.g. the head one point at a time)."""
+        previous, self.current = self.current, i
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    @contextlib.contextmanager
     def installed(self, groups: Sequence[Group], flat: torch.Tensor | None,
                   tied: Callable[[str], tuple[torch.Tensor, int, int, Any, tuple[int, ...]]] | None = None
                   ) -> Iterator[None]:

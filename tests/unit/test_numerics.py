@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import zo2
@@ -49,3 +50,24 @@ def test_fresh_processes_generate_the_directions_this_process_does(tmp_path):
         got = torch.load(out)
         for name, a, b in zip(("z", "sqrt", "log", "sin", "cos"), got, expected):
             assert torch.equal(a, b), f"{out.name}: first-call {name} differs from this process's"
+
+
+def test_the_causal_lm_loss_scores_long_batches_in_chunks_of_tokens(monkeypatch):
+    """Short batches: Hugging Face's loss to the bit; long ones (float32 logits over LOSS_CHUNK_BYTES): summed
+    chunk by chunk, equal to the one-piece loss to float32 rounding, ignored labels still left out."""
+    from zo2.models import base
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 300, 500, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 500, (2, 300), generator=g)
+    labels[0, 250:] = -100
+    whole = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 500), labels[:, 1:].reshape(-1),
+                                              ignore_index=-100)
+    assert torch.equal(base.causal_lm_loss(logits, labels), whole)
+    monkeypatch.setattr(base, "LOSS_CHUNK_BYTES", 500 * 8 * 64)  # 64 tokens a chunk
+    chunked = base.causal_lm_loss(logits, labels)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    labels[:, 100:] = -100  # a chunk with no scored token adds nothing
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 500), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100)
+    assert base.causal_lm_loss(logits, labels).item() == pytest.approx(ref.item(), rel=1e-6)

@@ -115,3 +115,36 @@ def test_an_input_without_the_batch_rows_is_refused_with_the_reason():
     with PointsForward(_ByPoint(points), points, rows=3).installed([group], flat):
         with pytest.raises(ModelError, match=r"does not start with the batch's 2×3 rows"):
             lin(torch.ones(5, 2))
+
+
+def test_the_start_of_run_plan_prints_zo2_plans_peak():
+    """The engine's plan with a batch's activations is the peak ``zo2 plan`` predicts for the same shape,
+    residency and batch (both use zo2.parallel.plan_memory.activation_bytes)."""
+    from dataclasses import replace
+
+    from zo2.config.presets import get_preset
+    from zo2.parallel.plan_inputs import Layout, Rates, Workload, shape_from_config
+    from zo2.parallel.plan_memory import working_bytes
+    from zo2.parallel.plan_model import predict_layout
+    from zo2.train.model import build_model
+
+    m = replace(get_preset("opt-125m").model, num_layers=2, dtype="bf16")
+    engine = ZOEngine(build_model(m), ZOConfig(offload=True, kernels="torch"))
+    engine.plan.reserve_bytes -= 4 * max(p.numel() for u in engine.units if u.kind == "block"
+                                         for n in u.owned for p in [engine.params[n]])  # zo2 plan models Triton
+    engine.plan.block_reserve_bytes -= 4 * max(p.numel() for u in engine.units if u.kind == "block"
+                                               for n in u.owned for p in [engine.params[n]])
+    text = engine.describe_plan(4, 128)
+    assert "with the activations of a 4x128 batch" in text
+    act_block, logits, loss = _act(m, 4 * 128)
+    ours = engine.plan.peak_with(lambda block, reserve: working_bytes(block, reserve, act_block, logits, loss))
+    shape = shape_from_config(m)
+    theirs = predict_layout(shape, Layout(), Workload(tokens=4 * 128, seq=128, offload="stream"), Rates()).gpu_mem_gb
+    assert ours == pytest.approx(theirs * 1e9, rel=1e-6)
+    assert f"with the activations of a 4x128 batch {ours / 1e9:.2f} GB" in text
+
+
+def _act(m, tokens):
+    from zo2.parallel.plan_memory import activation_bytes
+
+    return activation_bytes(m.hidden_size, m.ffn_size, m.vocab_size, tokens, 2, 2)

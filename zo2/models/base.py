@@ -151,14 +151,30 @@ def adapter_for(model: nn.Module) -> BlockAdapter:
     return _REGISTRY[model_type](model)
 
 
+LOSS_CHUNK_BYTES = 64 << 20
+"""The float32 logits the loss holds at once: longer batches are scored in chunks of tokens (the logits of a
+2048-token OPT batch in float32 are 412 MB, twice that with the log-softmax)."""
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross-entropy, as Hugging Face's causal-LM loss (labels shifted by one).
 
-    Computed in float32 (float64 for float64 logits, so finite-difference checks can run in double precision).
-    """
-    logits = logits[..., :-1, :]
-    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    Computed in float32 (float64 for float64 logits, so finite-difference checks can run in double precision),
+    in chunks of tokens whose float32 logits fit :data:`LOSS_CHUNK_BYTES` (one piece when they all do: then the
+    result is Hugging Face's to the bit; chunked, the per-token terms are summed chunk by chunk)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    vocab = logits.size(-1)
     target = labels[..., 1:].to(logits.device)
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=ignore_index, reduction="mean"
-    )
+    per_chunk = max(1, LOSS_CHUNK_BYTES // (vocab * 8))
+    if target.numel() <= per_chunk:
+        flat = logits[..., :-1, :].to(dtype).reshape(-1, vocab)
+        return nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=ignore_index, reduction="mean")
+    rows = logits.reshape(-1, logits.size(-2), vocab)  # (sequences, tokens, vocab): each sequence's rows contiguous
+    targets = target.reshape(rows.size(0), -1)
+    total = torch.zeros((), dtype=dtype, device=logits.device)
+    for seq, tgt in zip(rows, targets):
+        for lo in range(0, tgt.numel(), per_chunk):  # token t's logits score label t + 1
+            part = tgt[lo : lo + per_chunk]
+            total += nn.functional.cross_entropy(seq[lo : lo + part.numel()].to(dtype), part,
+                                                 ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().to(dtype)

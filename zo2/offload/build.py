@@ -285,14 +285,18 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     # parameter at a time; the Triton kernels never do)
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
     compute_size = torch.empty((), dtype=inputs.compute_dtype).element_size()
-    reserve = _largest_module(inputs) * compute_size + (4 * largest if materializes_z else 0)
+    z = 4 * largest if materializes_z else 0
+    reserve = _largest_module(inputs) * compute_size + z
+    block_reserve = _largest_module(inputs, blocks) * compute_size + z  # while a block runs
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
     piece = None
     if cfg.stream_granularity == "matrix":  # the largest upload: one module's parameters
         itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)
         piece = _largest_module(inputs, blocks) * itemsize
-    return make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
+    plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
+    plan.block_reserve_bytes = block_reserve
+    return plan
 
 
 def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -83,6 +84,9 @@ class Plan:
     """A streamed block is written back every this many steps (``optim.writeback_every``)."""
     granularity: str = "block"
     """What one upload moves: a whole block, or one matrix (``optim.stream_granularity``)."""
+    block_reserve_bytes: int | None = None
+    """The working reserve while a block runs (its largest module at a point); ``reserve_bytes`` is the largest
+    of every unit's (the embedding's or the head's, in most models)."""
     nvme: list[int] = field(default_factory=list)
     """Streamed blocks homed in files on NVMe (``offload.nvme_path``) rather than pinned host memory
     (zo2.offload.tiers): the ones that do not fit ``offload.host_memory_budget``."""
@@ -122,7 +126,16 @@ class Plan:
         resident = sum(self.block_bytes[i] for i in self.resident)
         return self.fixed_bytes + resident + self.slot_bytes + self.reserve_bytes
 
-    def describe(self) -> str:
+    def peak_with(self, working: Callable[[float, float], float]) -> int:
+        """The expected peak with activations: ``working(block_reserve, reserve)`` adds them to the working
+        reserves (zo2.parallel.plan_memory.working_bytes for a batch)."""
+        resident = sum(self.block_bytes[i] for i in self.resident)
+        block = self.reserve_bytes if self.block_reserve_bytes is None else self.block_reserve_bytes
+        return int(self.fixed_bytes + resident + self.slot_bytes + working(block, self.reserve_bytes))
+
+    def describe(self, activations: tuple[str, Callable[[float, float], float]] | None = None) -> str:
+        """The plan as text; ``activations`` = (batch, ``working`` as :meth:`peak_with` takes it) adds the peak
+        with that batch's activations (the same number ``zo2 plan`` predicts for this residency)."""
         n = len(self.block_bytes)
         lines = [
             f"residency plan: {len(self.resident)}/{n} blocks resident, {len(self.streamed)}/{n} streamed "
@@ -133,6 +146,9 @@ class Plan:
             f"  expected peak device memory {_gb(self.expected_peak)}"
             + (f" of a {_gb(self.budget)} budget" if self.budget is not None else ""),
         ]
+        if activations is not None:
+            batch, working = activations
+            lines[-1] += f"; with the activations of a {batch} batch {_gb(self.peak_with(working))}"
         if self.writeback_every > 1:
             lines.append(f"  streamed blocks written back every {self.writeback_every} steps (and at every sync "
                          "point); an upload replays the updates its host copy lacks")

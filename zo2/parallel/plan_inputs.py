@@ -63,6 +63,12 @@ class Rates:
     """Rademacher perturb_pair, fraction of copy bandwidth."""
     rad_update: float = 0.70
     """Rademacher update alone (assumed as update_and_perturb)."""
+    loss_chunk_mb: float = 64.0
+    """The loss's float32 chunk of logits in MiB (zo2.models.base.LOSS_CHUNK_BYTES); ``inf`` for a measurement
+    taken before the loss was chunked (calibrating from a file that does not record it)."""
+    head_points_at_once: float = 1.0
+    """Points whose logits exist at once (1: the head runs point by point; a measurement from before, read by
+    ``--calibrate`` from a file that does not record it, had every point's)."""
     loss_passes: float = 4.0
     """Passes over float32 logits per forward in the loss (upcast, softmax, gather)."""
     point_overhead_ms: float = 1.0

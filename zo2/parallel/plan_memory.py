@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zo2.models.base import LOSS_CHUNK_BYTES
 from zo2.parallel.plan_inputs import DTYPE_BYTES, GB, Layout, ModelShape, Rates, Workload
 
 
@@ -21,6 +22,27 @@ class Residency:
     note: str = ""
 
 
+def activation_bytes(hidden: int, ffn: int, vocab: int, tokens: int, copies: int, compute_bytes: int,
+                     loss_chunk_bytes: float = LOSS_CHUNK_BYTES, head_points: int = 1
+                     ) -> tuple[float, float, float]:
+    """(a block's activations, the head's logits, the loss's temporaries) for ``copies`` points of ``tokens``
+    tokens run as one batch: a block
+    holds its hidden states in and out and a feed-forward intermediate with its per-point parts joined; the head
+    runs one point at a time (``head_points``: how many points' logits exist at once, 1 since the head went point
+    by point) and holds the loss's float32 chunk (zo2.models.base.LOSS_CHUNK_BYTES). The start-of-run plan (zo2.engine) and
+    ``zo2 plan`` both use it."""
+    act_block = copies * tokens * (2 * hidden + 2 * ffn) * compute_bytes
+    logits = tokens * vocab * head_points * compute_bytes
+    return act_block, logits, min(tokens * vocab * 8, loss_chunk_bytes)
+
+
+def working_bytes(block_reserve: float, reserve: float, act_block: float, logits: float, loss: float) -> float:
+    """The working memory on top of the weights and stream slots: while a block runs, its largest module at a
+    point and its activations; while the head runs, its weight at a point and the logits it writes, then the
+    logits and the loss's temporaries (the weight is dropped after its call) — whichever is largest."""
+    return max(block_reserve + act_block, reserve + logits, logits + loss)
+
+
 def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> Residency:
     """The planner's choice of resident blocks, and the peak GPU memory it implies.
 
@@ -31,13 +53,17 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
     block, fixed = shape.block_params * s, shape.fixed_params * s
     copies = 2 // layout.pp
     rank_tokens = work.tokens // layout.dp
-    act_block = copies * rank_tokens * (2 * shape.hidden + 2 * shape.ffn) * c
-    act_head = rank_tokens * shape.vocab * (copies * c + 8)
+    act_block, logits, loss = activation_bytes(shape.hidden, shape.ffn, shape.vocab, rank_tokens, copies, c,
+                                           rates.loss_chunk_mb * 2**20,
+                                           copies if rates.head_points_at_once > 1 else 1)
     budget = rates.gpu_mem_gb * GB - max(rates.margin_fraction * rates.gpu_mem_gb * GB, rates.margin_min_gb * GB)
-    reserve = shape.largest_weight * c  # the Triton kernels form it without holding z
+    # one module's parameters at a point (the Triton kernels form it without holding z): a block's largest matrix
+    # while the blocks run; the embedding-sized head weight (or a larger block matrix) while the head runs
+    block_reserve = shape.largest_weight * c
+    reserve = max(shape.largest_weight, shape.vocab * shape.embed_width) * c
 
     def peak(resident: int, slots: float) -> float:
-        return fixed + resident * block + slots + max(reserve + act_block, act_head)
+        return fixed + resident * block + slots + working_bytes(block_reserve, reserve, act_block, logits, loss)
 
     everything = peak(shape.layers, 0)
     if work.offload == "resident" or (work.offload == "auto" and everything <= budget):

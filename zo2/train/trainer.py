@@ -148,7 +148,7 @@ class Trainer:
         steps = self.job.train.steps
         self.console = Console(total=steps, initial=self.engine.step_count, quiet=self.quiet, silent=not self.main)
         if self.engine.plan.streamed or self.job.optim.offload is True:
-            self.console.log(self.engine.plan.describe())
+            self.console.log(self.engine.describe_plan(self.job.data.batch_size, self.job.data.max_length))
         try:
             self._announce()
             if self.engine.step_count == 0 and self._evaluates:
