@@ -26,7 +26,7 @@ from zo2.offload.nvme import PAGE, NvmeStore, ThreadPoolEngine, round_up
 from zo2.offload.planner import Plan
 from zo2.offload.tiered import NvmeResidence, NvmeStreamer
 from zo2.offload.tiers import place_tiers, staging_buffers
-from zo2_testing import assert_same_params, clone_model, padded_batch, tiny_model
+from zo2_testing import clone_model, padded_batch, tiny_model
 
 CFG = dict(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=21)
 LAYERS = 6
