@@ -58,7 +58,9 @@ class ZOEngine:
     """Zeroth-order fine-tuning of ``model`` (a transformers causal LM) with the settings of ``config``."""
 
     def __init__(self, model: nn.Module, config: ZOConfig | None = None, *, loss_fn: LossFn | None = None,
-                 comm: "ZOComm | None" = None, store_spec: Any = None):
+                 comm: "ZOComm | None" = None, store_spec: Any = None, offload_config: Any = None):
+        """``offload_config``: the job's ``[offload]`` section (zo2.config.offload.OffloadConfig): the host memory
+        budget and the NVMe tier of streamed blocks; None: the default host budget, no NVMe tier."""
         self.config = config or ZOConfig()
         self.comm = comm
         """Set under torchrun: this rank evaluates its share of the points on its shard of the batch."""
@@ -84,7 +86,7 @@ class ZOEngine:
         """A node store to map (zo2.control.store.StoreSpec): every unit lives in the scheduler's shared store."""
         check_supported(self.optimizer, comm=comm)
         inputs = OffloadInputs(self.model, self.adapter, self.params, self.units, self.config, self.compute_dtype,
-                               self.optimizer, comm, store_spec)
+                               self.optimizer, comm, store_spec, offload_config)
         offload = build_offload(inputs, self.device)  # every unit's residence (unit.residence), from the plan
         self.plan, self.store, self.streamer = offload.plan, offload.store, offload.streamer
         self.residences = offload.residences
@@ -331,8 +333,16 @@ class ZOEngine:
         (:meth:`optimizer_state`) for zo-sgd-momentum and zo-adam: what a snapshot must hold for the trajectory
         log's later steps to replay bit-exactly on it."""
         self.flush()
-        tensors = {n: p.detach().clone() for n, p in self.params.items()}
+        home = self.home_weights()  # the NVMe tier's blocks: read from their files
+        tensors = {n: home[n] if n in home else p.detach().clone() for n, p in self.params.items()}
         tensors.update(self.opt_state.state_dict())
+        return tensors
+
+    def home_weights(self) -> dict[str, torch.Tensor]:
+        """The weights only a residence holds (their parameters are not views of home: the NVMe tier's)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for residence in self.residences:
+            tensors.update(residence.weights())
         return tensors
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
@@ -361,13 +371,18 @@ class ZOEngine:
             if tensors[n].shape != p.shape:
                 raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
                                       f"{tuple(p.shape)}: the checkpoint belongs to a different model shape.")
-            p.data.copy_(tensors[n])  # streamed blocks' parameters are views of the store: this fills it
+        written = set().union(*(r.load_weights(tensors) for r in self.residences))  # the NVMe tier's files
+        for n, p in self.params.items():
+            if n not in written:
+                p.data.copy_(tensors[n])  # streamed blocks' parameters are views of the store: this fills it
 
     @torch.no_grad()
     def checksum(self) -> float:
         """A float64 sum over every trainable weight (after a flush): equal on replicas that stayed identical."""
         self.flush()
-        return float(sum(p.detach().double().sum() for p in self.params.values()))  # host sync, rare
+        home = self.home_weights()
+        return float(sum((home[n] if n in home else p.detach()).double().sum()
+                         for n, p in self.params.items()))  # host sync, rare
 
     def invalidate_prefetch(self) -> None:
         """Call after writing streamed weights from the host (e.g. ``model.load_state_dict``): device copies

@@ -101,10 +101,26 @@ def test_type_mismatch_is_named():
                                          ("train.steps=0", "train.steps"), ("model.dtype=fp8", "model.dtype"),
                                          ("model.num_heads=5", "model.num_heads"),
                                          ("model.num_kv_heads=2", "model.num_kv_heads"),
-                                         ("train.device=gpu", "train.device")])
+                                         ("train.device=gpu", "train.device"),
+                                         ("offload.host_memory_budget=lots", "offload.host_memory_budget"),
+                                         ("offload.host_memory_budget=0", "offload.host_memory_budget"),
+                                         ("offload.nvme_engine=uring", "offload.nvme_engine"),
+                                         ("offload.nvme_queue_depth=0", "offload.nvme_queue_depth"),
+                                         ("offload.nvme_block_size=512", "offload.nvme_block_size"),
+                                         ("offload.nvme_path=' '", "offload.nvme_path")])
 def test_impossible_values_name_the_field(item, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(overrides=[item])
+
+
+def test_offload_sizes_take_bytes_or_units():
+    job = load_config(overrides=["offload.host_memory_budget=8GB", "offload.nvme_block_size=4MiB",
+                                 "offload.nvme_path=/mnt/nvme/zo2"])
+    assert job.offload.host_budget_bytes == 8 * 10**9 and job.offload.block_size_bytes == 4 << 20
+    assert load_config(overrides=["offload.host_memory_budget=1000000"]).offload.host_budget_bytes == 10**6
+    assert load_config().offload.nvme_path is None and load_config().offload.host_budget_bytes is None
+    with pytest.raises(ConfigError, match=r"offload\.host_memory_budget.*'64GB'"):
+        load_config(overrides=["offload.host_memory_budget=8 gigs"])
 
 
 def test_sequence_longer_than_the_model_is_refused():
@@ -149,7 +165,7 @@ def test_unset_optional_round_trips_when_the_preset_sets_it(tmp_path):
 def test_describe_config_covers_every_field_and_matches_the_readme():
     text = describe_config()
     job = JobConfig()
-    for section in ("model", "data", "optim", "train", "checkpoint", "run"):
+    for section in ("model", "data", "optim", "offload", "train", "checkpoint", "run"):
         for f in dataclasses.fields(getattr(job, section)):
             assert f"`{section}.{f.name}`" in text
     readme = (REPO / "README.md").read_text()

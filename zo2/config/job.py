@@ -1,5 +1,5 @@
-"""The job config: what to train (``[model]``), on what (``[data]``), how (``[optim]``), for how long
-(``[train]``), how to checkpoint (``[checkpoint]``) and where to write (``[run]``).
+"""The job config: what to train (``[model]``), on what (``[data]``), how (``[optim]``), where streamed blocks live
+(``[offload]``), for how long (``[train]``), how to checkpoint (``[checkpoint]``) and where to write (``[run]``).
 
 Each section is a keyword-only dataclass with a docstring under every field (``describe_config()`` in
 ``zo2.config.loader`` turns them into the README's configuration reference) and checks in ``__post_init__``
@@ -16,6 +16,7 @@ from zo2.config.control import ControlConfig
 from zo2.config.parallel import ParallelConfig
 from zo2.config.peft import PeftConfig
 from zo2.config.data import DataConfig
+from zo2.config.offload import OffloadConfig
 from zo2.config.task import TaskConfig
 from zo2.config.zo import ZOConfig
 from zo2.errors import ConfigError
@@ -185,6 +186,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: ZOConfig = field(default_factory=ZOConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

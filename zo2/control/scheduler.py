@@ -62,6 +62,9 @@ class Scheduler:
                               f"{job.parallel.dp * job.parallel.pp}, but the job runs {world} workers "
                               f"({self.place.nnodes} node(s) × {workers}). Set --set parallel.dp=... / parallel.pp=... "
                               f"so that their product is {world}.")
+        if job.offload.nvme_path is not None:
+            raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
+                              "lives in host memory); unset it, or run the job with zo2 train.")
         if workers > 1 and not job.optim.sliced_transfers:
             raise ConfigError("The workers of one node share the scheduler's store and must split its transfers: "
                               "set optim.sliced_transfers = true (the default).")

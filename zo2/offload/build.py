@@ -21,7 +21,7 @@ from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.pieces import PieceStore, PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
-from zo2.offload.planner import Plan, auto_writeback, make_plan, parse_budget
+from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
@@ -29,6 +29,8 @@ from zo2.offload.arith import materializes_directions, segment_table, select_ker
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
+from zo2.offload.tiered import NvmeResidence, nvme_tier_for
+from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype
 
 log = logging.getLogger("zo2.offload")
@@ -197,6 +199,9 @@ class OffloadInputs:
     """Under torchrun: the ZOComm (sliced transfers split every transfer across the node's processes)."""
     store_spec: Any = None
     """The scheduler's node store to map (zo2.control.store.StoreSpec), or None."""
+    tiers: Any = None
+    """The job's ``[offload]`` section (zo2.config.offload.OffloadConfig): the host memory budget and the NVMe
+    tier; None: the default host budget and no NVMe tier."""
 
     def unit_dtype(self, unit: Any) -> torch.dtype:
         return self.params[unit.owned[0]].dtype if unit.owned else self.compute_dtype
@@ -232,22 +237,26 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     _check_granularity(inputs, frozen)
     kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
     plan = _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels))
+    plan = place_tiers_for(inputs, plan, frozen, creates_store=not _sliced(inputs) or inputs.comm.local_rank == 0)
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
         streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.streamed], device, markers)
     else:
-        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.streamed], device,
+        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
                                                  plan.granularity == "matrix")
     if streamer is not None:
         streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
-    keep = {id(m) for u in blocks if u.store_index is not None for m in inputs.adapter.blocks()[u.index].modules()}
+    nvme = nvme_tier_for(inputs, [blocks[i] for i in plan.nvme], device)
+    keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
+            for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
-    residences = _settle_units(inputs, store, streamer, markers, device)
-    streamed = next((r for r in residences if isinstance(r, StreamedResidence)), None)
-    plan.writeback_every = _writeback_every(inputs, streamed, kernels, device)
-    if streamed is not None:
-        streamed.writeback_every = plan.writeback_every
+    residences = _settle_units(inputs, store, streamer, markers, device, nvme)
+    streamed = next((r for r in residences if isinstance(r, StreamedResidence) and r is not nvme), None)
+    plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
+    for r in residences:
+        if isinstance(r, StreamedResidence):
+            r.writeback_every = plan.writeback_every
     state_area = _map_state_area(inputs, store, device)
     opt_state = build_optimizer_state(inputs.optimizer, inputs.units, inputs.unit_dtype, device, cfg.prefetch,
                                       streamer=streamer, store=store, comm=inputs.comm, area=state_area,
@@ -357,6 +366,8 @@ def _writeback_every(inputs: OffloadInputs, residence: StreamedResidence | None,
     if (device.type != "cuda" or inputs.optimizer.state_names
             or inputs.store_spec is not None or _sliced(inputs)):
         return 1
+    if isinstance(residence, NvmeResidence):  # only an NVMe tier: its reads are far slower than the host link
+        return WRITEBACK_LIMIT
     unit = next(u for u in inputs.units if u.residence is residence)
     kernel_rate, link_rate = _measure_rates(residence.streamer, unit, kernels, inputs.config)
     chosen = auto_writeback(kernel_rate, link_rate)
@@ -451,7 +462,8 @@ def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: l
 
 
 def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
-                  markers: StoreMarkers | None, device: torch.device) -> list[Residence]:
+                  markers: StoreMarkers | None, device: torch.device, nvme: NvmeResidence | None = None
+                  ) -> list[Residence]:
     """Give every unit its residence, layout and segment tables (resident units are packed on the device)."""
     writer, writers = _writer(inputs)
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
@@ -461,13 +473,15 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
+        elif nvme is not None and nvme.holds(u):
+            u.residence, u.layout = nvme, nvme.store.layouts[nvme.index(u)]
         else:
             u.residence = resident
             u.layout, u.flat = _pack_resident(inputs, u, device)
         u.table = segment_table(u.layout, inputs.params, inputs.config.no_decay)
         if u.store_index is not None and streamer.ranges:
             u.slice_table = u.table.slice(*streamer.ranges[u.store_index])
-    return [resident] + ([streamed] if streamed is not None else [])
+    return [resident] + ([streamed] if streamed is not None else []) + ([nvme] if nvme is not None else [])
 
 
 def _map_state_area(inputs: OffloadInputs, store: ParameterStore | None, device: torch.device) -> StateArea | None:

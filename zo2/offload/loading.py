@@ -29,6 +29,8 @@ class Fillable(Protocol):
     params: dict[str, nn.Parameter]
     store: Any
     device: torch.device
+    residences: list
+    """Each unit's residence (zo2.offload.residence): the NVMe tier's is filled through ``fill_home``."""
 
     def invalidate_prefetch(self) -> None: ...
 
@@ -62,8 +64,9 @@ def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
 
 
 def _targets(engine: Fillable) -> dict[str, torch.Tensor]:
-    """Where each trainable parameter's values live: a view of the store, or the (device) parameter itself."""
-    targets = {n: p.data for n, p in engine.params.items()}
+    """Where each trainable parameter's values live: a view of the store, or the (device) parameter itself
+    (not the NVMe tier's: their parameters are on the meta device, filled through :func:`_fill`)."""
+    targets = {n: p.data for n, p in engine.params.items() if not p.is_meta}
     if engine.store is not None:
         for i in range(len(engine.store)):
             targets.update(engine.store.views(engine.store.flat(i), engine.store.layout(i)))
@@ -92,12 +95,21 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def _fill(engine: Fillable, fill: Any) -> None:
+    """Run ``fill(targets)`` on the store and the device, then on each NVMe-homed unit's staging buffer in turn,
+    which goes straight to its files: a unit at a time, never the whole model in host memory."""
+    engine.invalidate_prefetch()
+    fill(_targets(engine))
+    for residence in getattr(engine, "residences", ()):
+        residence.fill_home(fill)
+    engine.flush()
+
+
 @torch.no_grad()
 def load_safetensors(engine: Fillable, folder: str | Path) -> None:
     """Stream a checkpoint's tensors, one at a time, into the store or onto the device."""
-    engine.invalidate_prefetch()
-    load_safetensors_into(_targets(engine), folder, getattr(engine.model, "base_model_prefix", "model"))
-    engine.flush()
+    prefix = getattr(engine.model, "base_model_prefix", "model")
+    _fill(engine, lambda targets: load_safetensors_into(targets, folder, prefix))
 
 
 @torch.no_grad()
@@ -134,9 +146,7 @@ def init_random(engine: Fillable, seed: int = 0, std: float = 0.02) -> None:
     Generated one parameter at a time on the compute device and copied into place, so even a store far larger
     than the device fills quickly.
     """
-    engine.invalidate_prefetch()
-    init_random_into(_targets(engine), seed, engine.device, std)
-    engine.flush()
+    _fill(engine, lambda targets: init_random_into(targets, seed, engine.device, std))
 
 
 @torch.no_grad()

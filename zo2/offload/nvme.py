@@ -10,7 +10,8 @@ current and intact.
 
 The bytes move through an :class:`IOEngine`: :class:`ThreadPoolEngine` (``os.preadv`` / ``os.pwritev`` in a pool
 of threads, ``O_DIRECT`` where the file system accepts it) or :class:`AioEngine` (DeepSpeed's ``aio_handle``,
-libaio). :func:`open_engine` picks one and logs which and why. The store is not wired into the residences yet.
+libaio). :func:`open_engine` picks one and logs which and why. The NVMe tier's residence
+(:mod:`zo2.offload.tiered`) streams blocks homed here.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ first streamed blocks overlap the compute of the resident ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -87,6 +87,30 @@ class Plan:
     block_reserve_bytes: int | None = None
     """The working reserve while a block runs (its largest module at a point); ``reserve_bytes`` is the largest
     of every unit's (the embedding's or the head's, in most models)."""
+    nvme: list[int] = field(default_factory=list)
+    """Streamed blocks homed in files on NVMe (``offload.nvme_path``) rather than pinned host memory
+    (zo2.offload.tiers): the ones that do not fit ``offload.host_memory_budget``."""
+    host_budget: int | None = None
+    """Host memory the streamed blocks may occupy (None: not checked here)."""
+    staging_bytes: int = 0
+    """The NVMe tier's pinned staging buffers (host memory, within ``host_budget``)."""
+    nvme_path: str | None = None
+
+    @property
+    def host(self) -> list[int]:
+        """Streamed blocks homed in pinned host memory."""
+        nvme = set(self.nvme)
+        return [i for i in self.streamed if i not in nvme]
+
+    @property
+    def bytes_per_step_disk_read(self) -> int:
+        """Read from the NVMe files per step (every NVMe-homed block once)."""
+        return sum(self.block_bytes[i] for i in self.nvme)
+
+    @property
+    def bytes_per_step_disk_written(self) -> int:
+        """Written to the NVMe files per step, on average over ``writeback_every`` steps."""
+        return self.bytes_per_step_disk_read // self.writeback_every
 
     @property
     def bytes_per_step_h2d(self) -> int:
@@ -128,7 +152,30 @@ class Plan:
         if self.writeback_every > 1:
             lines.append(f"  streamed blocks written back every {self.writeback_every} steps (and at every sync "
                          "point); an upload replays the updates its host copy lacks")
+        if self.nvme:
+            lines += self._describe_tiers()
         return "\n".join(lines)
+
+    def _describe_tiers(self) -> list[str]:
+        host = sum(self.block_bytes[i] for i in self.host)
+        budget = f" of a {_gb(self.host_budget)} host budget" if self.host_budget is not None else ""
+        return [
+            f"  tiers: {len(self.resident)} blocks on the device, {len(self.host)} in pinned host memory "
+            f"({_gb(host)} + NVMe staging {_gb(self.staging_bytes)}{budget}), {len(self.nvme)} on NVMe in "
+            f"{self.nvme_path} ({_gb(self.bytes_per_step_disk_read)})",
+            f"  per step: {_gb(self.bytes_per_step_disk_read)} NVMe→host, up to "
+            f"{_gb(self.bytes_per_step_disk_written)} host→NVMe (written back every {self.writeback_every} steps "
+            "and at every sync point)",
+        ]
+
+    def to_dict(self) -> dict:
+        """The plan as JSON-ready values, with the tiers and the bytes each moves per step."""
+        out = asdict(self)
+        out.update(host=self.host, bytes_per_step_h2d=self.bytes_per_step_h2d,
+                   bytes_per_step_d2h=self.bytes_per_step_d2h, expected_peak=self.expected_peak,
+                   bytes_per_step_disk_read=self.bytes_per_step_disk_read,
+                   bytes_per_step_disk_written=self.bytes_per_step_disk_written)
+        return out
 
 
 def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,

@@ -21,7 +21,12 @@ Implementations, chosen per unit in one place (:func:`zo2.offload.build.build_of
   (prefetch), write-backs overlap the forwards. With sliced transfers each process of a node uploads, updates
   and writes back its slice and an all-gather assembles the block.
 
-A new home for weights (a lagging write-back, an NVMe tier) is a new residence: the visit does not change.
+* :class:`~zo2.offload.tiered.NvmeResidence` — a :class:`StreamedResidence` whose home is a file pair per block
+  on an NVMe disk, read ahead into pinned staging buffers; its blocks' parameters are on the meta device, so
+  snapshots and loaders reach their values through :meth:`Residence.weights`, :meth:`Residence.load_weights` and
+  :meth:`Residence.fill_home`.
+
+A new home for weights is a new residence: the visit does not change.
 """
 
 from __future__ import annotations
@@ -101,6 +106,20 @@ class Residence:
     def sync_home(self, unit: Any) -> None:
         """Make a node store (zo2.control) hold the unit's current weights (nothing to do when it always does)."""
 
+    # The weights of units whose module parameters are not views of their home (the NVMe tier keeps them only
+    # in files: those parameters are on the meta device). Elsewhere the parameters themselves are read and written.
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Host copies of the weights only this residence holds, by parameter name (call after a flush)."""
+        return {}
+
+    def load_weights(self, tensors: Any) -> set[str]:
+        """Write the weights only this residence holds from ``tensors`` (name → tensor); returns their names."""
+        return set()
+
+    def fill_home(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """Let ``fill`` write the weights only this residence holds, a unit at a time: it gets name → host tensor
+        views of one unit, which then go home (the loaders: checkpoint shards straight into the NVMe files)."""
+
 
 class DeviceResidence(Residence):
     """Units resident on the compute device; with a node store, mirrored to it at sync points."""
@@ -160,13 +179,17 @@ class StreamedResidence(Residence):
     def begin_pass(self, units: Sequence[Any]) -> None:
         mine = [u for u in units if u.residence is self]
         self.last = mine[-1].name if mine else None
-        self.streamer.begin([u.store_index for u in mine])
+        self.streamer.begin([self.index(u) for u in mine])
+
+    def index(self, unit: Any) -> int:
+        """The streamer's name for ``unit``'s block: its index in the host store."""
+        return unit.store_index
 
     def acquire(self, unit: Any) -> torch.Tensor:
-        return self.streamer.acquire(unit.store_index)
+        return self.streamer.acquire(self.index(unit))
 
     def part(self, unit: Any) -> slice | None:
-        bounds = self.streamer.ranges.get(unit.store_index)
+        bounds = self.streamer.ranges.get(self.index(unit))
         return None if bounds is None else slice(*bounds)
 
     def table(self, unit: Any) -> Any:
@@ -176,7 +199,7 @@ class StreamedResidence(Residence):
         return step - self.held(unit) >= self.writeback_every
 
     def write_back(self, unit: Any, step: int) -> None:
-        self.streamer.write_back(unit.store_index, step)
+        self.streamer.write_back(self.index(unit), step)
         self._held[unit.name] = step
 
     def held(self, unit: Any) -> int:
@@ -190,14 +213,14 @@ class StreamedResidence(Residence):
             self.gather(flat)
 
     def release(self, unit: Any) -> None:
-        self.streamer.release(unit.store_index)
+        self.streamer.release(self.index(unit))
 
     def after_visit(self, unit: Any) -> None:
         if unit.name == self.last:
             self.streamer.prefetch_next_pass()  # overlaps the remaining units and the head
 
     def frozen_weights(self, unit: Any) -> contextlib.AbstractContextManager:
-        return self.streamer.frozen_weights(unit.store_index)
+        return self.streamer.frozen_weights(self.index(unit))
 
     def synchronize(self) -> None:
         self.streamer.synchronize()

@@ -35,6 +35,9 @@ class TransferStats:
     write_backs: int = 0
     replays: int = 0
     """Updates replayed on device copies whose store copy lagged (a lagging write-back)."""
+    bytes_disk_read: int = 0
+    bytes_disk_written: int = 0
+    """Bytes read from and written to the NVMe tier's files (zo2.offload.tiered)."""
     _pending_waits: list = field(default_factory=list)
 
     def add(self, other: "TransferStats") -> "TransferStats":
@@ -45,6 +48,8 @@ class TransferStats:
         self.uploads += other.uploads
         self.write_backs += other.write_backs
         self.replays += other.replays
+        self.bytes_disk_read += other.bytes_disk_read
+        self.bytes_disk_written += other.bytes_disk_written
         return self
 
 
@@ -60,7 +65,7 @@ class BlockStreamer:
         self.prefetch = prefetch
         self.cuda = self.device.type == "cuda"
         indices = range(len(store)) if blocks is None else blocks
-        largest = max((store.flat(i).numel() for i in indices), default=0)
+        largest = max((self._numel(i) for i in indices), default=0)
         self._largest = largest
         self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
         self.stats = TransferStats()
@@ -119,7 +124,7 @@ class BlockStreamer:
             if large == self.prefetch:
                 break
             out.append(b)
-            large += self.store.flat(b).numel() * 16 >= self._largest
+            large += self._numel(b) * 16 >= self._largest
         return out
 
     def _prefetch(self, start: int) -> None:
@@ -147,12 +152,28 @@ class BlockStreamer:
                 ready.record(compute)
                 self.stats._pending_waits.append((ready, self._uploaded[block]))
             compute.wait_event(self._uploaded[block])  # the forwards need the whole block
-        n = self.store.flat(block).numel()
+        n = self._numel(block)
         return self.slots[self._slot_of[block]][:n]
 
     def _range(self, block: int) -> slice:
-        lo, hi = self.ranges.get(block, (0, self.store.flat(block).numel()))
+        lo, hi = self.ranges.get(block, (0, self._numel(block)))
         return slice(lo, hi)
+
+    # Where a block's home copy is read from and written to: the host store here; the NVMe tier's streamer
+    # (zo2.offload.tiered) stages it through pinned buffers filled from and written to files instead.
+    def _numel(self, block: int) -> int:
+        return self.store.flat(block).numel()
+
+    def _source(self, block: int) -> torch.Tensor:
+        """The host buffer an upload of ``block`` copies from."""
+        return self.store.flat(block)
+
+    def _home(self, block: int) -> torch.Tensor:
+        """The host buffer a write-back of ``block`` copies into."""
+        return self.store.flat(block)
+
+    def _landed(self, block: int, step: int, done: object) -> None:
+        """A write-back of ``block`` (holding ``step``) was issued; ``done``: its D2H event (None on a CPU)."""
 
     def write_back(self, block: int, step: int = -1) -> None:
         """Copy the (updated) device copy of ``block`` (its slice, when sliced) back to the store, after the
@@ -161,7 +182,7 @@ class BlockStreamer:
             self.markers.begin(block, self.writer, step)
         part = self._range(block)
         src = self.slots[self._slot_of[block]][part]
-        dst = self.store.flat(block)[part]
+        dst = self._home(block)[part]
         if self.cuda:
             updated = torch.cuda.Event()
             updated.record(torch.cuda.current_stream(self.device))
@@ -175,6 +196,7 @@ class BlockStreamer:
         else:
             done = None
             dst.copy_(src)
+        self._landed(block, step, done)
         if self.markers is not None:
             self._marks.append((done, block, step))
             self._settle_marks()
@@ -260,7 +282,7 @@ class BlockStreamer:
             return
         self._slot_of[block] = slot
         part = self._range(block)
-        src = self.store.flat(block)[part]
+        src = self._source(block)[part]
         dst = self.slots[slot][part]
         if self.cuda:
             with torch.cuda.stream(self.h2d):

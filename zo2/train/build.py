@@ -114,7 +114,8 @@ def build_engine(job: JobConfig, model: nn.Module, loss_fn: LossFn | None = None
     """The ZO engine on ``train.device`` (``optim.total_steps`` filled in from ``train.steps``)."""
     device = resolve_device(job.train.device)
     optim = replace(job.optim, device=str(device), total_steps=job.optim.total_steps or job.train.steps)
-    engine = ZOEngine(model, optim, loss_fn=loss_fn, comm=comm if comm is not None and comm.world_size > 1 else None)
+    engine = ZOEngine(model, optim, loss_fn=loss_fn, comm=comm if comm is not None and comm.world_size > 1 else None,
+                      offload_config=job.offload)
     if getattr(model, STREAMED, False):
         fill_weights(job.model, engine)  # weights go straight into the store / onto the device
     return engine

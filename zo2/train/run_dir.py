@@ -149,8 +149,10 @@ def cut_run(run_dir: str | Path, step: int) -> str | None:
             f"metrics and {len(later)} later snapshot(s) were set aside in {aside}")
 
 
-def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
-    """``save_pretrained`` the model (and a Hugging Face tokenizer) to ``folder``, replacing it atomically."""
+def save_model(model: nn.Module, tokenizer: Any, folder: Path, engine: Any = None) -> Path:
+    """``save_pretrained`` the model (and a Hugging Face tokenizer) to ``folder``, replacing it atomically; with
+    ``engine``, the weights only its residences hold (the NVMe tier's, whose parameters are on the meta device)
+    are read from there."""
     from transformers.utils import logging as hf_logging
 
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -159,7 +161,9 @@ def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of zo2's output
     try:
-        model.save_pretrained(str(tmp))
+        home = engine.home_weights() if engine is not None else {}
+        state = {**model.state_dict(), **home} if home else None
+        model.save_pretrained(str(tmp), state_dict=state)
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

@@ -245,7 +245,7 @@ class Trainer:
             self.best = {"step": step, "metric": metric, "value": value}
             self.engine.flush()  # every rank (collective with sliced transfers)
             if self.main:
-                save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR)
+                save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR, self.engine)
                 write_best(self.run_dir, self.best)
         if self.console is not None:
             self.console.log(f"step {step}: {self.task.data.task.name} {metric} {value:.4f}"
@@ -262,7 +262,7 @@ class Trainer:
             self.evaluate()
         self.engine.flush()  # every rank (collective with sliced transfers)
         if self.job.run.save_final and self.main:
-            save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR)
+            save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR, self.engine)
         self.comm.barrier()  # rank 0 has written everything the other ranks may read back
         records = read_log(self.log.path)
         if self.job.run.plot and records and self.main:

@@ -1,0 +1,287 @@
+"""The NVMe tier's residence: blocks whose home is a file pair of an :class:`~zo2.offload.nvme.NvmeStore`.
+
+A visit of an NVMe-homed block runs as a host-streamed one (:class:`~zo2.offload.residence.StreamedResidence`:
+the same held / lagging write-back decisions, the same device slots and events of the
+:class:`~zo2.offload.streamer.BlockStreamer`), except where the host copy comes from and goes to:
+
+* **reads** — the store's current version is read through the I/O engine into one of a small ring of PAGE-aligned
+  pinned staging buffers, ``prefetch`` + 1 blocks ahead of the compute (issued when a pass begins, as each block
+  is acquired, and for the next pass's first blocks when a pass ends), so the disk works while the GPU computes.
+  An upload copies a staging buffer to the block's device slot (an upload ahead starts only once its read
+  landed: the compute is never queued behind a read of a later block).
+* **writes** — only when the lagging write-back asks (``optim.writeback_every``) and at flush / sync points: the
+  device slot is copied into a free staging buffer, then written crash-safely (:meth:`NvmeStore.write`: the other
+  version, fsync, then the marker).
+
+Reads and writes run in FIFO order on one I/O thread (the engine inside it keeps the disk's queue full), so a
+read issued after a write of the same block returns what was written. The main thread waits only for the read of
+the block it acquires (issued long before), and, rarely, for a staging buffer.
+
+The NVMe-homed blocks' module parameters live on the meta device: there is no host copy. Snapshots and loaders
+reach their values through :meth:`NvmeResidence.weights`, :meth:`~NvmeResidence.load_weights` and
+:meth:`~NvmeResidence.fill_home`.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from zo2.errors import ModelError
+from zo2.models.units import shared_names
+from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
+from zo2.offload.residence import StreamedResidence
+from zo2.offload.store import ParameterStore, pack_layout, repoint
+from zo2.offload.streamer import BlockStreamer
+from zo2.offload.tiers import staging_buffers
+
+
+class NvmeStreamer(BlockStreamer):
+    """A :class:`BlockStreamer` whose blocks' home is ``store`` (files): block k is the store's unit k."""
+
+    def __init__(self, store: NvmeStore, device: torch.device, prefetch: int = 1, measure: bool = True):
+        self.nvme = store
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-io")
+        """Every read and write of the store, in FIFO order."""
+        size = max((store.file_bytes(k) for k in range(len(store))), default=0)
+        self.staging = [aligned_empty(size, pin=store.pin) for _ in range(staging_buffers(prefetch))]
+        self._last_job: list[Future | None] = [None] * len(self.staging)
+        """The last read or write of each staging buffer."""
+        self._uploaded_from: list[Any] = [None] * len(self.staging)
+        """CUDA: the event of the last upload out of each buffer (a later read into it waits for it)."""
+        self._reads: dict[int, tuple[int, Future]] = {}
+        """Reads issued and not yet uploaded: block → (staging buffer, future)."""
+        self._writes: list[Future] = []
+        self._wanted: int | None = None
+        self._taken: int | None = None
+        super().__init__(store, device, prefetch, measure)
+
+    def _numel(self, block: int) -> int:
+        return self.nvme.numels[block]
+
+    # ------------------------------------------------------------------ reads
+    def acquire(self, block: int) -> torch.Tensor:
+        self._raise_failed_writes()
+        self._wanted = block
+        try:
+            return super().acquire(block)
+        finally:
+            self._wanted = None
+
+    def _upload(self, block: int, required: bool = True) -> None:
+        self._read_ahead(block)
+        ready = block in self._reads and self._reads[block][1].done()
+        if block != self._wanted and not ready:
+            return  # uploaded once its read landed, at the latest when acquired
+        self._taken = None
+        super()._upload(block, required)
+        if self._taken is not None:  # the upload ran (a prefetch finding every slot in use does not)
+            self._uploaded_from[self._taken] = self._uploaded.get(block)
+
+    def _source(self, block: int) -> torch.Tensor:
+        if block not in self._reads:
+            self._issue_read(block, force=True)
+        self._taken, future = self._reads.pop(block)
+        future.result()  # host wait: this block's read, issued ahead and overlapped with earlier compute
+        return self.nvme.typed(block, self.staging[self._taken])
+
+    def _read_ahead(self, block: int) -> None:
+        """Issue the reads of ``block`` and the ``prefetch`` blocks after it in the pass, while buffers are free."""
+        pos = self._position.get(block)
+        ahead = [block] if pos is None else self._order[pos : pos + self.prefetch + 1]
+        for b in ahead:
+            if b not in self._reads and b not in self._uploaded and not self._issue_read(b):
+                break
+
+    def _issue_read(self, block: int, force: bool = False) -> bool:
+        """Queue a read of ``block`` into a free staging buffer (``force``: free one); False when none is free."""
+        buf = self._free_buffer(force)
+        if buf is None:
+            return False
+        after = self._uploaded_from[buf]
+        self._uploaded_from[buf] = None
+        future = self.io.submit(self._read_job, block, buf, after)
+        self._last_job[buf] = future
+        self._reads[block] = (buf, future)
+        self.stats.bytes_disk_read += self.nvme.file_bytes(block)
+        return True
+
+    def _read_job(self, block: int, buf: int, after: Any) -> None:
+        if after is not None:
+            after.synchronize()  # the buffer's previous block has been uploaded out of it
+        self.nvme.read(block, self.staging[buf][: self.nvme.file_bytes(block)])
+
+    def _free_buffer(self, force: bool) -> int | None:
+        """A staging buffer no pending read holds (``force``: drop the read furthest ahead to get one)."""
+        held = {buf for buf, _ in self._reads.values()}
+        free = [b for b in range(len(self.staging)) if b not in held]
+        if free:
+            return min(free, key=lambda b: self._last_job[b] is not None and not self._last_job[b].done())
+        if not force:
+            return None
+        furthest = max(self._reads, key=lambda b: self._position.get(b, -1))
+        buf, future = self._reads.pop(furthest)
+        future.result()  # its bytes are about to be overwritten
+        return buf
+
+    # ------------------------------------------------------------------ writes
+    def _home(self, block: int) -> torch.Tensor:
+        buf = self._free_buffer(force=True)
+        if self._last_job[buf] is not None:
+            self._last_job[buf].result()  # a write out of this buffer may still be running
+        if self.cuda and self._uploaded_from[buf] is not None:
+            self.d2h.wait_event(self._uploaded_from[buf])  # the copy in must follow the upload out of it
+            self._uploaded_from[buf] = None
+        self._taken = buf
+        self._last_job[buf] = None
+        return self.nvme.typed(block, self.staging[buf])
+
+    def _landed(self, block: int, step: int, done: Any) -> None:
+        buf = self._taken
+        future = self.io.submit(self._write_job, block, buf, step, done)
+        self._last_job[buf] = future
+        self._writes.append(future)
+        self.stats.bytes_disk_written += self.nvme.file_bytes(block)
+
+    def _write_job(self, block: int, buf: int, step: int, done: Any) -> None:
+        if done is not None:
+            done.synchronize()  # the D2H copy into the staging buffer has landed
+        self.nvme.write(block, self.staging[buf][: self.nvme.file_bytes(block)], step)
+
+    def _raise_failed_writes(self, wait: bool = False) -> None:
+        """Raise the first failed write (a full disk: ResourceError saying the previous version is intact)."""
+        pending = []
+        for future in self._writes:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._writes = pending
+
+    # ------------------------------------------------------------------ sync points
+    def synchronize(self) -> None:
+        super().synchronize()
+        self._raise_failed_writes(wait=True)
+
+    def drain(self) -> None:
+        """Wait for every queued read and write; forget the reads ahead."""
+        for _, future in self._reads.values():
+            future.result()
+        self._reads.clear()
+        self.synchronize()
+
+    def invalidate(self) -> None:
+        self.drain()
+        super().invalidate()
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on the I/O thread after everything queued, and wait for it."""
+        return self.io.submit(job).result()
+
+    def close(self) -> None:
+        self.drain()
+        self.io.shutdown()
+        self.nvme.close()
+
+
+class NvmeResidence(StreamedResidence):
+    """Units homed in an :class:`NvmeStore` (unit k of ``units`` is the store's unit k), streamed through an
+    :class:`NvmeStreamer`; the lagging write-back is :class:`StreamedResidence`'s."""
+
+    def __init__(self, streamer: NvmeStreamer, units: Sequence[Any], writeback_every: int = 1):
+        self._index = {u.name: k for k, u in enumerate(units)}
+        super().__init__(streamer, units, None, writeback_every)
+
+    @property
+    def store(self) -> NvmeStore:
+        return self.streamer.nvme
+
+    def index(self, unit: Any) -> int:
+        return self._index[unit.name]
+
+    def holds(self, unit: Any) -> bool:
+        return unit.name in self._index
+
+    def _each(self) -> list[tuple[int, Any]]:
+        return sorted((self._index[u.name], u) for u in self.units())
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        self.streamer.drain()
+        scratch = self.store.staging(self._largest()) if len(self.store) else None
+        for k, _ in self._each():
+            buf = scratch[: self.store.file_bytes(k)]
+            self.streamer.run(lambda: self.store.read(k, buf))
+            views = ParameterStore.views(self.store.typed(k, buf), self.store.layouts[k])
+            out.update({n: v.clone() for n, v in views.items()})
+        return out
+
+    def load_weights(self, tensors: Any) -> set[str]:
+        names: set[str] = set()
+
+        def fill(views: dict[str, torch.Tensor]) -> None:
+            for n, v in views.items():
+                v.copy_(tensors[n])
+                names.add(n)
+
+        self.fill_home(fill)
+        return names
+
+    def fill_home(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        self.streamer.drain()
+        scratch = self.store.staging(self._largest()) if len(self.store) else None
+        for k, unit in self._each():
+            buf = scratch[: self.store.file_bytes(k)]
+            flat = self.store.typed(k, buf)
+            flat.zero_()  # the alignment gaps between parameters
+            fill(ParameterStore.views(flat, self.store.layouts[k]))
+            self.streamer.run(lambda: self.store.write(k, buf, unit.applied))
+            self._held[unit.name] = unit.applied
+        self.streamer.invalidate()
+
+    def _largest(self) -> int:
+        return max(range(len(self.store)), key=self.store.file_bytes)
+
+    def close(self) -> None:
+        self.streamer.close()
+
+
+def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter], folder: str, device: torch.device,
+                    prefetch: int, engine: Any) -> NvmeResidence:
+    """Home ``units`` in an :class:`NvmeStore` under ``folder`` (the disk's room is checked before any file is
+    made): units whose parameters hold values are written there as the step they hold; the parameters then move
+    to the meta device (no host copy is kept). Units built on the meta device are filled later by the loaders."""
+    dtypes = {params[n].dtype for u in units for n in u.owned}
+    if len(dtypes) != 1:
+        raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
+                         "one dtype (model.dtype or optim.storage_dtype).")
+    layouts = [pack_layout([(n, params[n]) for n in u.owned]) for u in units]
+    store = NvmeStore(folder, layouts, dtypes.pop(), engine=engine, pin=device.type == "cuda")
+    scratch = store.staging(max(range(len(store)), key=store.file_bytes))
+    for k, unit in enumerate(units):
+        owned = [params[n] for n in unit.owned]
+        if not any(p.is_meta for p in owned):
+            buf = scratch[: store.file_bytes(k)]
+            flat = store.typed(k, buf)
+            flat.zero_()
+            for seg, p in zip(layouts[k], owned):
+                flat[seg.offset : seg.offset + seg.numel].view(seg.shape).copy_(p.detach())
+            store.write(k, buf, unit.applied)
+        for p in owned:
+            repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))  # home is the file: no host copy
+    return NvmeResidence(NvmeStreamer(store, device, prefetch), units)
+
+
+def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> NvmeResidence | None:
+    """The residence of the NVMe-homed ``units`` of an engine's offload inputs (zo2.offload.build.OffloadInputs),
+    their files written and their parameters moved to the meta device; None when there are none."""
+    if not units:
+        return None
+    shared = shared_names(inputs.units)
+    if any(n in shared for u in units for n in u.owned):
+        raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
+    t = inputs.tiers
+    engine = open_engine(t.nvme_engine, t.nvme_queue_depth, t.block_size_bytes)
+    return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)

@@ -1,0 +1,111 @@
+"""The tiers below the device: which streamed blocks keep their home in pinned host memory and which in files on
+an NVMe disk (DESIGN.md §2b).
+
+The residency planner (zo2.offload.planner) chooses the blocks resident on the device under
+``optim.gpu_memory_budget``; :func:`place_tiers` then homes the streamed ones in pinned host memory, in order,
+while they fit ``offload.host_memory_budget`` (the NVMe tier's staging buffers count against it), and the rest in
+files under ``offload.nvme_path``. Without an NVMe folder, streamed blocks beyond the host budget are a
+ResourceError with the numbers and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+
+from zo2.errors import ConfigError, ResourceError
+from zo2.offload.nvme import round_up
+from zo2.offload.planner import Plan
+from zo2.offload.store import HOST_MARGIN_BYTES
+
+
+def default_host_budget() -> int:
+    """What psutil reports available minus HOST_MARGIN_BYTES (2 GiB): the host store's own check, so a model that
+    fits it is never refused here."""
+    return int(psutil.virtual_memory().available - HOST_MARGIN_BYTES)
+
+
+def staging_buffers(prefetch: int) -> int:
+    """Pinned staging buffers of the NVMe tier: ``prefetch`` + 1 reads ahead and one write-back."""
+    return prefetch + 2
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, prefetch: int) -> Plan:
+    """Split ``plan.streamed`` between pinned host memory and NVMe (``plan.nvme``) under ``host_budget`` bytes
+    (None: :func:`default_host_budget`); returns ``plan``, updated."""
+    streamed = plan.streamed
+    need = sum(plan.block_bytes[i] for i in streamed)
+    explicit = host_budget is not None
+    budget = host_budget if explicit else default_host_budget()
+    plan.host_budget = budget
+    if need <= budget or not streamed:
+        return plan
+    where = "offload.host_memory_budget" if explicit else "what psutil reports available, minus a margin"
+    if nvme_path is None:
+        raise ResourceError(
+            f"The {len(streamed)} streamed blocks need {_gb(need)} of pinned host memory, but the host budget is "
+            f"{_gb(budget)} ({where}). Set [offload] nvme_path to a folder on a local NVMe disk to keep the blocks "
+            "that do not fit there, raise offload.host_memory_budget, or use a smaller storage dtype "
+            "(optim.storage_dtype = 'bf16' halves fp32).")
+    staging = staging_buffers(prefetch) * round_up(max(plan.block_bytes[i] for i in streamed))
+    room = budget - staging
+    if room < 0:
+        raise ResourceError(
+            f"The host budget of {_gb(budget)} ({where}) cannot hold the NVMe tier's {staging_buffers(prefetch)} "
+            f"staging buffers of the largest block ({_gb(staging)}). Raise offload.host_memory_budget or lower "
+            "optim.prefetch.")
+    host: list[int] = []
+    for i in streamed:
+        if plan.block_bytes[i] > room:
+            break
+        room -= plan.block_bytes[i]
+        host.append(i)
+    plan.nvme = streamed[len(host):]
+    plan.staging_bytes = staging
+    plan.nvme_path = nvme_path
+    return plan
+
+
+def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) -> Plan:
+    """:func:`place_tiers` for an engine's offload inputs (zo2.offload.build.OffloadInputs: its ``tiers`` are the
+    ``[offload]`` section) where this process creates the host store (``creates_store``); the NVMe tier's limits
+    as ConfigErrors. ``frozen``: the frozen parameters of each block."""
+    tiers = inputs.tiers
+    nvme_path = getattr(tiers, "nvme_path", None)
+    if nvme_path is not None and inputs.store_spec is not None:
+        raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
+                          "lives in host memory); unset it, or run the job with zo2 train.")
+    if nvme_path is not None and inputs.comm is not None:
+        raise ConfigError("offload.nvme_path is not yet supported with several processes (torchrun); unset it, "
+                          "or run one process.")
+    if inputs.store_spec is not None or not creates_store:
+        return plan  # the node store is the scheduler's; a torchrun node's first process checks its store
+    stateful = nvme_path is not None and inputs.optimizer.state_names
+    try:
+        plan = place_tiers(plan, getattr(tiers, "host_budget_bytes", None), nvme_path, inputs.config.prefetch)
+    except ResourceError:
+        if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
+            _refuse_state(inputs.optimizer)
+        raise
+    if plan.nvme and stateful:
+        _refuse_state(inputs.optimizer)
+    if plan.nvme and plan.granularity == "matrix":
+        raise ConfigError("offload.nvme_path: the NVMe tier streams whole blocks, but the blocks stream one matrix "
+                          f"at a time (optim.stream_granularity = {inputs.config.stream_granularity!r}). Set "
+                          "optim.stream_granularity = 'block', or raise offload.host_memory_budget.")
+    if plan.nvme and any(frozen[i] for i in plan.nvme):
+        raise ConfigError("The NVMe tier holds trainable weights only, but the blocks that do not fit "
+                          "offload.host_memory_budget have frozen parameters (a PEFT model's base weights). Raise "
+                          "offload.host_memory_budget, or fine-tune all weights.")
+    return plan
+
+
+def _refuse_state(optimizer: Any) -> None:
+    raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
+                      f"keeps {', '.join(optimizer.state_names)}. Use zo-sgd, zo-sgd-sign or zo-sgd-conservative, "
+                      "or raise offload.host_memory_budget.")
