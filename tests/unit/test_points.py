@@ -13,8 +13,9 @@ from zo2 import ZOConfig, ZOEngine
 from zo2.errors import ModelError
 from zo2.models.units import Slot
 from zo2.optim.estimators import Point
+from zo2.offload.arith import PAIR_BYTES
 from zo2.points import Group, PointsForward, PointValues
-from zo2_testing import clone_model, padded_batch, tiny_model
+from zo2_testing import assert_same_params, clone_model, padded_batch, tiny_model
 
 FAMILIES = ["opt", "llama", "qwen3", "gpt2"]
 
@@ -49,21 +50,31 @@ def test_points_in_one_batch_give_each_points_own_loss(family, q):
 
 def test_at_most_one_modules_parameters_are_formed_at_a_time(monkeypatch):
     """Never two perturbed copies of a block: the buffers formed for points are dropped after their module's call,
-    so the live ones never exceed the largest module's parameters (plus θ views, which cost nothing)."""
+    so what is live is one module's points (a small module's θ + εz and θ − εz come from one launch and both
+    live until its second point's call; in the head, which runs point by point, a norm's θ − εz waits there)."""
     live: dict[int, int] = {}
     peak = [0]
-    original = PointValues.form
+    original, original_pair = PointValues.form, PointValues.form_pair
+
+    def track(out):
+        key = id(out)
+        live[key] = out.numel()
+        weakref.finalize(out, live.pop, key, None)
+        peak[0] = max(peak[0], sum(live.values()))
 
     def counting(self, flat, lo, hi, table, point):
         out = original(self, flat, lo, hi, table, point)
         if out.data_ptr() != flat[lo:hi].data_ptr():  # a formed buffer, not a view of θ
-            key = id(out)
-            live[key] = out.numel()
-            weakref.finalize(out, live.pop, key, None)
-            peak[0] = max(peak[0], sum(live.values()))
+            track(out)
         return out
 
+    def counting_pair(self, flat, lo, hi, table, seed):
+        plus, minus = original_pair(self, flat, lo, hi, table, seed)
+        track(plus), track(minus)
+        return plus, minus
+
     monkeypatch.setattr(PointValues, "form", counting)
+    monkeypatch.setattr(PointValues, "form_pair", counting_pair)
     model = tiny_model("llama", seed=3, num_hidden_layers=4)
     engine = ZOEngine(model, ZOConfig(lr=1e-3, seed=1, q=2))
     for s in range(2):
@@ -73,7 +84,31 @@ def test_at_most_one_modules_parameters_are_formed_at_a_time(monkeypatch):
         for slot in u.slots:
             per_module[id(slot.module)] = per_module.get(id(slot.module), 0) + engine.params[slot.name].numel()
     largest_block = max(sum(engine.params[n].numel() for n in u.owned) for u in engine.units if u.kind == "block")
-    assert 0 < peak[0] <= max(per_module.values()) < largest_block
+    largest = max(per_module.values())
+    norm = max(n for n in per_module.values() if n * 16 <= largest)  # the head's norm: its θ − εz waits a point
+    assert 0 < peak[0] <= 2 * largest + norm < 2 * largest_block
+
+
+def test_a_small_modules_two_points_come_from_one_launch_with_the_same_values(monkeypatch):
+    from zo2.points import PointValues as PV
+
+    base = tiny_model("opt", seed=5)
+    calls = {"pair": 0, "one": 0}
+    real_pair, real_form = PV.form_pair, PV.form
+    monkeypatch.setattr(PV, "form_pair", lambda self, *a: (calls.__setitem__("pair", calls["pair"] + 1),
+                                                           real_pair(self, *a))[1])
+    monkeypatch.setattr(PV, "form", lambda self, *a: (calls.__setitem__("one", calls["one"] + 1),
+                                                      real_form(self, *a))[1])
+    paired = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, seed=2))
+    rp = [paired.step(padded_batch(seed=s)).losses for s in range(3)]
+    assert calls["pair"] > 0
+    monkeypatch.setattr("zo2.points.PAIR_BYTES", 0)  # every module one point at a time
+    single = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, seed=2))
+    calls["pair"] = 0
+    rs = [single.step(padded_batch(seed=s)).losses for s in range(3)]
+    assert calls["pair"] == 0
+    assert rp == rs
+    assert_same_params(paired.model, single.model)
 
 
 class _ByPoint(PointValues):
@@ -82,6 +117,7 @@ class _ByPoint(PointValues):
     def __init__(self, points):
         super().__init__(None, None, torch.float32)
         self.index = {id(p): i for i, p in enumerate(points)}
+        self.itemsize = PAIR_BYTES + 1  # every module "large": one point at a time
 
     def form(self, flat, lo, hi, table, point):
         return flat[lo:hi] + 1000.0 * (self.index[id(point)] + 1)

@@ -28,6 +28,17 @@ def select_kernels(name: str, device: torch.device, dtypes: set[torch.dtype]):
         raise ConfigError(f"optim.kernels = 'triton' cannot be used: {err}. Use 'auto' or 'torch'.") from None
 
 
+PAIR_BYTES = 64 << 20
+"""Modules whose parameters at a point take at most this many bytes have θ + εz and θ − εz formed by one kernel
+launch (zo2.points): both are alive at once."""
+
+
+def point_bytes(module_bytes: float) -> float:
+    """The most the points of one module hold at once: its parameters at one point, or at two where they are small
+    enough to be formed by one launch."""
+    return max(module_bytes, 2 * min(module_bytes, PAIR_BYTES))
+
+
 def materializes_directions(kernels: Any) -> bool:
     """Whether ``kernels`` hold a parameter's direction z in float32 while they run (the torch reference does,
     one parameter at a time; the Triton kernels generate z in registers)."""

@@ -25,7 +25,7 @@ from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
-from zo2.offload.arith import materializes_directions, segment_table, select_kernels
+from zo2.offload.arith import materializes_directions, point_bytes, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
@@ -287,8 +287,8 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
     compute_size = torch.empty((), dtype=inputs.compute_dtype).element_size()
     z = 4 * largest if materializes_z else 0
-    reserve = _largest_module(inputs) * compute_size + z
-    block_reserve = _largest_module(inputs, blocks) * compute_size + z  # while a block runs
+    reserve = point_bytes(_largest_module(inputs) * compute_size) + z
+    block_reserve = point_bytes(_largest_module(inputs, blocks) * compute_size) + z  # while a block runs
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
     itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zo2.models.base import LOSS_CHUNK_BYTES
+from zo2.offload.arith import point_bytes
 from zo2.parallel.plan_inputs import DTYPE_BYTES, GB, Layout, ModelShape, Rates, Workload
 
 
@@ -59,8 +60,8 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
     budget = rates.gpu_mem_gb * GB - max(rates.margin_fraction * rates.gpu_mem_gb * GB, rates.margin_min_gb * GB)
     # one module's parameters at a point (the Triton kernels form it without holding z): a block's largest matrix
     # while the blocks run; the embedding-sized head weight (or a larger block matrix) while the head runs
-    block_reserve = shape.largest_weight * c
-    reserve = max(shape.largest_weight, shape.vocab * shape.embed_width) * c
+    block_reserve = point_bytes(shape.largest_weight * c)
+    reserve = point_bytes(max(shape.largest_weight, shape.vocab * shape.embed_width) * c)
 
     def peak(resident: int, slots: float) -> float:
         return fixed + resident * block + slots + working_bytes(block_reserve, reserve, act_block, logits, loss)
