@@ -9,6 +9,9 @@ right before the call (``θ ± εz`` as the update ``θ − 1·(∓ε z)``, a ca
 dropped. So a unit's weights are needed at one moment per step, never two perturbed copies of a block exist, and
 at most one module's perturbed parameters do.
 
+A small module (at most ``PAIR_BYTES`` a point) has θ + εz and θ − εz formed by one ``perturb_pair`` launch, the
+second kept for its point's call: the same values, half the launches where launching costs more than the bytes.
+
 The kernels run on the module's range of the unit's flat buffer with the sliced segment table
 (``SegmentTable.slice``), which gives exactly the values a pass over the whole buffer gives there: how the buffer is
 cut does not change a bit. Every mode (resident, streamed, sliced) runs this same scheme.
