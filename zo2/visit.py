@@ -79,13 +79,10 @@ class Visitor:
             part = res.piece_part(piece)
             table = res.piece_table(unit, piece, bounds)
             target_buf = buf if part is None else buf[part]
-            for s in range(held + 1, target + 1):
-                update = pending if pending is not None and s == pending.step else self.history.get(s)
-                if update is None:
-                    raise RuntimeError(f"{unit.name}: a piece's home holds step {held} but the update of step {s} "
-                                       "to replay on it was not kept; this is a bug in zo2.")
+            replays = self._logged(unit, held, min(target, unit.applied))
+            for update in replays + ([pending] if target > unit.applied else []):  # target > applied: pending's
                 self._update(target_buf, table, update, unit, None)
-            res.replayed(max(0, min(target, unit.applied) - held))
+            res.replayed(len(replays))
             if home or res.piece_wants_write_back(piece, target):
                 res.write_piece(piece, target)
         res.assemble(unit, buf)
@@ -119,15 +116,20 @@ class Visitor:
         lag = res.held(unit)
         if lag >= unit.applied:
             return
-        missing = [s for s in range(lag + 1, unit.applied + 1) if s not in self.history]
-        if missing:
-            raise RuntimeError(f"{unit.name}: home holds step {lag} but the updates of steps {missing[:3]} to "
-                               "replay on it were not kept; this is a bug in zo2.")
         part = res.part(unit)
         target = flat if part is None else flat[part]
-        for s in range(lag + 1, unit.applied + 1):
-            self._update(target, res.table(unit), self.history[s], unit, part)
+        for update in self._logged(unit, lag, unit.applied):
+            self._update(target, res.table(unit), update, unit, part)
         res.replayed(unit.applied - lag)
+
+    def _logged(self, unit: Any, held: int, upto: int) -> list[Update]:
+        """The kept updates of steps ``held`` + 1 .. ``upto``, to replay on a copy of ``unit`` whose home holds
+        ``held`` (RuntimeError if one was not kept: a bug)."""
+        missing = [s for s in range(held + 1, upto + 1) if s not in self.history]
+        if missing:
+            raise RuntimeError(f"{unit.name}: home holds step {held} but the updates of steps {missing[:3]} to "
+                               "replay on it were not kept; this is a bug in zo2.")
+        return [self.history[s] for s in range(held + 1, upto + 1)]
 
     def _update(self, target: torch.Tensor, table: Any, update: Update, unit: Any, part: slice | None) -> None:
         """θ ← θ − lr (D + λθ) on ``target`` (``unit``'s buffer, or its ``part`` this process owns with sliced
