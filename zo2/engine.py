@@ -36,11 +36,11 @@ from zo2.offload.build import OffloadInputs, build_offload
 from zo2.offload.residence import DeviceResidence
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
-from zo2.parallel.plan_memory import activation_bytes, working_bytes
 from zo2.optim.estimators import Point, Update, build_estimator
 from zo2.optim.optimizers import build_optimizer, check_supported, conservative_scale
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
+from zo2.parallel.plan_memory import activation_bytes, working_bytes
 from zo2.points import PointsForward, PointValues, groups_of
 from zo2.results import EvalResult, StepResult
 from zo2.visit import Visitor
@@ -100,6 +100,8 @@ class ZOEngine:
         self.point_values = PointValues(self.config, self.kernels, self.compute_dtype)
         self._groups = {u.name: groups_of(u) for u in self.units}
         """The modules holding each unit's parameters, with their ranges of its flat buffer (zo2.points)."""
+        self._tied_at: dict[str, tuple[torch.Tensor, int, int, Any, tuple[int, ...]]] = {}
+        """Tied weights' owner buffer, range, table and shape (:meth:`_tied`)."""
         self.last_transfer: TransferStats | None = None
 
     def describe_plan(self, rows: int | None = None, seq: int | None = None) -> str:
@@ -194,14 +196,18 @@ class ZOEngine:
 
     def _tied(self, name: str) -> tuple[torch.Tensor, int, int, Any, tuple[int, ...]]:
         """Where a parameter read by one unit and owned by another (a tied weight) is formed from: the owner's
-        buffer (resident), the range and segment table of the parameter there, its shape."""
-        owner = next(u for u in self.units if name in u.owned)
-        seg = next(s for s in owner.layout if s.name == name)
-        if owner.flat is None:
-            raise ModelError(f"{name} is read by two units and its owner {owner.name} is streamed; tied weights "
-                             "need their owner resident on the compute device.")
-        lo, hi = seg.offset, seg.offset + seg.numel
-        return owner.flat, lo, hi, owner.table.slice(lo, hi), tuple(seg.shape)
+        buffer (resident), the range and segment table of the parameter there, its shape. Found once: the
+        kernels keep a table's device copy, so the same table serves every step."""
+        found = self._tied_at.get(name)
+        if found is None:
+            owner = next(u for u in self.units if name in u.owned)
+            seg = next(s for s in owner.layout if s.name == name)
+            if owner.flat is None:
+                raise ModelError(f"{name} is read by two units and its owner {owner.name} is streamed; tied "
+                                 "weights need their owner resident on the compute device.")
+            lo, hi = seg.offset, seg.offset + seg.numel
+            found = self._tied_at[name] = (owner.flat, lo, hi, owner.table.slice(lo, hi), tuple(seg.shape))
+        return found
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
