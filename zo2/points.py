@@ -154,7 +154,7 @@ class PointsForward:
                     module.forward = previous
 
     def _wrapped(self, group: Group, forward: Callable, flat: torch.Tensor | None, tied: Any) -> Callable:
-        around = getattr(flat, "call", None)  # a unit streamed a piece at a time releases pieces after a call
+        around = getattr(flat, "call", None)  # streamed a piece at a time: what a call reads stays held through it
 
         def call(*args: Any, **kwargs: Any) -> Any:
             with around() if around is not None else contextlib.nullcontext():

@@ -77,14 +77,14 @@ class RingStreamer(BlockStreamer):
 
     def __init__(self, store: Any, device: torch.device, prefetch: int = 1, measure: bool = True):
         super().__init__(store, device, prefetch, measure)
-        capacity = (prefetch + 2) * self._largest
-        self.pool = self.slots[0].new_empty(capacity)
-        self.slots = {0: self.pool}  # id 0: the whole ring (scratch for measurements before any upload)
-        self._slot_busy = {0: []}
         self._live: dict[int, tuple[int, int]] = {}
         """Allocation id → its [lo, hi) of the ring, for every allocation not yet overwritten."""
         self._head = 0
         self._ids = 0
+
+    def _make_slots(self, largest: int) -> dict[int, torch.Tensor]:
+        self.pool = torch.empty((self.prefetch + 2) * largest, dtype=self.store.dtype, device=self.device)
+        return {0: self.pool}  # id 0: the whole ring (scratch for measurements before any upload)
 
     @property
     def device_bytes(self) -> int:
@@ -149,17 +149,17 @@ class PieceSource:
 
     def piece(self, piece: int, lo: int, hi: int) -> torch.Tensor:
         res = self.residence
-        if piece not in self.held_now:  # moving on: let go of the pieces no active module call reads
+        fresh = piece not in self.held_now
+        if fresh:  # moving on: let go of the pieces no active module call reads
             self.release_held(keep=set().union(*self.calls))
             kept = piece in self.ready and res.streamer.has(piece)  # still in its slot, as this visit left it
-            buf = res.streamer.acquire(piece)
+        buf = res.streamer.acquire(piece)
+        if fresh:
             self.held_now.append(piece)
             res.used(self.unit, piece)
             if not kept:  # freshly uploaded: it holds what its home holds
                 self.prepare(piece, buf, lo, hi)
                 self.ready.add(piece)
-        else:
-            buf = res.streamer.acquire(piece)
         if self.calls:
             self.calls[-1].add(piece)
         return buf

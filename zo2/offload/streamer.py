@@ -67,7 +67,7 @@ class BlockStreamer:
         indices = range(len(store)) if blocks is None else blocks
         largest = max((self._numel(i) for i in indices), default=0)
         self._largest = largest
-        self.slots = [torch.empty(largest, dtype=store.dtype, device=self.device) for _ in range(prefetch + 2)]
+        self.slots = self._make_slots(largest)
         self.stats = TransferStats()
         self.measure = measure and self.cuda
         self.ranges: dict[int, tuple[int, int]] = {}
@@ -80,7 +80,7 @@ class BlockStreamer:
         self._next_slot = 0
         self._uploaded: dict[int, object] = {}
         self._written: dict[int, object] = {}  # block -> D2H-done event of its last write-back
-        self._slot_busy: list[list] = [[] for _ in self.slots]  # events to wait on before reusing a slot
+        self._slot_busy: dict[int, list] = {k: [] for k in range(len(self.slots))}  # wait on before reusing a slot
         self._in_use: set[int] = set()  # slots acquired and not yet released
         self.markers = None
         """A node store's markers (zo2.offload.markers.StoreMarkers): each write-back is marked in flight before
@@ -90,6 +90,10 @@ class BlockStreamer:
         if self.cuda:
             self.h2d = torch.cuda.Stream(self.device)  # uploads run beside the compute
             self.d2h = torch.cuda.Stream(self.device)  # write-backs too, in the other direction
+
+    def _make_slots(self, largest: int) -> list[torch.Tensor] | dict[int, torch.Tensor]:
+        """The device buffers uploads go to, by slot id: ``prefetch + 2`` of the largest block."""
+        return [torch.empty(largest, dtype=self.store.dtype, device=self.device) for _ in range(self.prefetch + 2)]
 
     @property
     def device_bytes(self) -> int:
