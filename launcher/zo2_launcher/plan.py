@@ -13,6 +13,8 @@ examples:
   zo2 plan --preset opt-175b --gpus-per-node 8 --nodes 2 --tokens 32768 --seq 1024
   zo2 plan --preset opt-66b --gpus-per-node 8 --tokens 16384 --seq 512 --set rate.nvlink_gbs=300
   zo2 plan --hidden 8192 --ffn 28672 --layers 80 --vocab 32000 --family llama --heads 64
+  zo2 plan --preset opt-175b --granularity matrix --host-budget 100 --nvme --writeback-every 8
+                                                              # 175B on one GPU, 100 GB of host RAM, NVMe
   zo2 plan --preset opt-175b --calibrate benchmarks/results/2026-11-26-h200/offload.json
   zo2 plan --scaling --out plan.json                          # OPT-13B..175B x {2,4,8} GPUs x {1..4} nodes
 """
@@ -45,6 +47,14 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", metavar="MODE", help="auto (the planner decides), stream or resident")
     p.add_argument("--granularity", default="block", metavar="G",
                    help="what one upload moves: block (default) or matrix (optim.stream_granularity)")
+    p.add_argument("--host-budget", type=float, metavar="GB",
+                   help="pinned host memory per node for the streamed blocks (offload.host_memory_budget; default "
+                        "rate.host_capacity_gb)")
+    p.add_argument("--nvme", action="store_true",
+                   help="home the blocks beyond --host-budget on the node's NVMe drive (offload.nvme_path); "
+                        "rates rate.nvme_read_gbs / rate.nvme_write_gbs")
+    p.add_argument("--writeback-every", type=int, default=1, metavar="K",
+                   help="streamed blocks written back every K steps (optim.writeback_every; default 1)")
     p.add_argument("--gpus-per-node", type=int, default=1, metavar="N", help="GPUs per node, 1..8 (default 1)")
     p.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
     p.add_argument("--calibrate", metavar="FILE.json", help="fit rates to a benchmarks/bench_offload.py JSON (and the "
@@ -68,7 +78,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rates = plan.calibrate(args.calibrate) if args.calibrate else plan.Rates()
     rates = rates.updated(args.set)
     common = dict(dtype=args.dtype, compute_dtype=args.compute_dtype, direction=args.direction,
-                  prefetch=args.prefetch, offload=args.offload, granularity=args.granularity)
+                  prefetch=args.prefetch, offload=args.offload, granularity=args.granularity,
+                  host_budget_gb=args.host_budget, nvme=args.nvme, writeback_every=args.writeback_every)
     if args.scaling:
         tokens = args.tokens or plan.SCALING_BATCH * plan.SCALING_SEQ
         seq = args.seq or (plan.SCALING_SEQ if args.tokens is None else min(args.tokens, 2048))

@@ -253,3 +253,87 @@ def test_peaks_of_the_current_engine_reproduce_the_h200_measurement():
         work = Workload(tokens=b * s, seq=s, offload="stream", granularity=r.get("granularity", "block"))
         pred = predict_layout(plan.shape_from_preset(r["shape"], layers=4), Layout(), work, rates).gpu_mem_gb
         assert abs(pred / r["peak_gb"] - 1) <= 0.06, (r["shape"], r["batch"], pred, r["peak_gb"])
+
+
+# ------------------------------------------------------------------ the NVMe tier and the lagging write-back
+
+def test_tiers_home_blocks_as_the_engine_places_them():
+    """zo2 plan's host/NVMe split against zo2.offload.tiers.place_tiers (the engine's placement) on the same
+    blocks and budget: the same count in each tier and the same staging bytes."""
+    from zo2.offload.planner import Plan
+    from zo2.offload.tiers import place_tiers as engine_tiers
+    from zo2.parallel.plan_memory import place_tiers
+
+    shape = replace(TOY, layers=10)
+    block = shape.block_params * 2
+    for budget_gb, prefetch in ((12.5, 1), (7.0, 2), (40.0, 1)):
+        work = _stream(host_budget_gb=budget_gb, nvme=True, prefetch=prefetch)
+        ours = place_tiers(shape, work, Layout(), ROUND, streamed=10)
+        engine = Plan(resident=[], streamed=list(range(10)), block_bytes=[block] * 10, fixed_bytes=0,
+                      slot_bytes=0, reserve_bytes=0, budget=None, prefetch=prefetch)
+        engine = engine_tiers(engine, int(budget_gb * 1e9), "/nvme", prefetch)
+        assert (ours.host, ours.nvme) == (len(engine.host), len(engine.nvme)), budget_gb
+        if engine.nvme:
+            assert ours.host_bytes == engine.staging_bytes + len(engine.host) * block
+
+
+def test_nvme_blocks_wait_for_the_drive():
+    """Hand-computed: 5 blocks of 1 GB; a 4.5 GB host budget holds the 3 staging buffers and one block, the other
+    four are read at 2 GB/s and written back every 4 steps at 1 GB/s: 0.5 + 0.25 s of the drive per block, hidden
+    behind its compute (two forwards of 1 s); at 0.1 GB/s the drive sets the pace of those four."""
+    shape = replace(TOY, layers=5)
+    rates = replace(ROUND, nvme_read_gbs=2.0, nvme_write_gbs=1.0, gpu_mem_gb=100)
+    work = _stream(host_budget_gb=4.5, nvme=True, writeback_every=4)
+    p = predict_layout(shape, Layout(), work, rates)
+    host_only = predict_layout(shape, Layout(), _stream(writeback_every=4), rates)
+    assert (p.streamed_blocks, p.nvme_blocks) == (5, 4) and p.fits
+    assert p.breakdown.nvme_s == pytest.approx(4 * (0.5 + 0.25))
+    assert p.nvme_read_gb == pytest.approx(4.0) and p.nvme_written_gb == pytest.approx(1.0)
+    assert p.host_mem_gb == pytest.approx(4.0, rel=1e-5)  # 3 staging buffers + 1 block
+    assert p.step_s == pytest.approx(host_only.step_s) and p.bound == "compute"
+    per_block = host_only.step_s - predict_layout(replace(shape, layers=4), Layout(), _stream(writeback_every=4),
+                                                  rates).step_s
+    slow = predict_layout(shape, Layout(), work, replace(rates, nvme_read_gbs=0.1))
+    assert slow.bound == "nvme"
+    assert slow.step_s - host_only.step_s == pytest.approx(4 * (10 + 0.25 - per_block))
+
+
+def test_a_host_budget_without_nvme_does_not_fit():
+    p = predict_layout(TOY, Layout(), _stream(host_budget_gb=1.5), ROUND)
+    assert not p.fits and any("--nvme" in n for n in p.notes)
+    m = predict_layout(replace(TOY, layers=5), Layout(), _stream(host_budget_gb=4.5, nvme=True, granularity="matrix"),
+                       replace(ROUND, gpu_mem_gb=100))
+    assert not m.fits and any("matrix" in n for n in m.notes)  # the engine refuses NVMe with matrix streaming
+    with pytest.raises(ConfigError, match="--host-budget"):
+        Workload(host_budget_gb=-1.0)
+    with pytest.raises(ConfigError, match="--writeback-every"):
+        Workload(writeback_every=0)
+
+
+def test_lagging_write_back_moves_less_and_replays_more():
+    """K = 4: the write-backs move a quarter of the bytes; an upload replays 1.5 update passes on average."""
+    one = predict_layout(TOY, Layout(), _stream(), ROUND)
+    four = predict_layout(TOY, Layout(), _stream(writeback_every=4), ROUND)
+    update_pass = 2 * 1e9 / (1e12 * 0.5)  # read and write a 1 GB block at half of 1 TB/s
+    assert four.breakdown.compute_s - one.breakdown.compute_s == pytest.approx(2 * 1.5 * update_pass)
+    # PCIe: up 1 GB + down 0.25 GB over both directions (16 GB/s) against up alone (10 GB/s)
+    assert four.breakdown.pcie_s == pytest.approx(2 * max(1 / 10, 1.25 / 16))
+    assert one.breakdown.pcie_s == pytest.approx(2 * max(1 / 10, 2 / 16))
+
+
+def test_cli_plan_nvme_and_its_calibration(capsys, tmp_path):
+    bench = tmp_path / "offload.json"
+    bench.write_text(H200.read_text())
+    (tmp_path / "nvme.json").write_text(json.dumps({"rows": [
+        {"what": "store write (data+fsync+marker)", "gbps": 2.5}, {"what": "dd iflag=direct bs=8M", "gbps": 2.2},
+        {"what": "store read, auto qd=8 block=1M", "gbps": 2.1}, {"what": "store read, auto qd=16 block=8M",
+                                                                  "gbps": 2.3}]}))
+    rates = plan.calibrate(bench)
+    assert (rates.nvme_read_gbs, rates.nvme_write_gbs) == (2.3, 2.5) and "nvme.json" in rates.source
+    code = main(["plan", "--preset", "opt-13b", "--offload", "stream", "--host-budget", "4", "--nvme",
+                 "--writeback-every", "8", "--calibrate", str(bench)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "on NVMe" in text and "NVMe→host" in text and "NVMe read 2.3" in text and "nvme" in text
+    assert main(["plan", "--host-budget", "0"]) == 2
+    assert "--host-budget" in capsys.readouterr().err

@@ -39,7 +39,13 @@ floor, generalised)::
   and out and the FFN intermediate with its per-point parts joined, of one block; or the points' logits plus two
   float32 copies of one point's, whichever is larger).
 - Host memory per node: the pinned parameter store (the streamed blocks), one per rank unsliced, one per node
-  sliced.
+  sliced. Under a host budget (``--host-budget``, ``offload.host_memory_budget``) with ``--nvme``, the blocks
+  that do not fit are homed on the node's NVMe drive (zo2.offload.tiers: host first, in order; ``prefetch`` + 2
+  staging buffers of a block per store count against the budget). An NVMe-homed block also waits for the drive:
+  its read, and its write-back every K steps (``--writeback-every``), at ``rate.nvme_read_gbs`` /
+  ``rate.nvme_write_gbs``, one drive per node shared by its ranks.
+- The lagging write-back (``--writeback-every K``): write-backs move 1/K of the bytes; an upload replays the
+  (K-1)/2 updates its home lacks on average, one update pass each.
 - Host DRAM bandwidth per node (an assumption, default 480 GB/s ≈ 78% of two DDR5-4800 sockets): every byte
   uploaded or written back by any GPU of the node crosses it; unsliced N GPUs move N× the bytes of sliced ones.
 
@@ -100,14 +106,17 @@ def resolve_model(model: str | ModelShape) -> ModelShape:
 def predict(model: str | ModelShape, *, tokens: int = 2048, seq: int | None = None, dtype: str = "bf16",
             compute_dtype: str = "bf16", gpus_per_node: int = 1, nodes: int = 1, rates: Rates | None = None,
             direction: str = "gaussian", prefetch: int = 1, offload: str = "auto",
-            granularity: str = "block") -> PlanReport:
+            granularity: str = "block", host_budget_gb: float | None = None, nvme: bool = False,
+            writeback_every: int = 1) -> PlanReport:
     """Predict single-GPU ZO2 and every layout of ``gpus_per_node`` × ``nodes`` GPUs for ``model`` (a preset name
     or a :class:`ModelShape`) at ``tokens`` global tokens per step (sequences of ``seq``, default
-    min(tokens, 2048))."""
+    min(tokens, 2048)); the streamed blocks homed in ``host_budget_gb`` of pinned host memory per node and, with
+    ``nvme``, the rest on the node's NVMe drive (:class:`Workload`)."""
     shape = resolve_model(model)
     work = Workload(tokens=tokens, seq=seq if seq is not None else min(tokens, 2048), dtype=dtype,
                     compute_dtype=compute_dtype, direction=direction, prefetch=prefetch, offload=offload,
-                    granularity=granularity)
+                    granularity=granularity, host_budget_gb=host_budget_gb, nvme=nvme,
+                    writeback_every=writeback_every)
     rates = rates or Rates()
     rates.check()
     Layout(gpus_per_node, nodes)  # validates the flags

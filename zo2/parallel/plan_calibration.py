@@ -74,7 +74,7 @@ def _load_json(path: str | Path) -> dict:
 def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
     """Rates fitted to a ``benchmarks/bench_offload.py`` JSON: the median measured H2D/D2H bandwidths and the forward
     model fitted to its per-block forward times; a ``kernels.json`` in the same folder also sets the copy rate and
-    the kernels' fractions of it. What the files do not measure keeps ``base`` (default :class:`Rates`)."""
+    the kernels' fractions of it, a ``nvme.json`` (benchmarks/bench_nvme.py) the NVMe drive's read and write rates. What the files do not measure keeps ``base`` (default :class:`Rates`)."""
     base = base or Rates()
     data = _load_json(path)
     rows = [r for r in data.get("rows", []) if isinstance(r, dict) and "error" not in r]
@@ -101,6 +101,10 @@ def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
     if kernels.is_file() and kernels != Path(path):
         changes.update(_kernel_rates(_load_json(kernels)))
         sources.append(str(kernels))
+    nvme = Path(path).with_name("nvme.json")
+    if nvme.is_file() and nvme != Path(path):
+        changes.update(_nvme_rates(_load_json(nvme)))
+        sources.append(str(nvme))
     # the loss's chunk when the file was measured; none recorded: before the loss was chunked
     changes["loss_chunk_mb"] = data.get("loss_chunk_bytes", math.inf) / 2**20
     changes["head_points_at_once"] = data.get("head_points_at_once", 2)
@@ -111,6 +115,15 @@ def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
     rates = replace(base, **changes)
     rates.check()
     return rates
+
+
+def _nvme_rates(data: dict) -> dict:
+    """``rate.nvme_read_gbs`` (the store's best read rate) and ``rate.nvme_write_gbs`` (its write: data, fsync and
+    marker) from a ``benchmarks/bench_nvme.py`` JSON."""
+    rows = [r for r in data.get("rows", []) if isinstance(r, dict) and r.get("gbps")]
+    reads = [r["gbps"] for r in rows if str(r.get("what", "")).startswith("store read")]
+    writes = [r["gbps"] for r in rows if str(r.get("what", "")).startswith("store write")]
+    return {**({"nvme_read_gbs": max(reads)} if reads else {}), **({"nvme_write_gbs": max(writes)} if writes else {})}
 
 
 def _point_overhead(rows: list[dict], rates: Rates) -> float | None:

@@ -13,7 +13,8 @@ PUBLISHED_DISTZO2 = ("DistZO2 (L. Wang, H. Xie, D. Wang, arXiv:2507.03211, 2025)
 PLAN_COLUMNS = [("name", "layout", "s"), ("gpus", "GPUs", "s"), ("dp", "dp", "d"), ("pp", "pp", "d"),
                 ("mode", "mode", "s"), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tok/s", ",.0f"),
                 ("speedup", "speed-up", ".2f"), ("compute_ms", "compute", ".1f"), ("pcie_ms", "pcie", ".1f"),
-                ("nvlink_ms", "nvlink", ".1f"), ("host_ms", "host", ".1f"), ("net_ms", "net", ".2f"),
+                ("nvlink_ms", "nvlink", ".1f"), ("host_ms", "host", ".1f"), ("nvme_ms", "nvme", ".1f"),
+                ("net_ms", "net", ".2f"),
                 ("bound", "bound", "s"), ("gpu_gb", "GPU GB", ".1f"), ("host_gb", "host GB/node", ".0f"),
                 ("flags", "notes", "s")]
 
@@ -42,10 +43,12 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def _plan_row(p: Prediction) -> dict:
     b = p.breakdown
     mode = p.mode if p.mode == "resident" else f"{p.resident_blocks} res/{p.streamed_blocks} str"
+    if p.nvme_blocks:
+        mode = f"{p.resident_blocks} res/{p.streamed_blocks - p.nvme_blocks} host/{p.nvme_blocks} nvme"
     return {"name": p.name, "gpus": f"{p.gpus_per_node}x{p.nodes}", "dp": p.dp, "pp": p.pp, "mode": mode,
             "step_ms": p.step_s * 1e3, "tokens_per_s": p.tokens_per_s, "speedup": p.speedup,
             "compute_ms": b.compute_s * 1e3, "pcie_ms": b.pcie_s * 1e3, "nvlink_ms": b.nvlink_s * 1e3,
-            "host_ms": b.host_mem_s * 1e3, "net_ms": b.network_s * 1e3, "bound": p.bound, "gpu_gb": p.gpu_mem_gb,
+            "host_ms": b.host_mem_s * 1e3, "nvme_ms": b.nvme_s * 1e3, "net_ms": b.network_s * 1e3, "bound": p.bound, "gpu_gb": p.gpu_mem_gb,
             "host_gb": p.host_mem_gb, "flags": "; ".join(p.notes)}
 
 
@@ -55,23 +58,39 @@ def format_report(report: PlanReport) -> str:
     head = (f"{s.name}: {s.params / 1e9:.1f} B parameters, {s.layers} blocks of {s.block_params / 1e6:.0f} M "
             f"({s.block_params * DTYPE_BYTES[w.dtype] / GB:.2f} GB {w.dtype}); {w.tokens} tokens per step "
             f"({w.batch} x {w.seq}), {w.direction} directions, prefetch {w.prefetch}, offload {w.offload}"
-            + (", one matrix at a time" if w.granularity == "matrix" else "") + "; "
+            + (", one matrix at a time" if w.granularity == "matrix" else "")
+            + (f", written back every {w.writeback_every} steps" if w.writeback_every > 1 else "") + "; "
             f"{report.gpus_per_node} GPU(s) per node x {report.nodes} node(s)")
     rows = [report.baseline] + report.rows
-    lines = [head, "", format_table([_plan_row(p) for p in rows], PLAN_COLUMNS)]
+    lines = [head, _tiers_line(report), "", format_table([_plan_row(p) for p in rows], PLAN_COLUMNS)]
     for name, reason in report.skipped:
         lines.append(f"  {name}: not applicable: {reason}")
-    lines += ["", "Columns compute/pcie/nvlink/host/net: busy ms per step of each resource (they overlap); "
+    lines += ["", "Columns compute/pcie/nvlink/host/nvme/net: busy ms per step of each resource (they overlap); "
                   "bound: the resource on most of the critical path; speed-up: over single-GPU ZO2 at the same global batch.",
               f"Rates: {_rates_line(report.rates)}", "", FOOTER]
     return "\n".join(lines)
+
+
+def _tiers_line(report: PlanReport) -> str:
+    """Where single-GPU ZO2's streamed blocks live and what each tier moves per step (as the start-of-run plan)."""
+    w, p = report.workload, report.baseline
+    block = report.model.block_params * DTYPE_BYTES[w.dtype] / GB
+    budget = w.host_budget_gb if w.host_budget_gb is not None else report.rates.host_capacity_gb
+    host = p.streamed_blocks - p.nvme_blocks
+    line = (f"tiers (zo2, 1 GPU): {p.resident_blocks} blocks on the device, {host} in pinned host memory "
+            f"({p.host_mem_gb:.1f} GB of a {budget:.0f} GB host budget), {p.nvme_blocks} on NVMe"
+            + ("" if w.nvme else " (no --nvme)") + f"; per step {p.streamed_blocks * block:.1f} GB host→device, "
+            f"{p.streamed_blocks * block / w.writeback_every:.1f} GB device→host")
+    if p.nvme_blocks:
+        line += f", {p.nvme_read_gb:.1f} GB NVMe→host, {p.nvme_written_gb:.1f} GB host→NVMe"
+    return line
 
 
 def _rates_line(r: Rates) -> str:
     return (f"{r.source}. H2D {r.h2d_gbs:.1f}, D2H {r.d2h_gbs:.1f}, both {r.bidir_gbs:.0f} GB/s; matmul "
             f"{r.matmul_tflops:.0f} TFLOP/s x {r.matmul_efficiency:.3f}, forward floor {r.fwd_floor_ms:.2f} ms; "
             f"copy {r.copy_tbs:.2f} TB/s; NVLink {r.nvlink_gbs:.0f} GB/s; network {r.network_gbps:.0f} Gb/s; "
-            f"host DRAM {r.host_mem_gbs:.0f} GB/s; GPU {r.gpu_mem_gb:.0f} GB; exposed uploads {r.exposed_uploads:g}")
+            f"host DRAM {r.host_mem_gbs:.0f} GB/s; NVMe read {r.nvme_read_gbs:.1f}, write {r.nvme_write_gbs:.1f} GB/s; GPU {r.gpu_mem_gb:.0f} GB; exposed uploads {r.exposed_uploads:g}")
 
 
 def format_scaling(rows: list[dict], rates: Rates, tokens: int, seq: int) -> str:

@@ -51,6 +51,11 @@ class Rates:
     """Device memory per GPU."""
     host_capacity_gb: float = 2048.0
     """Host memory per node (DGX H100: 2 TB)."""
+    nvme_read_gbs: float = 6.0
+    """Read GB/s of the node's NVMe drive through the tier (assumption: one PCIe 4.0 x4 drive; ``--calibrate``
+    takes the store's read rate from a ``nvme.json`` of benchmarks/bench_nvme.py beside the file)."""
+    nvme_write_gbs: float = 4.0
+    """Write GB/s of the node's NVMe drive (data, fsync and marker), as ``nvme_read_gbs``."""
     gauss_update_perturb: float = 0.32
     """Gaussian update_and_perturb, fraction of copy bandwidth (RESULTS.md)."""
     gauss_pair: float = 0.48
@@ -215,6 +220,15 @@ class Workload:
     """'auto' (the planner decides), 'stream' (every block streamed) or 'resident' (none streamed)."""
     granularity: str = "block"
     """What one upload moves: 'block' or 'matrix' (``optim.stream_granularity``): the device slots' size."""
+    host_budget_gb: float | None = None
+    """Pinned host memory per node for the streamed blocks (``offload.host_memory_budget``); None: the node's
+    ``rate.host_capacity_gb``."""
+    nvme: bool = False
+    """Blocks beyond the host budget live on the node's NVMe drive (``offload.nvme_path`` set); without it they
+    do not fit."""
+    writeback_every: int = 1
+    """Streamed blocks written back every K steps (``optim.writeback_every``): the write-backs move 1/K of the
+    bytes, and an upload replays the (K-1)/2 updates its home copy lacks on average."""
 
     def __post_init__(self) -> None:
         _require_int("--tokens", self.tokens, 1)
@@ -228,6 +242,11 @@ class Workload:
         _choice("--offload", self.offload, OFFLOAD_MODES)
         _require_int("--prefetch", self.prefetch, 0)
         _choice("--granularity", self.granularity, ("block", "matrix"))
+        _require_int("--writeback-every", self.writeback_every, 1)
+        if self.host_budget_gb is not None and not (isinstance(self.host_budget_gb, (int, float))
+                                                    and 0 < self.host_budget_gb < math.inf):
+            raise ConfigError(f"--host-budget {self.host_budget_gb}: give the pinned host memory per node in GB, a "
+                              "positive number (e.g. --host-budget 96).")
 
     @property
     def batch(self) -> int:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from zo2.models.base import LOSS_CHUNK_BYTES
 from zo2.offload.arith import point_bytes
+from zo2.offload.nvme import round_up
+from zo2.offload.tiers import staging_buffers
 from zo2.parallel.plan_inputs import DTYPE_BYTES, GB, Layout, ModelShape, Rates, Workload
 
 
@@ -84,3 +86,41 @@ def host_store_bytes(shape: ModelShape, work: Workload, layout: Layout, streamed
     """Pinned host bytes per node holding the ``streamed`` blocks: one store per rank, or one per node sliced."""
     store = streamed * shape.block_params * DTYPE_BYTES[work.dtype]
     return store * (1 if layout.sliced else layout.gpus_per_node)
+
+
+@dataclass
+class Tiers:
+    """Where a rank's streamed blocks keep their home (zo2.offload.tiers.place_tiers): pinned host memory while
+    the node's host budget holds them, the rest on the node's NVMe drive (with ``--nvme``)."""
+
+    host: int
+    """Streamed blocks homed in pinned host memory."""
+    nvme: int
+    """Streamed blocks homed on NVMe."""
+    host_bytes: float
+    """Pinned host bytes per node: the host-homed blocks and, with NVMe blocks, the staging buffers."""
+    budget: float
+    """The node's host budget in bytes (``--host-budget``, or ``rate.host_capacity_gb``)."""
+    note: str = ""
+    """Why the placement does not fit (empty when it does)."""
+
+
+def place_tiers(shape: ModelShape, work: Workload, layout: Layout, rates: Rates, streamed: int) -> Tiers:
+    """Home ``streamed`` blocks in host memory while they fit the budget, the rest on NVMe: the order and the
+    staging buffers (``prefetch`` + 2 of a block, per store) of the engine's placement. A node keeps one store per
+    rank, or one per node with sliced transfers."""
+    copies = 1 if layout.sliced else layout.gpus_per_node
+    block = shape.block_params * DTYPE_BYTES[work.dtype]
+    budget = (work.host_budget_gb if work.host_budget_gb is not None else rates.host_capacity_gb) * GB
+    everything = host_store_bytes(shape, work, layout, streamed)
+    if everything <= budget:
+        return Tiers(streamed, 0, everything, budget)
+    if not work.nvme:
+        return Tiers(streamed, 0, everything, budget,
+                     f"host store {everything / GB:.0f} GB > {budget / GB:.0f} GB (--nvme homes the rest on NVMe)")
+    staging = staging_buffers(work.prefetch) * round_up(block) * copies  # page-aligned for O_DIRECT
+    if staging > budget:
+        return Tiers(0, streamed, staging, budget, f"NVMe staging {staging / GB:.1f} GB > host budget "
+                                                   f"{budget / GB:.1f} GB")
+    host = min(streamed, int((budget - staging) // (block * copies)))
+    return Tiers(host, streamed - host, staging + host * block * copies, budget)

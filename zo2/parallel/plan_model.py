@@ -7,7 +7,7 @@ import math
 
 from zo2.errors import ConfigError
 from zo2.parallel.plan_inputs import DTYPE_BYTES, GB, Layout, ModelShape, Rates, Workload
-from zo2.parallel.plan_memory import host_store_bytes, residency
+from zo2.parallel.plan_memory import Tiers, place_tiers, residency
 from zo2.parallel.plan_results import Breakdown, Prediction
 
 
@@ -45,31 +45,39 @@ def _collective_s(layout: Layout, rates: Rates) -> float:
 
 
 def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: Rates
-                     ) -> tuple[float, dict[str, float], float]:
+                     ) -> tuple[float, dict[str, float], float, float]:
     """(compute time of a resident block, busy time of each resource for one streamed block, time to bring one
-    block in when nothing overlaps it: its upload, plus the all-gather when sliced)."""
+    block in when nothing overlaps it: its upload, plus the all-gather when sliced; the NVMe drive's busy time
+    for one NVMe-homed block)."""
     s, c = DTYPE_BYTES[work.dtype], DTYPE_BYTES[work.compute_dtype]
-    block_s, block_c = shape.block_params * s, shape.block_params * c
+    block_s = shape.block_params * s
     copies = 2 // layout.pp
     n = layout.gpus_per_node if layout.sliced else 1
+    k = work.writeback_every
     _, _, upd_frac = _fractions(rates, work.direction)
     fwd = copies * forward_s(block_flops(shape, work.tokens // layout.dp, work.seq), rates)
     # the update (read and write θ, this rank's slice when sliced), then each point's parameters formed module by
     # module (zo2.points: read θ, write the point) with the update's kernel
-    points = _kernel_s(copies * (block_s + block_c), upd_frac, rates) + copies * rates.point_overhead_ms / 1e3
+    points = _kernel_s(copies * (block_s + shape.block_params * c), upd_frac, rates)
+    points += copies * rates.point_overhead_ms / 1e3
     resident = fwd + _kernel_s(2 * block_s, upd_frac, rates) + points
+    # a lagging home (written back every K steps) is (K-1)/2 updates behind on average, each replayed on upload
+    replays = (k - 1) / 2 * _kernel_s(2 * block_s / n, upd_frac, rates)
     if n == 1:
-        streamed_compute = resident
+        streamed_compute = resident + replays
         nvlink = 0.0
     else:
-        streamed_compute = fwd + _kernel_s(2 * block_s / n, upd_frac, rates) + points
+        streamed_compute = fwd + _kernel_s(2 * block_s / n, upd_frac, rates) + points + replays
         nvlink = block_s * (n - 1) / n / (rates.nvlink_gbs * GB) + rates.collective_latency_us * 1e-6
     moved = block_s / n
-    pcie = max(moved / (rates.h2d_gbs * GB), moved / (rates.d2h_gbs * GB), 2 * moved / (rates.bidir_gbs * GB))
-    node_bytes = 2 * block_s * (1 if layout.sliced else layout.gpus_per_node)
-    host = node_bytes / (rates.host_mem_gbs * GB)
+    pcie = max(moved / (rates.h2d_gbs * GB), moved / k / (rates.d2h_gbs * GB),
+               (moved + moved / k) / (rates.bidir_gbs * GB))
+    per_node = 1 if layout.sliced else layout.gpus_per_node
+    host = (1 + 1 / k) * block_s * per_node / (rates.host_mem_gbs * GB)
+    # one drive per node: every rank's store reads the block and writes it back every K steps
+    nvme = block_s * per_node * (1 / (rates.nvme_read_gbs * GB) + 1 / k / (rates.nvme_write_gbs * GB))
     return (resident, {"compute": streamed_compute, "pcie": pcie, "nvlink": nvlink, "host-dram": host},
-            moved / (rates.h2d_gbs * GB) + nvlink)
+            moved / (rates.h2d_gbs * GB) + nvlink, nvme)
 
 
 def _head_s(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> float:
@@ -95,36 +103,44 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                           f"global batch of {work.batch} sequences ({work.tokens} tokens / seq {work.seq}): "
                           f"raise --tokens or lower --seq.")
     mem = residency(shape, work, layout, rates)
-    res_compute, per_block, bring_in = _block_resources(shape, work, layout, rates)
+    tiers = place_tiers(shape, work, layout, rates, mem.streamed)
+    res_compute, per_block, bring_in, nvme = _block_resources(shape, work, layout, rates)
+    # an NVMe-homed block also waits for its read (and its share of the write-backs) on the node's drive
+    on_nvme = {**per_block, "nvme": nvme}
     head = _head_s(shape, work, layout, rates)
     fill = rates.exposed_uploads * bring_in if mem.streamed else 0.0
     comm = _collective_s(layout, rates)
-    step = mem.resident * res_compute + mem.streamed * max(per_block.values()) + head + fill + comm
+    step = (mem.resident * res_compute + tiers.host * max(per_block.values()) + tiers.nvme * max(on_nvme.values())
+            + head + fill + comm)
     busy = Breakdown(compute_s=mem.resident * res_compute + mem.streamed * per_block["compute"] + head,
                      pcie_s=mem.streamed * per_block["pcie"] + fill, nvlink_s=mem.streamed * per_block["nvlink"],
-                     host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm)
-    bound = _bound(per_block, mem.streamed, mem.resident * res_compute + head, fill, comm)
-    host = host_store_bytes(shape, work, layout, mem.streamed)
-    notes = [mem.note] if mem.note else []
-    if host > rates.host_capacity_gb * GB:
-        notes.append(f"host store {host / GB:.0f} GB > {rates.host_capacity_gb:.0f} GB")
+                     host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm, nvme_s=tiers.nvme * nvme)
+    bound = _bound(per_block, tiers, nvme, mem.resident * res_compute + head, fill, comm)
+    refused = ("the NVMe tier streams whole blocks: not yet with --granularity matrix"  # as zo2.offload.tiers
+               if tiers.nvme and work.granularity == "matrix" else "")
+    notes = [n for n in (mem.note, tiers.note, refused) if n]
+    block = shape.block_params * DTYPE_BYTES[work.dtype] * (1 if layout.sliced else layout.gpus_per_node)
     speedup = (baseline_step_s / step) if baseline_step_s else 1.0
     return Prediction(name=layout.name, strategy=layout.strategy, gpus_per_node=layout.gpus_per_node,
                       nodes=layout.nodes, dp=layout.dp, pp=layout.pp, sliced=layout.sliced, mode=mem.mode,
                       resident_blocks=mem.resident, streamed_blocks=mem.streamed, step_s=step,
                       tokens_per_s=work.tokens / step, speedup=speedup, bound=bound, gpu_mem_gb=mem.peak / GB,
-                      host_mem_gb=host / GB, breakdown=busy, fits=mem.fits and host <= rates.host_capacity_gb * GB,
-                      notes=notes)
+                      host_mem_gb=tiers.host_bytes / GB, breakdown=busy, fits=mem.fits and not tiers.note and not refused,
+                      notes=notes, nvme_blocks=tiers.nvme, nvme_read_gb=tiers.nvme * block / GB,
+                      nvme_written_gb=tiers.nvme * block / work.writeback_every / GB)
 
 
 
-def _bound(per_block: dict[str, float], streamed: int, compute_only: float, fill: float, comm: float) -> str:
-    """The resource on the longest share of the critical path: the streamed blocks' slowest resource, against the
-    resident blocks and head (compute), the pipeline fill (pcie) and the all-reduce (network)."""
-    path = {"compute": compute_only, "pcie": fill, "nvlink": 0.0, "host-dram": 0.0, "network": comm}
-    if streamed:
-        slowest = max(per_block, key=lambda k: per_block[k])
-        path[slowest] += streamed * per_block[slowest]
+def _bound(per_block: dict[str, float], tiers: Tiers, nvme: float, compute_only: float, fill: float,
+           comm: float) -> str:
+    """The resource on the longest share of the critical path: each streamed block's slowest resource (the NVMe
+    drive among them for an NVMe-homed block), against the resident blocks and head (compute), the pipeline fill
+    (pcie) and the all-reduce (network)."""
+    path = {"compute": compute_only, "pcie": fill, "nvlink": 0.0, "host-dram": 0.0, "network": comm, "nvme": 0.0}
+    for count, resources in ((tiers.host, per_block), (tiers.nvme, {**per_block, "nvme": nvme})):
+        if count:
+            slowest = max(resources, key=lambda k: resources[k])
+            path[slowest] += count * resources[slowest]
     return max(path, key=lambda k: path[k])
 
 

@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass, field
 from zo2.parallel.plan_inputs import ModelShape, Rates, Workload
 
 FOOTER = (
-    "Model: per streamed block, max(compute = (2/pp)·forward + perturbation kernels, PCIe = max(up/H2D, down/D2H, "
-    "(up+down)/both), NVLink all-gather (sliced), host DRAM of the node); plus resident blocks, head and loss, "
+    "Model: per streamed block, max(compute = (2/pp)·forward + perturbation kernels (+ (K-1)/2 replayed updates "
+    "when written back every K steps), PCIe = max(up/H2D, down/D2H, (up+down)/both) with down = up/K, NVLink "
+    "all-gather (sliced), host DRAM of the node, and for an NVMe-homed block the node's drive: read + write/K); "
+    "plus resident blocks, head and loss, "
     "pipeline fill (rate.exposed_uploads) and the 2-float all-reduce. Forward = max(flops/(TFLOP/s·efficiency), "
     "floor), fitted to measured forward times. Memory: the residency planner's accounting (zo2/offload/planner.py) "
-    "plus activations; host = pinned store per node. Not modelled: kernel launch and Python overhead beyond the "
-    "fitted floor, stragglers and jitter, NCCL/compute SM contention, shared PCIe switches, NUMA, checksum "
-    "all-reduces, data loading, eval and checkpoints. Predictions, not measurements."
+    "plus activations; host = pinned store per node (and NVMe staging). Not modelled: kernel launch and Python "
+    "overhead beyond the fitted floor, stragglers and jitter, NCCL/compute SM contention, shared PCIe switches, "
+    "NUMA, checksum all-reduces, data loading, eval and checkpoints. Predictions, not measurements."
 )
 """What the predictions model and what they leave out (printed under every table, stored in every JSON)."""
 
@@ -33,6 +35,8 @@ class Breakdown:
     """Host DRAM traffic of the node."""
     network_s: float
     """The loss all-reduce / scalar exchange."""
+    nvme_s: float = 0.0
+    """Reads and write-backs of the NVMe-homed blocks on the node's drive."""
 
 
 @dataclass
@@ -55,14 +59,21 @@ class Prediction:
     speedup: float
     """Over single-GPU ZO2 with the same global batch and rates."""
     bound: str
-    """The resource on the longest share of the critical path: compute, pcie, nvlink, host-dram or network."""
+    """The resource on the longest share of the critical path: compute, pcie, nvlink, host-dram, network or
+    nvme."""
     gpu_mem_gb: float
     """Predicted peak memory per GPU."""
     host_mem_gb: float
-    """Pinned parameter store per node."""
+    """Pinned host memory per node: the host-homed blocks' store (and the NVMe tier's staging buffers)."""
     breakdown: Breakdown
     fits: bool = True
     notes: list[str] = field(default_factory=list)
+    nvme_blocks: int = 0
+    """Streamed blocks homed on the NVMe drive (the rest of ``streamed_blocks`` in pinned host memory)."""
+    nvme_read_gb: float = 0.0
+    """GB read from the node's NVMe drive per step."""
+    nvme_written_gb: float = 0.0
+    """GB written to it per step, on average over the write-back period."""
 
 
 @dataclass
