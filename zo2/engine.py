@@ -34,6 +34,7 @@ from zo2.models.losses import LossFn, default_loss, loss_weight
 from zo2.models.units import build_units
 from zo2.offload.build import OffloadInputs, build_offload
 from zo2.offload.residence import DeviceResidence
+from zo2.offload.store import Deferred
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
 from zo2.optim.estimators import Point, Update, build_estimator
@@ -337,10 +338,20 @@ class ZOEngine:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """A copy of the current trainable parameters (after a flush), by name, plus the optimizer's state
         (:meth:`optimizer_state`) for zo-sgd-momentum and zo-adam: what a snapshot must hold for the trajectory
-        log's later steps to replay bit-exactly on it."""
+        log's later steps to replay bit-exactly on it. (A snapshot writer takes :meth:`snapshot_tensors`, which
+        copies nothing.)"""
+        return {n: _loaded(t).clone() if n in self.params else t for n, t in self.snapshot_tensors().items()}
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor | Deferred]:
+        """What :meth:`trainable_state` holds, without copies (after a flush; valid until the next step): the
+        parameters themselves (resident ones on the device, streamed ones views of the host store), the NVMe
+        tier's as :class:`~zo2.offload.store.Deferred` reads of their files. A snapshot writer copies one tensor
+        at a time, so a model larger than host memory can be saved."""
         self.flush()
-        home = self.home_weights()  # the NVMe tier's blocks: read from their files
-        tensors = {n: home[n] if n in home else p.detach().clone() for n, p in self.params.items()}
+        home = {}
+        for residence in self.residences:
+            home.update(residence.deferred_weights())
+        tensors: dict[str, torch.Tensor | Deferred] = {n: home.get(n, p.detach()) for n, p in self.params.items()}
         tensors.update(self.opt_state.state_dict())
         return tensors
 
@@ -373,9 +384,10 @@ class ZOEngine:
         self.pending = None
         self.invalidate_prefetch()
         self.opt_state.load_state_dict(tensors)  # stateful optimizers: the snapshot's state, or CheckpointError
+        shape_of = getattr(tensors, "shape_of", lambda n: tuple(tensors[n].shape))  # a lazy snapshot reads no data
         for n, p in self.params.items():
-            if tensors[n].shape != p.shape:
-                raise CheckpointError(f"Saved parameter {n} has shape {tuple(tensors[n].shape)}, the model's is "
+            if tuple(shape_of(n)) != tuple(p.shape):
+                raise CheckpointError(f"Saved parameter {n} has shape {tuple(shape_of(n))}, the model's is "
                                       f"{tuple(p.shape)}: the checkpoint belongs to a different model shape.")
         written = set().union(*(r.load_weights(tensors) for r in self.residences))  # the NVMe tier's files
         for n, p in self.params.items():
@@ -385,10 +397,8 @@ class ZOEngine:
     @torch.no_grad()
     def checksum(self) -> float:
         """A float64 sum over every trainable weight (after a flush): equal on replicas that stayed identical."""
-        self.flush()
-        home = self.home_weights()
-        return float(sum((home[n] if n in home else p.detach()).double().sum()
-                         for n, p in self.params.items()))  # host sync, rare
+        tensors = self.snapshot_tensors()
+        return float(sum(_loaded(tensors[n]).double().sum() for n in self.params))  # host sync, rare
 
     def invalidate_prefetch(self) -> None:
         """Call after writing streamed weights from the host (e.g. ``model.load_state_dict``): device copies
@@ -441,3 +451,7 @@ def _repeat(tensor: torch.Tensor | None, n: int) -> torch.Tensor | None:
     if tensor is None or n == 1:
         return tensor
     return tensor.repeat(n, *([1] * (tensor.dim() - 1)))
+
+
+def _loaded(t: torch.Tensor | Deferred) -> torch.Tensor:
+    return t.load() if isinstance(t, Deferred) else t

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from zo2.offload.store import share_bounds
+from zo2.offload.store import Deferred, share_bounds
 from zo2.offload.streamer import BlockStreamer, TransferStats
 
 
@@ -110,6 +110,11 @@ class Residence:
     # in files: those parameters are on the meta device). Elsewhere the parameters themselves are read and written.
     def weights(self) -> dict[str, torch.Tensor]:
         """Host copies of the weights only this residence holds, by parameter name (call after a flush)."""
+        return {n: d.load().clone() for n, d in self.deferred_weights().items()}
+
+    def deferred_weights(self) -> dict[str, Deferred]:
+        """The weights only this residence holds, each read when loaded (call after a flush; valid until the next
+        step): a snapshot holds one unit of them at a time."""
         return {}
 
     def load_weights(self, tensors: Any) -> set[str]:

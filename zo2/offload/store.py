@@ -14,7 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import psutil
 import torch
@@ -26,6 +26,18 @@ SHM_DIR = Path("/dev/shm")
 """Where shared stores live (tmpfs): a file per unit buffer."""
 HOST_MARGIN_BYTES = 2 << 30
 """Host memory left free for the rest of the process when checking that a store fits."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor read only when a consumer asks for it (``load()``): shape and dtype known up front, the bytes
+    where they are homed (e.g. a unit's file in the NVMe tier). A snapshot writer loads one at a time, so it never
+    holds the whole model. ``load()`` may return a view of a buffer the next ``load()`` of the same source
+    overwrites: a consumer is done with one before it loads the next."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
 
 
 SHM_NAME = re.compile(r"^zo2-node-(\d+)-[0-9a-f]{8}-")

@@ -33,7 +33,7 @@ from zo2.errors import ModelError
 from zo2.models.units import shared_names
 from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
 from zo2.offload.residence import StreamedResidence
-from zo2.offload.store import ParameterStore, pack_layout, repoint
+from zo2.offload.store import Deferred, ParameterStore, pack_layout, repoint
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.tiers import staging_buffers
 
@@ -207,15 +207,28 @@ class NvmeResidence(StreamedResidence):
     def _each(self) -> list[tuple[int, Any]]:
         return sorted((self._index[u.name], u) for u in self.units())
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def deferred_weights(self) -> dict[str, Deferred]:
+        """Each parameter read from its unit's file when loaded, into one scratch buffer that keeps the last unit
+        read (the parameters of a unit are asked for together: one read per unit)."""
         self.streamer.drain()
-        scratch = self.store.staging(self._largest()) if len(self.store) else None
-        for k, _ in self._each():
+        if not len(self.store):
+            return {}
+        scratch = self.store.staging(self._largest())
+        holds: list[int | None] = [None]
+
+        def load(k: int, name: str) -> torch.Tensor:
             buf = scratch[: self.store.file_bytes(k)]
-            self.streamer.run(lambda: self.store.read(k, buf))
-            views = ParameterStore.views(self.store.typed(k, buf), self.store.layouts[k])
-            out.update({n: v.clone() for n, v in views.items()})
+            if holds[0] != k:
+                holds[0] = None
+                self.streamer.run(lambda: self.store.read(k, buf))
+                holds[0] = k
+            return ParameterStore.views(self.store.typed(k, buf), self.store.layouts[k])[name]
+
+        out: dict[str, Deferred] = {}
+        for k, _ in self._each():
+            for seg in self.store.layouts[k]:
+                out[seg.name] = Deferred(tuple(seg.shape), self.store.dtype,
+                                         lambda k=k, name=seg.name: load(k, name))
         return out
 
     def load_weights(self, tensors: Any) -> set[str]:

@@ -38,7 +38,8 @@ from safetensors import safe_open
 from zo2.errors import CheckpointError, write_failure
 from zo2.optim.estimators import Update
 from zo2.fsync import fsync_dir, fsync_file
-from zo2.train.durable import tensor_crc, tensors_checksum, write_safetensors
+from zo2.offload.store import Deferred
+from zo2.train.durable import SnapshotTensors, tensor_crc, tensors_checksum, write_safetensors
 from zo2.train.log_format import decode_line, encode_line, jsonable
 
 LOG_FILE = "trajectory.jsonl"
@@ -233,7 +234,8 @@ class Snapshot:
 
     path: Path
     step: int
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
+    """Its tensors by name: a dict, or (``lazy``) a :class:`SnapshotTensors` reading each from the file when asked."""
     meta: dict
 
 
@@ -258,22 +260,28 @@ def list_snapshots(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _SNAPSHOT_NAME.match(p.name)), key=snapshot_step)
 
 
-def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                  keep_last: int = 2, fsync: bool = True) -> Path:
+def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Tensor | Deferred],
+                  meta: Mapping[str, Any], keep_last: int = 2, fsync: bool = True,
+                  check: Callable[[str, torch.Tensor], None] | None = None) -> Path:
     """Write ``tensors`` and ``meta`` atomically as the step-``step`` snapshot; keep the newest ``keep_last``.
 
     The file is written under a temporary name in the same folder, fsynced, renamed into place and the
     folder fsynced, so a crash leaves either the whole snapshot or none. ``meta`` must be JSON-serializable;
-    it is stored, with the step and checksums, in the safetensors header.
+    it is stored, with the step and checksums, in the safetensors header. Each tensor is read once, when it is
+    written (its CRC then), so :class:`~zo2.offload.store.Deferred` tensors (weights homed on NVMe) keep one of
+    them in memory at a time; ``check(name, tensor)`` sees each one and may raise, which abandons the snapshot
+    (the previous ones are untouched).
     """
     if not _is_int(step) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if not _is_int(keep_last) or keep_last < 1:
         raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
-    crcs = {name: tensor_crc(t) for name, t in tensors.items()}
-    header = {"format": SNAPSHOT_FORMAT, "step": step, "checksum": tensors_checksum(crcs), "crcs": crcs,
-              "meta": dict(meta)}
-    header_json = json.dumps(header, default=jsonable)
+
+    def metadata(crcs: dict[str, int]) -> dict[str, str]:
+        header = {"format": SNAPSHOT_FORMAT, "step": step, "checksum": tensors_checksum(crcs), "crcs": crcs,
+                  "meta": dict(meta)}
+        return {_META_KEY: json.dumps(header, default=jsonable)}
+
     final = snapshot_path(run_dir, step)
     folder = final.parent
     try:
@@ -281,7 +289,7 @@ def save_snapshot(run_dir: str | Path, step: int, tensors: Mapping[str, torch.Te
         _remove_stale_temps(folder)
         tmp = folder / f".{final.name}{_TMP_MARK}{os.getpid()}"
         try:
-            write_safetensors(tmp, tensors, metadata={_META_KEY: header_json})
+            write_safetensors(tmp, tensors, metadata, check=check)
             if fsync:
                 fsync_file(tmp)
             os.replace(tmp, final)
@@ -302,17 +310,20 @@ def read_snapshot_meta(path: str | Path) -> dict:
     return header
 
 
-def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_snapshot(path: str | Path, lazy: bool = False) -> tuple[Mapping[str, torch.Tensor], dict]:
     """The tensors and meta of a snapshot, after checking every tensor's CRC.
 
     The meta returned is the dict given to :func:`save_snapshot` with ``"step"`` set to the snapshot's step.
-    Raises :class:`CheckpointError` for a missing, truncated or corrupt file.
+    ``lazy``: the tensors as a :class:`SnapshotTensors` (checked one at a time, then read again when used), so
+    no more than one is in memory at once. Raises :class:`CheckpointError` for a missing, truncated or corrupt
+    file.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"Snapshot {str(p)!r} does not exist. Pick one listed by list_snapshots(), or "
                               "resume without a snapshot.")
-    header, tensors = _open_snapshot(p, with_tensors=True)
+    header, tensors = _open_snapshot(p, with_tensors=not lazy)
+    tensors = SnapshotTensors(p, _corrupt) if lazy else tensors
     _verify(p, tensors, header)
     return tensors, {**header["meta"], "step": header["step"]}
 
@@ -350,10 +361,11 @@ def check_log_covers_snapshots(run_dir: str | Path, done: int) -> None:
 
 
 def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None, *,
-                         set_aside_corrupt: bool = False) -> Snapshot | None:
+                         set_aside_corrupt: bool = False, lazy: bool = True) -> Snapshot | None:
     """The newest snapshot (at step ``at_most`` or earlier, if given) that loads and verifies; corrupt newer
     ones are skipped with a warning and, with ``set_aside_corrupt`` (a run that continues in the folder), moved to
-    ``snapshots/corrupt/`` so that no later rotation counts them.
+    ``snapshots/corrupt/`` so that no later rotation counts them. ``lazy`` (the default): its tensors are read
+    from the file when used (:class:`SnapshotTensors`), never all at once.
 
     None when there is no good snapshot: start from the base weights and replay the whole log.
     """
@@ -361,7 +373,7 @@ def latest_good_snapshot(run_dir: str | Path, at_most: int | None = None, *,
         if at_most is not None and snapshot_step(path) > at_most:
             continue
         try:
-            tensors, meta = load_snapshot(path)
+            tensors, meta = load_snapshot(path, lazy=lazy)
         except CheckpointError as exc:
             if not (set_aside_corrupt and set_aside(path, exc)):
                 warnings.warn(f"Skipping snapshot {path.name}: {exc}", CheckpointWarning, stacklevel=2)

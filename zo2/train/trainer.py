@@ -203,12 +203,12 @@ class Trainer:
         if not self.main:
             self.last_snapshot = self.engine.step_count
             return None
-        tensors = self.engine.trainable_state()
+        tensors = self.engine.snapshot_tensors()  # no copies: each tensor is read once, when it is written
         done = self.engine.step_count
-        check_finite_weights(tensors, done)
         meta = {"data": self.loader.position(), "log_records": self.log.num_records}
         path = save_snapshot(self.run_dir, done, tensors, meta, keep_last=self.job.checkpoint.keep_last,
-                             fsync=self.job.checkpoint.fsync)
+                             fsync=self.job.checkpoint.fsync,
+                             check=lambda name, t: check_finite_weights({name: t}, done))
         self.last_snapshot = done
         return path
 
