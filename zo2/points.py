@@ -11,6 +11,10 @@ at most one module's perturbed parameters do.
 
 A small module (at most ``PAIR_BYTES`` a point) has θ + εz and θ − εz formed by one ``perturb_pair`` launch, the
 second kept for its point's call: the same values, half the launches where launching costs more than the bytes.
+A large linear layer or embedding (its weight over ``FORM_CHUNK_BYTES`` a point: an LM head, a vocabulary, a
+175B model's feed-forward matrices) is formed a chunk of rows at a time, each chunk used at once (a linear layer's
+output columns of those rows, an embedding's lookups of ids in those rows) and dropped: its whole weight at a point
+never exists. The values are the same: a chunk is a range of the flat buffer, formed with the sliced table.
 
 The kernels run on the module's range of the unit's flat buffer with the sliced segment table
 (``SegmentTable.slice``), which gives exactly the values a pass over the whole buffer gives there: how the buffer is
@@ -28,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zo2.errors import ModelError
-from zo2.offload.arith import PAIR_BYTES, rounding_seed
+from zo2.offload.arith import PAIR_BYTES, chunk_rows, rounding_seed
 from zo2.optim.estimators import Point
 
 
@@ -48,6 +53,12 @@ class Group:
     """The kernels' segment table of ``flat[lo:hi]``."""
     offsets: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     """Parameter name → (offset in ``flat[lo:hi]``, numel, shape)."""
+    rows: Any = ...
+    """Rows of its weight formed at once (zo2.offload.arith.chunk_rows: a large linear layer or embedding), None
+    when it is formed whole; ``...`` until its first call."""
+    chunk_tables: dict[Any, Any] = field(default_factory=dict)
+    """First row of a chunk (or a parameter's name) → the kernels' segment table of that chunk's (parameter's)
+    range (kept: the kernels cache its device copy per table)."""
 
 
 def groups_of(unit: Any) -> list[Group]:
@@ -167,6 +178,10 @@ class PointsForward:
             args: tuple, kwargs: dict) -> Any:
         """Call ``forward`` with the group's parameters at point ``i``."""
         point = self.points[i]
+        if group.rows is ...:
+            group.rows = self._chunking(group, tied)
+        if group.rows is not None:
+            return self._chunked(group, flat, tied, i, args, kwargs)
         views: dict[str, torch.Tensor] = {}
         if group.offsets:
             buf = self._formed(group, flat, i)
@@ -185,6 +200,53 @@ class PointsForward:
             self.current = previous
             for s, p in saved:
                 s.module._parameters[s.attr] = p
+
+    def _chunking(self, group: Group, tied: Any) -> int | None:
+        weight = next((s for s in group.slots if s.attr == "weight"), None)
+        if weight is None or any(s.attr not in ("weight", "bias") for s in group.slots):
+            return None
+        shape = group.offsets[weight.name][2] if weight.name in group.offsets else tied(weight.name)[4]
+        return chunk_rows(group.module, shape, self.values.itemsize)
+
+    def _source(self, group: Group, name: str, flat: Any, tied: Any) -> tuple[Any, int, Any, tuple[int, ...]]:
+        """(buffer, offset, segment table of [offset, offset + numel), shape) of a parameter a group reads."""
+        if name in group.offsets:
+            o, k, shape = group.offsets[name]
+            table = group.chunk_tables.get(name)
+            if table is None:
+                table = group.chunk_tables[name] = group.table.slice(o, o + k)
+            return flat, group.lo + o, table, shape
+        src, lo, _, table, shape = tied(name)
+        return src, lo, table, shape
+
+    def _chunked(self, group: Group, flat: Any, tied: Any, i: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A linear layer's or an embedding's call at point ``i`` with its weight formed ``group.rows`` rows at a
+        time: a linear layer's output columns of those rows, an embedding's lookups of the ids in them."""
+        point, rows = self.points[i], group.rows
+        slots = {s.attr: s for s in group.slots}
+        src, lo, table, (n, cols) = self._source(group, slots["weight"].name, flat, tied)
+        bias = None
+        if "bias" in slots:
+            b_src, b_lo, b_table, _ = self._source(group, slots["bias"].name, flat, tied)
+            bias = self.values.form(b_src, b_lo, b_lo + n, b_table, point)
+        x = args[0] if args else kwargs["input"]
+        linear = type(group.module) is nn.Linear
+        out = None
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            chunk_table = group.chunk_tables.get(r0)
+            if chunk_table is None:
+                chunk_table = group.chunk_tables[r0] = table.slice(r0 * cols, r1 * cols)
+            w = self.values.form(src, lo + r0 * cols, lo + r1 * cols, chunk_table, point).view(r1 - r0, cols)
+            if linear:
+                part = F.linear(x, w, None if bias is None else bias[r0:r1])
+                if out is None:
+                    out = part.new_empty(*part.shape[:-1], n)
+                out[..., r0:r1] = part
+            else:  # each id lies in one chunk: where it does, its row
+                part = F.embedding((x - r0).clamp(0, r1 - r0 - 1), w)
+                out = part if out is None else torch.where(((x >= r0) & (x < r1)).unsqueeze(-1), part, out)
+        return out
 
     def _formed(self, group: Group, flat: Any, i: int) -> torch.Tensor:
         """The group's owned parameters at point ``i``. A small module (at most :data:`PAIR_BYTES` a point) at

@@ -126,7 +126,7 @@ class _ByPoint(PointValues):
 def _linear_group():
     lin = nn.Linear(2, 1, bias=False)
     flat = torch.zeros(2)
-    group = Group(lin, [Slot(lin, "weight", "w")], 0, 2, None, {"w": (0, 2, (1, 2))})
+    group = Group(lin, [Slot(lin, "weight", "w")], 0, 2, None, {"w": (0, 2, (1, 2))}, rows=None)
     return lin, flat, group
 
 
@@ -184,3 +184,42 @@ def _act(m, tokens):
     from zo2.parallel.plan_memory import activation_bytes
 
     return activation_bytes(m.hidden_size, m.ffn_size, m.vocab_size, tokens, 2, 2)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
+def test_a_large_linear_layer_or_embedding_is_formed_a_chunk_of_rows_at_a_time(monkeypatch, family):
+    """With the chunk at 512 bytes every linear layer and embedding of a tiny model is formed a few rows at a
+    time: each point's loss is still the model's own forward at that point (float64), no formed buffer exceeds a
+    chunk (the tied head of gpt2 and opt included), and streamed (by block and by matrix) ≡ resident bit for bit."""
+    monkeypatch.setattr("zo2.offload.arith.FORM_CHUNK_BYTES", 512)
+    sizes: list[int] = []
+    original = PointValues.form
+
+    def counting(self, flat, lo, hi, table, point):
+        sizes.append(hi - lo)
+        return original(self, flat, lo, hi, table, point)
+
+    monkeypatch.setattr(PointValues, "form", counting)
+    model = tiny_model(family, seed=1, dtype=torch.float64).eval()
+    batch = padded_batch(seed=2)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = ZOEngine(clone_model(model), ZOConfig(lr=0.0, eps=1e-2, seed=5))
+    r = engine.step(batch)
+    z = engine.perturbation(0, 0)
+    for sign, got in ((1, r.losses[0]), (-1, r.losses[1])):
+        point = {n: (t + sign * 1e-2 * z[n].double()) if n in z else t for n, t in theta.items()}
+        assert got == pytest.approx(reference_loss(model, point, batch), rel=1e-12)
+    chunked = [g for gs in engine._groups.values() for g in gs if isinstance(g.rows, int)]
+    assert any(type(g.module) is nn.Embedding for g in chunked) and any(type(g.module) is nn.Linear for g in chunked)
+    widest = max(max(p.shape[-1] for p in g.module.parameters()) for g in chunked)
+    assert max(sizes) <= 512 // 8 + widest  # a chunk of rows (a row may exceed the chunk alone), or a bias
+
+    base = tiny_model(family, seed=4, num_hidden_layers=3)
+    runs = {}
+    for name, cfg in {"resident": dict(offload=False), "block": dict(offload=True),
+                      "matrix": dict(offload=True, stream_granularity="matrix")}.items():
+        e = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, eps=1e-3, seed=7, **cfg))
+        runs[name] = ([e.step(padded_batch(seed=s)).loss for s in range(3)], e)
+    assert runs["resident"][0] == runs["block"][0] == runs["matrix"][0]
+    assert_same_params(runs["resident"][1].model, runs["block"][1].model)
+    assert_same_params(runs["resident"][1].model, runs["matrix"][1].model)

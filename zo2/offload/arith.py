@@ -33,6 +33,27 @@ PAIR_BYTES = 64 << 20
 launch (zo2.points): both are alive at once."""
 
 
+FORM_CHUNK_BYTES = 64 << 20
+"""A linear layer or an embedding whose weight at a point takes more bytes is formed and used a chunk of rows at a
+time (zo2.points): at most this many bytes of it exist at once."""
+
+
+def chunk_rows(module: Any, shape: tuple[int, ...], itemsize: int) -> int | None:
+    """Rows of ``module``'s weight (of ``shape``) formed at once at a point, or None when it is formed whole: a
+    plain ``nn.Linear`` or ``nn.Embedding`` (no max_norm) whose weight takes more than :data:`FORM_CHUNK_BYTES`."""
+    linear = type(module) is torch.nn.Linear
+    embedding = type(module) is torch.nn.Embedding and module.max_norm is None
+    if not (linear or embedding) or len(shape) != 2 or shape[0] * shape[1] * itemsize <= FORM_CHUNK_BYTES:
+        return None
+    return max(1, FORM_CHUNK_BYTES // (shape[1] * itemsize))
+
+
+def formed_numel(module: Any, numel: int, shape: tuple[int, ...] | None, itemsize: int) -> int:
+    """Elements of ``module``'s parameters (``numel`` in all; ``shape``: its weight's) formed at one point at once."""
+    rows = chunk_rows(module, shape, itemsize) if shape is not None else None
+    return numel if rows is None else min(numel, rows * shape[1] + (numel - shape[0] * shape[1]))
+
+
 def point_bytes(module_bytes: float) -> float:
     """The most the points of one module hold at once: its parameters at one point, or at two where they are small
     enough to be formed by one launch."""

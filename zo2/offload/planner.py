@@ -226,3 +226,39 @@ def auto_writeback(kernel_rate: float, link_rate: float, limit: int = WRITEBACK_
     if kernel_rate <= 0 or link_rate <= 0:
         return 1
     return max(1, min(limit, round(math.sqrt(2 * kernel_rate / link_rate))))
+
+
+class WritebackProbe:
+    """``optim.writeback_every = 'auto'`` on a GPU: the first steps run with K = 1 while the compute stream's
+    waits for uploads are measured; where the forwards outlast the transfers (the step waited less than
+    ``WAIT_SHARE`` of its time), writing back every step costs nothing and replays would only add compute, so K
+    stays 1; otherwise the link is the bottleneck and K becomes ``chosen`` (:func:`auto_writeback`). K changes
+    only when home copies are written, never a step's values."""
+
+    SKIP = 1
+    """Steps not measured (the first one compiles kernels and fills the pipeline)."""
+    STEPS = 3
+    """Steps measured before deciding."""
+    WAIT_SHARE = 0.05
+    """The share of a step spent waiting for uploads above which the step is transfer-bound."""
+
+    def __init__(self, chosen: int):
+        self.chosen = chosen
+        self.seen = 0
+        self.step_s = 0.0
+        self.wait_ms = 0.0
+
+    def observe(self, step_s: float, wait_ms: float) -> int | None:
+        """Record one step (its wall time and the ms its compute stream waited for uploads); K once decided."""
+        self.seen += 1
+        if self.seen <= self.SKIP:
+            return None
+        self.step_s += step_s
+        self.wait_ms += wait_ms
+        if self.seen < self.SKIP + self.STEPS:
+            return None
+        return self.chosen if self.share >= self.WAIT_SHARE else 1
+
+    @property
+    def share(self) -> float:
+        return self.wait_ms / 1e3 / self.step_s if self.step_s > 0 else 0.0
