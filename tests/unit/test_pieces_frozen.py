@@ -69,7 +69,7 @@ def _same_runs(make, **extra):
 
 
 @pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
-@pytest.mark.parametrize("extra", [dict(), dict(prefetch=3), dict(writeback_every=3)])
+@pytest.mark.parametrize("extra", [dict(), dict(prefetch=3), dict(writeback_every=3), dict(optimizer="zo-adam")])
 def test_lora_one_matrix_at_a_time_equals_resident_and_block_streaming_bit_for_bit(family, extra):
     matrix = _same_runs(lambda: lora_model(family), **extra)
     frozen = matrix.units[1].residence.frozen

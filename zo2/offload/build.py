@@ -281,9 +281,10 @@ def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:
 
 def _piece_bytes(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]]) -> int:
     """One slot of every ring one matrix at a time takes (each ring has prefetch + 2): the largest trainable
-    module of a block, plus the largest frozen reader (their own ring, zo2.offload.piece_frozen)."""
+    module of a block with its optimizer state (the state's rings, zo2.offload.state.PiecewiseState), plus the
+    largest frozen reader (their own ring, zo2.offload.piece_frozen)."""
     params = [inputs.params[n] for u in blocks for n in u.owned]
-    per_element = max((p.element_size() for p in params), default=0)
+    per_element = max((p.element_size() + inputs.optimizer.state_bytes(p.dtype) for p in params), default=0)
     roots = inputs.adapter.blocks()
     frozen_piece = max((reader_bytes(slots) for u, fs in zip(blocks, frozen)
                         for _, slots in frozen_readers(roots[u.index], fs)), default=0)
@@ -297,8 +298,6 @@ def _matrix_blocker(inputs: OffloadInputs) -> str | None:
     if _sliced(inputs) and ALIGN % inputs.comm.local_size:
         return (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, "
                 "2, 4 or 8)")
-    if inputs.optimizer.state_names:
-        return f"{inputs.optimizer.name}, which keeps state that streams block by block"
     return None
 
 

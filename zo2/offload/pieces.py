@@ -13,13 +13,16 @@ forwards move on to another piece (not while a module call that reads it is stil
 visit ends, so every parameter always receives every update. Uploads run in the order the previous pass used
 the pieces (the layout order before the first pass).
 
-Frozen weights (a PEFT model's base weights, a prompt-tuned model's blocks) move one module at a time too,
-read-only, through a ring of their own (zo2.offload.piece_frozen). The device then holds a few matrices of a
-block — its trainable pieces and the frozen pieces read beside them — never a whole block of either.
+A stateful optimizer's state moves with the pieces (zo2.offload.state.PiecewiseState): one host store per state
+buffer laid out like the weights' store, cut at the same bounds, each through a ring of its own; a piece's state
+is uploaded when the piece is brought to the unit's step, updated with it, written back and released. Frozen
+weights (a PEFT model's base weights, a prompt-tuned model's blocks) move one module at a time too, read-only,
+through a ring of their own (zo2.offload.piece_frozen). The device then holds a few matrices of a block — its
+trainable pieces, their state and the frozen pieces read beside them — never a whole block of any of them.
 
-With sliced transfers each process uploads, updates and writes back its part of every piece, and an all-gather
-assembles the piece when it arrives (every process acquires the same pieces in the same order). Not yet with the
-scheduler's node store or a stateful optimizer: those keep block granularity (a ConfigError says so).
+With sliced transfers each process uploads, updates and writes back its part of every piece (and of its state),
+and an all-gather assembles the piece when it arrives (every process acquires the same pieces in the same order).
+Not yet with the scheduler's node store: it keeps block granularity (a ConfigError says so).
 """
 
 from __future__ import annotations
@@ -262,7 +265,8 @@ class PiecewiseResidence(StreamedResidence):
 
     # ------------------------------------------------------------------ the Residence interface
     def pass_order(self, units: Sequence[Any]) -> list[int]:
-        """The pieces of a pass over ``units`` in upload order: each unit's in the order its last visit used them."""
+        """The pieces of a pass over ``units`` in upload order: each unit's in the order its last visit used them
+        (the optimizer's state streams in the same order: zo2.offload.state.PiecewiseState)."""
         order: list[int] = []
         for u in units:
             if u.residence is self:
