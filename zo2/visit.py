@@ -43,11 +43,14 @@ class Visitor:
         flat = res.acquire(unit)
         try:
             if not isinstance(flat, torch.Tensor):  # streamed a piece at a time (zo2.offload.pieces)
-                target = pending.step if pending is not None and unit.applied < pending.step else unit.applied
+                stepped = pending is not None and unit.applied < pending.step
+                target = pending.step if stepped else unit.applied
                 flat.prepare = lambda piece, buf, lo, hi: self._prepare_piece(unit, piece, buf, (lo, hi), pending,
                                                                                target, home)
                 yield flat
                 flat.finish()
+                if stepped:  # every piece has the update now: the state's update count advances once
+                    self.opt_state.advance(unit)
                 unit.applied = target
                 return
             self._catch_up(unit, flat)
@@ -72,7 +75,8 @@ class Visitor:
         """Bring an acquired piece of ``unit`` (the range ``bounds`` of its flat buffer) to step ``target``: the
         logged updates its home copy lacks replayed, then ``pending``, with the piece's slice of the segment
         table (the values a whole-buffer pass gives), on the part this process owns with sliced transfers;
-        written back when the residence wants it or ``home``; then assembled whole (sliced transfers)."""
+        written back when the residence wants it or ``home``; then assembled whole (sliced transfers). A stateful
+        optimizer's state of the piece streams with it (:meth:`_update_piece`)."""
         res = unit.residence
         held = res.piece_held(piece)
         if held < target:
@@ -81,11 +85,23 @@ class Visitor:
             target_buf = buf if part is None else buf[part]
             replays = self._logged(unit, held, min(target, unit.applied))
             for update in replays + ([pending] if target > unit.applied else []):  # target > applied: pending's
-                self._update(target_buf, table, update, unit, None)
+                self._update_piece(unit, piece, target_buf, table, update, part)
             res.replayed(len(replays))
             if home or res.piece_wants_write_back(piece, target):
                 res.write_piece(piece, target)
         res.assemble(unit, buf)
+
+    def _update_piece(self, unit: Any, piece: int, target: torch.Tensor, table: Any, update: Update,
+                      part: slice | None) -> None:
+        """θ ← θ − lr (D + λθ) on ``target`` (a piece of ``unit``, or the ``part`` of it this process owns) described
+        by ``table``; a stateful optimizer's state of the piece is uploaded, the same part of it updated at the
+        unit's update count, written back and released (zo2.offload.state.PiecewiseState)."""
+        state = None if self.optimizer.fused else self.opt_state.acquire_piece(unit, piece)
+        if state is not None and part is not None:
+            state = UnitState({n: b[part] for n, b in state.buffers.items()}, state.count)
+        update_flat(self.kernels, self.config, target, table, update, self.optimizer, state)
+        if state is not None:
+            self.opt_state.piece_updated(piece)
 
     def apply(self, unit: Any, update: Update) -> None:
         """Apply ``update`` to ``unit`` unless it holds it already (a logged step replayed)."""

@@ -113,3 +113,61 @@ def test_one_matrix_at_a_time_needs_a_fraction_of_the_blocks_memory():
     # 3 block slots (75.6 MB) become 3 slots of the largest matrix (fc1: 8.4 MB); measured on an H200: 123.6 MB
     # -> 73.2 MB, 50.4 MB less (3 x (block - fc1) = 50.4 MB)
     assert m < b - 2.5 * (block - fc1), (b, m)
+
+
+def _lora(model, seed: int):
+    """``model`` wrapped in LoRA on its attention and feed-forward projections, random adapters (B ≠ 0)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    targets = ["q_proj", "v_proj", "fc1"] if model.config.model_type == "opt" else ["q_proj", "v_proj", "down_proj"]
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                       init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-adam"])
+def test_lora_and_optimizer_state_one_matrix_at_a_time_equal_resident_on_cuda(family, optimizer):
+    """Matrix granularity on CUDA with a LoRA model: the base weights through their own ring (uploaded on the H2D
+    stream just before the module that reads them, released after) and, with zo-adam, the state's rings beside the
+    adapters' pieces; bit for bit as all-resident, and the base weights never change."""
+    base = tiny_model(family, seed=9, num_hidden_layers=6)
+    cfg = dict(optimizer=optimizer, prefetch=2)
+    resident, lr_ = _run(_lora(clone_model(base), 109), offload=False, **cfg)
+    model = _lora(clone_model(base), 109)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    matrix, lm = _run(model, offload=True, stream_granularity="matrix", **cfg)
+    assert lr_ == lm
+    assert_same_params(resident.model.cpu(), matrix.model.cpu())
+    assert all(torch.equal(p.cpu(), before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    frozen = matrix.units[1].residence.frozen
+    assert frozen.store.flat(0).is_pinned() and frozen.streamer.pool.is_cuda
+
+
+def test_lora_one_matrix_at_a_time_needs_a_fraction_of_the_blocks_memory():
+    """The base weights of a LoRA model stream a module at a time: 4 block slots of frozen weights become 4 slots
+    of the largest base matrix (fc1)."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    def peak(granularity: str) -> int:
+        cfg = OPTConfig(vocab_size=1000, hidden_size=1024, ffn_dim=4096, num_attention_heads=16,
+                        num_hidden_layers=4, word_embed_proj_dim=1024, max_position_embeddings=512)
+        torch.manual_seed(0)
+        model = _lora(AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), 1)
+        engine = ZOEngine(model, ZOConfig(lr=1e-6, offload=True, device="cuda", prefetch=2,
+                                          stream_granularity=granularity))
+        ids = torch.randint(3, 1000, (1, 64))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        result = max(engine.step(batch).peak_device_bytes for _ in range(3))
+        del engine, model
+        torch.cuda.empty_cache()
+        return result
+
+    block = (12 * 1024 * 1024 + 13 * 1024) * 2
+    fc1 = (4096 * 1024 + 4096) * 2
+    b, m = peak("block"), peak("matrix")
+    assert m < b - 3 * (block - fc1), (b, m)  # 4 slots each: 4 x (block - fc1) = 67.2 MB fewer

@@ -22,7 +22,8 @@ def _run(model, steps=5, **kw):
 
 @pytest.mark.parametrize("family", ["opt", "llama", "qwen3", "gpt2"])
 @pytest.mark.parametrize("extra", [dict(), dict(prefetch=3), dict(writeback_every=3), dict(q=2),
-                                   dict(optimizer="zo-sgd-conservative")])
+                                   dict(optimizer="zo-sgd-conservative"), dict(optimizer="zo-adam"),
+                                   dict(optimizer="zo-sgd-momentum", prefetch=3)])
 def test_one_matrix_at_a_time_equals_resident_and_block_streaming_bit_for_bit(family, extra):
     base = tiny_model(family, seed=1)
     resident, lr_ = _run(clone_model(base), offload=False, **extra)
@@ -61,9 +62,10 @@ def test_slots_hold_a_matrix_not_a_block_and_every_byte_moves_once_per_step():
     assert [r.bytes_d2h for r in moved[1:]] == [store_bytes] * 3
 
 
-def test_snapshot_and_resume_in_matrix_mode(tmp_path):
+@pytest.mark.parametrize("extra", [dict(writeback_every=2), dict(optimizer="zo-adam")])
+def test_snapshot_and_resume_in_matrix_mode(tmp_path, extra):
     base = tiny_model("opt", seed=4)
-    a = ZOEngine(clone_model(base), ZOConfig(offload=True, stream_granularity="matrix", writeback_every=2, **CFG))
+    a = ZOEngine(clone_model(base), ZOConfig(offload=True, stream_granularity="matrix", **extra, **CFG))
     for s in range(3):
         a.step(padded_batch(seed=s))
     a.save(tmp_path / "ckpt")
@@ -74,6 +76,9 @@ def test_snapshot_and_resume_in_matrix_mode(tmp_path):
     a.flush(), b.flush()
     assert_same_params(a.model, b.model)
     assert a.evaluate(padded_batch(seed=9)).loss == b.evaluate(padded_batch(seed=9)).loss
+    state_a, state_b = a.optimizer_state(), b.optimizer_state()  # Adam's moments and t: streamed piece by piece
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert bool(state_a) == ("optimizer" in extra)
 
 
 def test_pieces_are_the_modules_cover_the_buffer_and_never_split_a_module():
@@ -85,16 +90,29 @@ def test_pieces_are_the_modules_cover_the_buffer_and_never_split_a_module():
     assert piece_bounds([(0, 100), (50, 60)], 100) == [(0, 100)]  # a cut inside a module's range is dropped
 
 
-@pytest.mark.parametrize("case", ["stateful", "peft"])
-def test_what_matrix_mode_does_not_support_yet_is_refused_with_the_fix(case):
-    if case == "stateful":
-        model, kw = tiny_model("opt"), dict(optimizer="zo-adam")
-    else:
-        peft = pytest.importorskip("peft")
-        model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-        kw = {}
-    with pytest.raises(ConfigError, match="stream_granularity = 'block'"):
-        ZOEngine(model, ZOConfig(offload=True, stream_granularity="matrix", **{**CFG, **kw}))
+@pytest.mark.parametrize("optimizer", ["zo-adam", "zo-sgd-momentum"])
+def test_a_stateful_optimizers_state_streams_one_piece_at_a_time_with_its_weights(optimizer):
+    """The state of a piecewise-streamed block moves through rings of its own, a piece at a time: each ring holds
+    prefetch + 2 of the largest piece, the plan counts them, and each byte of weights and state moves up once and
+    back once per step (never a block's state at once)."""
+    engine = ZOEngine(tiny_model("llama", seed=1, num_hidden_layers=4),
+                      ZOConfig(offload=True, stream_granularity="matrix", optimizer=optimizer, **CFG))
+    state = engine.opt_state
+    assert set(state.streamers) == set(engine.optimizer.state_names)
+    pieces = engine.streamer.store
+    largest = max(pieces.flat(i).numel() for i in range(len(pieces)))
+    block = max(engine.store.flat(i).numel() for i in range(len(engine.store)))
+    for ring in state.streamers.values():
+        assert ring.store.pieces == pieces.pieces  # the weights' piece bounds over the state's layout
+        assert ring.pool.numel() == (engine.config.prefetch + 2) * largest < block
+    rings = engine.streamer.device_bytes + sum(r.device_bytes for r in state.streamers.values())
+    assert engine.plan.slot_bytes == rings
+    weights = engine.store.nbytes
+    states = sum(h.nbytes for h in state.hosts.values())
+    assert states == weights * len(engine.optimizer.state_names)  # fp32 weights, fp32 state
+    moved = [engine.step(padded_batch(seed=s)) for s in range(4)]
+    assert [r.bytes_h2d for r in moved[2:]] == [weights + states] * 2
+    assert [r.bytes_d2h for r in moved[1:]] == [weights + states] * 3
 
 
 def test_a_bad_granularity_is_refused_by_the_config():
@@ -179,6 +197,10 @@ def test_auto_streams_one_matrix_at_a_time_when_blocks_do_not_fit_the_budget():
     assert_same_params(resident.model, auto.model)
     roomy, _ = _run(clone_model(base), offload=True)  # no budget on a CPU: blocks fit
     assert roomy.plan.granularity == "block"
-    with pytest.raises(ResourceError):  # a stateful optimizer cannot stream by matrix: the block error stands
-        ZOEngine(clone_model(base), ZOConfig(offload="auto", gpu_memory_budget=budget,
-                                             **{**CFG, "optimizer": "zo-adam"}))
+    adam = dict(optimizer="zo-adam")  # its state streams a piece at a time too
+    probe = ZOEngine(clone_model(base), ZOConfig(offload=True, stream_granularity="matrix", **CFG, **adam))
+    budget = probe.plan.expected_peak + 1
+    resident, lr_ = _run(clone_model(base), offload=False, **adam)
+    auto, la = _run(clone_model(base), offload="auto", gpu_memory_budget=budget, **adam)
+    assert auto.plan.granularity == "matrix" and lr_ == la
+    assert_same_params(resident.model, auto.model)

@@ -89,9 +89,10 @@ class ZOConfig:
     """What a streamed block moves as: 'block' (the whole block per upload; prefetch + 2 block-sized device
     slots), 'matrix' (one module's parameters at a time through a ring of prefetch + 2 of the largest matrix, a
     fraction of a block), or 'auto' (block, and matrix where block streaming does not fit the device budget).
-    Same values bit for bit. 'matrix' works with sliced transfers (1, 2, 4
-    or 8 processes per node), not yet with zo2 launch's node store, a stateful optimizer or frozen (PEFT base)
-    weights."""
+    Same values bit for bit. With 'matrix' a stateful optimizer's state moves piece by piece with its weights, and
+    frozen weights (PEFT base matrices, prompt-tuned blocks) move read-only one module at a time, each through a
+    ring of its own. 'matrix' works with sliced transfers (1, 2, 4 or 8 processes per node), not yet with zo2
+    launch's node store."""
     writeback_every: int | str = 1
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of

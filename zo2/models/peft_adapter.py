@@ -6,7 +6,8 @@ A ``peft`` PeftModel wraps a transformers causal LM; :func:`~zo2.models.base.ada
   ... — need nothing special: the base model's own adapter (``embed → blocks → head``) calls the wrapped layers,
   and the engine perturbs and updates exactly the parameters with ``requires_grad=True`` (the adapter weights).
   The frozen base weights are never perturbed or written; when blocks are streamed they travel read-only with
-  their block (zo2/offload/frozen.py).
+  their block (zo2/offload/frozen.py), or a module at a time with ``optim.stream_granularity = 'matrix'``
+  (zo2/offload/piece_frozen.py).
 * Prompt tuning and P-tuning prepend trained virtual-token embeddings to the input: :class:`PromptAdapter` adds
   them in ``embed`` (the prompt encoder belongs to the embedding unit) and drops their positions before the
   head, so logits and loss cover the real tokens only. (PEFT's own ``forward(labels=...)`` also scores the first

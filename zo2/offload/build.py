@@ -19,8 +19,10 @@ from torch import nn
 from zo2.errors import ConfigError, ModelError, ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.cuda_time import cuda_timed
-from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
-from zo2.offload.pieces import PieceStore, PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
+from zo2.offload.frozen import FrozenSlot
+from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbytes, frozen_of, frozen_store
+from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
+from zo2.offload.pieces import PieceStore, RingStreamer, piece_store, piecewise_residence
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
@@ -143,43 +145,6 @@ def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[Para
     return store, StoreMarkers(spec.name, spec.units, spec.writers, create=False)
 
 
-def _frozen_of(inputs: "OffloadInputs", modules: list[nn.Module]) -> list[FrozenSlot]:
-    """The slots of the frozen (requires_grad=False) parameters under ``modules``."""
-    names = {id(p): n for n, p in inputs.model.named_parameters()}
-    trainable = {id(p) for p in inputs.params.values()}
-    return [s for m in modules for s in frozen_slots(m, names, trainable)]
-
-
-def _frozen_by_block(inputs: "OffloadInputs", blocks: list) -> list[list[FrozenSlot]]:
-    """The frozen slots of each block unit (empty lists when every parameter is trainable)."""
-    return [_frozen_of(inputs, [inputs.adapter.blocks()[u.index]]) for u in blocks]
-
-
-def _frozen_nbytes(slots: list[FrozenSlot]) -> int:
-    unique = {s.name: s.module._parameters[s.attr] for s in slots}
-    return _nbytes(list(unique.values()))
-
-
-def _frozen_store(inputs: "OffloadInputs", blocks: list, frozen: list[list[FrozenSlot]],
-                  device: torch.device) -> FrozenStore | None:
-    """The frozen parameters of the streamed blocks in a pinned host store indexed like the streamer's blocks
-    (a GPU forward must not read pageable host memory); None when the streamed blocks have none."""
-    streamed = [(u, fs) for u, fs in zip(blocks, frozen) if u.store_index is not None and fs]
-    if not streamed:
-        return None
-    outside = {id(s.module._parameters[s.attr]) for s in _frozen_of(inputs, inputs.adapter.embed_modules() +
-                                                                     inputs.adapter.head_modules())}
-    outside |= {id(s.module._parameters[s.attr]) for u, fs in zip(blocks, frozen) if u.store_index is None
-                for s in fs}
-    for u, fs in streamed:
-        if any(id(s.module._parameters[s.attr]) in outside for s in fs):
-            raise ModelError(f"{u.name} shares frozen parameters with another unit and cannot be streamed.")
-    by_index: list[list[FrozenSlot]] = [[] for _ in range(1 + max(u.store_index for u, _ in streamed))]
-    for u, fs in streamed:
-        by_index[u.store_index] = fs
-    return FrozenStore.from_slots(by_index, pin=device.type == "cuda")
-
-
 @dataclass
 class OffloadInputs:
     """What the engine knows about the model when it sets it up."""
@@ -233,8 +198,8 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     cfg = inputs.config
     _check_writeback(inputs)
     blocks = [u for u in inputs.units if u.kind == "block"]
-    frozen = _frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
-    _check_granularity(inputs, frozen)
+    frozen = frozen_by_block(inputs, blocks)  # e.g. base weights under LoRA: on the device or streamed too
+    _check_granularity(inputs)
     kernels = select_kernels(cfg.kernels, device, {inputs.unit_dtype(u) for u in inputs.units})
     plan = _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels))
     plan = place_tiers_for(inputs, plan, frozen, creates_store=not _sliced(inputs) or inputs.comm.local_rank == 0)
@@ -245,13 +210,12 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     else:
         store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
                                                  plan.granularity == "matrix")
-    if streamer is not None:
-        streamer.attach_frozen(_frozen_store(inputs, blocks, frozen, device))
+    frozen_ring = attach_frozen(inputs, streamer, frozen_store(inputs, blocks, frozen, device), device)
     nvme = nvme_tier_for(inputs, [blocks[i] for i in plan.nvme], device)
     keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
             for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
-    residences = _settle_units(inputs, store, streamer, markers, device, nvme)
+    residences = _settle_units(inputs, store, streamer, markers, device, nvme, frozen_ring)
     streamed = next((r for r in residences if isinstance(r, StreamedResidence) and r is not nvme), None)
     plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
     for r in residences:
@@ -273,9 +237,9 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     ``materializes_z``: the kernels are the torch reference, which holds a parameter's direction in float32."""
     cfg, params, opt = inputs.config, inputs.params, inputs.optimizer
     block_params = [[params[n] for n in u.owned] for u in blocks]
-    block_bytes = [_nbytes(ps) + _frozen_nbytes(fs) for ps, fs in zip(block_params, frozen)]
+    block_bytes = [_nbytes(ps) + frozen_nbytes(fs) for ps, fs in zip(block_params, frozen)]
     fixed = _nbytes([params[n] for u in inputs.units if u.kind != "block" for n in u.owned])
-    fixed += _frozen_nbytes(_frozen_of(inputs, inputs.adapter.embed_modules() + inputs.adapter.head_modules()))
+    fixed += frozen_nbytes(frozen_of(inputs, inputs.adapter.embed_modules() + inputs.adapter.head_modules()))
     # the optimizer's state (momentum, Adam's moments) sits and streams with each unit's weights
     block_bytes = [b + sum(p.numel() * opt.state_bytes(p.dtype) for p in ps)
                    for b, ps in zip(block_bytes, block_params)]
@@ -291,15 +255,14 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     block_reserve = point_bytes(_largest_module(inputs, blocks) * compute_size) + z  # while a block runs
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
-    itemsize = max((p.element_size() for ps in block_params for p in ps), default=0)
-    piece = _largest_module(inputs, blocks) * itemsize  # one matrix at a time: the largest upload
+    piece = _piece_bytes(inputs, blocks, frozen)  # one matrix at a time: what one slot of the rings holds
     if cfg.stream_granularity == "matrix":
         plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
     else:
         try:
             plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch)
         except ResourceError:  # 'auto': block streaming does not fit the budget; one matrix at a time may
-            if cfg.stream_granularity == "block" or _matrix_blocker(inputs, frozen) is not None:
+            if cfg.stream_granularity == "block" or _matrix_blocker(inputs) is not None:
                 raise
             plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
     plan.block_reserve_bytes = block_reserve
@@ -316,23 +279,31 @@ def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:
     return max(per_module.values(), default=0)
 
 
-def _matrix_blocker(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) -> str | None:
+def _piece_bytes(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]]) -> int:
+    """One slot of every ring one matrix at a time takes (each ring has prefetch + 2): the largest trainable
+    module of a block with its optimizer state (the state's rings, zo2.offload.state.PiecewiseState), plus the
+    largest frozen reader (their own ring, zo2.offload.piece_frozen)."""
+    params = [inputs.params[n] for u in blocks for n in u.owned]
+    per_element = max((p.element_size() + inputs.optimizer.state_bytes(p.dtype) for p in params), default=0)
+    roots = inputs.adapter.blocks()
+    frozen_piece = max((reader_bytes(slots) for u, fs in zip(blocks, frozen)
+                        for _, slots in frozen_readers(roots[u.index], fs)), default=0)
+    return _largest_module(inputs, blocks) * per_element + frozen_piece
+
+
+def _matrix_blocker(inputs: OffloadInputs) -> str | None:
     """Why this run cannot stream one matrix at a time (zo2.offload.pieces), or None."""
     if inputs.store_spec is not None:
         return "blocks streamed from zo2 launch's node store"
     if _sliced(inputs) and ALIGN % inputs.comm.local_size:
         return (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, "
                 "2, 4 or 8)")
-    if inputs.optimizer.state_names:
-        return f"{inputs.optimizer.name}, which keeps state that streams block by block"
-    if any(frozen):
-        return "frozen (PEFT base) weights, which stream block by block"
     return None
 
 
-def _check_granularity(inputs: OffloadInputs, frozen: list[list[FrozenSlot]]) -> None:
+def _check_granularity(inputs: OffloadInputs) -> None:
     """``optim.stream_granularity = 'matrix'`` needs what zo2.offload.pieces supports (ConfigError otherwise)."""
-    why = _matrix_blocker(inputs, frozen) if inputs.config.stream_granularity == "matrix" else None
+    why = _matrix_blocker(inputs) if inputs.config.stream_granularity == "matrix" else None
     if why is not None:
         raise ConfigError(f"optim.stream_granularity = 'matrix' does not yet work with {why}. Set "
                           "optim.stream_granularity = 'block' (or 'auto').")
@@ -380,6 +351,8 @@ def _measure_rates(streamer: BlockStreamer, unit: Any, kernels: Any, config: Any
     """Bytes/s of one update pass over ``unit``'s buffer in a free slot of the streamer, and of its upload from the
     store (median of 5 each, CUDA events). The slot is scratch: nothing has been uploaded yet."""
     if isinstance(streamer.store, PieceStore):  # one matrix at a time: the first piece (of the first block)
+        if not streamer.store.pieces:  # nothing trainable streams (prompt tuning): nothing to replay
+            return 0.0, 0.0
         block, lo, hi = streamer.store.pieces[0]
         src, table = streamer.store.flat(0), unit.table.slice(lo, hi)
     else:
@@ -425,7 +398,7 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     for k, u in enumerate(streamed):
         u.store_index = k
     if matrix:
-        streamer = RingStreamer(_piece_store(inputs, store, streamed), device, inputs.config.prefetch)
+        streamer = RingStreamer(piece_store(store, streamed), device, inputs.config.prefetch)
         if _sliced(inputs):
             streamer.ranges = {k: inputs.comm.slice_bounds(streamer.store.flat(k).numel())
                                for k in range(len(streamer.store))}
@@ -436,40 +409,25 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     return store, streamer
 
 
-def _piece_store(inputs: OffloadInputs, store: ParameterStore, streamed: list) -> PieceStore:
-    """The pieces of every streamed block (zo2.offload.pieces), numbered block after block."""
-    pieces = []
-    for u in streamed:
-        layout = store.layout(u.store_index)
-        bounds = piece_bounds(module_ranges(u.slots, layout), store.flat(u.store_index).numel())
-        pieces += [(u.store_index, lo, hi) for lo, hi in bounds]
-    return PieceStore(store, pieces)
-
-
-def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: list) -> StreamedResidence:
+def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: list,
+                        frozen: FrozenPieces | None) -> StreamedResidence:
     """The residence of the streamed units: block by block, or a piece at a time over a PieceStore."""
+    gather = inputs.comm.gather_slices if streamer.ranges else None
     if isinstance(streamer.store, PieceStore):
-        bounds: dict[str, list[tuple[int, int]]] = {}
-        first: dict[str, int] = {}
-        for k, (block, lo, hi) in enumerate(streamer.store.pieces):
-            name = next(u.name for u in units if u.store_index == block)
-            first.setdefault(name, k)
-            bounds.setdefault(name, []).append((lo, hi))
-        return PiecewiseResidence(streamer, units, bounds, first,
-                                  inputs.comm.gather_slices if streamer.ranges else None)
-    return StreamedResidence(streamer, units, inputs.comm.gather_slices if streamer.ranges else None,
-                             1)  # K is set once the kernels are known (_writeback_every)
+        return piecewise_residence(streamer, units, gather, frozen)
+    return StreamedResidence(streamer, units, gather, 1)  # K is set once the kernels are known (_writeback_every)
 
 
 def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
-                  markers: StoreMarkers | None, device: torch.device, nvme: NvmeResidence | None = None
-                  ) -> list[Residence]:
+                  markers: StoreMarkers | None, device: torch.device, nvme: NvmeResidence | None = None,
+                  frozen: FrozenPieces | None = None) -> list[Residence]:
     """Give every unit its residence, layout and segment tables (resident units are packed on the device)."""
     writer, writers = _writer(inputs)
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
     streamed = None
     if streamer is not None:
-        streamed = _streamed_residence(inputs, streamer, [u for u in inputs.units if u.store_index is not None])
+        streamed = _streamed_residence(inputs, streamer, [u for u in inputs.units if u.store_index is not None],
+                                       frozen)
     for u in inputs.units:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)

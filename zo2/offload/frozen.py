@@ -7,7 +7,9 @@ ones live in a :class:`FrozenStore` with the same block indices: one flat pinned
 :class:`~zo2.offload.streamer.BlockStreamer` uploads together with the block (same stream, same event, same
 slot reuse rules) and never writes back. While the block's forwards run, its modules read device views of that
 upload (:meth:`FrozenStore.swapped`); afterwards they point at the host buffer again, so ``model.state_dict()``
-reads the (unchanged) base weights from the store.
+reads the (unchanged) base weights from the store. Streamed one matrix at a time (``optim.stream_granularity =
+"matrix"``), the same store moves a module at a time instead, through a ring of its own
+(zo2.offload.piece_frozen).
 
 A model whose parameters are all trainable has no frozen store: nothing here runs for it.
 """

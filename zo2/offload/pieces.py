@@ -13,10 +13,16 @@ forwards move on to another piece (not while a module call that reads it is stil
 visit ends, so every parameter always receives every update. Uploads run in the order the previous pass used
 the pieces (the layout order before the first pass).
 
-With sliced transfers each process uploads, updates and writes back its part of every piece, and an all-gather
-assembles the piece when it arrives (every process acquires the same pieces in the same order). Not yet with the
-scheduler's node store, a stateful optimizer or frozen (PEFT base) weights: those keep block granularity (a
-ConfigError says so).
+A stateful optimizer's state moves with the pieces (zo2.offload.state.PiecewiseState): one host store per state
+buffer laid out like the weights' store, cut at the same bounds, each through a ring of its own; a piece's state
+is uploaded when the piece is brought to the unit's step, updated with it, written back and released. Frozen
+weights (a PEFT model's base weights, a prompt-tuned model's blocks) move one module at a time too, read-only,
+through a ring of their own (zo2.offload.piece_frozen). The device then holds a few matrices of a block — its
+trainable pieces, their state and the frozen pieces read beside them — never a whole block of any of them.
+
+With sliced transfers each process uploads, updates and writes back its part of every piece (and of its state),
+and an all-gather assembles the piece when it arrives (every process acquires the same pieces in the same order).
+Not yet with the scheduler's node store: it keeps block granularity (a ConfigError says so).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from zo2.offload.residence import StreamedResidence
-from zo2.offload.streamer import BlockStreamer
+from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.offload.store import ParameterStore
 
 def module_ranges(slots: Sequence[Any], layout: Sequence[Any]) -> list[tuple[int, int]]:
@@ -48,6 +54,30 @@ def piece_bounds(ranges: Sequence[tuple[int, int]], numel: int) -> list[tuple[in
     cuts = sorted({0, numel, *(lo for lo, _ in ranges)})
     cuts = [c for c in cuts if not any(lo < c < hi for lo, hi in ranges)]  # never inside a module's range
     return list(zip(cuts, cuts[1:]))
+
+
+def piece_store(store: ParameterStore, units: Sequence[Any]) -> "PieceStore":
+    """The pieces of every streamed unit's block of ``store`` (one per module holding its parameters, plus the
+    padding after it), numbered block after block in ``units``' order."""
+    pieces = []
+    for u in units:
+        layout = store.layout(u.store_index)
+        bounds = piece_bounds(module_ranges(u.slots, layout), store.flat(u.store_index).numel())
+        pieces += [(u.store_index, lo, hi) for lo, hi in bounds]
+    return PieceStore(store, pieces)
+
+
+def piecewise_residence(streamer: "RingStreamer", units: Sequence[Any], gather: Callable | None,
+                        frozen: Any = None) -> "PiecewiseResidence":
+    """The residence of ``units`` streamed through ``streamer`` (a ring over a :func:`piece_store`); ``frozen``:
+    their frozen weights (zo2.offload.piece_frozen.FrozenPieces), or None."""
+    bounds: dict[str, list[tuple[int, int]]] = {}
+    first: dict[str, int] = {}
+    for k, (block, lo, hi) in enumerate(streamer.store.pieces):
+        name = next(u.name for u in units if u.store_index == block)
+        first.setdefault(name, k)
+        bounds.setdefault(name, []).append((lo, hi))
+    return PiecewiseResidence(streamer, units, bounds, first, gather, frozen=frozen)
 
 
 class PieceStore:
@@ -92,7 +122,8 @@ class RingStreamer(BlockStreamer):
 
     def attach_frozen(self, frozen: Any) -> None:
         if frozen is not None:
-            raise ValueError("the ring streamer moves trainable pieces only (frozen weights stream by block)")
+            raise ValueError("a ring streamer moves pieces of one store (frozen weights take a ring of their own: "
+                             "zo2.offload.piece_frozen)")
 
     def _choose_slot(self, block: int, required: bool) -> int | None:
         n = self.store.flat(block).numel()
@@ -201,12 +232,15 @@ class PiecewiseResidence(StreamedResidence):
 
     def __init__(self, streamer: Any, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
                  first_piece: dict[str, int], gather: Callable[[torch.Tensor], None] | None = None,
-                 writeback_every: int = 1):
+                 writeback_every: int = 1, frozen: Any = None):
         super().__init__(streamer, units, gather, writeback_every)
         self._bounds = bounds
-        """Unit name → the [lo, hi) of each of its pieces, in layout order."""
+        """Unit name → the [lo, hi) of each of its pieces, in layout order (none: no trainable parameter)."""
         self._first = first_piece
         """Unit name → the streamer index of its first piece (its pieces are numbered consecutively)."""
+        self.frozen = frozen
+        """The units' frozen weights, a module at a time through their own ring
+        (zo2.offload.piece_frozen.FrozenPieces), or None."""
         self._piece_held = {p: u.applied for u in units for p, _ in self.pieces_of(u)}
         """The step each piece's home copy holds."""
         self._order: dict[str, list[int]] = {}
@@ -215,8 +249,8 @@ class PiecewiseResidence(StreamedResidence):
         self._tables: dict[int, Any] = {}
 
     def pieces_of(self, unit: Any) -> list[tuple[int, tuple[int, int]]]:
-        first = self._first[unit.name]
-        return [(first + i, b) for i, b in enumerate(self._bounds[unit.name])]
+        first = self._first.get(unit.name, 0)
+        return [(first + i, b) for i, b in enumerate(self._bounds.get(unit.name, []))]
 
     def piece_of(self, unit: Any, lo: int, hi: int) -> tuple[int, tuple[int, int]]:
         for piece, (p_lo, p_hi) in self.pieces_of(unit):
@@ -230,15 +264,23 @@ class PiecewiseResidence(StreamedResidence):
             order.append(piece)
 
     # ------------------------------------------------------------------ the Residence interface
+    def pass_order(self, units: Sequence[Any]) -> list[int]:
+        """The pieces of a pass over ``units`` in upload order: each unit's in the order its last visit used them
+        (the optimizer's state streams in the same order: zo2.offload.state.PiecewiseState)."""
+        order: list[int] = []
+        for u in units:
+            if u.residence is self:
+                seen = self._order.get(u.name, [])
+                order += seen + [p for p, _ in self.pieces_of(u) if p not in seen]
+        return order
+
     def begin_pass(self, units: Sequence[Any]) -> None:
         mine = [u for u in units if u.residence is self]
         self.last = mine[-1].name if mine else None
-        order: list[int] = []
-        for u in mine:
-            seen = self._order.get(u.name, [])
-            order += seen + [p for p, _ in self.pieces_of(u) if p not in seen]
         self._using = {}
-        self.streamer.begin(order)
+        self.streamer.begin(self.pass_order(mine))
+        if self.frozen is not None:
+            self.frozen.begin([u.store_index for u in mine])
 
     def acquire(self, unit: Any) -> PieceSource:
         return PieceSource(self, unit)
@@ -272,13 +314,29 @@ class PiecewiseResidence(StreamedResidence):
         self._piece_held[piece] = step
 
     def held(self, unit: Any) -> int:
-        return min(self._piece_held[p] for p, _ in self.pieces_of(unit))
+        return min((self._piece_held[p] for p, _ in self.pieces_of(unit)), default=unit.applied)
 
     def release(self, unit: Any) -> None:
         order = self._using.get(unit.name)
         if order:
             self._order[unit.name] = order
 
+    def frozen_weights(self, unit: Any) -> contextlib.AbstractContextManager:
+        if self.frozen is None:
+            return contextlib.nullcontext()
+        return self.frozen.reading(unit.store_index)
+
+    def after_visit(self, unit: Any) -> None:
+        super().after_visit(unit)
+        if self.frozen is not None:
+            self.frozen.after_visit(unit.store_index)
+
     def invalidate(self) -> None:
         self.streamer.invalidate()
+        if self.frozen is not None:
+            self.frozen.invalidate()
         self._piece_held = {p: u.applied for u in self.units() for p, _ in self.pieces_of(u)}
+
+    def collect_stats(self) -> TransferStats:
+        stats = self.streamer.collect_stats()
+        return stats if self.frozen is None else stats.add(self.frozen.collect_stats())

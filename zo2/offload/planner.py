@@ -75,7 +75,9 @@ class Plan:
     fixed_bytes: int
     """Embedding + head (always resident)."""
     slot_bytes: int
-    """Device buffers of the streamer: (prefetch + 2) × the largest streamed block."""
+    """Device buffers of the streamers: (prefetch + 2) × the largest streamed block; one matrix at a time,
+    (prefetch + 2) × (the largest trainable module with its optimizer state + the largest frozen module): the rings
+    of the trainable pieces, of their state and of the frozen pieces."""
     reserve_bytes: int
     """Working memory kept free for one module's parameters at a point (zo2.points) and directions."""
     budget: int | None
@@ -181,8 +183,8 @@ class Plan:
 def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, reserve_bytes: int,
               budget: int | None, prefetch: int, piece_bytes: int | None = None) -> Plan:
     """Choose the resident blocks. ``offload``: False (all resident), True (all streamed) or 'auto';
-    ``piece_bytes``: streaming one matrix at a time, the largest upload (the device slots' size; default: the
-    largest block)."""
+    ``piece_bytes``: streaming one matrix at a time, what one slot of the rings holds (the largest trainable module
+    with its optimizer state plus the largest frozen one; default: block streaming, the largest block)."""
     n = len(block_bytes)
     slot = (prefetch + 2) * (max(block_bytes, default=0) if piece_bytes is None else piece_bytes)
     if offload is False or (offload == "auto" and (budget is None or fixed_bytes + sum(block_bytes) + reserve_bytes <= budget)):

@@ -9,6 +9,9 @@ out like the unit's parameter buffer (same offsets; float32, float64 for float64
   in lockstep with the weights: a pass that applies an update begins both streamers in the same order; when a
   block's deferred update is applied its state is uploaded (or was prefetched), updated on the device next to
   the weights, written back to the host store, and its slot released with the weights' one.
+* blocks streamed one matrix at a time (zo2.offload.pieces) keep one host store per state buffer laid out like
+  the weights' store, moved a piece at a time with the weights' pieces by rings of their own
+  (:class:`PiecewiseState`).
 
 Stateless optimizers keep nothing and every method here is a no-op for them.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from zo2.errors import CheckpointError, ResourceError
+from zo2.offload.pieces import PieceStore, RingStreamer
 from zo2.offload.store import ALIGN, SHM_DIR, ParameterStore, Segment
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.optim.optimizers import UnitState
@@ -117,17 +121,25 @@ class OptimizerState:
                                                  for s in names})
             else:
                 self.states[u.name] = UnitState({})
-        if streamed and area is not None:
-            for name in names:
+        if streamed:
+            self._stream(streamed, dtype_of, device, prefetch, ranges)
+
+    def _stream(self, streamed: list["Unit"], dtype_of, device: torch.device, prefetch: int,
+                ranges: dict[int, tuple[int, int]] | None) -> None:
+        """The host stores and streamers of the streamed blocks' state: the area's stores, one streamer per
+        buffer; or a private store holding each block's buffers back to back, one streamer."""
+        area = self.area
+        if area is not None:
+            for name in self.names:
                 st = BlockStreamer(area.stores[name], device, prefetch, blocks=[u.store_index for u in streamed])
                 st.ranges = dict(ranges or {})
                 self.streamers[name] = st
-        elif streamed:
-            layouts = [self._stacked(u.layout) for u in streamed]
-            self.store = ParameterStore(layouts, math_dtype(dtype_of(streamed[0])), pin=device.type == "cuda")
-            for buf in self.store.buffers:
-                buf.zero_()
-            self.streamer = BlockStreamer(self.store, device, prefetch)
+            return
+        layouts = [self._stacked(u.layout) for u in streamed]
+        self.store = ParameterStore(layouts, math_dtype(dtype_of(streamed[0])), pin=device.type == "cuda")
+        for buf in self.store.buffers:
+            buf.zero_()
+        self.streamer = BlockStreamer(self.store, device, prefetch)
 
     def _stacked(self, layout: list[Segment]) -> list[Segment]:
         """The layout of a block's state buffer: one copy of the weights' layout per state name, back to back."""
@@ -178,6 +190,20 @@ class OptimizerState:
     def synchronize(self) -> None:
         for streamer in self._all_streamers():
             streamer.synchronize()
+
+    # A unit streamed one piece at a time (zo2.offload.pieces) has its state moved by a PiecewiseState.
+    def acquire_piece(self, unit: "Unit", piece: int) -> UnitState | None:
+        """The state of ``unit``'s piece ``piece`` on the device, at the unit's update count; None when stateless."""
+        if self.names:
+            raise RuntimeError(f"{unit.name} streams piece by piece but its optimizer state does not; this is a bug "
+                               "in zo2.")
+        return None
+
+    def piece_updated(self, piece: int) -> None:
+        """The piece's state was updated on the device: write it back and release it."""
+
+    def advance(self, unit: "Unit") -> None:
+        """Every piece of ``unit`` received the visit's update: count it once (Adam's t)."""
 
     def invalidate(self) -> None:
         for streamer in self._all_streamers():
@@ -263,6 +289,71 @@ class OptimizerState:
         self.area.count = self.count()
 
 
+class PiecewiseState(OptimizerState):
+    """The state of blocks streamed one piece at a time (zo2.offload.pieces): per state buffer a host store laid
+    out like the weights' store (the node's :class:`StateArea` with sliced transfers, else a private pinned one),
+    cut at the weights' piece bounds (``pieces``) and moved by a :class:`~zo2.offload.pieces.RingStreamer` of its
+    own: ``prefetch + 2`` × the largest piece per buffer on the device, never a block's state.
+
+    A pass that applies an update begins the rings in the weights' upload order
+    (:meth:`~zo2.offload.pieces.PiecewiseResidence.pass_order`). When a piece is brought to the unit's step its
+    state is acquired (uploaded, or prefetched), updated with it at the unit's update count, written back and
+    released (:meth:`acquire_piece`, :meth:`piece_updated`); once every piece of the unit has the update its count
+    advances (:meth:`advance`), so every piece runs Adam's step t of the whole unit. A stateful optimizer always
+    writes back every step (``optim.writeback_every = 1``), so a piece's state is never replayed.
+    """
+
+    def __init__(self, names: tuple[str, ...], units: list["Unit"], dtype_of, device: torch.device,
+                 prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None, *,
+                 pieces: PieceStore):
+        self.pieces = pieces
+        self.hosts: dict[str, ParameterStore] = {}
+        """Per state buffer, the host store the streamed blocks' state lives in (indexed like the weights')."""
+        super().__init__(names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
+
+    def _stream(self, streamed: list["Unit"], dtype_of, device: torch.device, prefetch: int,
+                ranges: dict[int, tuple[int, int]] | None) -> None:
+        weights = self.pieces.store
+        if self.area is not None:
+            self.hosts = dict(self.area.stores)
+        else:
+            for name in self.names:
+                store = self.hosts[name] = ParameterStore(weights.layouts, math_dtype(weights.dtype),
+                                                          pin=device.type == "cuda")
+                for buf in store.buffers:
+                    buf.zero_()
+        if any(self.hosts[n].flat(i).numel() != weights.flat(i).numel()
+               for n in self.names for i in range(len(weights))):
+            raise RuntimeError("the optimizer state's store is not laid out like the weights'; this is a bug in zo2.")
+        for name in self.names:
+            ring = RingStreamer(PieceStore(self.hosts[name], self.pieces.pieces), device, prefetch)
+            ring.ranges = dict(ranges or {})
+            self.streamers[name] = ring
+
+    def begin(self, units: Iterable["Unit"]) -> None:
+        units = list(units)
+        res = next((u.residence for u in units if u.store_index is not None), None)
+        order = res.pass_order(units) if res is not None else []
+        for streamer in self._all_streamers():
+            streamer.begin(order)
+
+    def acquire_piece(self, unit: "Unit", piece: int) -> UnitState | None:
+        return UnitState({s: st.acquire(piece) for s, st in self.streamers.items()}, self.states[unit.name].count)
+
+    def piece_updated(self, piece: int) -> None:
+        for streamer in self._all_streamers():
+            streamer.write_back(piece)
+            streamer.release(piece)
+
+    def advance(self, unit: "Unit") -> None:
+        self.states[unit.name].count += 1
+
+    def _host_buffers(self, unit: "Unit") -> dict[str, torch.Tensor]:
+        if unit.store_index is None:
+            return super()._host_buffers(unit)
+        return {s: store.flat(unit.store_index) for s, store in self.hosts.items()}
+
+
 def state_views(names: Iterable[str], buffers: dict[str, torch.Tensor], layout: Iterable[Segment]
                 ) -> dict[str, torch.Tensor]:
     """``optimizer/<buffer>/<parameter>`` → parameter-shaped view of a unit's state ``buffers`` (by buffer name,
@@ -304,6 +395,9 @@ def build_optimizer_state(optimizer: Any, units: list["Unit"], dtype_of, device:
         ranges = streamer.ranges
         if area is None:
             area = _shared_area(optimizer, store, comm, device)
+    if streamer is not None and isinstance(streamer.store, PieceStore) and optimizer.state_names:
+        return PiecewiseState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
+                              pieces=streamer.store)
     state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
     if area is not None and from_area:
         state.load_area()

@@ -1,0 +1,67 @@
+"""Which parameters of a model are frozen, and where a streamed block's frozen ones live: the setup of
+zo2.offload.frozen (block granularity) and zo2.offload.piece_frozen (one matrix at a time) for
+:func:`~zo2.offload.build.build_offload` (``inputs``: its OffloadInputs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zo2.errors import ModelError
+from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
+from zo2.offload.piece_frozen import FrozenPieces
+from zo2.offload.pieces import RingStreamer
+from zo2.offload.streamer import BlockStreamer
+
+
+def frozen_of(inputs: Any, modules: list[nn.Module]) -> list[FrozenSlot]:
+    """The slots of the frozen (requires_grad=False) parameters under ``modules``."""
+    names = {id(p): n for n, p in inputs.model.named_parameters()}
+    trainable = {id(p) for p in inputs.params.values()}
+    return [s for m in modules for s in frozen_slots(m, names, trainable)]
+
+
+def frozen_by_block(inputs: Any, blocks: list) -> list[list[FrozenSlot]]:
+    """The frozen slots of each block unit (empty lists when every parameter is trainable)."""
+    return [frozen_of(inputs, [inputs.adapter.blocks()[u.index]]) for u in blocks]
+
+
+def frozen_nbytes(slots: list[FrozenSlot]) -> int:
+    unique = {s.name: s.module._parameters[s.attr] for s in slots}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
+def attach_frozen(inputs: Any, streamer: BlockStreamer | None, frozen: FrozenStore | None,
+                  device: torch.device) -> FrozenPieces | None:
+    """The streamed blocks' frozen weights: uploaded with each block (block granularity), or a module at a time
+    through a ring of their own (one matrix at a time: returned, for the residence)."""
+    if streamer is None or frozen is None:
+        return None
+    if not isinstance(streamer, RingStreamer):
+        streamer.attach_frozen(frozen)
+        return None
+    roots = {u.store_index: inputs.adapter.blocks()[u.index] for u in inputs.units
+             if u.kind == "block" and u.store_index is not None}
+    return FrozenPieces(frozen, roots, device, inputs.config.prefetch)
+
+
+def frozen_store(inputs: Any, blocks: list, frozen: list[list[FrozenSlot]],
+                 device: torch.device) -> FrozenStore | None:
+    """The frozen parameters of the streamed blocks in a pinned host store indexed like the streamer's blocks
+    (a GPU forward must not read pageable host memory); None when the streamed blocks have none."""
+    streamed = [(u, fs) for u, fs in zip(blocks, frozen) if u.store_index is not None and fs]
+    if not streamed:
+        return None
+    outside = {id(s.module._parameters[s.attr]) for s in frozen_of(inputs, inputs.adapter.embed_modules() +
+                                                                    inputs.adapter.head_modules())}
+    outside |= {id(s.module._parameters[s.attr]) for u, fs in zip(blocks, frozen) if u.store_index is None
+                for s in fs}
+    for u, fs in streamed:
+        if any(id(s.module._parameters[s.attr]) in outside for s in fs):
+            raise ModelError(f"{u.name} shares frozen parameters with another unit and cannot be streamed.")
+    by_index: list[list[FrozenSlot]] = [[] for _ in range(1 + max(u.store_index for u, _ in streamed))]
+    for u, fs in streamed:
+        by_index[u.store_index] = fs
+    return FrozenStore.from_slots(by_index, pin=device.type == "cuda")
