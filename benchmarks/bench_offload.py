@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from bench_common import cuda_timed, environment, opt_config, opt_shapes, print_table, write_json  # noqa: E402
 from zo2 import ZOConfig, ZOEngine  # noqa: E402
 from zo2.models.base import LOSS_CHUNK_BYTES  # noqa: E402
+from zo2.offload.arith import FORM_CHUNK_BYTES  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
 
 
@@ -254,7 +255,8 @@ def main() -> None:
         if "error" in r:
             print(f"{r['shape']} {r.get('budget') or ''}: {r['error']}")
     write_json(args.out, {"benchmark": "offload", "env": environment(), "layers": args.layers,
-                          "loss_chunk_bytes": LOSS_CHUNK_BYTES, "head_points_at_once": 1, "rows": rows})
+                          "loss_chunk_bytes": LOSS_CHUNK_BYTES, "head_points_at_once": 1,
+                          "form_chunk_bytes": FORM_CHUNK_BYTES, "rows": rows})
 
 
 if __name__ == "__main__":

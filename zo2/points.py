@@ -54,11 +54,11 @@ class Group:
     offsets: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     """Parameter name → (offset in ``flat[lo:hi]``, numel, shape)."""
     rows: Any = ...
-    """Rows of its weight formed at once (zo2.offload.arith.chunk_rows: a large linear layer or embedding), None
-    when it is formed whole; ``...`` until its first call."""
+    """Whether its weight is formed a chunk of rows at a time (zo2.offload.arith.chunk_rows: a large linear layer
+    or embedding): True, or None when it is formed whole; ``...`` until its first call."""
     chunk_tables: dict[Any, Any] = field(default_factory=dict)
-    """First row of a chunk (or a parameter's name) → the kernels' segment table of that chunk's (parameter's)
-    range (kept: the kernels cache its device copy per table)."""
+    """A chunk's rows (or a parameter's name) → the kernels' segment table of that chunk's (parameter's) range
+    (kept: the kernels cache its device copy per table; the rows depend on the batch's tokens, which a run keeps)."""
 
 
 def groups_of(unit: Any) -> list[Group]:
@@ -179,7 +179,7 @@ class PointsForward:
         """Call ``forward`` with the group's parameters at point ``i``."""
         point = self.points[i]
         if group.rows is ...:
-            group.rows = self._chunking(group, tied)
+            group.rows = True if self._chunking(group, tied) is not None else None
         if group.rows is not None:
             return self._chunked(group, flat, tied, i, args, kwargs)
         views: dict[str, torch.Tensor] = {}
@@ -220,23 +220,27 @@ class PointsForward:
         return src, lo, table, shape
 
     def _chunked(self, group: Group, flat: Any, tied: Any, i: int, args: tuple, kwargs: dict) -> torch.Tensor:
-        """A linear layer's or an embedding's call at point ``i`` with its weight formed ``group.rows`` rows at a
-        time: a linear layer's output columns of those rows, an embedding's lookups of the ids in them."""
-        point, rows = self.points[i], group.rows
+        """A linear layer's or an embedding's call at point ``i`` with its weight formed a chunk of rows at a time:
+        a linear layer's output columns of those rows, an embedding's lookups of the ids in them. A linear layer's
+        chunk shrinks as its input's tokens grow (rounded up to a power of two: few distinct chunkings, few
+        cached tables), so the chunk and its output columns fit FORM_CHUNK_BYTES."""
+        point = self.points[i]
         slots = {s.attr: s for s in group.slots}
         src, lo, table, (n, cols) = self._source(group, slots["weight"].name, flat, tied)
+        x = args[0] if args else kwargs["input"]
+        linear = type(group.module) is nn.Linear
+        tokens = 1 << max(0, x.numel() // cols - 1).bit_length() if linear else 0
+        rows = chunk_rows(group.module, (n, cols), self.values.itemsize, tokens)
         bias = None
         if "bias" in slots:
             b_src, b_lo, b_table, _ = self._source(group, slots["bias"].name, flat, tied)
             bias = self.values.form(b_src, b_lo, b_lo + n, b_table, point)
-        x = args[0] if args else kwargs["input"]
-        linear = type(group.module) is nn.Linear
         out = None
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            chunk_table = group.chunk_tables.get(r0)
+            chunk_table = group.chunk_tables.get((r0, r1))
             if chunk_table is None:
-                chunk_table = group.chunk_tables[r0] = table.slice(r0 * cols, r1 * cols)
+                chunk_table = group.chunk_tables[(r0, r1)] = table.slice(r0 * cols, r1 * cols)
             w = self.values.form(src, lo + r0 * cols, lo + r1 * cols, chunk_table, point).view(r1 - r0, cols)
             if linear:
                 part = F.linear(x, w, None if bias is None else bias[r0:r1])

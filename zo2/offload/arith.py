@@ -35,23 +35,25 @@ launch (zo2.points): both are alive at once."""
 
 FORM_CHUNK_BYTES = 64 << 20
 """A linear layer or an embedding whose weight at a point takes more bytes is formed and used a chunk of rows at a
-time (zo2.points): at most this many bytes of it exist at once."""
+time (zo2.points): a chunk and (a linear layer's) its output columns take at most this many bytes together."""
 
 
-def chunk_rows(module: Any, shape: tuple[int, ...], itemsize: int) -> int | None:
+def chunk_rows(module: Any, shape: tuple[int, ...], itemsize: int, tokens: int = 0) -> int | None:
     """Rows of ``module``'s weight (of ``shape``) formed at once at a point, or None when it is formed whole: a
-    plain ``nn.Linear`` or ``nn.Embedding`` (no max_norm) whose weight takes more than :data:`FORM_CHUNK_BYTES`."""
+    plain ``nn.Linear`` or ``nn.Embedding`` (no max_norm) whose weight takes more than :data:`FORM_CHUNK_BYTES`.
+    A linear layer's chunk of rows and its output columns for ``tokens`` input rows fit the chunk together."""
     linear = type(module) is torch.nn.Linear
     embedding = type(module) is torch.nn.Embedding and module.max_norm is None
     if not (linear or embedding) or len(shape) != 2 or shape[0] * shape[1] * itemsize <= FORM_CHUNK_BYTES:
         return None
-    return max(1, FORM_CHUNK_BYTES // (shape[1] * itemsize))
+    return max(1, FORM_CHUNK_BYTES // ((shape[1] + (tokens if linear else 0)) * itemsize))
 
 
 def formed_numel(module: Any, numel: int, shape: tuple[int, ...] | None, itemsize: int) -> int:
-    """Elements of ``module``'s parameters (``numel`` in all; ``shape``: its weight's) formed at one point at once."""
+    """Elements of ``module``'s parameters (``numel`` in all; ``shape``: its weight's) formed at one point at once:
+    all, or for a chunked weight the chunk's bound (with its output columns), :data:`FORM_CHUNK_BYTES`."""
     rows = chunk_rows(module, shape, itemsize) if shape is not None else None
-    return numel if rows is None else min(numel, rows * shape[1] + (numel - shape[0] * shape[1]))
+    return numel if rows is None else FORM_CHUNK_BYTES // itemsize
 
 
 def point_bytes(module_bytes: float) -> float:

@@ -27,7 +27,7 @@ from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
-from zo2.offload.arith import materializes_directions, point_bytes, segment_table, select_kernels
+from zo2.offload.arith import formed_numel, materializes_directions, point_bytes, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
@@ -251,8 +251,8 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     largest = max((p.numel() for ps in block_params for p in ps), default=0)
     compute_size = torch.empty((), dtype=inputs.compute_dtype).element_size()
     z = 4 * largest if materializes_z else 0
-    reserve = point_bytes(_largest_module(inputs) * compute_size) + z
-    block_reserve = point_bytes(_largest_module(inputs, blocks) * compute_size) + z  # while a block runs
+    reserve = point_bytes(_largest_module(inputs, formed=compute_size) * compute_size) + z
+    block_reserve = point_bytes(_largest_module(inputs, blocks, compute_size) * compute_size) + z  # a block runs
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
     piece = _piece_bytes(inputs, blocks, frozen)  # one matrix at a time: what one slot of the rings holds
@@ -269,13 +269,20 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     return plan
 
 
-def _largest_module(inputs: OffloadInputs, units: list | None = None) -> int:
-    """The most trainable elements one module (of ``units``, default all) holds directly (what zo2.points forms
-    at a point at once)."""
+def _largest_module(inputs: OffloadInputs, units: list | None = None, formed: int = 0) -> int:
+    """The most trainable elements one module (of ``units``, default all) holds directly; with ``formed`` (the
+    compute dtype's itemsize), the most zo2.points forms at a point at once (a large linear layer or embedding: a
+    chunk of rows, zo2.offload.arith.formed_numel)."""
     per_module: dict[int, int] = {}
+    modules, shapes = {}, {}
     for u in inputs.units if units is None else units:
         for s in u.slots:
             per_module[id(s.module)] = per_module.get(id(s.module), 0) + inputs.params[s.name].numel()
+            modules[id(s.module)] = s.module
+            if s.attr == "weight":
+                shapes[id(s.module)] = tuple(inputs.params[s.name].shape)
+    if formed:
+        per_module = {k: formed_numel(modules[k], n, shapes.get(k), formed) for k, n in per_module.items()}
     return max(per_module.values(), default=0)
 
 

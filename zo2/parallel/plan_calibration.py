@@ -108,6 +108,7 @@ def calibrate(path: str | Path, base: Rates | None = None) -> Rates:
     # the loss's chunk when the file was measured; none recorded: before the loss was chunked
     changes["loss_chunk_mb"] = data.get("loss_chunk_bytes", math.inf) / 2**20
     changes["head_points_at_once"] = data.get("head_points_at_once", 2)
+    changes["form_chunk_mb"] = data.get("form_chunk_bytes", math.inf) / 2**20
     overhead = _point_overhead(rows, replace(base, **changes))
     if overhead is not None:
         changes["point_overhead_ms"] = overhead

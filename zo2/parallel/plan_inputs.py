@@ -74,6 +74,10 @@ class Rates:
     head_points_at_once: float = 1.0
     """Points whose logits exist at once (1: the head runs point by point; a measurement from before, read by
     ``--calibrate`` from a file that does not record it, had every point's)."""
+    form_chunk_mb: float = 64.0
+    """A linear layer or embedding larger than this (MiB at a point) is formed a chunk of rows at a time
+    (zo2.offload.arith.FORM_CHUNK_BYTES); ``inf`` for a measurement taken before (calibrating from a file that does
+    not record ``form_chunk_bytes``)."""
     loss_passes: float = 4.0
     """Passes over float32 logits per forward in the loss (upcast, softmax, gather)."""
     point_overhead_ms: float = 1.0

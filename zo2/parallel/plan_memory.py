@@ -32,8 +32,8 @@ def activation_bytes(hidden: int, ffn: int, vocab: int, tokens: int, copies: int
     tokens run as one batch: a block
     holds its hidden states in and out and a feed-forward intermediate with its per-point parts joined; the head
     runs one point at a time (``head_points``: how many points' logits exist at once, 1 since the head went point
-    by point) and holds the loss's float32 chunk (zo2.models.base.LOSS_CHUNK_BYTES). The start-of-run plan (zo2.engine) and
-    ``zo2 plan`` both use it."""
+    by point) and holds the loss's float32 chunk (zo2.models.base.LOSS_CHUNK_BYTES). The start-of-run plan
+    (zo2.engine) and ``zo2 plan`` both use it."""
     act_block = copies * tokens * (2 * hidden + 2 * ffn) * compute_bytes
     logits = tokens * vocab * head_points * compute_bytes
     return act_block, logits, min(tokens * vocab * 8, loss_chunk_bytes)
@@ -61,9 +61,11 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
                                            copies if rates.head_points_at_once > 1 else 1)
     budget = rates.gpu_mem_gb * GB - max(rates.margin_fraction * rates.gpu_mem_gb * GB, rates.margin_min_gb * GB)
     # one module's parameters at a point (the Triton kernels form it without holding z): a block's largest matrix
-    # while the blocks run; the embedding-sized head weight (or a larger block matrix) while the head runs
-    block_reserve = point_bytes(shape.largest_weight * c)
-    reserve = point_bytes(max(shape.largest_weight, shape.vocab * shape.embed_width) * c)
+    # while the blocks run; the embedding-sized head weight (or a larger block matrix) while the head runs; a chunk
+    # of rows of either with its output columns where it is larger than that (zo2.offload.arith.chunk_rows)
+    chunk = rates.form_chunk_mb * 2**20
+    block_reserve = point_bytes(min(shape.largest_weight * c, chunk))
+    reserve = point_bytes(min(max(shape.largest_weight, shape.vocab * shape.embed_width) * c, chunk))
 
     def peak(resident: int, slots: float) -> float:
         return fixed + resident * block + slots + working_bytes(block_reserve, reserve, act_block, logits, loss)
