@@ -18,6 +18,7 @@ momentum, sign, conservative or Adam steps. Momentum and Adam state lives per un
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, replace
@@ -33,7 +34,7 @@ from zo2.models.base import adapter_for
 from zo2.models.losses import LossFn, default_loss, loss_weight
 from zo2.models.units import build_units
 from zo2.offload.build import OffloadInputs, build_offload
-from zo2.offload.residence import DeviceResidence
+from zo2.offload.residence import DeviceResidence, StreamedResidence
 from zo2.offload.store import Deferred
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
@@ -42,6 +43,8 @@ from zo2.optim.optimizers import build_optimizer, check_supported, conservative_
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
 from zo2.parallel.plan_memory import activation_bytes, working_bytes
+
+log = logging.getLogger("zo2.engine")
 from zo2.points import PointsForward, PointValues, groups_of
 from zo2.results import EvalResult, StepResult
 from zo2.visit import Visitor
@@ -104,6 +107,24 @@ class ZOEngine:
         self._tied_at: dict[str, tuple[torch.Tensor, int, int, Any, tuple[int, ...]]] = {}
         """Tied weights' owner buffer, range, table and shape (:meth:`_tied`)."""
         self.last_transfer: TransferStats | None = None
+        self.writeback_probe = offload.writeback_probe
+        """``optim.writeback_every = 'auto'`` on a GPU: deciding K from the first steps' upload waits."""
+
+    def _probe_writeback(self, step_s: float, wait_ms: float) -> None:
+        """Feed ``optim.writeback_every = 'auto'``'s probe one step; once it decides, every streamed residence
+        writes back every K steps from now on (values do not depend on K)."""
+        probe = self.writeback_probe
+        k = probe.observe(step_s, wait_ms)
+        if k is None:
+            return
+        self.writeback_probe = None
+        self.plan.writeback_every = k
+        for residence in self.residences:
+            if isinstance(residence, StreamedResidence):
+                residence.writeback_every = k
+        why = "the link is the bottleneck" if k > 1 else "the forwards outlast the transfers"
+        log.info("optim.writeback_every = 'auto': the compute stream waited for uploads %.1f%% of the measured "
+                 "steps, %s: blocks are written back every %d steps", 100 * probe.share, why, k)
 
     def describe_plan(self, rows: int | None = None, seq: int | None = None) -> str:
         """The residency plan as text; with a batch of ``rows`` × ``seq`` tokens, also the peak with its
@@ -244,6 +265,8 @@ class ZOEngine:
         for residence in self.residences:
             transfer.add(residence.collect_stats())
         self.last_transfer = transfer = self.opt_state.add_stats(transfer)
+        if self.writeback_probe is not None:
+            self._probe_writeback(time.perf_counter() - start, transfer.wait_ms)
         measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
                         replays=transfer.replays,
                         peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0)

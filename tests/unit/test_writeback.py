@@ -129,3 +129,42 @@ def test_auto_writes_back_every_step_on_a_cpu():
     engine, results = run(tiny_model("opt", seed=1), steps=3, offload=True, writeback_every="auto")
     assert engine.plan.writeback_every == 1 and all(r.replays == 0 for r in results)
     assert "written back every" not in engine.plan.describe()
+
+
+def test_the_auto_probe_keeps_one_where_the_forwards_outlast_the_transfers():
+    from zo2.offload.planner import WritebackProbe
+
+    waits = WritebackProbe(8)
+    assert waits.observe(1.0, 900.0) is None  # the first step (compiling, filling the pipeline) is not measured
+    assert [waits.observe(0.1, 20.0) for _ in range(3)] == [None, None, 8]  # 20 % of each step waiting: the link
+    busy = WritebackProbe(8)
+    assert [busy.observe(0.1, w) for w in (500.0, 1.0, 2.0, 1.0)] == [None, None, None, 1]  # 1.3 %: compute
+    assert busy.share == pytest.approx(4e-3 / 0.3)
+
+
+@pytest.mark.parametrize("wait_ms, chosen", [(1e4, 3), (0.0, 1)])
+def test_the_auto_probe_sets_k_for_the_rest_of_the_run_without_changing_a_bit(monkeypatch, wait_ms, chosen):
+    """K decided after the probe's steps (the upload waits faked: a CPU has no CUDA events) applies to every
+    streamed residence from then on, and the weights equal a run that wrote back every step."""
+    from zo2.offload.planner import WritebackProbe
+    from zo2.offload.residence import StreamedResidence
+
+    collect = StreamedResidence.collect_stats
+
+    def waited(self):
+        stats = collect(self)
+        stats.wait_ms += wait_ms
+        return stats
+
+    monkeypatch.setattr(StreamedResidence, "collect_stats", waited)
+    base = tiny_model("opt", seed=2, num_hidden_layers=4)
+    engine = ZOEngine(clone_model(base), ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11, offload=True))
+    engine.writeback_probe = WritebackProbe(3)
+    streamed = next(r for r in engine.residences if isinstance(r, StreamedResidence))
+    for s in range(STEPS):
+        engine.step(padded_batch(seed=s))
+        assert streamed.writeback_every == (1 if s < WritebackProbe.SKIP + WritebackProbe.STEPS - 1 else chosen)
+    assert engine.writeback_probe is None and engine.plan.writeback_every == chosen
+    engine.flush()
+    reference, _ = run(clone_model(base), offload=True)
+    assert_same_params(engine.model, reference.model)

@@ -97,9 +97,12 @@ class ZOConfig:
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of
     every K write-backs are saved. Every sync point (flush, snapshot, evaluation, the end) writes every lagging
-    block. 1: every step. 'auto': K from the measured rates of an update pass on the GPU and of the host link (1 on
-    a CPU, with a stateful optimizer, or where several processes share the node's store). K > 1 needs a stateless
-    optimizer (zo-sgd, zo-sgd-sign, zo-sgd-conservative)."""
+    block. 1: every step. 'auto': the first steps write back every step while the compute stream's waits for
+    uploads are measured; where they are under 5% of a step (the forwards outlast the transfers) K stays 1, else
+    K comes from the measured rates of an update pass on the GPU and of the host link (the log says which and
+    why; 1 on a CPU, with a stateful optimizer, or where several processes share the node's store; an NVMe-only
+    tier takes the largest K at once). K > 1 needs a stateless optimizer (zo-sgd, zo-sgd-sign,
+    zo-sgd-conservative)."""
     gpu_memory_budget: int | float | str | None = None
     """Device memory the engine may plan for: bytes (int or '18GB'), a fraction of free memory (0.9), or None
     for NVML's free memory minus a margin (on CPU, None means no limit)."""

@@ -23,7 +23,7 @@ from zo2.offload.frozen import FrozenSlot
 from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbytes, frozen_of, frozen_store
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
 from zo2.offload.pieces import PieceStore, RingStreamer, piece_store, piecewise_residence
-from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan, parse_budget
+from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
                                repoint)
 from zo2.models.units import shared_names
@@ -190,6 +190,9 @@ class Offload:
     """With a node store and a stateful optimizer: the scheduler's state area."""
     markers: StoreMarkers | None = None
     """With a node store: its per-unit markers, kept current on write-back."""
+    writeback_probe: WritebackProbe | None = None
+    """``optim.writeback_every = 'auto'`` on a GPU: K stays 1 until the first steps show the link is the bottleneck
+    (the engine feeds it each step's time and upload waits)."""
 
 
 def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
@@ -218,6 +221,9 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     residences = _settle_units(inputs, store, streamer, markers, device, nvme, frozen_ring)
     streamed = next((r for r in residences if isinstance(r, StreamedResidence) and r is not nvme), None)
     plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
+    probe = None
+    if inputs.config.writeback_every == "auto" and plan.writeback_every > 1 and streamed is not None:
+        probe, plan.writeback_every = WritebackProbe(plan.writeback_every), 1  # measured before it changes
     for r in residences:
         if isinstance(r, StreamedResidence):
             r.writeback_every = plan.writeback_every
@@ -228,7 +234,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     if plan.streamed or cfg.offload is not False:
         log.info(plan.describe())
 
-    return Offload(plan, store, streamer, residences, opt_state, kernels, state_area, markers)
+    return Offload(plan, store, streamer, residences, opt_state, kernels, state_area, markers, probe)
 
 
 def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], device: torch.device,
