@@ -38,6 +38,7 @@ from zo2 import ZOConfig, ZOEngine  # noqa: E402
 from zo2.models.base import LOSS_CHUNK_BYTES  # noqa: E402
 from zo2.offload.arith import FORM_CHUNK_BYTES  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
+from zo2.offload.planner import WritebackProbe  # noqa: E402
 
 
 def bandwidths(nbytes: int) -> tuple[float, float]:
@@ -50,10 +51,14 @@ def bandwidths(nbytes: int) -> tuple[float, float]:
     return nbytes / up / 1e9, nbytes / down / 1e9
 
 
-def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto", writeback: int = 1,
+def _writeback(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def engine_for(shape: str, layers: int, offload, budget=None, kernels: str = "auto", writeback: int | str = 1,
                granularity: str = "block") -> ZOEngine:
     cfg = dict(lr=1e-7, eps=1e-3, offload=offload, device="cuda", gpu_memory_budget=budget, prefetch=1)
-    if writeback > 1:
+    if writeback != 1:
         cfg["writeback_every"] = writeback
     if granularity != "block":
         cfg["stream_granularity"] = granularity
@@ -105,10 +110,16 @@ def run_writeback(shape: str, layers: int, batches: list[tuple[int, int]], repea
     """The streamed step with a lagging write-back, against the one-way (H2D) floor measured in the same run."""
     rows = []
     for k in writebacks:
-        engine = engine_for(shape, layers, True, kernels=kernels, writeback=k)
+        engine = None
         for b, s in batches:
+            if engine is None or k == "auto":  # 'auto' decides K per engine from its first steps: one per batch
+                engine = engine_for(shape, layers, True, kernels=kernels, writeback=k)
+            if k == "auto":
+                for _ in range(WritebackProbe.SKIP + WritebackProbe.STEPS):
+                    engine.step(batch_of(b, s))
             fwd, t_res = measured[(b, s)]
-            t_str, info = step_time(engine, batch_of(b, s), max(repeat, 2 * k))
+            t_str, info = step_time(engine, batch_of(b, s), max(repeat, 2 * engine.plan.writeback_every))
+            info["writeback_chosen"] = engine.plan.writeback_every
             floor = layers * max(2 * fwd, block_bytes / (bw_up * 1e9))
             rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
                          "writeback_every": k, "bw_h2d": bw_up, "fwd2_ms": 2 * fwd * 1e3, "resident_ms": t_res * 1e3,
@@ -126,7 +137,7 @@ def run_matrix(shape: str, layers: int, batches: list[tuple[int, int]], repeat: 
     """The streamed step one matrix at a time (optim.stream_granularity = 'matrix'), K = 1 and each K of
     ``writebacks``, against block granularity with the same K measured earlier in this run (``block_rows``)."""
     rows = []
-    for k in [1] + [k for k in writebacks if k > 1]:
+    for k in [1] + [k for k in writebacks if isinstance(k, int) and k > 1]:
         engine = engine_for(shape, layers, True, kernels=kernels, writeback=k, granularity="matrix")
         for b, s in batches:
             block = next(r for r in block_rows if r["batch"] == f"{b}x{s}" and r.get("writeback_every", 1) == k)
@@ -173,7 +184,7 @@ def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: i
     del streamed
     gc.collect()
     torch.cuda.empty_cache()
-    rows += run_writeback(shape, layers, batches, repeat, kernels, [k for k in writebacks if k > 1], measured,
+    rows += run_writeback(shape, layers, batches, repeat, kernels, [k for k in writebacks if k != 1], measured,
                           block_bytes, bw_up)
     if matrix:
         rows += run_matrix(shape, layers, batches, repeat, kernels, list(writebacks), list(rows), block_bytes, bw_up)
@@ -205,8 +216,9 @@ def main() -> None:
     parser.add_argument("--budget-shape", default="opt-175b", help="shape also run under --budget")
     parser.add_argument("--budget", default="18GB")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    parser.add_argument("--writeback", type=int, nargs="*", default=[],
-                        help="also run the streamed step with optim.writeback_every = each K given")
+    parser.add_argument("--writeback", type=_writeback, nargs="*", default=[],
+                        help="also run the streamed step with optim.writeback_every = each K given ('auto': its "
+                             "probe decides per batch; the row records the K it chose)")
     parser.add_argument("--matrix", action="store_true",
                         help="also stream one matrix at a time (optim.stream_granularity = 'matrix'), with K = 1 "
                              "and each --writeback K, against block granularity in the same run")
@@ -240,8 +252,8 @@ def main() -> None:
     lagging = [r for r in rows if r.get("writeback_every")]
     if lagging:
         print()
-        print_table(lagging, [("shape", "shape", "s"), ("batch", "batch", "s"), ("writeback_every", "K", "d"),
-                              ("streamed_ms", "streamed ms", ".1f"), ("floor_h2d_ms", "H2D floor ms", ".1f"),
+        print_table(lagging, [("shape", "shape", "s"), ("batch", "batch", "s"), ("writeback_every", "K", ""),
+                              ("writeback_chosen", "K used", "d"), ("streamed_ms", "streamed ms", ".1f"), ("floor_h2d_ms", "H2D floor ms", ".1f"),
                               ("vs_floor_h2d", "str/H2D floor", ".2f"), ("d2h_gb", "D2H GB (last step)", ".2f")])
     if matrix:
         print()
