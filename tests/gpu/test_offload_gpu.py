@@ -171,3 +171,19 @@ def test_lora_one_matrix_at_a_time_needs_a_fraction_of_the_blocks_memory():
     fc1 = (4096 * 1024 + 4096) * 2
     b, m = peak("block"), peak("matrix")
     assert m < b - 3 * (block - fc1), (b, m)  # 4 slots each: 4 x (block - fc1) = 67.2 MB fewer
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_linear_layers_and_embeddings_formed_in_chunks_equal_resident_on_cuda(monkeypatch, family):
+    """Every linear layer and embedding formed a few rows at a time (the chunk at 4 KB; the tied head of both
+    families included): resident ≡ by block ≡ by matrix on CUDA, bf16 with stochastic rounding, Triton kernels."""
+    monkeypatch.setattr("zo2.offload.arith.FORM_CHUNK_BYTES", 4096)
+    base = tiny_model(family, seed=6, num_hidden_layers=4).to(torch.bfloat16)
+    cfg = dict(storage_dtype="bf16")
+    resident, lr_ = _run(clone_model(base), offload=False, **cfg)
+    assert any(g.rows is True for gs in resident._groups.values() for g in gs)
+    block, lb = _run(clone_model(base), offload=True, **cfg)
+    matrix, lm = _run(clone_model(base), offload=True, stream_granularity="matrix", **cfg)
+    assert lr_ == lb == lm
+    assert_same_params(resident.model.cpu(), block.model.cpu())
+    assert_same_params(resident.model.cpu(), matrix.model.cpu())
