@@ -97,6 +97,33 @@ class PieceStore:
         return self.store.flat(block)[lo:hi]
 
 
+class PieceMarkers:
+    """A node store's markers (zo2.offload.markers.StoreMarkers: per unit and writer) seen by a streamer that
+    writes pieces back: a unit's write is marked in flight when its first piece's write-back starts and done when
+    the last of its pieces written for that step has landed, so a crash between its pieces leaves it torn (the
+    scheduler rebuilds it) and never marked as holding a step only some pieces hold."""
+
+    def __init__(self, markers: Any, store: PieceStore):
+        self.markers = markers
+        self._unit = [block for block, _, _ in store.pieces]
+        self._count = {b: self._unit.count(b) for b in set(self._unit)}
+        self._open: dict[tuple[int, int, int], int] = {}
+        """(unit, writer, step) → pieces of it not yet landed."""
+
+    def begin(self, piece: int, writer: int, step: int) -> None:
+        key = (self._unit[piece], writer, step)
+        if key not in self._open:
+            self._open[key] = self._count[key[0]]
+            self.markers.begin(key[0], writer, step)
+
+    def done(self, piece: int, writer: int, step: int) -> None:
+        key = (self._unit[piece], writer, step)
+        self._open[key] -= 1
+        if not self._open[key]:
+            del self._open[key]
+            self.markers.done(key[0], writer, step)
+
+
 class RingStreamer(BlockStreamer):
     """A :class:`BlockStreamer` whose device memory is one ring of ``(prefetch + 2)`` × the largest piece,
     allocated piece by piece in upload order, instead of fixed slots: a norm's few KB take a few KB, so the large
