@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import types
 from collections import namedtuple
@@ -274,3 +275,40 @@ def test_aio_engine_drives_the_store(tmp_path, monkeypatch):
     store.engine.submit_read(store.path(0, "a"), 0, store.staging(0))
     with pytest.raises(OSError, match="completed 0 of 1"):
         store.engine.wait()
+
+
+# ---------------------------------------------------------------------------------------------------- the folder lock
+def _hold_lock(folder) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock (as a running zo2 train or scheduler does)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; from zo2.offload.nvme import FolderLock; "
+                             f"lock = FolderLock({str(folder)!r}); print('locked', flush=True); time.sleep(600)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_owner_of_a_folder_is_refused_naming_the_holder_until_it_is_gone(tmp_path):
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(ResourceError) as err:
+            NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+        assert str(tmp_path) in str(err.value) and f"process {holder.pid}" in str(err.value)
+        assert "nvme_path" in str(err.value)
+        assert not list(tmp_path.glob("unit-*"))  # refused before any file was made
+        mapped = NvmeStore.from_numels(tmp_path, [], torch.float32, engine=ThreadPoolEngine())  # no lock asked
+        assert mapped.lock is None
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    store = NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+    assert (tmp_path / nvme.LOCK_FILE).read_text().strip() == str(os.getpid())  # the kernel dropped the dead lock
+    with pytest.raises(ResourceError, match=f"process {os.getpid()}"):  # this process's live store holds it
+        NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+    store.close()
+    NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True).close()
+
+
+def test_a_dropped_store_of_this_process_does_not_keep_its_folder_locked(tmp_path):
+    NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)  # never closed
+    again = NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+    assert again.lock is not None
