@@ -29,7 +29,7 @@ from zo2.offload.arith import materializes_directions, point_bytes, segment_tabl
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
-from zo2.offload.tiered import NvmeResidence, nvme_tier_for
+from zo2.offload.tiered import NvmeResidence, host_blocks, nvme_tier_for
 from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype
 
@@ -132,10 +132,10 @@ def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[Para
         raise ModelError(f"The node store holds {spec.dtype} but the model's trainable weights are "
                          f"{sorted(map(str, dtypes))}; build both from the same config (model.dtype, "
                          "optim.storage_dtype).")
-    store = ParameterStore.from_blocks([[(n, inputs.params[n]) for n in u.owned] for u in units], spec.torch_dtype,
-                                       pin=device.type == "cuda", shared=True, name=spec.name, create=False,
-                                       pad_to=spec.pad_to)
-    if layout_digest(store.layouts) != spec.digest:
+    blocks = [[(n, inputs.params[n]) for n in u.owned] for u in units]  # the NVMe-homed ones map their files
+    store = ParameterStore.from_blocks(host_blocks(blocks, spec.nvme_units), spec.torch_dtype, pin=device.type ==
+                                       "cuda", shared=True, name=spec.name, create=False, pad_to=spec.pad_to)
+    if layout_digest([pack_layout(b) for b in blocks]) != spec.digest:
         raise ModelError("The node store's layout differs from this model's (parameter names, shapes or order); "
                          "the scheduler and the workers built different models. Run them from the same config.")
     for k, u in enumerate(units):
@@ -241,7 +241,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
-        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.streamed], device, markers)
+        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.host], device, markers)
     else:
         store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
                                                  plan.granularity == "matrix")
@@ -474,7 +474,7 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
         elif nvme is not None and nvme.holds(u):
-            u.residence, u.layout = nvme, nvme.store.layouts[nvme.index(u)]
+            u.residence, u.layout = nvme, nvme.layout(u)
         else:
             u.residence = resident
             u.layout, u.flat = _pack_resident(inputs, u, device)

@@ -141,8 +141,8 @@ class ParameterStore:
         self.buffers = [self._allocate(i, n, pin) for i, n in enumerate(numels)]
 
     def _allocate(self, index: int, numel: int, pin: bool) -> torch.Tensor:
-        if not self.shared:
-            return torch.empty(numel, dtype=self.dtype, pin_memory=pin)
+        if not self.shared or numel == 0:  # an empty unit (homed elsewhere, or without weights) needs no file
+            return torch.empty(numel, dtype=self.dtype, pin_memory=pin and numel > 0)
         # Allocate in shared memory from the start and fill in place: sharing a filled tensor copies it.
         path = SHM_DIR / f"{self.name}-block{index}"
         if not self.owner and not path.exists():
