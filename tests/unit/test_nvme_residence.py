@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import shutil
 import threading
 import time
@@ -105,6 +106,27 @@ def test_planner_without_nvme_path_names_the_numbers_and_the_fix():
     assert "3.00 GB" in message and "2.00 GB" in message and "nvme_path" in message
     with pytest.raises(ResourceError, match="staging buffers"):
         place_tiers(plan([10**9] * 4, [1, 2, 3]), host_budget=2 * 10**9, nvme_path="/nvme", prefetch=1)
+
+
+def test_the_node_store_keeps_its_first_blocks_in_host_memory_and_homes_the_rest_on_nvme():
+    """zo2 launch: the scheduler's placement counts the embedding, the head and every worker's staging buffers (of
+    its slice of the largest block) against the host budget, then the blocks in order."""
+    from zo2.control.nvme_store import place_units
+
+    Unit = namedtuple("Unit", "kind")
+    units = [Unit("embed")] + [Unit("block")] * 6 + [Unit("head")]
+    sizes = [4096] + [8192] * 6 + [512]
+    staging = staging_buffers(1) * 8192  # one worker: its slice is the block; two: two half-block slices
+
+    def place(budget: int, writers: int = 1) -> list[int]:
+        return place_units(units, sizes, OffloadConfig(nvme_path="/nvme", host_memory_budget=budget), 1, writers)
+
+    assert place(4608 + staging + 2 * 8192 + 100) == [3, 4, 5, 6]
+    assert place(4608 + staging + 2 * 8192 + 100, writers=2) == [3, 4, 5, 6]
+    assert place(sum(sizes)) == []  # everything fits: nothing on NVMe
+    with pytest.raises(ResourceError, match=r"cannot hold the node store's embedding and head \(0.00 GB\) and the "
+                                            r"workers' NVMe staging buffers"):
+        place(4608 + staging - 1)
 
 
 def test_engine_refuses_a_model_larger_than_the_host_budget_without_nvme(tmp_path):
@@ -295,6 +317,18 @@ def test_full_disk_during_training_keeps_the_previous_version(tmp_path, monkeypa
             assert torch.equal(flat[seg.offset : seg.offset + seg.numel].view(seg.shape), before[seg.name])
 
 
+def test_two_engines_cannot_share_an_nvme_folder(tmp_path):
+    """The second run on the folder stops with the folder and the pid that holds it; once the first run's engine
+    is gone the folder is free again."""
+    first = nvme_engine(tiny_model("opt", seed=1, num_hidden_layers=LAYERS), tmp_path)
+    with pytest.raises(ResourceError, match=f"{tmp_path}.*in use by process {os.getpid()}"):
+        nvme_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
+    run(first, 1)  # unharmed
+    del first
+    second = nvme_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
+    run(second, 1)
+
+
 # ------------------------------------------------------------------------------------------------ host memory
 def live_rss() -> int:
     """The process's resident memory after glibc returned its free heap pages (malloc_trim): what is live, not what
@@ -359,10 +393,15 @@ def test_a_training_run_on_the_nvme_tier_saves_the_same_model(tmp_path):
     assert_same_state(a, b)
 
 
-def test_zo2_launch_refuses_the_nvme_tier_for_now(tmp_path):
+def test_the_node_store_refuses_optimizer_state_on_nvme_before_making_files(tmp_path):
+    """zo2 launch: a stateful optimizer whose blocks would go to NVMe is a ConfigError before any file exists."""
     from zo2.config import load_config
-    from zo2.control.scheduler import Scheduler
+    from zo2.control.store import NodeStore
+    from zo2.train.build import build_job_model, build_tokenizer
 
-    job = load_config("tiny-opt", overrides=[f"run.out_dir={tmp_path / 'run'}", f"offload.nvme_path={tmp_path}"])
-    with pytest.raises(ConfigError, match="not yet supported under zo2 launch"):
-        Scheduler(job, workers=1, quiet=True)
+    job = load_config("tiny-opt", overrides=["optim.optimizer=zo-adam", f"offload.nvme_path={tmp_path / 'nvme'}",
+                                             "offload.host_memory_budget=800000"])
+    model = build_job_model(job, build_tokenizer(job))
+    with pytest.raises(ConfigError, match="optimizer state"):
+        NodeStore(model, job.optim, 1, job.offload)
+    assert not (tmp_path / "nvme").exists()
