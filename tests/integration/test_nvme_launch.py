@@ -206,3 +206,43 @@ def test_a_second_user_of_the_nvme_folder_is_refused_with_the_holders_pid(tmp_pa
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
     FolderLock(folder).release()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: several processes on one node, no scheduler
+# ----------------------------------------------------------------------------------------------------------
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "zo2", "train", "--quiet", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for kv in items for a in ("--set", kv)]
+
+
+def test_torchrun_processes_share_the_nodes_nvme_files_and_equal_one_process(tmp_path, reference):
+    """Two torchrun processes (perturbation parallelism, sliced transfers): the first makes the NVMe files, each
+    writes and streams its slice of the blocks beyond the host budget; the run equals the single process without
+    NVMe bit for bit, and the first process deletes the files at the end."""
+    folder, run_dir = tmp_path / "nvme", tmp_path / "run"
+    proc = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on NVMe in" in proc.stderr  # the plan: some blocks on NVMe
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+    assert scheduler_files(folder) == [] and (folder / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_on_nvme_resumes_bit_for_bit(tmp_path, reference):
+    """A resumed torchrun run writes the snapshot's weights into the node's NVMe files slice by slice (every
+    process its own) and ends equal to the uninterrupted single process."""
+    folder, run_dir = tmp_path / "nvme", tmp_path / "run"
+    part = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder), "train.steps=4"))
+    assert part.returncode == 0, part.stderr[-3000:]
+    rest = _torchrun("--resume", str(run_dir), *_sets(f"train.steps={STEPS}"))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))

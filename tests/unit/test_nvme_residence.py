@@ -129,6 +129,18 @@ def test_the_node_store_keeps_its_first_blocks_in_host_memory_and_homes_the_rest
         place(4608 + staging - 1)
 
 
+def test_several_processes_per_node_need_sliced_transfers_for_nvme():
+    """torchrun without sliced transfers: each process would make its own files in the one folder."""
+    from types import SimpleNamespace
+
+    from zo2.offload.tiers import place_tiers_for
+
+    inputs = SimpleNamespace(tiers=OffloadConfig(nvme_path="/nvme"), store_spec=None,
+                             comm=SimpleNamespace(local_size=2), config=SimpleNamespace(sliced_transfers=False))
+    with pytest.raises(ConfigError, match="2 processes per node needs optim.sliced_transfers = true"):
+        place_tiers_for(inputs, plan([8192] * 4, [1, 2, 3]), [[]] * 4, creates_store=True)
+
+
 def test_engine_refuses_a_model_larger_than_the_host_budget_without_nvme(tmp_path):
     model = tiny_model("opt", seed=1, num_hidden_layers=LAYERS)
     tiers = OffloadConfig(host_memory_budget=2 * block_bytes(model))

@@ -7,9 +7,7 @@ engine's visits use (:class:`Offload`); it is the one place that decides where e
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +20,8 @@ from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.pieces import PieceStore, PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, auto_writeback, make_plan, parse_budget
-from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
-                               repoint)
+from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, pack_layout, remove_stale_stores, repoint,
+                               shared_store_name)
 from zo2.models.units import shared_names
 from zo2.offload.arith import materializes_directions, point_bytes, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
@@ -77,14 +75,6 @@ def _sliced(inputs: "OffloadInputs") -> bool:
     """Several processes of this node stream blocks: share one store and split every transfer."""
     comm = inputs.comm
     return comm is not None and comm.local_size > 1 and inputs.config.sliced_transfers
-
-
-def shared_store_name(comm) -> str:
-    """The name of a torchrun job's shared store on this node, agreed on by its processes (call on each): the pid
-    of the node's first process, which creates it — a store left behind by a killed or hung job is then stale
-    once that process is gone, and the next run removes it — and a digest of the job's rendezvous."""
-    parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
-    return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
 def _build_store(inputs: "OffloadInputs", blocks: list, dtype: torch.dtype, device: torch.device) -> ParameterStore:

@@ -113,9 +113,10 @@ class SlicedNvme:
             self.lock.release()
             self.lock = None
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # best effort: the owner's files go with it (a killed owner's, with the next owner)
         try:
-            self._unlock()
+            if self.lock is not None:
+                self.close(remove=True)
         except Exception:
             pass
 

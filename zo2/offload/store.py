@@ -9,6 +9,7 @@ reads and writes the store and nothing is held twice. The buffer is page-locked 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -36,6 +37,14 @@ def new_store_name(pid: int | None = None, nonce: str | None = None) -> str:
     """A shared store's name: the pid of the process that creates it (so that files left by a killed job are
     recognized as stale) and a nonce (random, or agreed on by the processes of one job)."""
     return f"zo2-node-{os.getpid() if pid is None else pid}-{nonce or uuid.uuid4().hex[:8]}"
+
+
+def shared_store_name(comm) -> str:
+    """The name of a torchrun job's shared store on this node, agreed on by its processes (call on each): the pid
+    of the node's first process, which creates it — a store left behind by a killed or hung job is then stale
+    once that process is gone, and the next run removes it — and a digest of the job's rendezvous."""
+    parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
 def process_alive(pid: int) -> bool:

@@ -36,13 +36,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from zo2.errors import ModelError
+from zo2.errors import ModelError, ResourceError
 from zo2.models.units import shared_names
 from zo2.offload.markers import StoreMarkers
 from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.residence import StreamedResidence
-from zo2.offload.store import ParameterStore, pack_layout, repoint
+from zo2.offload.store import ALIGN, ParameterStore, pack_layout, repoint, shared_store_name
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.tiers import staging_buffers
 
@@ -318,10 +318,15 @@ class NvmeResidence(StreamedResidence):
     def _largest(self) -> int:
         return max(range(len(self.store)), key=self.store.file_bytes)
 
+    owner: SlicedNvme | None = None
+    """A torchrun node's first process: the node's files, whose folder it locks and which it deletes at the end."""
+
     def close(self) -> None:
         self.streamer.close()
         if self.whole is not None:
             self.whole.close()
+        if self.owner is not None:
+            self.owner.close(remove=True)
 
 
 def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter], folder: str, device: torch.device,
@@ -363,6 +368,8 @@ def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> Nv
                          getattr(t, "block_size_bytes", 1 << 20))
     if inputs.store_spec is not None:
         return node_nvme_tier(inputs, units, device, engine)
+    if inputs.comm is not None and inputs.comm.local_size > 1:
+        return shared_nvme_tier(inputs, units, device, engine)
     return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)
 
 
@@ -398,3 +405,56 @@ def node_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engi
     whole = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=False)
     return NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
                          barrier=comm.local_barrier)
+
+
+def shared_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
+    """The NVMe-homed ``units`` of a torchrun node's processes (sliced transfers, no scheduler): the node's first
+    process makes the files (the folder's lock, the stale files of dead jobs removed, the disk checked) and deletes
+    them when its engine goes; every process writes its slice of the weights it holds (its replica of the model)
+    and streams that slice. Unit k's files are named after its index among the model's units."""
+    comm = inputs.comm
+    dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
+    if len(dtypes) != 1:
+        raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
+                         "one dtype (model.dtype or optim.storage_dtype).")
+    dtype, name = dtypes.pop(), shared_store_name(comm)
+    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
+    homes = [next(k for k, v in enumerate(inputs.units) if v is u) for u in units]
+    numels = slice_numels(dict(zip(homes, layouts)), comm.local_size * ALIGN)
+    folder = inputs.tiers.nvme_path
+    owner, failure = None, None
+    if comm.local_rank == 0:
+        try:
+            owner = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False, create=True)
+        except Exception as exc:  # the others must not wait for files that never come
+            failure = exc
+    if not comm.local_share(failure is None, "making the NVMe files"):
+        raise failure or ResourceError(f"The node's first process could not make the NVMe files in {folder} (its "
+                                       "error says why).")
+    mine = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=device.type == "cuda",
+                      writer=comm.local_rank)
+    _write_own_slices(mine, units, homes, layouts, inputs.params, comm.local_rank)
+    comm.local_barrier()  # every slice is written before anyone reads a whole unit
+    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
+    streamer.ranges = {j: mine.bounds(h, comm.local_rank) for j, h in enumerate(homes)}
+    whole = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False)
+    residence = NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
+                              barrier=comm.local_barrier)
+    residence.owner = owner
+    return residence
+
+
+def _write_own_slices(files: SlicedNvme, units: Sequence[Any], homes: list[int], layouts: list, params: dict,
+                      writer: int) -> None:
+    """Write this process's slice of each unit whose parameters hold values (as the step the unit holds), then
+    move the parameters to the meta device: the files are their home. Units built on the meta device are filled
+    later by the loaders (:meth:`NvmeResidence.fill_home`)."""
+    for u, home, layout in zip(units, homes, layouts):
+        owned = [params[n] for n in u.owned]
+        if not any(p.is_meta for p in owned):
+            flat = torch.zeros(files.numels[home], dtype=owned[0].dtype)
+            for seg, p in zip(layout, owned):
+                flat[seg.offset : seg.offset + seg.numel].view(seg.shape).copy_(p.detach())
+            files.write(home, flat, u.applied, writers=[writer])
+        for p in owned:
+            repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))

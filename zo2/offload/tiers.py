@@ -73,20 +73,27 @@ def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, pref
 
 def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) -> Plan:
     """:func:`place_tiers` for an engine's offload inputs (zo2.offload.build.OffloadInputs: its ``tiers`` are the
-    ``[offload]`` section) where this process creates the host store (``creates_store``); the NVMe tier's limits
-    as ConfigErrors. ``frozen``: the frozen parameters of each block."""
+    ``[offload]`` section) where this process creates the host store (``creates_store``), and on every process of
+    a torchrun node with an NVMe tier (the first one's budget shared); the NVMe tier's limits as ConfigErrors.
+    ``frozen``: the frozen parameters of each block."""
     tiers = inputs.tiers
     nvme_path = getattr(tiers, "nvme_path", None)
     if inputs.store_spec is not None:
         return _node_tiers(inputs, plan, frozen)
-    if nvme_path is not None and inputs.comm is not None:
-        raise ConfigError("offload.nvme_path is not yet supported with several processes (torchrun); unset it, "
-                          "or run one process.")
-    if not creates_store:
+    budget = getattr(tiers, "host_budget_bytes", None)
+    comm = inputs.comm
+    if nvme_path is not None and comm is not None and comm.local_size > 1:
+        if not inputs.config.sliced_transfers:
+            raise ConfigError(f"offload.nvme_path with {comm.local_size} processes per node needs "
+                              "optim.sliced_transfers = true: the node's processes share one copy of the NVMe files, "
+                              "each process moving its slice of every block.")
+        if budget is None:  # every process places the blocks alike, by the first one's measure
+            budget = comm.local_share(default_host_budget(), "agreeing on the host memory budget")
+    elif not creates_store:
         return plan  # a torchrun node's first process checks its store
     stateful = nvme_path is not None and inputs.optimizer.state_names
     try:
-        plan = place_tiers(plan, getattr(tiers, "host_budget_bytes", None), nvme_path, inputs.config.prefetch)
+        plan = place_tiers(plan, budget, nvme_path, inputs.config.prefetch)
     except ResourceError:
         if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
             _refuse_state(inputs.optimizer)
