@@ -99,13 +99,15 @@ def run_scheduler(run_dir: Path, *extra: str, workers: int = 1, fault: str | Non
     return sched, seen
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_nvme_under_zo2_launch_equals_zo2_train_without_nvme(tmp_path, reference, workers):
+@pytest.mark.parametrize("workers, offload", [(1, "true"), (2, "true"), (1, "false")])
+def test_nvme_under_zo2_launch_equals_zo2_train_without_nvme(tmp_path, reference, workers, offload):
     """Mixed placement: the embedding, the head and blocks 0-1 in shared memory, blocks 2-7 in NVMe files, one file
     pair per unit × worker slice; every worker streams its slice (two workers: sliced transfers and an
-    all-gather). Logs and weights equal zo2 train's without NVMe; the scheduler deletes its files at the end."""
+    all-gather). With optim.offload = false the worker's plan keeps every block on the device, except those whose
+    home is a file: they stream. Logs and weights equal zo2 train's without NVMe; the scheduler deletes its files
+    at the end."""
     folder = tmp_path / "nvme"
-    extra = nvme(folder) + (["parallel.pp=2"] if workers == 2 else [])
+    extra = nvme(folder) + (["parallel.pp=2"] if workers == 2 else []) + [f"optim.offload={offload}"]
     sched, seen = run_scheduler(tmp_path / "run", *extra, workers=workers)
     spec = seen["spec"]
     assert spec.nvme_path == str(folder) and spec.nvme_units == tuple(range(1 + HOST_BLOCKS, 1 + LAYERS))
