@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import types
 from collections import namedtuple
@@ -274,3 +275,90 @@ def test_aio_engine_drives_the_store(tmp_path, monkeypatch):
     store.engine.submit_read(store.path(0, "a"), 0, store.staging(0))
     with pytest.raises(OSError, match="completed 0 of 1"):
         store.engine.wait()
+
+
+# ---------------------------------------------------------------------------------------------------- the folder lock
+def _hold_lock(folder) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock (as a running zo2 train or scheduler does)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; from zo2.offload.nvme import FolderLock; "
+                             f"lock = FolderLock({str(folder)!r}); print('locked', flush=True); time.sleep(600)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_owner_of_a_folder_is_refused_naming_the_holder_until_it_is_gone(tmp_path):
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(ResourceError) as err:
+            NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+        assert str(tmp_path) in str(err.value) and f"process {holder.pid}" in str(err.value)
+        assert "nvme_path" in str(err.value)
+        assert not list(tmp_path.glob("unit-*"))  # refused before any file was made
+        mapped = NvmeStore.from_numels(tmp_path, [], torch.float32, engine=ThreadPoolEngine())  # no lock asked
+        assert mapped.lock is None
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    store = NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+    assert (tmp_path / nvme.LOCK_FILE).read_text().strip() == str(os.getpid())  # the kernel dropped the dead lock
+    with pytest.raises(ResourceError, match=f"process {os.getpid()}"):  # this process's live store holds it
+        NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+    store.close()
+    NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True).close()
+
+
+def test_a_dropped_store_of_this_process_does_not_keep_its_folder_locked(tmp_path):
+    NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)  # never closed
+    again = NvmeStore.from_numels(tmp_path, [1000], torch.float32, engine=ThreadPoolEngine(), lock=True)
+    assert again.lock is not None
+
+
+# ---------------------------------------------------------------------------------------------------- sliced files
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
+
+
+def test_sliced_files_one_pair_per_unit_and_writer_each_writer_its_own(tmp_path):
+    from zo2.offload.nvme_slices import SlicedNvme
+
+    numels = {3: 4096, 5: 2048}  # unit index -> padded numel (a multiple of the 2 writers)
+    owner = SlicedNvme(tmp_path, "zo2-node-1-abcdef01", numels, torch.float32, 2, engine=ThreadPoolEngine(),
+                       pin=False, create=True)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == []  # nothing written yet
+    assert len(list(tmp_path.glob("zo2-node-1-abcdef01-unit*-w*.[ab]"))) == 2 * 2 * 2
+    flat = values(4096, torch.float32, 1)
+    owner.write(3, flat, step=-1)
+    assert owner.held(3) == [-1, -1] and owner.held(5) == [None, None]
+    w1 = SlicedNvme(tmp_path, "zo2-node-1-abcdef01", numels, torch.float32, 2, engine=ThreadPoolEngine(),
+                    pin=False, writer=1)  # maps: a worker's own slices
+    assert w1.entries == [(3, 1), (5, 1)] and w1.bounds(3, 1) == (2048, 4096)
+    w1.store.write(w1.entry(3, 1), -flat[2048:], step=0)  # writer 1 writes its slice back alone
+    out = torch.empty(4096)
+    owner.refresh()
+    owner.read(3, out)
+    assert owner.held(3) == [-1, 0]
+    assert torch.equal(out[:2048], flat[:2048]) and torch.equal(out[2048:], -flat[2048:])
+    with pytest.raises(ResourceError, match="creates the files"):
+        SlicedNvme(tmp_path, "zo2-node-1-other000", numels, torch.float32, 2, engine=ThreadPoolEngine(), pin=False)
+    owner.close(remove=True)
+    assert [p.name for p in tmp_path.iterdir()] == [nvme.LOCK_FILE]
+
+
+def test_an_owner_deletes_the_files_of_owners_that_died_and_keeps_the_living(tmp_path):
+    from zo2.offload.nvme_slices import SlicedNvme
+
+    dead, alive = _dead_pid(), os.getpid()
+    stale = [tmp_path / f"zo2-node-{dead}-0badf00d-unit2-w0.{s}" for s in ("a", "b", "json", "json.tmp")]
+    live = [tmp_path / f"zo2-node-{alive}-00c0ffee-unit2-w0.{s}" for s in ("a", "b", "json")]
+    other = tmp_path / "unit-0.a"  # a zo2 train store's file: not a shared store's
+    for path in [*stale, *live, other]:
+        path.write_bytes(b"x" * 100)
+    owner = SlicedNvme(tmp_path, f"zo2-node-{alive}-12345678", {0: 16}, torch.float32, 1,
+                       engine=ThreadPoolEngine(), pin=False, create=True)
+    assert not [p for p in stale if p.exists()]
+    assert all(p.exists() for p in [*live, other])
+    owner.close(remove=True)
+    assert all(p.exists() for p in [*live, other])

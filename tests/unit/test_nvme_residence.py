@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import shutil
 import threading
 import time
@@ -22,7 +23,7 @@ from zo2.config import ZOConfig
 from zo2.config.offload import OffloadConfig
 from zo2.errors import ConfigError, ResourceError
 from zo2.offload import nvme
-from zo2.offload.nvme import PAGE, NvmeStore, ThreadPoolEngine, round_up
+from zo2.offload.nvme import LOCK_FILE, PAGE, NvmeStore, ThreadPoolEngine, round_up
 from zo2.offload.planner import Plan
 from zo2.offload.tiered import NvmeResidence, NvmeStreamer
 from zo2.offload.tiers import place_tiers, staging_buffers
@@ -105,6 +106,39 @@ def test_planner_without_nvme_path_names_the_numbers_and_the_fix():
     assert "3.00 GB" in message and "2.00 GB" in message and "nvme_path" in message
     with pytest.raises(ResourceError, match="staging buffers"):
         place_tiers(plan([10**9] * 4, [1, 2, 3]), host_budget=2 * 10**9, nvme_path="/nvme", prefetch=1)
+
+
+def test_the_node_store_keeps_its_first_blocks_in_host_memory_and_homes_the_rest_on_nvme():
+    """zo2 launch: the scheduler's placement counts the embedding, the head and every worker's staging buffers (of
+    its slice of the largest block) against the host budget, then the blocks in order."""
+    from zo2.control.nvme_store import place_units
+
+    Unit = namedtuple("Unit", "kind")
+    units = [Unit("embed")] + [Unit("block")] * 6 + [Unit("head")]
+    sizes = [4096] + [8192] * 6 + [512]
+    staging = staging_buffers(1) * 8192  # one worker: its slice is the block; two: two half-block slices
+
+    def place(budget: int, writers: int = 1) -> list[int]:
+        return place_units(units, sizes, OffloadConfig(nvme_path="/nvme", host_memory_budget=budget), 1, writers)
+
+    assert place(4608 + staging + 2 * 8192 + 100) == [3, 4, 5, 6]
+    assert place(4608 + staging + 2 * 8192 + 100, writers=2) == [3, 4, 5, 6]
+    assert place(sum(sizes)) == []  # everything fits: nothing on NVMe
+    with pytest.raises(ResourceError, match=r"cannot hold the node store's embedding and head \(0.00 GB\) and the "
+                                            r"workers' NVMe staging buffers"):
+        place(4608 + staging - 1)
+
+
+def test_several_processes_per_node_need_sliced_transfers_for_nvme():
+    """torchrun without sliced transfers: each process would make its own files in the one folder."""
+    from types import SimpleNamespace
+
+    from zo2.offload.tiers import place_tiers_for
+
+    inputs = SimpleNamespace(tiers=OffloadConfig(nvme_path="/nvme"), store_spec=None,
+                             comm=SimpleNamespace(local_size=2), config=SimpleNamespace(sliced_transfers=False))
+    with pytest.raises(ConfigError, match="2 processes per node needs optim.sliced_transfers = true"):
+        place_tiers_for(inputs, plan([8192] * 4, [1, 2, 3]), [[]] * 4, creates_store=True)
 
 
 def test_engine_refuses_a_model_larger_than_the_host_budget_without_nvme(tmp_path):
@@ -268,7 +302,7 @@ def test_full_disk_at_build_is_a_clear_error_and_makes_no_file(tmp_path, monkeyp
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**6, 10**6))
     with pytest.raises(ResourceError, match=str(tmp_path).replace("/", ".")):
         nvme_engine(tiny_model("opt", seed=1, num_hidden_layers=LAYERS), tmp_path)
-    assert not [p for p in tmp_path.iterdir() if p.is_file()]
+    assert not [p for p in tmp_path.iterdir() if p.is_file() and p.name != LOCK_FILE]  # the folder's lock stays
 
 
 def test_full_disk_during_training_keeps_the_previous_version(tmp_path, monkeypatch):
@@ -293,6 +327,18 @@ def test_full_disk_during_training_keeps_the_previous_version(tmp_path, monkeypa
         reopened.read(k, flat)
         for seg in reopened.layouts[k]:
             assert torch.equal(flat[seg.offset : seg.offset + seg.numel].view(seg.shape), before[seg.name])
+
+
+def test_two_engines_cannot_share_an_nvme_folder(tmp_path):
+    """The second run on the folder stops with the folder and the pid that holds it; once the first run's engine
+    is gone the folder is free again."""
+    first = nvme_engine(tiny_model("opt", seed=1, num_hidden_layers=LAYERS), tmp_path)
+    with pytest.raises(ResourceError, match=f"{tmp_path}.*in use by process {os.getpid()}"):
+        nvme_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
+    run(first, 1)  # unharmed
+    del first
+    second = nvme_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
+    run(second, 1)
 
 
 # ------------------------------------------------------------------------------------------------ host memory
@@ -359,10 +405,15 @@ def test_a_training_run_on_the_nvme_tier_saves_the_same_model(tmp_path):
     assert_same_state(a, b)
 
 
-def test_zo2_launch_refuses_the_nvme_tier_for_now(tmp_path):
+def test_the_node_store_refuses_optimizer_state_on_nvme_before_making_files(tmp_path):
+    """zo2 launch: a stateful optimizer whose blocks would go to NVMe is a ConfigError before any file exists."""
     from zo2.config import load_config
-    from zo2.control.scheduler import Scheduler
+    from zo2.control.store import NodeStore
+    from zo2.train.build import build_job_model, build_tokenizer
 
-    job = load_config("tiny-opt", overrides=[f"run.out_dir={tmp_path / 'run'}", f"offload.nvme_path={tmp_path}"])
-    with pytest.raises(ConfigError, match="not yet supported under zo2 launch"):
-        Scheduler(job, workers=1, quiet=True)
+    job = load_config("tiny-opt", overrides=["optim.optimizer=zo-adam", f"offload.nvme_path={tmp_path / 'nvme'}",
+                                             "offload.host_memory_budget=800000"])
+    model = build_job_model(job, build_tokenizer(job))
+    with pytest.raises(ConfigError, match="optimizer state"):
+        NodeStore(model, job.optim, 1, job.offload)
+    assert not (tmp_path / "nvme").exists()

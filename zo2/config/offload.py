@@ -45,11 +45,14 @@ class OffloadConfig:
 
     nvme_path: str | None = None
     """Folder on a local (NVMe) disk for the blocks that do not fit ``host_memory_budget``: one file pair per block
-    (written crash-safely), read back through ``nvme_engine`` into a few pinned staging buffers every step and
-    written every ``optim.writeback_every`` steps. Unset: no NVMe tier (a model too large for host memory is
-    refused with the numbers). Not supported under ``zo2 launch`` yet."""
+    (per block and worker slice under ``zo2 launch`` and torchrun, where the scheduler or the node's first process
+    makes them and each process streams its slice), written crash-safely, read back through ``nvme_engine`` into a
+    few pinned staging buffers every step and written every ``optim.writeback_every`` steps. One run at a time: the
+    owner holds a lock on the folder (``.zo2-nvme.lock``) and a second run is refused, naming the pid that holds
+    it. Unset: no NVMe tier (a model too large for host memory is refused with the numbers)."""
     host_memory_budget: int | str | None = None
     """Host memory the streamed blocks may occupy (bytes, or '64GB'/'512GiB'), including the NVMe tier's staging
+    buffers; under ``zo2 launch`` the whole node store (embedding and head too) and every worker's staging
     buffers. Unset: what psutil reports available minus 2 GiB (the host store's own check)."""
     nvme_engine: str = "auto"
     """How the NVMe files are read and written: 'aio' (DeepSpeed's async I/O op on libaio: the deepspeed extra,

@@ -62,9 +62,6 @@ class Scheduler:
                               f"{job.parallel.dp * job.parallel.pp}, but the job runs {world} workers "
                               f"({self.place.nnodes} node(s) × {workers}). Set --set parallel.dp=... / parallel.pp=... "
                               f"so that their product is {world}.")
-        if job.offload.nvme_path is not None:
-            raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
-                              "lives in host memory); unset it, or run the job with zo2 train.")
         if workers > 1 and not job.optim.sliced_transfers:
             raise ConfigError("The workers of one node share the scheduler's store and must split its transfers: "
                               "set optim.sliced_transfers = true (the default).")
@@ -125,10 +122,11 @@ class Scheduler:
         if freed:
             log.warning("zo2 scheduler: removed %.2f GB of node-store files left in /dev/shm by a scheduler that "
                         "died", freed / 1e9)
-        self.node = NodeStore(self.model, job.optim, self.workers)
+        self.node = NodeStore(self.model, job.optim, self.workers, job.offload,
+                              frozen_base=job.peft.method is not None)
         self.node.markers.set_all(-1)
         if self.streamed_model:
-            self._fill_base(self.node.tensors())
+            self.node.fill(self._fill_base)
         # the resolved job for the workers, node-local (other nodes must not wait for the head's run folder)
         self.config_path = Path(tempfile.gettempdir()) / f"{self.node.name}-config.toml"
         self.config_path.write_text(to_toml(job), encoding="utf-8")
@@ -359,7 +357,7 @@ class Scheduler:
         from zo2.train.task_run import BEST_DIR, write_best
         from zo2.train.run_dir import save_model
 
-        save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR)
+        save_model(self.model, self.tokenizer, self.run_dir / BEST_DIR, engine=self.node)
         write_best(self.run_dir, best)
         self.console.log(f"step {best['step']}: best {best['metric']} so far ({best['value']:.4f}): saved to best/")
 
@@ -429,7 +427,7 @@ class Scheduler:
         if self.head:
             self._snapshot(self.done)
             if self.job.run.save_final:
-                save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR)
+                save_model(self.model, self.tokenizer, self.run_dir / FINAL_DIR, engine=self.node)
             records = read_log(self.log_path)
             if self.job.run.plot and records:
                 plot_loss(records, [e for e in self.evals if "eval_loss" in e], self.run_dir / "loss.png",
@@ -450,6 +448,8 @@ class Scheduler:
         self.console.log(f"zo2 launch: {verb} {self.job.train.steps} steps of {m.path or m.name} "
                          f"({human_count(count)} parameters) on {self.workers} worker(s) per node × "
                          f"{self.place.nnodes} node(s); node store {self.node.nbytes / 1e9:.2f} GB in shared memory"
+                         + (f" + {self.node.nvme.nbytes / 1e9:.2f} GB on NVMe in {self.node.nvme.folder}"
+                            if self.node.nvme is not None else "")
                          + (f" + {self.node.state_nbytes / 1e9:.2f} GB of {self.job.optim.optimizer} state"
                             if self.node.state is not None else "") + f"; run folder {self.run_dir}")
 

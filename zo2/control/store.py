@@ -7,6 +7,10 @@ instead of building its own (``ZOEngine(..., store_spec=spec)``): streamed block
 to it every step; resident units (the embedding and head, blocks that fit on the device) are copied out once
 and written back at every sync point (snapshot, stop, end).
 
+With ``[offload] nvme_path`` set, the blocks that do not fit ``offload.host_memory_budget`` live in files there
+instead (:mod:`zo2.control.nvme_store`, one file pair per unit × writer slice): their units in the shared store
+are empty, the spec names the folder and the units, and workers stream their slices from the files.
+
 Beside the weights, :class:`StoreMarkers` records for every unit and writer (the process that writes that slice
 back: local rank r with sliced transfers, else 0) the last step whose update the store's copy holds and
 whether a write is in flight. After a crash the scheduler reads them to bring every unit to the last logged
@@ -22,10 +26,12 @@ from typing import Any, Sequence
 
 import torch
 
+from zo2.control.nvme_store import NodeNvme, check_nvme_job, place_units
 from zo2.errors import ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
-from zo2.offload.store import new_store_name
+from zo2.offload.store import ALIGN, layout_numel, new_store_name, pack_layout
+from zo2.offload.tiered import host_blocks
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,10 @@ class StoreSpec:
     digest: str
     state_names: tuple[str, ...] = ()
     """A stateful optimizer's buffer names (zo-sgd-momentum, zo-adam): their :class:`StateArea` exists."""
+    nvme_path: str | None = None
+    """The folder of the NVMe-homed units' files (``{name}-unit{k}-w{r}.a/.b/.json``), or None."""
+    nvme_units: tuple[int, ...] = ()
+    """The units homed there (their /dev/shm buffers are empty)."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -56,6 +66,7 @@ class StoreSpec:
     def from_json(cls, text: str) -> "StoreSpec":
         fields = json.loads(text)
         fields["state_names"] = tuple(fields.get("state_names", ()))
+        fields["nvme_units"] = tuple(fields.get("nvme_units", ()))
         return cls(**fields)
 
 
@@ -64,15 +75,19 @@ class NodeStore:
     """The scheduler's side of the node store: create it for ``model``, fill it, snapshot and repair it.
 
     ``model``'s trainable parameters (real, or on the meta device for a model filled later) are re-pointed at
-    the store's views, so after :meth:`fill` the module reads the store and nothing is held twice.
+    the store's views, so after :meth:`fill` the module reads the store and nothing is held twice. With ``tiers``
+    (the job's ``[offload]`` section) naming an NVMe folder, the units beyond its host budget live in files there
+    (``nvme``, :class:`~zo2.control.nvme_store.NodeNvme`); their parameters move to the meta device.
+    ``frozen_base``: the model has frozen weights the workers build themselves (``[peft]``).
     """
 
-    def __init__(self, model: torch.nn.Module, config: Any, writers: int):
+    def __init__(self, model: torch.nn.Module, config: Any, writers: int, tiers: Any = None, *,
+                 frozen_base: bool = False):
         from zo2.config.zo import torch_dtype
         from zo2.models.units import build_units
         from zo2.offload.arith import segment_table
         from zo2.models.base import adapter_for
-        from zo2.offload.store import ALIGN, ParameterStore
+        from zo2.offload.store import ParameterStore
         from zo2.optim.optimizers import build_optimizer
         from zo2.optim.update import math_dtype
 
@@ -90,19 +105,38 @@ class NodeStore:
                                 "store holds one dtype. Set model.dtype or optim.storage_dtype.")
         dtype = dtypes.pop()
         self.name = new_store_name()
-        self.store = ParameterStore.from_blocks([[(n, params[n]) for n in u.owned] for u in self.units], dtype,
-                                                pin=False, shared=True, create=True, name=self.name,
-                                                pad_to=writers * ALIGN)
-        self.markers = StoreMarkers(self.name, len(self.units), writers, create=True)
-        self.writers = writers
-        self.tables = [segment_table(self.store.layout(k), params, config.no_decay) for k in range(len(self.units))]
-        self.views = [self.store.views(self.store.flat(k), self.store.layout(k)) for k in range(len(self.units))]
+        blocks = [[(n, params[n]) for n in u.owned] for u in self.units]
+        self.layouts = [pack_layout(b) for b in blocks]
+        """Every unit's layout (an NVMe-homed unit's buffer in the shared store is empty)."""
         self.optimizer = build_optimizer(config)
         names = self.optimizer.state_names
+        on_nvme = self._place(tiers, dtype, writers, frozen_base)
+        self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in on_nvme}, dtype, writers,
+                             writers * ALIGN) if on_nvme else None  # the folder's lock and disk first
+        self.store = ParameterStore.from_blocks(host_blocks(blocks, on_nvme), dtype, pin=False, shared=True,
+                                                create=True, name=self.name, pad_to=writers * ALIGN)
+        self.markers = StoreMarkers(self.name, len(self.units), writers, create=True)
+        self.writers = writers
+        if self.nvme is not None:
+            self.nvme.adopt(blocks)
+        self.tables = [segment_table(self.layouts[k], params, config.no_decay) for k in range(len(self.units))]
+        self.views = [self.store.views(self.store.flat(k), self.store.layout(k)) for k in range(len(self.units))]
         self.state = StateArea(self.name, self.store.layouts, names, math_dtype(dtype), pad_to=writers * ALIGN,
                                create=True) if names else None
         self.spec = StoreSpec(self.name, str(dtype), writers * ALIGN, len(self.units), writers,
-                              layout_digest(self.store.layouts), names)
+                              layout_digest(self.layouts), names, str(self.nvme.folder) if self.nvme else None,
+                              tuple(on_nvme))
+
+    def _place(self, tiers: Any, dtype: torch.dtype, writers: int, frozen_base: bool) -> list[int]:
+        """The units homed on NVMe (none without ``tiers.nvme_path``); ConfigError where the job cannot have any."""
+        if tiers is None or tiers.nvme_path is None:
+            return []
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        pad = writers * ALIGN
+        sizes = [-(-layout_numel(layout) // pad) * pad * itemsize for layout in self.layouts]
+        on_nvme = place_units(self.units, sizes, tiers, self.config.prefetch, writers)
+        check_nvme_job(on_nvme, self.optimizer, frozen_base)
+        return on_nvme
 
     @property
     def nbytes(self) -> int:
@@ -114,8 +148,24 @@ class NodeStore:
         return self.state.nbytes if self.state is not None else 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every trainable parameter by name: views of the store (copy them before the workers write again)."""
-        return {name: view for views in self.views for name, view in views.items()}
+        """Every trainable parameter by name: views of the shared memory (copy them before the workers write
+        again) and, for NVMe-homed units, host copies read from their files."""
+        out = {name: view for views in self.views for name, view in views.items()}
+        if self.nvme is not None:
+            out.update(self.nvme.weights())
+        return out
+
+    def home_weights(self) -> dict[str, torch.Tensor]:
+        """The weights whose model parameters are on the meta device (the NVMe-homed units'), read from their files
+        (what ``zo2.train.run_dir.save_model`` merges into the model's state dict)."""
+        return self.nvme.weights() if self.nvme is not None else {}
+
+    def fill(self, fill: Any) -> None:
+        """``fill(views)`` the store with the base weights (name → tensor views): the shared memory at once, then
+        each NVMe-homed unit in turn through a host buffer into its files (as holding step -1)."""
+        fill({name: view for views in self.views for name, view in views.items()})
+        if self.nvme is not None:
+            self.nvme.fill(fill)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """A stateful optimizer's state as a snapshot holds it (views of the state area; ``optimizer/step`` a
@@ -130,10 +180,18 @@ class NodeStore:
             out.update(state_views(self.state.names, self.state.buffers(k), self.store.layout(k)))
         return out
 
+    def on_nvme(self, unit: int) -> bool:
+        """Whether the unit lives in the NVMe files (its buffer in the shared memory is empty)."""
+        return self.nvme is not None and self.nvme.holds(unit)
+
+    def numel(self, unit: int) -> int:
+        """The unit's padded numel (its buffer in the shared memory, or in its NVMe files)."""
+        return self.nvme.numels[unit] if self.on_nvme(unit) else self.store.flat(unit).numel()
+
     def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
         from zo2.offload.store import share_bounds
 
-        return share_bounds(self.store.flat(unit).numel(), writer, self.writers)
+        return share_bounds(self.numel(unit), writer, self.writers)
 
     # ------------------------------------------------------------------ repair
     def bring_to(self, step: int, records: Sequence[dict], snapshot: Any, fill_base: Any, device: torch.device,
@@ -144,11 +202,10 @@ class NodeStore:
         it; a torn slice, one ahead of ``step`` or, with ``rebuild_all``, every unit is rebuilt from
         ``snapshot`` (a :class:`~zo2.train.checkpoint.Snapshot` at or before ``step + 1``, or None) or, without
         one, ``fill_base(views)`` (fills name → tensor views with the base weights), then the log replayed.
-        Updates run with the engine's arithmetic (``zo2.offload.arith.update_flat``) on ``device``.
+        Updates run with the engine's arithmetic (``zo2.offload.arith.update_flat``) on ``device``. An
+        NVMe-homed unit is read from its files (a rebuild reads nothing), repaired in host memory and written back.
         """
-        from zo2.offload.arith import select_kernels, update_flat
-        from zo2.optim.optimizers import UnitState
-        from zo2.train.checkpoint import replay_updates
+        from zo2.offload.arith import select_kernels
 
         kernels = select_kernels(self.config.kernels, device, {self.store.dtype})
         counts = {"caught_up": 0, "rebuilt": 0}
@@ -161,36 +218,50 @@ class NodeStore:
         for k in range(len(self.units)):
             applied = self.markers.applied(k)
             rebuild = rebuild_all or self.markers.torn(k) or any(a > step for a in applied)
-            if rebuild:
-                start = self._reload(k, snapshot, fill_base)
-                slices = [((0, self.store.flat(k).numel()), start)]
-                counts["rebuilt"] += 1
-            else:
-                slices = [(self.slice_of(k, w), a + 1) for w, a in enumerate(applied) if a < step]
-                counts["caught_up"] += bool(slices)
-            for (lo, hi), first in slices:
-                if hi <= lo or first > step:
-                    continue
-                table = self.tables[k].slice(lo, hi) if (lo, hi) != (0, self.store.flat(k).numel()) else self.tables[k]
-                target = self.store.flat(k)[lo:hi]
-                work = target.to(device) if device.type != "cpu" else target
-                state = None
-                if self.state is not None:  # always the whole unit (rebuilt)
-                    state = UnitState({n: b.to(device) for n, b in self.state.buffers(k).items()}, start_count)
-                replay_updates(lambda u: update_flat(kernels, self.config, work, table, u, self.optimizer, state),
-                               records, first, step + 1)
-                if work is not target:
-                    target.copy_(work)
-                if state is not None:
-                    for n, b in self.state.buffers(k).items():
-                        if state.buffers[n] is not b:  # replayed on another device
-                            b.copy_(state.buffers[n])
-                    final_count = state.count
+            slices = [] if rebuild else [(self.slice_of(k, w), a + 1) for w, a in enumerate(applied) if a < step]
+            nvme = self.on_nvme(k)
+            if rebuild or slices:
+                flat = (self.nvme.buffer(k) if rebuild else self.nvme.read(k)) if nvme else self.store.flat(k)
+                if rebuild:
+                    slices = [((0, self.numel(k)), self._reload(k, flat, snapshot, fill_base))]
+                counts["rebuilt" if rebuild else "caught_up"] += 1
+                final_count = self._replay(k, flat, slices, records, step, kernels, device, start_count)
+                if nvme:
+                    self.nvme.write(k, flat, step)
             self.markers.table[k, :, 0] = step
             self.markers.table[k, :, 1] = 0
         if self.state is not None:
             self.state.count = final_count
         return counts
+
+    def _replay(self, k: int, flat: torch.Tensor, slices: list, records: Sequence[dict], step: int, kernels: Any,
+                device: torch.device, start_count: int) -> int:
+        """Replay the logged updates from each slice's first step to ``step`` on ``slices`` ((lo, hi), first) of
+        unit ``k``'s buffer ``flat``; returns the optimizer state's update count after them."""
+        from zo2.offload.arith import update_flat
+        from zo2.optim.optimizers import UnitState
+        from zo2.train.checkpoint import replay_updates
+
+        count = start_count
+        for (lo, hi), first in slices:
+            if hi <= lo or first > step:
+                continue
+            table = self.tables[k].slice(lo, hi) if (lo, hi) != (0, self.numel(k)) else self.tables[k]
+            target = flat[lo:hi]
+            work = target.to(device) if device.type != "cpu" else target
+            state = None
+            if self.state is not None:  # always the whole unit (rebuilt)
+                state = UnitState({n: b.to(device) for n, b in self.state.buffers(k).items()}, start_count)
+            replay_updates(lambda u: update_flat(kernels, self.config, work, table, u, self.optimizer, state),
+                           records, first, step + 1)
+            if work is not target:
+                target.copy_(work)
+            if state is not None:
+                for n, b in self.state.buffers(k).items():
+                    if state.buffers[n] is not b:  # replayed on another device
+                        b.copy_(state.buffers[n])
+                count = state.count
+        return count
 
     def _reload_state(self, snapshot: Any) -> None:
         """The optimizer state from ``snapshot`` (its ``optimizer/...`` tensors), or zero at the start."""
@@ -202,9 +273,10 @@ class NodeStore:
             return
         self.state.count = load_views(self._state_views(), snapshot.tensors, self.state.names)
 
-    def _reload(self, unit: int, snapshot: Any, fill_base: Any) -> int:
-        """Refill a unit from the snapshot (or the base weights); returns the first step to replay."""
-        views = self.views[unit]
+    def _reload(self, unit: int, flat: torch.Tensor, snapshot: Any, fill_base: Any) -> int:
+        """Refill a unit (its buffer ``flat``) from the snapshot (or the base weights); returns the first step to
+        replay."""
+        views = self.nvme.views(unit, flat) if self.on_nvme(unit) else self.views[unit]
         if snapshot is not None:
             for name, view in views.items():
                 view.copy_(snapshot.tensors[name])
@@ -213,8 +285,13 @@ class NodeStore:
         return 0
 
     def close(self) -> None:
-        """Unlink the shared files (mapped tensors stay valid in processes that still hold them)."""
-        self.store.close()
-        self.markers.close()
-        if self.state is not None:
-            self.state.close()
+        """Unlink the shared files (mapped tensors stay valid in processes that still hold them); delete the NVMe
+        files and release their folder."""
+        try:
+            self.store.close()
+            self.markers.close()
+            if self.state is not None:
+                self.state.close()
+        finally:
+            if self.nvme is not None:
+                self.nvme.close()

@@ -10,7 +10,8 @@ Environment (set by the scheduler): the torch.distributed variables (RANK, WORLD
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), ``ZO2_RUN_DIR``, ``ZO2_JOB_CONFIG``, ``ZO2_CONTROL_ENDPOINT``,
 ``ZO2_CONTROL_TOKEN``, ``ZO2_SCHEDULER_PID``. Registration is answered with the node store's spec (names, dtype,
 layout digest) and the step to start at. ``ZO2_FAULT=RANK:STEP:UNIT`` (tests) makes that rank tear the
-write-back of that unit in that step — half of it copied — and kill itself with SIGKILL.
+write-back of that unit in that step — half of it copied (for an NVMe-homed unit: half of its slice written into
+the file version being replaced) — and kill itself with SIGKILL.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import zmq
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
 from zo2.control.store import StoreSpec
 from zo2.offload.store import process_alive
+from zo2.offload.tiered import NvmeResidence
 from zo2.errors import ZO2Error
 
 FAULT_ENV = "ZO2_FAULT"
@@ -90,7 +92,7 @@ class Worker:
             self.loader, self.eval_set = build_data(job, self.tokenizer, self.comm)
         optim = replace(job.optim, device=str(device), total_steps=job.optim.total_steps or job.train.steps)
         comm = self.comm if self.comm.world_size > 1 else None
-        self.engine = ZOEngine(self.model, optim, comm=comm, store_spec=spec,
+        self.engine = ZOEngine(self.model, optim, comm=comm, store_spec=spec, offload_config=job.offload,
                                loss_fn=self.task.loss_fn if self.task is not None else None)
         self.engine.load_state_dict({"step": start_step})
         self.guard = build_guard(job, f"zo2 launch ... -- --resume {run_dir}")
@@ -206,6 +208,10 @@ class Worker:
         rank, step, unit = (int(x) for x in spec.split(":"))
         if rank != self.comm.rank:
             return
+        residence = self.engine.units[unit].residence
+        if isinstance(residence, NvmeResidence):
+            _tear_nvme_write(residence, residence.index(self.engine.units[unit]), step)
+            return
         streamer = self.engine.streamer
         original = streamer.write_back if streamer is not None else None
 
@@ -222,6 +228,28 @@ class Worker:
 
         if streamer is not None:
             streamer.write_back = torn_write_back
+
+
+def _tear_nvme_write(residence: Any, block: int, step: int) -> None:
+    """Fault injection: the write-back of ``block`` (an NVMe residence's) holding step ``step`` − 1's update — the
+    one a visit in step ``step`` sends home — writes half of this process's slice into the file version it
+    replaces, then the process dies (SIGKILL) before the marker switches."""
+    streamer, store = residence.streamer, residence.store
+    original = store.write
+
+    def torn_write(k: int, src: Any, step_applied: int) -> None:
+        if k == block and step_applied == step - 1:
+            version = "b" if store.current(k) == "a" else "a"
+            data = src[: store.file_bytes(k) // 2].numpy().tobytes()  # src: the staging buffer's bytes
+            with open(store.path(k, version), "r+b") as f:  # the marker still names the other version
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(k, src, step_applied)
+
+    assert streamer.marks is not None, "an NVMe fault under the scheduler: the write is marked in flight first"
+    store.write = torn_write
 
 
 def _measurements(result: Any) -> dict[str, Any]:

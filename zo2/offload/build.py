@@ -7,9 +7,7 @@ engine's visits use (:class:`Offload`); it is the one place that decides where e
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +22,14 @@ from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbyt
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
 from zo2.offload.pieces import PieceStore, RingStreamer, piece_store, piecewise_residence
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
-from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout, remove_stale_stores,
-                               repoint)
+from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, pack_layout, remove_stale_stores, repoint,
+                               shared_store_name)
 from zo2.models.units import shared_names
 from zo2.offload.arith import formed_numel, materializes_directions, point_bytes, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
-from zo2.offload.tiered import NvmeResidence, nvme_tier_for
+from zo2.offload.tiered import NvmeResidence, host_blocks, nvme_tier_for
 from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype
 
@@ -81,14 +79,6 @@ def _sliced(inputs: "OffloadInputs") -> bool:
     return comm is not None and comm.local_size > 1 and inputs.config.sliced_transfers
 
 
-def shared_store_name(comm) -> str:
-    """The name of a torchrun job's shared store on this node, agreed on by its processes (call on each): the pid
-    of the node's first process, which creates it — a store left behind by a killed or hung job is then stale
-    once that process is gone, and the next run removes it — and a digest of the job's rendezvous."""
-    parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
-    return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
-
-
 def _build_store(inputs: "OffloadInputs", blocks: list, dtype: torch.dtype, device: torch.device) -> ParameterStore:
     """The parameter store: private pinned memory, or with sliced transfers one shared store per node that
     the node's first process creates and fills and the others map."""
@@ -134,10 +124,10 @@ def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[Para
         raise ModelError(f"The node store holds {spec.dtype} but the model's trainable weights are "
                          f"{sorted(map(str, dtypes))}; build both from the same config (model.dtype, "
                          "optim.storage_dtype).")
-    store = ParameterStore.from_blocks([[(n, inputs.params[n]) for n in u.owned] for u in units], spec.torch_dtype,
-                                       pin=device.type == "cuda", shared=True, name=spec.name, create=False,
-                                       pad_to=spec.pad_to)
-    if layout_digest(store.layouts) != spec.digest:
+    blocks = [[(n, inputs.params[n]) for n in u.owned] for u in units]  # the NVMe-homed ones map their files
+    store = ParameterStore.from_blocks(host_blocks(blocks, spec.nvme_units), spec.torch_dtype, pin=device.type ==
+                                       "cuda", shared=True, name=spec.name, create=False, pad_to=spec.pad_to)
+    if layout_digest([pack_layout(b) for b in blocks]) != spec.digest:
         raise ModelError("The node store's layout differs from this model's (parameter names, shapes or order); "
                          "the scheduler and the workers built different models. Run them from the same config.")
     for k, u in enumerate(units):
@@ -209,7 +199,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
-        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.streamed], device, markers)
+        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.host], device, markers)
     else:
         store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
                                                  plan.granularity == "matrix")
@@ -445,7 +435,7 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
         if u.store_index is not None:
             u.residence, u.layout = streamed, store.layout(u.store_index)
         elif nvme is not None and nvme.holds(u):
-            u.residence, u.layout = nvme, nvme.store.layouts[nvme.index(u)]
+            u.residence, u.layout = nvme, nvme.layout(u)
         else:
             u.residence = resident
             u.layout, u.flat = _pack_resident(inputs, u, device)

@@ -17,6 +17,8 @@ libaio). :func:`open_engine` picks one and logs which and why. The NVMe tier's r
 from __future__ import annotations
 
 import errno
+import fcntl
+import gc
 import json
 import logging
 import os
@@ -38,6 +40,8 @@ PAGE = 4096
 DISK_MARGIN_BYTES = 256 << 20
 """Disk space left free in the store's folder when checking that the store fits."""
 VERSIONS = ("a", "b")
+LOCK_FILE = ".zo2-nvme.lock"
+"""The lock file in an NVMe folder: held (``flock``) by the process that owns the files there, naming its pid."""
 
 
 def round_up(nbytes: int, to: int = PAGE) -> int:
@@ -238,25 +242,79 @@ def check_disk(folder: Path, needed: int, what: str) -> None:
             "[offload] nvme_path at a larger disk, or use a smaller storage dtype (bf16 halves fp32).")
 
 
+class FolderLock:
+    """An advisory lock (``flock``) on :data:`LOCK_FILE` in ``folder``, held while this object lives (or until
+    :meth:`release`): one run, or one scheduler, per NVMe folder. The kernel drops the lock when its holder dies,
+    so a killed run never leaves the folder locked. A second holder gets a ResourceError naming the folder and the
+    pid that holds it."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._file = self._take()
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")  # for the error a second holder gets
+        self._file.flush()
+
+    def _take(self) -> Any:
+        for attempt in range(2):
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return f
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    f.close()
+                    raise
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+            if holder != str(os.getpid()) or attempt:
+                break
+            gc.collect()  # this process's own earlier store, dropped but not yet collected, holds it
+        raise ResourceError(
+            f"The NVMe folder {self.folder} is in use by process {holder} (it holds {self.path}): two runs, or two "
+            "schedulers, cannot share offload.nvme_path. Wait for that run to end, or set [offload] nvme_path to "
+            "another folder.")
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
 class NvmeStore:
     """One file pair per unit under ``folder``: the unit's flat buffer (``dtype``, the numel of its layout)
     padded to :data:`PAGE`, in two versions and a marker. Files already there (a resumed run) are kept with their
-    markers; missing ones are created at full size, after checking the disk has room for them."""
+    markers; missing ones are created at full size, after checking the disk has room for them.
+
+    ``names``: the files' stems (default ``unit-<k>``). ``create=False`` maps files another process created (the
+    scheduler, or a node's first process): they must exist, nothing is created. ``lock``: hold the folder's
+    :class:`FolderLock` while the store lives (the process that owns the files)."""
 
     def __init__(self, folder: str | Path, layouts: Sequence[Sequence[Segment]], dtype: torch.dtype, *,
-                 engine: IOEngine | None = None, pin: bool | None = None):
+                 engine: IOEngine | None = None, pin: bool | None = None, names: Sequence[str] | None = None,
+                 create: bool = True, lock: bool = False):
         self.folder = Path(folder)
         self.layouts = [list(layout) for layout in layouts]
+        self.names = list(names) if names is not None else [f"unit-{k}" for k in range(len(self.layouts))]
         self.dtype = dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.numels = [layout_numel(layout) for layout in self.layouts]
         self.pin = torch.cuda.is_available() if pin is None else pin
+        if create:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(self.folder) if lock else None  # before any file is touched
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else open_engine()
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._markers = [self._read_marker(k) for k in range(len(self))]
         self._bounce: torch.Tensor | None = None
-        self._create_files()
+        if create:
+            self._create_files()
+        else:
+            self._check_files()
 
     @classmethod
     def from_numels(cls, folder: str | Path, numels: Sequence[int], dtype: torch.dtype, **kwargs) -> "NvmeStore":
@@ -280,10 +338,10 @@ class NvmeStore:
         return sum(len(VERSIONS) * self.file_bytes(k) for k in range(len(self)))
 
     def path(self, k: int, version: str) -> Path:
-        return self.folder / f"unit-{k}.{version}"
+        return self.folder / f"{self.names[k]}.{version}"
 
     def marker_path(self, k: int) -> Path:
-        return self.folder / f"unit-{k}.json"
+        return self.folder / f"{self.names[k]}.json"
 
     def staging(self, k: int) -> torch.Tensor:
         """A PAGE-aligned uint8 buffer (pinned where CUDA exists) that :meth:`read` and :meth:`write` move without
@@ -302,6 +360,10 @@ class NvmeStore:
     def current(self, k: int) -> str | None:
         marker = self._markers[k]
         return None if marker is None else marker["version"]
+
+    def refresh(self) -> None:
+        """Read every marker again: another process (a worker writing its slice back) may have switched it."""
+        self._markers = [self._read_marker(k) for k in range(len(self))]
 
     def _read_marker(self, k: int) -> dict | None:
         path = self.marker_path(k)
@@ -355,6 +417,22 @@ class NvmeStore:
                     os.ftruncate(fd, size)
             finally:
                 os.close(fd)
+
+    def _check_files(self) -> None:
+        """A mapped store's files must be there at full size: the process that owns them made them first."""
+        for k in range(len(self)):
+            for version in VERSIONS:
+                path = self.path(k, version)
+                if not path.exists() or path.stat().st_size < self.file_bytes(k):
+                    raise ResourceError(f"The NVMe file {path} does not exist or is short: the process that owns "
+                                        "the folder (the scheduler, or the node's first process) creates the files "
+                                        "before the others map them.")
+
+    def remove_files(self) -> None:
+        """Delete every file of the store (versions, markers): the owner's clean-up of files no one resumes from."""
+        for k in range(len(self)):
+            for path in [self.path(k, v) for v in VERSIONS] + [self.marker_path(k)]:
+                path.unlink(missing_ok=True)
 
     def _bounce_for(self, k: int) -> torch.Tensor:
         size = self.file_bytes(k)
@@ -412,7 +490,9 @@ class NvmeStore:
             raise ResourceError(write_failure(path, exc, f"writing unit {k} of the NVMe store", kept)) from exc
 
     def close(self) -> None:
-        """Finish pending I/O; shut the engine down if the store opened it."""
+        """Finish pending I/O; shut the engine down if the store opened it; release the folder's lock."""
         self.engine.wait()
         if self._owns_engine and hasattr(self.engine, "close"):
             self.engine.close()
+        if self.lock is not None:
+            self.lock.release()

@@ -9,6 +9,7 @@ reads and writes the store and nothing is held twice. The buffer is page-locked 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -48,6 +49,14 @@ def new_store_name(pid: int | None = None, nonce: str | None = None) -> str:
     """A shared store's name: the pid of the process that creates it (so that files left by a killed job are
     recognized as stale) and a nonce (random, or agreed on by the processes of one job)."""
     return f"zo2-node-{os.getpid() if pid is None else pid}-{nonce or uuid.uuid4().hex[:8]}"
+
+
+def shared_store_name(comm) -> str:
+    """The name of a torchrun job's shared store on this node, agreed on by its processes (call on each): the pid
+    of the node's first process, which creates it — a store left behind by a killed or hung job is then stale
+    once that process is gone, and the next run removes it — and a digest of the job's rendezvous."""
+    parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
 def process_alive(pid: int) -> bool:
@@ -153,8 +162,8 @@ class ParameterStore:
         self.buffers = [self._allocate(i, n, pin) for i, n in enumerate(numels)]
 
     def _allocate(self, index: int, numel: int, pin: bool) -> torch.Tensor:
-        if not self.shared:
-            return torch.empty(numel, dtype=self.dtype, pin_memory=pin)
+        if not self.shared or numel == 0:  # an empty unit (homed elsewhere, or without weights) needs no file
+            return torch.empty(numel, dtype=self.dtype, pin_memory=pin and numel > 0)
         # Allocate in shared memory from the start and fill in place: sharing a filled tensor copies it.
         path = SHM_DIR / f"{self.name}-block{index}"
         if not self.owner and not path.exists():

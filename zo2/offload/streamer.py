@@ -176,6 +176,15 @@ class BlockStreamer:
         """The host buffer a write-back of ``block`` copies into."""
         return self.store.flat(block)
 
+    def _source_part(self, block: int, part: slice) -> torch.Tensor:
+        """The host data of ``part`` of ``block`` an upload copies (a home holding only this process's slice gives
+        all of it)."""
+        return self._source(block)[part]
+
+    def _home_part(self, block: int, part: slice) -> torch.Tensor:
+        """The host buffer a write-back of ``part`` of ``block`` copies into."""
+        return self._home(block)[part]
+
     def _landed(self, block: int, step: int, done: object) -> None:
         """A write-back of ``block`` (holding ``step``) was issued; ``done``: its D2H event (None on a CPU)."""
 
@@ -186,7 +195,7 @@ class BlockStreamer:
             self.markers.begin(block, self.writer, step)
         part = self._range(block)
         src = self.slots[self._slot_of[block]][part]
-        dst = self._home(block)[part]
+        dst = self._home_part(block, part)
         if self.cuda:
             updated = torch.cuda.Event()
             updated.record(torch.cuda.current_stream(self.device))
@@ -286,7 +295,7 @@ class BlockStreamer:
             return
         self._slot_of[block] = slot
         part = self._range(block)
-        src = self._source(block)[part]
+        src = self._source_part(block, part)
         dst = self.slots[slot][part]
         if self.cuda:
             with torch.cuda.stream(self.h2d):

@@ -20,29 +20,60 @@ the block it acquires (issued long before), and, rarely, for a staging buffer.
 The NVMe-homed blocks' module parameters live on the meta device: there is no host copy. Snapshots and loaders
 reach their values through :meth:`NvmeResidence.weights`, :meth:`~NvmeResidence.load_weights` and
 :meth:`~NvmeResidence.fill_home`.
+
+With several processes per node (the scheduler's workers, sliced transfers) the files are the node's
+(:mod:`zo2.offload.nvme_slices`: one file pair per unit × writer slice): each process reads, uploads, updates and
+writes back its slice, an all-gather assembles the block as for host-streamed ones, and under the scheduler every
+slice's write-back is marked in the node store's markers (in flight from just before its file is written until
+its marker switched), so the scheduler's repair covers these blocks as it covers the node store's.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from zo2.errors import ModelError
+from zo2.errors import ModelError, ResourceError
 from zo2.models.units import shared_names
+from zo2.offload.markers import StoreMarkers
 from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
+from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.residence import StreamedResidence
-from zo2.offload.store import Deferred, ParameterStore, pack_layout, repoint
+from zo2.offload.store import ALIGN, Deferred, ParameterStore, pack_layout, repoint, shared_store_name
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.tiers import staging_buffers
 
 
-class NvmeStreamer(BlockStreamer):
-    """A :class:`BlockStreamer` whose blocks' home is ``store`` (files): block k is the store's unit k."""
+@dataclass
+class SliceMarks:
+    """The node store's markers of the blocks an :class:`NvmeStreamer` writes: its block ``j`` is the node store's
+    unit ``homes[j]``, and this process writes slice ``writer`` of each."""
 
-    def __init__(self, store: NvmeStore, device: torch.device, prefetch: int = 1, measure: bool = True):
+    markers: StoreMarkers
+    writer: int
+    homes: list[int]
+
+    def begin(self, block: int, step: int) -> None:
+        self.markers.begin(self.homes[block], self.writer, step)
+
+    def done(self, block: int, step: int) -> None:
+        self.markers.done(self.homes[block], self.writer, step)
+
+
+class NvmeStreamer(BlockStreamer):
+    """A :class:`BlockStreamer` whose blocks' home is ``store`` (files): block k is the store's unit k, which holds
+    the whole block or, with sliced transfers (``ranges``), this process's slice of it. ``numels``: each block's
+    whole (padded) numel where the store holds slices."""
+
+    def __init__(self, store: NvmeStore, device: torch.device, prefetch: int = 1, measure: bool = True,
+                 numels: Sequence[int] | None = None):
         self.nvme = store
+        self.whole = list(numels) if numels is not None else list(store.numels)
+        self.marks: SliceMarks | None = None
+        """Under the scheduler: the node store's markers, set around each write of a block's file."""
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-io")
         """Every read and write of the store, in FIFO order."""
         size = max((store.file_bytes(k) for k in range(len(store))), default=0)
@@ -59,7 +90,13 @@ class NvmeStreamer(BlockStreamer):
         super().__init__(store, device, prefetch, measure)
 
     def _numel(self, block: int) -> int:
-        return self.nvme.numels[block]
+        return self.whole[block]
+
+    def _source_part(self, block: int, part: slice) -> torch.Tensor:
+        return self._source(block)[: part.stop - part.start]  # the staging buffer holds just this part
+
+    def _home_part(self, block: int, part: slice) -> torch.Tensor:
+        return self._home(block)[: part.stop - part.start]
 
     # ------------------------------------------------------------------ reads
     def acquire(self, block: int) -> torch.Tensor:
@@ -148,7 +185,11 @@ class NvmeStreamer(BlockStreamer):
     def _write_job(self, block: int, buf: int, step: int, done: Any) -> None:
         if done is not None:
             done.synchronize()  # the D2H copy into the staging buffer has landed
+        if self.marks is not None:
+            self.marks.begin(block, step)  # in flight until the new version is durable and current
         self.nvme.write(block, self.staging[buf][: self.nvme.file_bytes(block)], step)
+        if self.marks is not None:
+            self.marks.done(block, step)
 
     def _raise_failed_writes(self, wait: bool = False) -> None:
         """Raise the first failed write (a full disk: ResourceError saying the previous version is intact)."""
@@ -188,11 +229,19 @@ class NvmeStreamer(BlockStreamer):
 
 class NvmeResidence(StreamedResidence):
     """Units homed in an :class:`NvmeStore` (unit k of ``units`` is the store's unit k), streamed through an
-    :class:`NvmeStreamer`; the lagging write-back is :class:`StreamedResidence`'s."""
+    :class:`NvmeStreamer`; the lagging write-back is :class:`StreamedResidence`'s.
 
-    def __init__(self, streamer: NvmeStreamer, units: Sequence[Any], writeback_every: int = 1):
+    With sliced transfers the store holds this process's slice of each unit: ``layouts`` are the units' own,
+    ``gather`` assembles a block (the node's all-gather), ``whole`` reads every writer's slices
+    (:class:`~zo2.offload.nvme_slices.SlicedNvme`) and ``barrier`` waits for the node's processes."""
+
+    def __init__(self, streamer: NvmeStreamer, units: Sequence[Any], writeback_every: int = 1, *,
+                 layouts: Sequence[Any] | None = None, gather: Callable[[torch.Tensor], None] | None = None,
+                 whole: SlicedNvme | None = None, barrier: Callable[[], None] | None = None):
         self._index = {u.name: k for k, u in enumerate(units)}
-        super().__init__(streamer, units, None, writeback_every)
+        self.layouts = [list(x) for x in layouts] if layouts is not None else streamer.nvme.layouts
+        self.whole, self.barrier = whole, barrier
+        super().__init__(streamer, units, gather, writeback_every)
 
     @property
     def store(self) -> NvmeStore:
@@ -207,26 +256,46 @@ class NvmeResidence(StreamedResidence):
     def _each(self) -> list[tuple[int, Any]]:
         return sorted((self._index[u.name], u) for u in self.units())
 
+    def layout(self, unit: Any) -> list:
+        """``unit``'s layout in its flat buffer (its home may hold only a slice of that buffer)."""
+        return self.layouts[self.index(unit)]
+
+    def table(self, unit: Any) -> Any:
+        bounds = self.streamer.ranges.get(self.index(unit))
+        if bounds is None:
+            return unit.table
+        if unit.slice_table is None:
+            unit.slice_table = unit.table.slice(*bounds)  # once: the kernels cache a table's device copy
+        return unit.slice_table
+
     def deferred_weights(self) -> dict[str, Deferred]:
-        """Each parameter read from its unit's file when loaded, into one scratch buffer that keeps the last unit
-        read (the parameters of a unit are asked for together: one read per unit)."""
+        """Each parameter read from its unit's file (with sliced files: every writer's slices) when loaded, into
+        one buffer that keeps the last unit read (the parameters of a unit are asked for together: one read per
+        unit)."""
         self.streamer.drain()
-        if not len(self.store):
+        if not self.layouts:
             return {}
-        scratch = self.store.staging(self._largest())
-        holds: list[int | None] = [None]
+        if self.whole is not None:
+            self.whole.refresh()  # the other processes' slices were written since
+        scratch = self.store.staging(self._largest()) if len(self.store) and self.whole is None else None
+        holds: list[Any] = [None, None]  # the unit in the buffer, its flat view
 
         def load(k: int, name: str) -> torch.Tensor:
-            buf = scratch[: self.store.file_bytes(k)]
             if holds[0] != k:
                 holds[0] = None
-                self.streamer.run(lambda: self.store.read(k, buf))
-                holds[0] = k
-            return ParameterStore.views(self.store.typed(k, buf), self.store.layouts[k])[name]
+                if self.whole is None:
+                    buf = scratch[: self.store.file_bytes(k)]
+                    self.streamer.run(lambda: self.store.read(k, buf))
+                    flat = self.store.typed(k, buf)
+                else:
+                    flat = torch.empty(self.streamer.whole[k], dtype=self.store.dtype)
+                    self.streamer.run(lambda: self.whole.read(self.whole.units[k], flat))
+                holds[:] = [k, flat]
+            return ParameterStore.views(holds[1], self.layouts[k])[name]
 
         out: dict[str, Deferred] = {}
         for k, _ in self._each():
-            for seg in self.store.layouts[k]:
+            for seg in self.layouts[k]:
                 out[seg.name] = Deferred(tuple(seg.shape), self.store.dtype,
                                          lambda k=k, name=seg.name: load(k, name))
         return out
@@ -244,21 +313,35 @@ class NvmeResidence(StreamedResidence):
 
     def fill_home(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
         self.streamer.drain()
-        scratch = self.store.staging(self._largest()) if len(self.store) else None
+        scratch = self.store.staging(self._largest()) if len(self.store) and self.whole is None else None
         for k, unit in self._each():
-            buf = scratch[: self.store.file_bytes(k)]
-            flat = self.store.typed(k, buf)
+            if self.whole is None:
+                buf = scratch[: self.store.file_bytes(k)]
+                flat = self.store.typed(k, buf)
+            else:  # the whole unit is filled, this process's slice written
+                flat = torch.empty(self.streamer.whole[k], dtype=self.store.dtype)
+                lo, hi = self.streamer.ranges[k]
+                buf = flat[lo:hi]
             flat.zero_()  # the alignment gaps between parameters
-            fill(ParameterStore.views(flat, self.store.layouts[k]))
+            fill(ParameterStore.views(flat, self.layouts[k]))
             self.streamer.run(lambda: self.store.write(k, buf, unit.applied))
             self._held[unit.name] = unit.applied
         self.streamer.invalidate()
+        if self.barrier is not None:
+            self.barrier()  # every process's slices are written before anyone reads whole units
 
     def _largest(self) -> int:
         return max(range(len(self.store)), key=self.store.file_bytes)
 
+    owner: SlicedNvme | None = None
+    """A torchrun node's first process: the node's files, whose folder it locks and which it deletes at the end."""
+
     def close(self) -> None:
         self.streamer.close()
+        if self.whole is not None:
+            self.whole.close()
+        if self.owner is not None:
+            self.owner.close(remove=True)
 
 
 def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter], folder: str, device: torch.device,
@@ -271,7 +354,7 @@ def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter],
         raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
                          "one dtype (model.dtype or optim.storage_dtype).")
     layouts = [pack_layout([(n, params[n]) for n in u.owned]) for u in units]
-    store = NvmeStore(folder, layouts, dtypes.pop(), engine=engine, pin=device.type == "cuda")
+    store = NvmeStore(folder, layouts, dtypes.pop(), engine=engine, pin=device.type == "cuda", lock=True)
     scratch = store.staging(max(range(len(store)), key=store.file_bytes))
     for k, unit in enumerate(units):
         owned = [params[n] for n in unit.owned]
@@ -296,5 +379,97 @@ def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> Nv
     if any(n in shared for u in units for n in u.owned):
         raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
     t = inputs.tiers
-    engine = open_engine(t.nvme_engine, t.nvme_queue_depth, t.block_size_bytes)
+    engine = open_engine(getattr(t, "nvme_engine", "auto"), getattr(t, "nvme_queue_depth", 8),
+                         getattr(t, "block_size_bytes", 1 << 20))
+    if inputs.store_spec is not None:
+        return node_nvme_tier(inputs, units, device, engine)
+    if inputs.comm is not None and inputs.comm.local_size > 1:
+        return shared_nvme_tier(inputs, units, device, engine)
     return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)
+
+
+def host_blocks(blocks: Sequence[list], nvme_units: Sequence[int]) -> list[list]:
+    """``blocks`` (per unit, its (name, parameter) pairs) with the NVMe-homed units emptied: the part of a node
+    store that lives in host memory (an empty unit takes no shared file)."""
+    on_nvme = set(nvme_units)
+    return [[] if k in on_nvme else list(b) for k, b in enumerate(blocks)]
+
+
+def _writer(comm: Any) -> int:
+    """This process's index among its node's writers (0 for a node's only process)."""
+    return comm.local_rank if comm is not None and comm.local_size > 1 else 0
+
+
+def node_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
+    """The residence of the NVMe-homed ``units`` of the scheduler's node store (``inputs.store_spec`` names the
+    folder and the units; ``unit.home`` is each one's index there): this process streams its slice of each from
+    the files the scheduler made and filled, and marks each write-back in the node store's markers."""
+    spec, comm = inputs.store_spec, inputs.comm
+    writer = _writer(comm)
+    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
+    homes = [u.home for u in units]
+    numels = slice_numels(dict(zip(homes, layouts)), spec.pad_to)
+    pin = device.type == "cuda"
+    mine = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=pin,
+                      writer=writer)
+    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
+    streamer.marks = SliceMarks(StoreMarkers(spec.name, spec.units, spec.writers, create=False), writer, homes)
+    if spec.writers == 1:
+        return NvmeResidence(streamer, units, layouts=layouts)
+    streamer.ranges = {j: mine.bounds(h, writer) for j, h in enumerate(homes)}
+    whole = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=False)
+    return NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
+                         barrier=comm.local_barrier)
+
+
+def shared_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
+    """The NVMe-homed ``units`` of a torchrun node's processes (sliced transfers, no scheduler): the node's first
+    process makes the files (the folder's lock, the stale files of dead jobs removed, the disk checked) and deletes
+    them when its engine goes; every process writes its slice of the weights it holds (its replica of the model)
+    and streams that slice. Unit k's files are named after its index among the model's units."""
+    comm = inputs.comm
+    dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
+    if len(dtypes) != 1:
+        raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
+                         "one dtype (model.dtype or optim.storage_dtype).")
+    dtype, name = dtypes.pop(), shared_store_name(comm)
+    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
+    homes = [next(k for k, v in enumerate(inputs.units) if v is u) for u in units]
+    numels = slice_numels(dict(zip(homes, layouts)), comm.local_size * ALIGN)
+    folder = inputs.tiers.nvme_path
+    owner, failure = None, None
+    if comm.local_rank == 0:
+        try:
+            owner = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False, create=True)
+        except Exception as exc:  # the others must not wait for files that never come
+            failure = exc
+    if not comm.local_share(failure is None, "making the NVMe files"):
+        raise failure or ResourceError(f"The node's first process could not make the NVMe files in {folder} (its "
+                                       "error says why).")
+    mine = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=device.type == "cuda",
+                      writer=comm.local_rank)
+    _write_own_slices(mine, units, homes, layouts, inputs.params, comm.local_rank)
+    comm.local_barrier()  # every slice is written before anyone reads a whole unit
+    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
+    streamer.ranges = {j: mine.bounds(h, comm.local_rank) for j, h in enumerate(homes)}
+    whole = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False)
+    residence = NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
+                              barrier=comm.local_barrier)
+    residence.owner = owner
+    return residence
+
+
+def _write_own_slices(files: SlicedNvme, units: Sequence[Any], homes: list[int], layouts: list, params: dict,
+                      writer: int) -> None:
+    """Write this process's slice of each unit whose parameters hold values (as the step the unit holds), then
+    move the parameters to the meta device: the files are their home. Units built on the meta device are filled
+    later by the loaders (:meth:`NvmeResidence.fill_home`)."""
+    for u, home, layout in zip(units, homes, layouts):
+        owned = [params[n] for n in u.owned]
+        if not any(p.is_meta for p in owned):
+            flat = torch.zeros(files.numels[home], dtype=owned[0].dtype)
+            for seg, p in zip(layout, owned):
+                flat[seg.offset : seg.offset + seg.numel].view(seg.shape).copy_(p.detach())
+            files.write(home, flat, u.applied, writers=[writer])
+        for p in owned:
+            repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))

@@ -73,21 +73,27 @@ def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, pref
 
 def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) -> Plan:
     """:func:`place_tiers` for an engine's offload inputs (zo2.offload.build.OffloadInputs: its ``tiers`` are the
-    ``[offload]`` section) where this process creates the host store (``creates_store``); the NVMe tier's limits
-    as ConfigErrors. ``frozen``: the frozen parameters of each block."""
+    ``[offload]`` section) where this process creates the host store (``creates_store``), and on every process of
+    a torchrun node with an NVMe tier (the first one's budget shared); the NVMe tier's limits as ConfigErrors.
+    ``frozen``: the frozen parameters of each block."""
     tiers = inputs.tiers
     nvme_path = getattr(tiers, "nvme_path", None)
-    if nvme_path is not None and inputs.store_spec is not None:
-        raise ConfigError("offload.nvme_path is not yet supported under zo2 launch (the scheduler's node store "
-                          "lives in host memory); unset it, or run the job with zo2 train.")
-    if nvme_path is not None and inputs.comm is not None:
-        raise ConfigError("offload.nvme_path is not yet supported with several processes (torchrun); unset it, "
-                          "or run one process.")
-    if inputs.store_spec is not None or not creates_store:
-        return plan  # the node store is the scheduler's; a torchrun node's first process checks its store
+    if inputs.store_spec is not None:
+        return _node_tiers(inputs, plan, frozen)
+    budget = getattr(tiers, "host_budget_bytes", None)
+    comm = inputs.comm
+    if nvme_path is not None and comm is not None and comm.local_size > 1:
+        if not inputs.config.sliced_transfers:
+            raise ConfigError(f"offload.nvme_path with {comm.local_size} processes per node needs "
+                              "optim.sliced_transfers = true: the node's processes share one copy of the NVMe files, "
+                              "each process moving its slice of every block.")
+        if budget is None:  # every process places the blocks alike, by the first one's measure
+            budget = comm.local_share(default_host_budget(), "agreeing on the host memory budget")
+    elif not creates_store:
+        return plan  # a torchrun node's first process checks its store
     stateful = nvme_path is not None and inputs.optimizer.state_names
     try:
-        plan = place_tiers(plan, getattr(tiers, "host_budget_bytes", None), nvme_path, inputs.config.prefetch)
+        plan = place_tiers(plan, budget, nvme_path, inputs.config.prefetch)
     except ResourceError:
         if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
             _refuse_state(inputs.optimizer)
@@ -109,3 +115,27 @@ def _refuse_state(optimizer: Any) -> None:
     raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
                       f"keeps {', '.join(optimizer.state_names)}. Use zo-sgd, zo-sgd-sign or zo-sgd-conservative, "
                       "or raise offload.host_memory_budget.")
+
+
+def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
+    """Under the scheduler: the blocks its node store homes on NVMe (the spec's ``nvme_units``, unit indices) are
+    ``plan.nvme``; one the device plan would keep resident streams instead (a resident unit is mirrored to a node
+    store in host memory at sync points, and its home is a file)."""
+    spec = inputs.store_spec
+    homes = set(getattr(spec, "nvme_units", ()))
+    if not homes:
+        return plan
+    block_units = [k for k, u in enumerate(inputs.units) if u.kind == "block"]
+    on_nvme = [i for i, k in enumerate(block_units) if k in homes]
+    if any(frozen[i] for i in on_nvme):
+        raise ConfigError("The NVMe tier holds trainable weights only, but blocks the scheduler homed on NVMe have "
+                          "frozen parameters (a PEFT model's base weights). Raise offload.host_memory_budget, or "
+                          "fine-tune all weights.")
+    moved = [i for i in plan.resident if i in set(on_nvme)]
+    if moved:
+        plan.resident = [i for i in plan.resident if i not in set(moved)]
+        plan.streamed = sorted(plan.streamed + moved)
+    plan.nvme, plan.nvme_path = on_nvme, spec.nvme_path
+    largest = max(plan.block_bytes[i] for i in on_nvme)
+    plan.staging_bytes = staging_buffers(inputs.config.prefetch) * round_up(-(-largest // spec.writers))
+    return plan

@@ -131,11 +131,14 @@ class ZOComm:
 
     def local_first_pid(self) -> int:
         """The pid of this node's first process (local rank 0), on every process of the node (one broadcast)."""
-        pid = torch.tensor([os.getpid()], dtype=torch.int64, device=self.device)
+        return self.local_share(os.getpid(), "naming the node's shared store")
+
+    def local_share(self, value: int, where: str = "sharing a number with its node") -> int:
+        """The node's first process's ``value``, on every process of the node (one broadcast; call on each)."""
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
         if self.local_size > 1:
-            self._collective("naming the node's shared store", dist.broadcast, pid, src=self.rank - self.local_rank,
-                             group=self.local_group)
-        return int(pid.item())  # host sync: once, at set-up
+            self._collective(where, dist.broadcast, t, src=self.rank - self.local_rank, group=self.local_group)
+        return int(t.item())  # host sync: at set-up only
 
     def slice_bounds(self, numel: int) -> tuple[int, int]:
         """This process's equal share [lo, hi) of a buffer of ``numel`` elements (a multiple of the share count)."""

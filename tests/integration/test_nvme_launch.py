@@ -1,0 +1,250 @@
+"""The NVMe tier under `zo2 launch` (zo2.control.nvme_store, zo2.offload.nvme_slices): the scheduler keeps the
+blocks that do not fit the host budget in files it owns, the workers stream their slices of them; runs equal the
+single-process run without NVMe bit for bit, and a worker killed mid NVMe write-back, or a killed scheduler, loses
+nothing. CPU workers; the files live in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2.config import load_config
+from zo2.control.scheduler import Scheduler
+from zo2.errors import ResourceError
+from zo2.offload.nvme import LOCK_FILE, FolderLock
+from zo2.train.checkpoint import load_snapshot, read_log, snapshot_path
+from zo2.train.trainer import train_job
+
+STEPS = 6
+LAYERS = 8
+BLOCK = 199_936
+"""Bytes of one block of the 8-layer tiny OPT model below (fp32)."""
+BASE = [f"model.num_layers={LAYERS}", f"train.steps={STEPS}", "data.batch_size=2", "data.max_length=48",
+        "optim.offload=true", "checkpoint.save_every=3", "checkpoint.keep_last=5", "train.eval_batches=0",
+        "run.plot=false", "run.save_final=false", "train.log_every=1", "checkpoint.fsync=false",
+        "control.heartbeat_s=0.2", "control.heartbeat_timeout_s=30"]
+HOST_BLOCKS = 2
+"""Blocks the host budget below holds beside the embedding, the head and the workers' NVMe staging buffers."""
+BUDGET = 132_864 + 3 * 200_704 + HOST_BLOCKS * BLOCK + BLOCK // 2
+"""Embedding and head, 3 staging buffers (prefetch 1) of the largest block rounded to a page, two blocks and a
+half: with 1 or 2 workers (two half-block slices round to one more page each) the first two blocks stay in shared
+memory and the last six go to NVMe."""
+
+
+def job(run_dir: Path, *extra: str):
+    return load_config(overrides=[*BASE, f"run.out_dir={run_dir}", *extra])
+
+
+def nvme(folder: Path) -> list[str]:
+    return [f"offload.nvme_path={folder}", f"offload.host_memory_budget={BUDGET}", "offload.nvme_engine=threads"]
+
+
+def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return load_snapshot(snapshot_path(run_dir, step))[0]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def logged(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["seeds"], r["coeffs"], r["lr"], r["loss"]) for r in read_log(run_dir / "trajectory.jsonl")]
+
+
+def scheduler_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith("zo2-node-")) if folder.is_dir() else []
+
+
+LONG = 40
+"""Steps of a run killed at a moment the test does not control (a six-step run may end before the kill)."""
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("long_reference") / "run"
+    train_job(job(run_dir, f"train.steps={LONG}"), quiet=True)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted single-process run (zo2 train) of the same job, every block in host memory."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train_job(job(run_dir), quiet=True)
+    return run_dir
+
+
+def run_scheduler(run_dir: Path, *extra: str, workers: int = 1, fault: str | None = None) -> tuple[Scheduler, dict]:
+    """Run the job under the scheduler; returns it and what its node store looked like (spec, NVMe files)."""
+    seen: dict = {}
+    sched = Scheduler(job(run_dir, *extra), workers=workers, quiet=True, fault=fault)
+    spawn = sched._spawn
+
+    def spawn_and_look() -> None:  # the store is complete once the workers start
+        if not seen:
+            seen.update(spec=sched.node.spec, files=scheduler_files(Path(sched.node.spec.nvme_path)))
+        spawn()
+
+    sched._spawn = spawn_and_look
+    assert sched.run() == 0
+    return sched, seen
+
+
+@pytest.mark.parametrize("workers, offload", [(1, "true"), (2, "true"), (1, "false")])
+def test_nvme_under_zo2_launch_equals_zo2_train_without_nvme(tmp_path, reference, workers, offload):
+    """Mixed placement: the embedding, the head and blocks 0-1 in shared memory, blocks 2-7 in NVMe files, one file
+    pair per unit × worker slice; every worker streams its slice (two workers: sliced transfers and an
+    all-gather). With optim.offload = false the worker's plan keeps every block on the device, except those whose
+    home is a file: they stream. Logs and weights equal zo2 train's without NVMe; the scheduler deletes its files
+    at the end."""
+    folder = tmp_path / "nvme"
+    extra = nvme(folder) + (["parallel.pp=2"] if workers == 2 else []) + [f"optim.offload={offload}"]
+    sched, seen = run_scheduler(tmp_path / "run", *extra, workers=workers)
+    spec = seen["spec"]
+    assert spec.nvme_path == str(folder) and spec.nvme_units == tuple(range(1 + HOST_BLOCKS, 1 + LAYERS))
+    assert len(seen["files"]) == (LAYERS - HOST_BLOCKS) * workers * 3  # versions a and b and a marker per slice
+    assert sched.restarts == 0
+    assert logged(tmp_path / "run") == logged(reference)
+    assert_same(final_weights(tmp_path / "run"), final_weights(reference))
+    assert_same(final_weights(tmp_path / "run", 3), final_weights(reference, 3))  # a snapshot read from the files
+    assert scheduler_files(folder) == [] and (folder / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_killed_mid_nvme_write_back_is_repaired_bit_for_bit(tmp_path, reference, workers):
+    """Rank 0 dies (SIGKILL) in step 4 while writing its slice of block 3 (unit 4, NVMe-homed) into the file
+    version that would replace the current one: half of it landed, the marker still names the previous version and
+    the node store's marker says the write was in flight. The scheduler rebuilds that unit from snapshot 3 and the
+    log, catches the lagging ones up from their files, and the run ends equal to zo2 train's."""
+    folder = tmp_path / "nvme"
+    extra = nvme(folder) + (["parallel.pp=2"] if workers == 2 else [])
+    sched, seen = run_scheduler(tmp_path / "run", *extra, workers=workers, fault="0:4:4")
+    assert 4 in seen["spec"].nvme_units
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["step"] == 4, repair
+    assert repair["rebuilt"] == 1 if workers == 1 else repair["rebuilt"] >= 1, repair  # the other may tear one too
+    assert logged(tmp_path / "run") == logged(reference)
+    assert_same(final_weights(tmp_path / "run"), final_weights(reference))
+
+
+def test_a_lagging_nvme_write_back_torn_by_a_kill_is_repaired(tmp_path):
+    """optim.writeback_every = 2: NVMe-homed blocks go to their files every other step; a kill tears one such
+    write, the blocks whose files lag are caught up from the log. Equal to zo2 train with K = 2 (no NVMe)."""
+    single = tmp_path / "single"
+    train_job(job(single, "optim.writeback_every=2"), quiet=True)
+    sched, _ = run_scheduler(tmp_path / "run", "optim.writeback_every=2", *nvme(tmp_path / "nvme"), fault="0:5:6")
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["rebuilt"] == 1 and repair["caught_up"] >= 1, repair
+    assert logged(tmp_path / "run") == logged(single)
+    assert_same(final_weights(tmp_path / "run"), final_weights(single))
+
+
+def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    sets = [a for s in [*BASE, f"run.out_dir={run_dir}", *extra] for a in ("--set", s)]
+    return subprocess.Popen([sys.executable, "-m", "zo2", "launch", "--nproc-per-node", "1", "--", "--quiet", *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    log = run_dir / "trajectory.jsonl"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"zo2 launch exited early ({proc.returncode}): {proc.stdout.read()}")
+        if log.exists() and len(read_log(log)) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the run did not reach step {n}")
+
+
+@pytest.mark.slow
+def test_a_killed_scheduler_leaves_its_nvme_files_until_the_same_command_resumes(tmp_path, long_reference):
+    """SIGKILL to the scheduler after step 5 (past the snapshot at step 3): its NVMe files stay in the folder (no
+    clean-up ran) and the folder is not locked any more (the kernel dropped the dead process's lock); the same
+    command resumes from the newest snapshot and the log, deletes the dead scheduler's files and ends equal to
+    zo2 train's run."""
+    run_dir, folder = tmp_path / "run", tmp_path / "nvme"
+    proc = _launch(run_dir, *nvme(folder), f"train.steps={LONG}")
+    _wait_for_steps(run_dir, 5, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = scheduler_files(folder)
+    assert left and all(p.name.startswith(f"zo2-node-{proc.pid}-") for p in left)
+    FolderLock(folder).release()  # free: its holder is gone
+    proc = _launch(run_dir, *nvme(folder), f"train.steps={LONG}")  # the same command again
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming at step" in out
+    assert not [p for p in left if p.exists()] and scheduler_files(folder) == []
+    assert logged(run_dir) == logged(long_reference)
+    assert_same(final_weights(run_dir, LONG), final_weights(long_reference, LONG))
+
+
+def test_a_second_user_of_the_nvme_folder_is_refused_with_the_holders_pid(tmp_path):
+    """Another process holds the folder's lock (a running zo2 train or scheduler): the scheduler stops before it
+    builds anything, naming the folder and that process; once the holder is gone the folder is free."""
+    folder = tmp_path / "nvme"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from zo2.offload.nvme import FolderLock; "
+                               f"lock = FolderLock({str(folder)!r}); print('locked', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        sched = Scheduler(job(tmp_path / "run", *nvme(folder)), workers=1, quiet=True)
+        with pytest.raises(ResourceError) as err:
+            sched.run()
+        assert str(folder) in str(err.value) and f"process {holder.pid}" in str(err.value)
+        assert not [p for p in Path("/dev/shm").glob(f"zo2-node-{os.getpid()}-*")]  # nothing left behind
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    FolderLock(folder).release()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: several processes on one node, no scheduler
+# ----------------------------------------------------------------------------------------------------------
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "zo2", "train", "--quiet", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for kv in items for a in ("--set", kv)]
+
+
+def test_torchrun_processes_share_the_nodes_nvme_files_and_equal_one_process(tmp_path, reference):
+    """Two torchrun processes (perturbation parallelism, sliced transfers): the first makes the NVMe files, each
+    writes and streams its slice of the blocks beyond the host budget; the run equals the single process without
+    NVMe bit for bit, and the first process deletes the files at the end."""
+    folder, run_dir = tmp_path / "nvme", tmp_path / "run"
+    proc = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on NVMe in" in proc.stderr  # the plan: some blocks on NVMe
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
+    assert scheduler_files(folder) == [] and (folder / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_on_nvme_resumes_bit_for_bit(tmp_path, reference):
+    """A resumed torchrun run writes the snapshot's weights into the node's NVMe files slice by slice (every
+    process its own) and ends equal to the uninterrupted single process."""
+    folder, run_dir = tmp_path / "nvme", tmp_path / "run"
+    part = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder), "train.steps=4"))
+    assert part.returncode == 0, part.stderr[-3000:]
+    rest = _torchrun("--resume", str(run_dir), *_sets(f"train.steps={STEPS}"))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert logged(run_dir) == logged(reference)
+    assert_same(final_weights(run_dir), final_weights(reference))
