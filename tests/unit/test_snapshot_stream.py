@@ -187,3 +187,29 @@ def test_a_model_larger_than_its_host_budget_is_saved_and_resumed_in_bounded_mem
     for what, g in zip(("saving", "resuming"), grown):
         assert g < bound, f"{what} grew anonymous memory by {g / 1e6:.0f} MB at its peak; the bound is {bound / 1e6:.0f} MB"
     assert engine.checksum() == checksum
+
+
+def test_the_schedulers_nvme_units_are_read_once_each_for_a_snapshot(tmp_path, monkeypatch):
+    """zo2 launch's NVMe-homed units (zo2.control.nvme_store.NodeNvme) give a snapshot deferred reads: one read
+    of each unit whatever its number of tensors, and the snapshot holds what the files hold."""
+    from zo2.config.offload import OffloadConfig
+    from zo2.control.nvme_store import NodeNvme
+    from zo2.offload.store import pack_layout
+
+    g = torch.Generator().manual_seed(0)
+    blocks = {k: [(f"layers.{k}.{n}", torch.nn.Parameter(torch.randn(shape, generator=g)))
+                  for n, shape in (("a", (4, 8)), ("b", (8,)), ("c", (3, 5)))] for k in (1, 2, 4)}
+    tiers = OffloadConfig(nvme_path=str(tmp_path / "nvme"), nvme_engine="threads")
+    node = NodeNvme(tiers, "zo2-node-1-0123abcd", {k: pack_layout(b) for k, b in blocks.items()}, torch.float32,
+                    writers=2, pad_to=64)
+    node.fill(lambda views: [views[n].copy_(p.detach()) for k in blocks for n, p in blocks[k] if n in views])
+    reads = []
+    original = NodeNvme.read
+    monkeypatch.setattr(NodeNvme, "read", lambda self, k: reads.append(k) or original(self, k))
+    path = save_snapshot(tmp_path / "run", 1, node.deferred_weights(), {"data": 0})
+    assert sorted(reads) == [1, 2, 4]
+    saved, _ = load_snapshot(path)
+    for k, params in blocks.items():
+        for name, p in params:
+            assert torch.equal(saved[name], p.detach()), name
+    node.close()

@@ -367,12 +367,13 @@ class Scheduler:
 
         if step == self.last_snapshot:
             return
-        tensors = self.node.tensors()  # views of the store, written as they are (no second copy)
-        check_finite_weights(tensors, step)
+        tensors = self.node.snapshot_tensors()  # views of the store and deferred NVMe reads: no second copy
+        weights = set(tensors)
         tensors.update(self.node.state_tensors())  # a stateful optimizer's state, as of this sync point
         meta = {"data": data, "log_records": step}
         save_snapshot(self.run_dir, step, tensors, meta, keep_last=self.job.checkpoint.keep_last,
-                      fsync=self.job.checkpoint.fsync)
+                      fsync=self.job.checkpoint.fsync,
+                      check=lambda name, t: check_finite_weights({name: t}, step) if name in weights else None)
         self.last_snapshot = step
 
     def _recover(self, why: str) -> None:

@@ -155,6 +155,14 @@ class NodeStore:
             out.update(self.nvme.weights())
         return out
 
+    def snapshot_tensors(self) -> dict[str, Any]:
+        """What a snapshot holds, copying nothing: views of the shared memory and, for NVMe-homed units, deferred
+        reads of their files (zo2.offload.store.Deferred: one unit in host memory at a time)."""
+        out: dict[str, Any] = {name: view for views in self.views for name, view in views.items()}
+        if self.nvme is not None:
+            out.update(self.nvme.deferred_weights())
+        return out
+
     def home_weights(self) -> dict[str, torch.Tensor]:
         """The weights whose model parameters are on the meta device (the NVMe-homed units'), read from their files
         (what ``zo2.train.run_dir.save_model`` merges into the model's state dict)."""

@@ -214,9 +214,15 @@ class Worker:
             return
         streamer = self.engine.streamer
         original = streamer.write_back if streamer is not None else None
+        pieces = getattr(getattr(streamer, "store", None), "pieces", None)  # one matrix at a time: (unit, lo, hi)
+        seen: list[int] = []
 
         def torn_write_back(block: int, step_applied: int = -1) -> None:
-            if self.engine.step_count == step and block == unit:
+            owner = block if pieces is None else pieces[block][0]
+            if self.engine.step_count == step and owner == unit:
+                seen.append(block)
+                if pieces is not None and len(seen) < 2:  # a unit written a piece at a time: die after its first
+                    return original(block, step_applied)
                 streamer.markers.begin(block, streamer.writer, step_applied)
                 rng = streamer._range(block)
                 lo, hi = rng.start, rng.stop

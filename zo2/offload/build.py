@@ -20,7 +20,7 @@ from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot
 from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbytes, frozen_of, frozen_store
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
-from zo2.offload.pieces import PieceStore, RingStreamer, piece_store, piecewise_residence
+from zo2.offload.pieces import PieceMarkers, PieceStore, RingStreamer, piece_store, piecewise_residence
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, pack_layout, remove_stale_stores, repoint,
                                shared_store_name)
@@ -199,7 +199,8 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     markers = None
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
-        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.host], device, markers)
+        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.host], device, markers,
+                                           plan.granularity == "matrix")
     else:
         store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
                                                  plan.granularity == "matrix")
@@ -296,8 +297,8 @@ def _piece_bytes(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSl
 
 def _matrix_blocker(inputs: OffloadInputs) -> str | None:
     """Why this run cannot stream one matrix at a time (zo2.offload.pieces), or None."""
-    if inputs.store_spec is not None:
-        return "blocks streamed from zo2 launch's node store"
+    if inputs.store_spec is not None and inputs.optimizer.state_names:
+        return f"{inputs.optimizer.name} under zo2 launch (its state streams from the node's state area by block)"
     if _sliced(inputs) and ALIGN % inputs.comm.local_size:
         return (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, "
                 "2, 4 or 8)")
@@ -369,16 +370,30 @@ def _measure_rates(streamer: BlockStreamer, unit: Any, kernels: Any, config: Any
 
 
 def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, streamed: list, device: torch.device,
-                            markers: StoreMarkers) -> BlockStreamer | None:
-    """Under the scheduler: the streamed blocks move between the node store and the device."""
+                            markers: StoreMarkers, matrix: bool = False) -> BlockStreamer | None:
+    """Under the scheduler: the streamed blocks move between the node store and the device (``matrix``: a piece at
+    a time, each unit's markers in flight from its first piece's write-back to its last landed)."""
     for u in streamed:
         u.store_index = u.home
     if not streamed:
         return None
-    streamer = BlockStreamer(store, device, inputs.config.prefetch, blocks=[u.home for u in streamed])
-    streamer.markers, streamer.writer = markers, _writer(inputs)[0]
+    streamer = _streamer(inputs, store, streamed, device, matrix)
+    streamer.markers = PieceMarkers(markers, streamer.store) if matrix else markers
+    streamer.writer = _writer(inputs)[0]
+    return streamer
+
+
+def _streamer(inputs: OffloadInputs, store: ParameterStore, streamed: list, device: torch.device,
+              matrix: bool) -> BlockStreamer:
+    """The streamer of ``streamed`` (their ``store_index`` set): block by block, or a ring over their pieces; with
+    sliced transfers, this process's part of each block (piece)."""
+    if matrix:
+        streamer = RingStreamer(piece_store(store, streamed), device, inputs.config.prefetch)
+    else:
+        streamer = BlockStreamer(store, device, inputs.config.prefetch, blocks=[u.store_index for u in streamed])
     if _sliced(inputs):
-        streamer.ranges = {u.home: inputs.comm.slice_bounds(store.flat(u.home).numel()) for u in streamed}
+        indices = range(len(streamer.store)) if matrix else [u.store_index for u in streamed]
+        streamer.ranges = {k: inputs.comm.slice_bounds(streamer.store.flat(k).numel()) for k in indices}
     return streamer
 
 
@@ -400,16 +415,7 @@ def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.
     store = _build_store(inputs, blocks_params, dtypes.pop() if dtypes else inputs.compute_dtype, device)
     for k, u in enumerate(streamed):
         u.store_index = k
-    if matrix:
-        streamer = RingStreamer(piece_store(store, streamed), device, inputs.config.prefetch)
-        if _sliced(inputs):
-            streamer.ranges = {k: inputs.comm.slice_bounds(streamer.store.flat(k).numel())
-                               for k in range(len(streamer.store))}
-        return store, streamer
-    streamer = BlockStreamer(store, device, inputs.config.prefetch)
-    if _sliced(inputs):
-        streamer.ranges = {k: inputs.comm.slice_bounds(store.flat(k).numel()) for k in range(len(store))}
-    return store, streamer
+    return store, _streamer(inputs, store, streamed, device, matrix)
 
 
 def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: list,

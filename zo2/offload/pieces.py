@@ -22,7 +22,10 @@ trainable pieces, their state and the frozen pieces read beside them — never a
 
 With sliced transfers each process uploads, updates and writes back its part of every piece (and of its state),
 and an all-gather assembles the piece when it arrives (every process acquires the same pieces in the same order).
-Not yet with the scheduler's node store: it keeps block granularity (a ConfigError says so).
+From the scheduler's node store (zo2 launch) a unit's marker is in flight from its first piece's write-back to its
+last landed (:class:`PieceMarkers`), so a crash between its pieces leaves it torn and the repair rebuilds it; a
+stateful optimizer there keeps block granularity (its state streams from the node's state area by block; a
+ConfigError says so).
 """
 
 from __future__ import annotations
