@@ -370,19 +370,18 @@ class ZOEngine:
         parameters themselves (resident ones on the device, streamed ones views of the host store), the NVMe
         tier's as :class:`~zo2.offload.store.Deferred` reads of their files. A snapshot writer copies one tensor
         at a time, so a model larger than host memory can be saved."""
-        self.flush()
-        home = {}
-        for residence in self.residences:
-            home.update(residence.deferred_weights())
+        home = self.home_weights()
         tensors: dict[str, torch.Tensor | Deferred] = {n: home.get(n, p.detach()) for n, p in self.params.items()}
         tensors.update(self.opt_state.state_dict())
         return tensors
 
-    def home_weights(self) -> dict[str, torch.Tensor]:
-        """The weights only a residence holds (their parameters are not views of home: the NVMe tier's)."""
-        tensors: dict[str, torch.Tensor] = {}
+    def home_weights(self) -> dict[str, Deferred]:
+        """The weights only a residence holds (their parameters are not views of home: the NVMe tier's), each read
+        when loaded (after a flush; valid until the next step): one unit in host memory at a time."""
+        self.flush()
+        tensors: dict[str, Deferred] = {}
         for residence in self.residences:
-            tensors.update(residence.weights())
+            tensors.update(residence.deferred_weights())
         return tensors
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:

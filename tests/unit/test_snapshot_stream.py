@@ -159,9 +159,10 @@ def peak_growth(out: list):
 def test_a_model_larger_than_its_host_budget_is_saved_and_resumed_in_bounded_memory(tmp_path):
     """24 fp32 blocks of ~12 MB, a host budget of 5: a snapshot and its lazy resume never hold the model (a copy of
     every weight would exceed the bound by more than half)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from zo2.offload.loading import empty_model, init_random
+    from zo2.train.run_dir import save_model
 
     config = AutoConfig.for_model("opt", vocab_size=128, hidden_size=512, num_hidden_layers=24, ffn_dim=2048,
                                   num_attention_heads=8, max_position_embeddings=64, word_embed_proj_dim=512,
@@ -184,9 +185,18 @@ def test_a_model_larger_than_its_host_budget_is_saved_and_resumed_in_bounded_mem
     engine.step(padded_batch(seed=1, batch=2, length=8))  # other weights: the resume must bring step 1 back
     with peak_growth(grown):
         engine.load_trainable_state(latest_good_snapshot(tmp_path / "run").tensors)
-    for what, g in zip(("saving", "resuming"), grown):
+    with peak_growth(grown):
+        save_model(engine.model, None, tmp_path / "final", engine=engine)  # the export zo2 train writes at the end
+    for what, g in zip(("saving", "resuming", "exporting"), grown):
         assert g < bound, f"{what} grew anonymous memory by {g / 1e6:.0f} MB at its peak; the bound is {bound / 1e6:.0f} MB"
     assert engine.checksum() == checksum
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    state = engine.trainable_state()
+    compared = [name for name, p in exported.named_parameters() if name in state]
+    assert len(compared) == len(state)  # every trainable weight came back under its name
+    for name, p in exported.named_parameters():
+        if name in state:
+            assert torch.equal(p.detach(), state[name]), name
 
 
 def test_the_schedulers_nvme_units_are_read_once_each_for_a_snapshot(tmp_path, monkeypatch):

@@ -140,13 +140,6 @@ class NodeNvme:
             fill(self.views(k, flat))
             self.write(k, flat, step)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Every NVMe-homed parameter by name, read from the files (host copies)."""
-        out: dict[str, torch.Tensor] = {}
-        for k in self.units:
-            out.update(self.views(k, self.read(k)))
-        return out
-
     def deferred_weights(self) -> dict[str, Deferred]:
         """Every NVMe-homed parameter by name, each read from the files when loaded; the last unit read is kept,
         so a snapshot that asks for a unit's parameters together reads it once and holds one unit at a time."""

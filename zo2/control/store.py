@@ -147,14 +147,6 @@ class NodeStore:
         """Bytes of the optimizer-state area (0 when stateless)."""
         return self.state.nbytes if self.state is not None else 0
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every trainable parameter by name: views of the shared memory (copy them before the workers write
-        again) and, for NVMe-homed units, host copies read from their files."""
-        out = {name: view for views in self.views for name, view in views.items()}
-        if self.nvme is not None:
-            out.update(self.nvme.weights())
-        return out
-
     def snapshot_tensors(self) -> dict[str, Any]:
         """What a snapshot holds, copying nothing: views of the shared memory and, for NVMe-homed units, deferred
         reads of their files (zo2.offload.store.Deferred: one unit in host memory at a time)."""
@@ -163,10 +155,10 @@ class NodeStore:
             out.update(self.nvme.deferred_weights())
         return out
 
-    def home_weights(self) -> dict[str, torch.Tensor]:
-        """The weights whose model parameters are on the meta device (the NVMe-homed units'), read from their files
-        (what ``zo2.train.run_dir.save_model`` merges into the model's state dict)."""
-        return self.nvme.weights() if self.nvme is not None else {}
+    def home_weights(self) -> dict[str, Any]:
+        """The weights whose model parameters are on the meta device (the NVMe-homed units'), each read from their
+        files when loaded (what ``zo2.train.run_dir.save_model`` writes in place of those parameters)."""
+        return self.nvme.deferred_weights() if self.nvme is not None else {}
 
     def fill(self, fill: Any) -> None:
         """``fill(views)`` the store with the base weights (name → tensor views): the shared memory at once, then

@@ -199,7 +199,7 @@ def load_aio() -> tuple[Any, str]:
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
     except ImportError:
-        return None, "deepspeed not installed (pip install -e \".[deepspeed]\")"
+        return None, "deepspeed not installed (pip install -e \".[nvme]\")"
     builder = AsyncIOBuilder()
     if not builder.is_compatible():
         return None, "libaio missing: AsyncIOBuilder not compatible (apt-get install libaio-dev; see ds_report)"

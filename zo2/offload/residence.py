@@ -108,10 +108,6 @@ class Residence:
 
     # The weights of units whose module parameters are not views of their home (the NVMe tier keeps them only
     # in files: those parameters are on the meta device). Elsewhere the parameters themselves are read and written.
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Host copies of the weights only this residence holds, by parameter name (call after a flush)."""
-        return {n: d.load().clone() for n, d in self.deferred_weights().items()}
-
     def deferred_weights(self) -> dict[str, Deferred]:
         """The weights only this residence holds, each read when loaded (call after a flush; valid until the next
         step): a snapshot holds one unit of them at a time."""

@@ -20,6 +20,7 @@ from zo2.config.job import JobConfig
 from zo2.config.loader import load_saved_config, parse_override
 from zo2.errors import CheckpointError, ConfigError, NonFiniteLossError, write_failure
 from zo2.train.checkpoint import LOG_FILE, list_snapshots, read_log, snapshot_step
+from zo2.train.durable import write_safetensors
 from zo2.train.metrics import read_jsonl
 from zo2.train.tokenizer import ByteTokenizer
 
@@ -152,7 +153,8 @@ def cut_run(run_dir: str | Path, step: int) -> str | None:
 def save_model(model: nn.Module, tokenizer: Any, folder: Path, engine: Any = None) -> Path:
     """``save_pretrained`` the model (and a Hugging Face tokenizer) to ``folder``, replacing it atomically; with
     ``engine``, the weights only its residences hold (the NVMe tier's, whose parameters are on the meta device)
-    are read from there."""
+    are read from there one unit at a time, as the model's ``model.safetensors`` is written tensor by tensor (a
+    model larger than host memory is exported without a host copy of it)."""
     from transformers.utils import logging as hf_logging
 
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -162,8 +164,10 @@ def save_model(model: nn.Module, tokenizer: Any, folder: Path, engine: Any = Non
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of zo2's output
     try:
         home = engine.home_weights() if engine is not None else {}
-        state = {**model.state_dict(), **home} if home else None
-        model.save_pretrained(str(tmp), state_dict=state)
+        if home:
+            _save_streamed(model, home, tmp)
+        else:
+            model.save_pretrained(str(tmp))
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -173,6 +177,32 @@ def save_model(model: nn.Module, tokenizer: Any, folder: Path, engine: Any = Non
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
+
+
+def _save_streamed(model: nn.Module, home: dict, folder: Path) -> None:
+    """What ``save_pretrained`` writes for ``model`` (its config, generation config and one ``model.safetensors``),
+    with ``home``'s deferred tensors in place of the parameters on the meta device: written tensor by tensor. A
+    tensor sharing its storage with an earlier one of the state dict (a tied LM head) is left out, as
+    ``save_pretrained`` leaves it out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        model.config.dtype = str(dtype).removeprefix("torch.")
+    model.config.save_pretrained(str(folder))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(str(folder))
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name in home:
+            tensors[name] = home[name]
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if not t.is_meta else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t
+    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})
 
 
 def check_finite_weights(tensors: dict[str, torch.Tensor], steps_done: int) -> None:
