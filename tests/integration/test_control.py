@@ -168,15 +168,6 @@ def test_one_matrix_at_a_time_under_the_scheduler_and_a_unit_torn_between_its_pi
     assert_same(final_weights(run_dir), final_weights(reference))
 
 
-def test_one_matrix_at_a_time_with_adam_under_the_scheduler_is_refused_with_the_fix(tmp_path):
-    from zo2.control.scheduler import WorkerFailure
-
-    sched = Scheduler(job(tmp_path / "run", "optim.stream_granularity=matrix", "optim.optimizer=zo-adam"),
-                      workers=1, quiet=True)
-    with pytest.raises(WorkerFailure, match="stream_granularity = 'block'"):
-        sched.run()
-
-
 @pytest.mark.slow
 def test_one_matrix_at_a_time_with_two_sliced_workers_survives_kill_9(tmp_path, long_reference):
     run_dir = tmp_path / "run"
@@ -238,15 +229,17 @@ def adam_reference(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("optimizer", ["zo-adam", pytest.param("zo-sgd-momentum", marks=pytest.mark.slow),
-                                       "zo-sgd-sign"])
-def test_other_optimizers_run_and_are_repaired_under_the_scheduler(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, granularity", [("zo-adam", "block"), ("zo-adam", "matrix"),
+                                                    pytest.param("zo-sgd-momentum", "block", marks=pytest.mark.slow),
+                                                    ("zo-sgd-sign", "block")])
+def test_other_optimizers_run_and_are_repaired_under_the_scheduler(tmp_path, optimizer, granularity):
     """Momentum and Adam: the state is snapshotted from the scheduler's state area and, after a failure, rebuilt
-    with the weights from the snapshot and the log; sign: its own rule replays the log. Equal to zo2 train,
-    optimizer state included."""
-    extra = (f"optim.optimizer={optimizer}",)
+    with the weights from the snapshot and the log; sign: its own rule replays the log. Equal to zo2 train (by
+    block), optimizer state included, also when the workers stream one matrix at a time (Adam's state piece by
+    piece from the state area)."""
+    extra = (f"optim.optimizer={optimizer}", f"optim.stream_granularity={granularity}")
     single = tmp_path / "single"
-    train_job(job(single, *extra), quiet=True)
+    train_job(job(single, extra[0]), quiet=True)
     expected = final_weights(single)
     assert any(n.startswith("optimizer/") for n in expected) == (optimizer != "zo-sgd-sign")
     plain = tmp_path / "plain"
@@ -278,10 +271,12 @@ def test_a_killed_scheduler_resumes_adam_from_its_snapshot_and_the_log(tmp_path,
 
 
 @pytest.mark.slow
-def test_two_workers_split_adams_state_like_the_weights_and_a_torn_slice_is_repaired(tmp_path, adam_reference):
-    """Each worker streams its slice of a block's Adam state from the node's state area beside its slice of the
-    weights; equal to the single-process run, also after a worker dies mid-write-back."""
-    extra = ("optim.optimizer=zo-adam", "parallel.pp=2")
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_two_workers_split_adams_state_like_the_weights_and_a_torn_slice_is_repaired(tmp_path, adam_reference,
+                                                                                     granularity):
+    """Each worker streams its slice of a block's (a piece's) Adam state from the node's state area beside its
+    slice of the weights; equal to the single-process run, also after a worker dies mid-write-back."""
+    extra = ("optim.optimizer=zo-adam", "parallel.pp=2", f"optim.stream_granularity={granularity}")
     plain = tmp_path / "plain"
     run_scheduler(plain, *extra, workers=2)
     assert logged(plain) == logged(adam_reference)

@@ -297,8 +297,6 @@ def _piece_bytes(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSl
 
 def _matrix_blocker(inputs: OffloadInputs) -> str | None:
     """Why this run cannot stream one matrix at a time (zo2.offload.pieces), or None."""
-    if inputs.store_spec is not None and inputs.optimizer.state_names:
-        return f"{inputs.optimizer.name} under zo2 launch (its state streams from the node's state area by block)"
     if _sliced(inputs) and ALIGN % inputs.comm.local_size:
         return (f"sliced transfers over {inputs.comm.local_size} processes per node (pieces split evenly over 1, "
                 "2, 4 or 8)")

@@ -24,8 +24,8 @@ With sliced transfers each process uploads, updates and writes back its part of 
 and an all-gather assembles the piece when it arrives (every process acquires the same pieces in the same order).
 From the scheduler's node store (zo2 launch) a unit's marker is in flight from its first piece's write-back to its
 last landed (:class:`PieceMarkers`), so a crash between its pieces leaves it torn and the repair rebuilds it; a
-stateful optimizer there keeps block granularity (its state streams from the node's state area by block; a
-ConfigError says so).
+stateful optimizer's state streams piece by piece from the node's state area (and, as in block streaming, a
+repair rebuilds weights and state from the snapshot and the log).
 """
 
 from __future__ import annotations

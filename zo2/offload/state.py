@@ -396,9 +396,10 @@ def build_optimizer_state(optimizer: Any, units: list["Unit"], dtype_of, device:
         if area is None:
             area = _shared_area(optimizer, store, comm, device)
     if streamer is not None and isinstance(streamer.store, PieceStore) and optimizer.state_names:
-        return PiecewiseState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
-                              pieces=streamer.store)
-    state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
+        state = PiecewiseState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
+                               pieces=streamer.store)
+    else:
+        state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
     if area is not None and from_area:
         state.load_area()
     return state
