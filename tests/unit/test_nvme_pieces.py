@@ -80,6 +80,8 @@ def test_the_device_holds_a_ring_of_matrices_and_the_host_the_staging_buffers(tm
     assert len(streamer.staging) == staging_buffers(1)
     run(engine, 2)
     assert len(streamer._buffer_of) <= staging_buffers(1)
+    run(engine, 1, first=2)  # each unit's file is read once a step, not once per piece
+    assert engine.last_transfer.bytes_disk_read == LAYERS * streamer.nvme.file_bytes(0)
 
 
 def test_host_and_nvme_blocks_side_by_side_one_matrix_at_a_time(tmp_path):
@@ -165,3 +167,32 @@ def test_stateful_optimizers_stay_refused_one_matrix_at_a_time(tmp_path):
     with pytest.raises(ConfigError, match="optimizer state"):
         matrix_engine(model, tmp_path, optimizer="zo-adam")
     assert not list(tmp_path.iterdir())  # refused before any file was made
+
+
+def test_a_full_disk_between_units_keeps_the_previous_versions(tmp_path, monkeypatch):
+    import errno
+
+    from zo2.errors import ResourceError
+    from zo2.offload.nvme import NvmeStore, ThreadPoolEngine
+
+    engine = matrix_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
+    run(engine, 2)
+    before = engine.trainable_state()  # flushed: the files hold these weights
+    store = nvme_residence(engine).store
+    held = [store.held(k) for k in range(LAYERS)]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.engine, "submit_write", full)
+    with pytest.raises(ResourceError, match="intact"):
+        run(engine, 3, first=2)
+        engine.flush()
+    monkeypatch.undo()
+    reopened = NvmeStore(tmp_path, store.layouts, torch.float32, engine=ThreadPoolEngine())
+    for k in range(LAYERS):
+        assert reopened.held(k) == held[k]
+        flat = torch.empty(reopened.numels[k])
+        reopened.read(k, flat)
+        for seg in reopened.layouts[k]:
+            assert torch.equal(flat[seg.offset : seg.offset + seg.numel].view(seg.shape), before[seg.name])
