@@ -98,19 +98,29 @@ def test_host_and_nvme_blocks_side_by_side_one_matrix_at_a_time(tmp_path):
     assert mixed.checksum() == resident.checksum()
 
 
-def test_snapshot_and_resume_one_matrix_at_a_time_from_nvme(tmp_path):
+def test_snapshot_and_resume_one_matrix_at_a_time_from_nvme(tmp_path, monkeypatch):
+    """The snapshot writer reads each unit's file once (deferred), and a lazy resume writes the files back."""
+    from zo2.offload.nvme import NvmeStore
+    from zo2.train.checkpoint import latest_good_snapshot, save_snapshot
+
     base = tiny_model("llama", seed=7, num_hidden_layers=LAYERS)
     straight = matrix_engine(clone_model(base), tmp_path / "a", writeback_every=2)
     run(straight, 3)
-    snapshot = {n: t.load().clone() if hasattr(t, "load") else t.detach().clone()
-                for n, t in straight.snapshot_tensors().items()}  # the files read deferred, a unit at a time
-    assert_same_state(snapshot, straight.trainable_state())
+    tensors = straight.snapshot_tensors()  # flushes: the lagging units' files are written
+    reads, original = [], NvmeStore.read
+    monkeypatch.setattr(NvmeStore, "read", lambda self, k, out: reads.append(k) or original(self, k, out))
+    save_snapshot(tmp_path / "run", 3, tensors, {"data": 3})
+    assert sorted(reads) == list(range(LAYERS))  # one read per unit, whatever the number of its tensors
+    monkeypatch.undo()
+    snapshot = straight.trainable_state()
     run(straight, 3, first=3)
     final = straight.trainable_state()
 
     resumed = matrix_engine(clone_model(base), tmp_path / "b", writeback_every=2)
     run(resumed, 2, first=50)  # other weights, other steps: all overwritten by the snapshot
-    resumed.load_trainable_state(snapshot)
+    snap = latest_good_snapshot(tmp_path / "run")
+    assert snap.step == 3
+    resumed.load_trainable_state(snap.tensors)
     resumed.load_state_dict({"step": 3})
     assert_same_state(snapshot, resumed.trainable_state())
     run(resumed, 3, first=3)
@@ -196,3 +206,24 @@ def test_a_full_disk_between_units_keeps_the_previous_versions(tmp_path, monkeyp
         reopened.read(k, flat)
         for seg in reopened.layouts[k]:
             assert torch.equal(flat[seg.offset : seg.offset + seg.numel].view(seg.shape), before[seg.name])
+
+
+def test_a_training_run_one_matrix_at_a_time_from_nvme_saves_the_same_model(tmp_path):
+    """zo2 train with snapshots (written from the files, a unit at a time), evaluations and the final export."""
+    from safetensors.torch import load_file
+
+    from zo2.config import load_config
+    from zo2.train.trainer import train_job
+
+    common = ["train.steps=6", "train.eval_every=3", "optim.offload=true", "checkpoint.save_every=3",
+              "train.device=cpu", "optim.writeback_every=2"]
+    train_job(load_config("tiny-opt", overrides=common + [f"run.out_dir={tmp_path / 'host'}"]), quiet=True)
+    job = load_config("tiny-opt", overrides=common + [f"run.out_dir={tmp_path / 'nvme'}",
+                                                       f"offload.nvme_path={tmp_path / 'files'}",
+                                                       "offload.host_memory_budget=650000",
+                                                       "optim.stream_granularity=matrix"])
+    train_job(job, quiet=True)
+    assert len(list((tmp_path / "files").glob("unit-*.json"))) == 4  # every block lived on NVMe
+    a = load_file(str(tmp_path / "host" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "nvme" / "final" / "model.safetensors"))
+    assert_same_state(a, b)
