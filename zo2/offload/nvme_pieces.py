@@ -162,7 +162,7 @@ class NvmePieceStreamer(RingStreamer):
         clean = [k for k in self._buffer_of if k not in self._dirty and k != self._current]
         victims = [k for k in clean if k not in window]
         if not victims and force:
-            victims = sorted((k for k in clean), key=lambda k: -self._unit_pos.get(k, -1))[:1]
+            victims = sorted(clean, key=lambda k: -self._unit_pos.get(k, -1))[:1]
         if not victims:
             if force:
                 raise RuntimeError("every NVMe staging buffer holds a unit in use; this is a bug in zo2.")
