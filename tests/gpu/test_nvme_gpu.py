@@ -41,3 +41,26 @@ def test_nvme_tier_equals_host_tier_and_resident_on_cuda(tmp_path, k, dtype):
     states = [e.trainable_state() for e in (resident, host, nvme)]
     for name, value in states[0].items():
         assert torch.equal(value.cpu(), states[1][name].cpu()) and torch.equal(value.cpu(), states[2][name].cpu()), name
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_matrix_at_a_time_from_nvme_equals_resident_on_cuda(tmp_path, k):
+    """A unit's file read into a pinned staging buffer, its matrices uploaded from there into the ring (the H2D
+    stream), written back into it (the D2H stream) and the file written after those copies landed."""
+    base = tiny_model("llama", seed=7, num_hidden_layers=8)
+    cfg = dict(writeback_every=k, storage_dtype="bf16", compute_dtype="bf16")
+    resident = _engine(clone_model(base), offload=False, **cfg)
+    host = _engine(clone_model(base), offload=True, **cfg)
+    block = max(host.plan.block_bytes)
+    tiers = OffloadConfig(nvme_path=str(tmp_path), host_memory_budget=staging_buffers(1) * round_up(block) + 2 * block,
+                          nvme_engine="auto")
+    nvme = _engine(clone_model(base), tiers, offload=True, stream_granularity="matrix", **cfg)
+    assert nvme.plan.host == [0, 1] and nvme.plan.nvme == list(range(2, 8))
+    streamer = nvme.residences[-1].streamer
+    assert streamer.staging[0].is_pinned() and streamer.device_bytes < block
+    for s in range(7):
+        batch = padded_batch(seed=s)
+        assert resident.step(batch).losses == nvme.step(batch).losses, s
+    states = [e.trainable_state() for e in (resident, nvme)]
+    for name, value in states[0].items():
+        assert torch.equal(value.cpu(), states[1][name].cpu()), name

@@ -301,9 +301,11 @@ def test_nvme_blocks_wait_for_the_drive():
 def test_a_host_budget_without_nvme_does_not_fit():
     p = predict_layout(TOY, Layout(), _stream(host_budget_gb=1.5), ROUND)
     assert not p.fits and any("--nvme" in n for n in p.notes)
-    m = predict_layout(replace(TOY, layers=5), Layout(), _stream(host_budget_gb=4.5, nvme=True, granularity="matrix"),
-                       replace(ROUND, gpu_mem_gb=100))
-    assert not m.fits and any("matrix" in n for n in m.notes)  # the engine refuses NVMe with matrix streaming
+    matrix = _stream(host_budget_gb=4.5, nvme=True, granularity="matrix")
+    m = predict_layout(replace(TOY, layers=5), Layout(), matrix, replace(ROUND, gpu_mem_gb=100))
+    assert m.fits and m.nvme_blocks > 0 and not m.notes  # one process streams NVMe-homed blocks a matrix at a time
+    two = predict_layout(replace(TOY, layers=5), Layout(2, 1, 1, True), matrix, replace(ROUND, gpu_mem_gb=100))
+    assert not two.fits and any("matrix" in n for n in two.notes)  # the engine refuses it with sliced NVMe files
     with pytest.raises(ConfigError, match="--host-budget"):
         Workload(host_budget_gb=-1.0)
     with pytest.raises(ConfigError, match="--writeback-every"):

@@ -29,7 +29,8 @@ from zo2.offload.arith import formed_numel, materializes_directions, point_bytes
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
-from zo2.offload.tiered import NvmeResidence, host_blocks, nvme_tier_for
+from zo2.offload.nvme_pieces import nvme_residence_for
+from zo2.offload.tiered import FileHome, host_blocks
 from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype
 
@@ -205,7 +206,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
         store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
                                                  plan.granularity == "matrix")
     frozen_ring = attach_frozen(inputs, streamer, frozen_store(inputs, blocks, frozen, device), device)
-    nvme = nvme_tier_for(inputs, [blocks[i] for i in plan.nvme], device)
+    nvme = nvme_residence_for(inputs, [blocks[i] for i in plan.nvme], device, plan.granularity == "matrix")
     keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
             for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
@@ -339,7 +340,7 @@ def _writeback_every(inputs: OffloadInputs, residence: StreamedResidence | None,
     if (device.type != "cuda" or inputs.optimizer.state_names
             or inputs.store_spec is not None or _sliced(inputs)):
         return 1
-    if isinstance(residence, NvmeResidence):  # only an NVMe tier: its reads are far slower than the host link
+    if isinstance(residence, FileHome):  # only an NVMe tier: its reads are far slower than the host link
         return WRITEBACK_LIMIT
     unit = next(u for u in inputs.units if u.residence is residence)
     kernel_rate, link_rate = _measure_rates(residence.streamer, unit, kernels, inputs.config)
@@ -426,7 +427,7 @@ def _streamed_residence(inputs: OffloadInputs, streamer: BlockStreamer, units: l
 
 
 def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer: BlockStreamer | None,
-                  markers: StoreMarkers | None, device: torch.device, nvme: NvmeResidence | None = None,
+                  markers: StoreMarkers | None, device: torch.device, nvme: FileHome | None = None,
                   frozen: FrozenPieces | None = None) -> list[Residence]:
     """Give every unit its residence, layout and segment tables (resident units are packed on the device)."""
     writer, writers = _writer(inputs)

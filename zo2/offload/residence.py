@@ -24,7 +24,8 @@ Implementations, chosen per unit in one place (:func:`zo2.offload.build.build_of
 * :class:`~zo2.offload.tiered.NvmeResidence` — a :class:`StreamedResidence` whose home is a file pair per block
   on an NVMe disk, read ahead into pinned staging buffers; its blocks' parameters are on the meta device, so
   snapshots and loaders reach their values through :meth:`Residence.weights`, :meth:`Residence.load_weights` and
-  :meth:`Residence.fill_home`.
+  :meth:`Residence.fill_home`. One matrix at a time, :class:`~zo2.offload.nvme_pieces.NvmePieceResidence` (a
+  :class:`~zo2.offload.pieces.PiecewiseResidence`) streams those units' pieces from the staging buffers instead.
 
 A new home for weights is a new residence: the visit does not change.
 """

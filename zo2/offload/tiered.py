@@ -227,21 +227,17 @@ class NvmeStreamer(BlockStreamer):
         self.nvme.close()
 
 
-class NvmeResidence(StreamedResidence):
-    """Units homed in an :class:`NvmeStore` (unit k of ``units`` is the store's unit k), streamed through an
-    :class:`NvmeStreamer`; the lagging write-back is :class:`StreamedResidence`'s.
+class FileHome:
+    """What a residence whose units are homed in an :class:`NvmeStore` (``self.streamer.nvme``; unit k of its units
+    is the store's unit k) shares, however it streams them: the weights read from and written to the files
+    (snapshots, resume, the loaders) and the files' end. The residence sets ``_index`` (unit name → k),
+    ``layouts``, ``whole`` and ``barrier`` (see :class:`NvmeResidence`); its streamer has ``drain``, ``run``,
+    ``invalidate`` and ``close``."""
 
-    With sliced transfers the store holds this process's slice of each unit: ``layouts`` are the units' own,
-    ``gather`` assembles a block (the node's all-gather), ``whole`` reads every writer's slices
-    (:class:`~zo2.offload.nvme_slices.SlicedNvme`) and ``barrier`` waits for the node's processes."""
-
-    def __init__(self, streamer: NvmeStreamer, units: Sequence[Any], writeback_every: int = 1, *,
-                 layouts: Sequence[Any] | None = None, gather: Callable[[torch.Tensor], None] | None = None,
-                 whole: SlicedNvme | None = None, barrier: Callable[[], None] | None = None):
-        self._index = {u.name: k for k, u in enumerate(units)}
-        self.layouts = [list(x) for x in layouts] if layouts is not None else streamer.nvme.layouts
-        self.whole, self.barrier = whole, barrier
-        super().__init__(streamer, units, gather, writeback_every)
+    _index: dict[str, int]
+    layouts: list
+    whole: SlicedNvme | None = None
+    barrier: Callable[[], None] | None = None
 
     @property
     def store(self) -> NvmeStore:
@@ -259,14 +255,6 @@ class NvmeResidence(StreamedResidence):
     def layout(self, unit: Any) -> list:
         """``unit``'s layout in its flat buffer (its home may hold only a slice of that buffer)."""
         return self.layouts[self.index(unit)]
-
-    def table(self, unit: Any) -> Any:
-        bounds = self.streamer.ranges.get(self.index(unit))
-        if bounds is None:
-            return unit.table
-        if unit.slice_table is None:
-            unit.slice_table = unit.table.slice(*bounds)  # once: the kernels cache a table's device copy
-        return unit.slice_table
 
     def deferred_weights(self) -> dict[str, Deferred]:
         """Each parameter read from its unit's file (with sliced files: every writer's slices) when loaded, into
@@ -344,9 +332,40 @@ class NvmeResidence(StreamedResidence):
             self.owner.close(remove=True)
 
 
+class NvmeResidence(FileHome, StreamedResidence):
+    """Units homed in an :class:`NvmeStore` (unit k of ``units`` is the store's unit k), streamed through an
+    :class:`NvmeStreamer`; the lagging write-back is :class:`StreamedResidence`'s.
+
+    With sliced transfers the store holds this process's slice of each unit: ``layouts`` are the units' own,
+    ``gather`` assembles a block (the node's all-gather), ``whole`` reads every writer's slices
+    (:class:`~zo2.offload.nvme_slices.SlicedNvme`) and ``barrier`` waits for the node's processes."""
+
+    def __init__(self, streamer: NvmeStreamer, units: Sequence[Any], writeback_every: int = 1, *,
+                 layouts: Sequence[Any] | None = None, gather: Callable[[torch.Tensor], None] | None = None,
+                 whole: SlicedNvme | None = None, barrier: Callable[[], None] | None = None):
+        self._index = {u.name: k for k, u in enumerate(units)}
+        self.layouts = [list(x) for x in layouts] if layouts is not None else streamer.nvme.layouts
+        self.whole, self.barrier = whole, barrier
+        super().__init__(streamer, units, gather, writeback_every)
+
+    def table(self, unit: Any) -> Any:
+        bounds = self.streamer.ranges.get(self.index(unit))
+        if bounds is None:
+            return unit.table
+        if unit.slice_table is None:
+            unit.slice_table = unit.table.slice(*bounds)  # once: the kernels cache a table's device copy
+        return unit.slice_table
+
+
 def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter], folder: str, device: torch.device,
                     prefetch: int, engine: Any) -> NvmeResidence:
-    """Home ``units`` in an :class:`NvmeStore` under ``folder`` (the disk's room is checked before any file is
+    """Home ``units`` in an :class:`NvmeStore` under ``folder`` (:func:`nvme_files`), streamed block by block."""
+    return NvmeResidence(NvmeStreamer(nvme_files(units, params, folder, device, engine), device, prefetch), units)
+
+
+def nvme_files(units: Sequence[Any], params: dict[str, torch.nn.Parameter], folder: str, device: torch.device,
+               engine: Any) -> NvmeStore:
+    """An :class:`NvmeStore` under ``folder`` homing ``units`` (the disk's room is checked before any file is
     made): units whose parameters hold values are written there as the step they hold; the parameters then move
     to the meta device (no host copy is kept). Units built on the meta device are filled later by the loaders."""
     dtypes = {params[n].dtype for u in units for n in u.owned}
@@ -367,7 +386,7 @@ def build_nvme_tier(units: Sequence[Any], params: dict[str, torch.nn.Parameter],
             store.write(k, buf, unit.applied)
         for p in owned:
             repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))  # home is the file: no host copy
-    return NvmeResidence(NvmeStreamer(store, device, prefetch), units)
+    return store
 
 
 def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> NvmeResidence | None:
@@ -375,17 +394,23 @@ def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> Nv
     their files written and their parameters moved to the meta device; None when there are none."""
     if not units:
         return None
-    shared = shared_names(inputs.units)
-    if any(n in shared for u in units for n in u.owned):
-        raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
-    t = inputs.tiers
-    engine = open_engine(getattr(t, "nvme_engine", "auto"), getattr(t, "nvme_queue_depth", 8),
-                         getattr(t, "block_size_bytes", 1 << 20))
+    engine = tier_engine(inputs, units)
     if inputs.store_spec is not None:
         return node_nvme_tier(inputs, units, device, engine)
     if inputs.comm is not None and inputs.comm.local_size > 1:
         return shared_nvme_tier(inputs, units, device, engine)
-    return build_nvme_tier(units, inputs.params, t.nvme_path, device, inputs.config.prefetch, engine)
+    return build_nvme_tier(units, inputs.params, inputs.tiers.nvme_path, device, inputs.config.prefetch, engine)
+
+
+def tier_engine(inputs: Any, units: Sequence[Any]) -> Any:
+    """The I/O engine of the ``[offload]`` section, once ``units`` are known to share no parameter with another
+    unit (a ModelError otherwise: a file cannot be the home of a parameter another unit reads)."""
+    shared = shared_names(inputs.units)
+    if any(n in shared for u in units for n in u.owned):
+        raise ModelError("A block that shares parameters with another unit cannot be homed on NVMe.")
+    t = inputs.tiers
+    return open_engine(getattr(t, "nvme_engine", "auto"), getattr(t, "nvme_queue_depth", 8),
+                       getattr(t, "block_size_bytes", 1 << 20))
 
 
 def host_blocks(blocks: Sequence[list], nvme_units: Sequence[int]) -> list[list]:

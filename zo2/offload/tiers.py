@@ -100,15 +100,21 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
         raise
     if plan.nvme and stateful:
         _refuse_state(inputs.optimizer)
-    if plan.nvme and plan.granularity == "matrix":
-        raise ConfigError("offload.nvme_path: the NVMe tier streams whole blocks, but the blocks stream one matrix "
-                          f"at a time (optim.stream_granularity = {inputs.config.stream_granularity!r}). Set "
-                          "optim.stream_granularity = 'block', or raise offload.host_memory_budget.")
+    if plan.nvme and plan.granularity == "matrix" and comm is not None and comm.local_size > 1:
+        _refuse_matrix(f"with {comm.local_size} processes per node", inputs.config.stream_granularity)
     if plan.nvme and any(frozen[i] for i in plan.nvme):
         raise ConfigError("The NVMe tier holds trainable weights only, but the blocks that do not fit "
                           "offload.host_memory_budget have frozen parameters (a PEFT model's base weights). Raise "
                           "offload.host_memory_budget, or fine-tune all weights.")
     return plan
+
+
+def _refuse_matrix(where: str, granularity: str) -> None:
+    raise ConfigError(f"offload.nvme_path: {where} the NVMe tier's files are the node's, cut in one slice per "
+                      "process, and stream whole blocks; one matrix at a time from NVMe runs in a single process "
+                      f"(zo2 train). The blocks stream one matrix at a time (optim.stream_granularity = "
+                      f"{granularity!r}): set optim.stream_granularity = 'block', or raise "
+                      "offload.host_memory_budget.")
 
 
 def _refuse_state(optimizer: Any) -> None:
@@ -131,6 +137,8 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
         raise ConfigError("The NVMe tier holds trainable weights only, but blocks the scheduler homed on NVMe have "
                           "frozen parameters (a PEFT model's base weights). Raise offload.host_memory_budget, or "
                           "fine-tune all weights.")
+    if on_nvme and plan.granularity == "matrix":
+        _refuse_matrix("under zo2 launch", inputs.config.stream_granularity)
     moved = [i for i in plan.resident if i in set(on_nvme)]
     if moved:
         plan.resident = [i for i in plan.resident if i not in set(moved)]

@@ -116,8 +116,8 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                      pcie_s=mem.streamed * per_block["pcie"] + fill, nvlink_s=mem.streamed * per_block["nvlink"],
                      host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm, nvme_s=tiers.nvme * nvme)
     bound = _bound(per_block, tiers, nvme, mem.resident * res_compute + head, fill, comm)
-    refused = ("the NVMe tier streams whole blocks: not yet with --granularity matrix"  # as zo2.offload.tiers
-               if tiers.nvme and work.granularity == "matrix" else "")
+    refused = ("with several processes per node the NVMe tier streams whole blocks: not yet with --granularity "
+               "matrix" if tiers.nvme and work.granularity == "matrix" and layout.gpus_per_node > 1 else "")
     notes = [n for n in (mem.note, tiers.note, refused) if n]
     block = shape.block_params * DTYPE_BYTES[work.dtype] * (1 if layout.sliced else layout.gpus_per_node)
     speedup = (baseline_step_s / step) if baseline_step_s else 1.0

@@ -1,0 +1,229 @@
+"""One matrix at a time from the NVMe tier (zo2.offload.nvme_pieces): bit-exactness against resident units and the
+block-streamed host tier, host and NVMe blocks side by side, snapshots and resume through the files, a device
+ring of matrices (not blocks), and the refusal where several processes share a node's files. CPU only: the
+"device" is the CPU and the files live in a temporary folder."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zo2 import ZOEngine
+from zo2.config import ZOConfig
+from zo2.config.offload import OffloadConfig
+from zo2.errors import ConfigError
+from zo2.offload.nvme import PAGE, round_up
+from zo2.offload.nvme_pieces import NvmePieceResidence, NvmePieceStreamer
+from zo2.offload.pieces import PiecewiseResidence
+from zo2.offload.planner import Plan
+from zo2.offload.tiers import place_tiers_for, staging_buffers
+from test_nvme_residence import CFG, assert_same_state, block_bytes, run
+from zo2_testing import clone_model, padded_batch, tiny_model
+
+LAYERS = 6
+
+
+def matrix_engine(model, folder, *, host_blocks: int = 0, prefetch: int = 1, **cfg) -> ZOEngine:
+    """An engine streaming every block one matrix at a time, the blocks past ``host_blocks`` homed in files (the
+    host budget holds the staging buffers and ``host_blocks`` blocks, no more)."""
+    budget = staging_buffers(prefetch) * round_up(block_bytes(model)) + host_blocks * block_bytes(model) + 64
+    tiers = OffloadConfig(nvme_path=str(folder), host_memory_budget=budget,
+                          nvme_engine="threads", nvme_queue_depth=3, nvme_block_size=PAGE)
+    config = ZOConfig(offload=True, stream_granularity="matrix", prefetch=prefetch, **CFG, **cfg)
+    return ZOEngine(model, config, offload_config=tiers)
+
+
+def nvme_residence(engine: ZOEngine) -> NvmePieceResidence:
+    return next(r for r in engine.residences if isinstance(r, NvmePieceResidence))
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+@pytest.mark.parametrize("writeback_every", [1, 3])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_matrix_on_nvme_matches_resident_and_block_streamed_host_tier_bit_for_bit(tmp_path, family, writeback_every,
+                                                                                 prefetch):
+    base = tiny_model(family, seed=3, num_hidden_layers=LAYERS)
+    cfg = dict(writeback_every=writeback_every)
+    resident = ZOEngine(clone_model(base), ZOConfig(offload=False, **CFG, **cfg))
+    host = ZOEngine(clone_model(base), ZOConfig(offload=True, stream_granularity="block", **CFG, **cfg))
+    on_disk = matrix_engine(clone_model(base), tmp_path, prefetch=prefetch, **cfg)
+    assert on_disk.plan.nvme == list(range(LAYERS)) and on_disk.plan.granularity == "matrix"
+    assert all(p.is_meta for u in on_disk.units if u.kind == "block" for n in u.owned
+               for p in [on_disk.params[n]])  # no host copy of an NVMe-homed block
+    written, replays = 0, 0
+    for s in range(5):
+        batch = padded_batch(seed=s)
+        losses = {resident.step(batch).loss, host.step(batch).loss, on_disk.step(batch).loss}
+        assert len(losses) == 1, losses
+        written += on_disk.last_transfer.bytes_disk_written
+        replays += on_disk.last_transfer.replays
+    # steps 1..4 apply updates 0..3; K = 1 writes every unit's file each time, K = 3 once (update 2: home lags 3)
+    file_bytes = nvme_residence(on_disk).store.file_bytes(0)
+    assert written == LAYERS * file_bytes * (4 if writeback_every == 1 else 1)
+    assert (replays > 0) == (writeback_every > 1)
+    state = resident.trainable_state()
+    assert_same_state(state, host.trainable_state())
+    assert_same_state(state, on_disk.trainable_state())
+    assert on_disk.checksum() == resident.checksum()
+
+
+def test_the_device_holds_a_ring_of_matrices_and_the_host_the_staging_buffers(tmp_path):
+    base = tiny_model("opt", seed=4, num_hidden_layers=LAYERS)
+    engine = matrix_engine(clone_model(base), tmp_path, prefetch=1)
+    streamer = nvme_residence(engine).streamer
+    assert isinstance(streamer, NvmePieceStreamer)
+    largest_piece = max(hi - lo for _, lo, hi in streamer.store.pieces) * 4
+    assert streamer.device_bytes == 3 * largest_piece  # prefetch + 2 matrices
+    assert streamer.device_bytes < block_bytes(base)  # less than one block
+    assert len(streamer.staging) == staging_buffers(1)
+    run(engine, 2)
+    assert len(streamer._buffer_of) <= staging_buffers(1)
+    run(engine, 1, first=2)  # each unit's file is read once a step, not once per piece
+    assert engine.last_transfer.bytes_disk_read == LAYERS * streamer.nvme.file_bytes(0)
+
+
+def test_host_and_nvme_blocks_side_by_side_one_matrix_at_a_time(tmp_path):
+    base = tiny_model("opt", seed=5, num_hidden_layers=8)
+    resident = ZOEngine(clone_model(base), ZOConfig(offload=False, writeback_every=2, **CFG))
+    mixed = matrix_engine(clone_model(base), tmp_path, host_blocks=2, writeback_every=2)
+    assert mixed.plan.host == [0, 1] and mixed.plan.nvme == [2, 3, 4, 5, 6, 7]
+    kinds = {type(r) for r in mixed.residences}
+    assert PiecewiseResidence in kinds and NvmePieceResidence in kinds
+    for s in range(4):
+        assert resident.step(padded_batch(seed=s)).loss == mixed.step(padded_batch(seed=s)).loss
+    assert mixed.last_transfer.bytes_disk_read > 0
+    assert_same_state(resident.trainable_state(), mixed.trainable_state())
+    assert mixed.checksum() == resident.checksum()
+
+
+def test_snapshot_and_resume_one_matrix_at_a_time_from_nvme(tmp_path, monkeypatch):
+    """The snapshot writer reads each unit's file once (deferred), and a lazy resume writes the files back."""
+    from zo2.offload.nvme import NvmeStore
+    from zo2.train.checkpoint import latest_good_snapshot, save_snapshot
+
+    base = tiny_model("llama", seed=7, num_hidden_layers=LAYERS)
+    straight = matrix_engine(clone_model(base), tmp_path / "a", writeback_every=2)
+    run(straight, 3)
+    tensors = straight.snapshot_tensors()  # flushes: the lagging units' files are written
+    reads, original = [], NvmeStore.read
+    monkeypatch.setattr(NvmeStore, "read", lambda self, k, out: reads.append(k) or original(self, k, out))
+    save_snapshot(tmp_path / "run", 3, tensors, {"data": 3})
+    assert sorted(reads) == list(range(LAYERS))  # one read per unit, whatever the number of its tensors
+    monkeypatch.undo()
+    snapshot = straight.trainable_state()
+    run(straight, 3, first=3)
+    final = straight.trainable_state()
+
+    resumed = matrix_engine(clone_model(base), tmp_path / "b", writeback_every=2)
+    run(resumed, 2, first=50)  # other weights, other steps: all overwritten by the snapshot
+    snap = latest_good_snapshot(tmp_path / "run")
+    assert snap.step == 3
+    resumed.load_trainable_state(snap.tensors)
+    resumed.load_state_dict({"step": 3})
+    assert_same_state(snapshot, resumed.trainable_state())
+    run(resumed, 3, first=3)
+    assert_same_state(final, resumed.trainable_state())
+
+    reference = ZOEngine(clone_model(base), ZOConfig(offload=False, writeback_every=2, **CFG))
+    run(reference, 6)
+    assert_same_state(final, reference.trainable_state())
+
+
+def test_init_random_fills_the_files_one_matrix_at_a_time(tmp_path):
+    from zo2.offload.loading import init_random
+
+    host = ZOEngine(tiny_model("opt", seed=11, num_hidden_layers=LAYERS), ZOConfig(offload=True, **CFG))
+    fresh = matrix_engine(tiny_model("opt", seed=12, num_hidden_layers=LAYERS), tmp_path)
+    init_random(host, seed=4)
+    init_random(fresh, seed=4)
+    assert_same_state(host.trainable_state(), fresh.trainable_state())
+    for s in range(2):
+        assert host.step(padded_batch(seed=s)).loss == fresh.step(padded_batch(seed=s)).loss
+
+
+def _inputs(**fields) -> SimpleNamespace:
+    config = SimpleNamespace(sliced_transfers=True, prefetch=1, stream_granularity="matrix")
+    base = dict(tiers=OffloadConfig(nvme_path="/nvme", host_memory_budget=4 * 8192 + 100), store_spec=None,
+                comm=None, config=config, optimizer=SimpleNamespace(state_names=()))
+    return SimpleNamespace(**{**base, **fields})
+
+
+def _plan() -> Plan:
+    """Five streamed blocks: one fits the host budget beside the staging buffers, four go to NVMe."""
+    return Plan([], [0, 1, 2, 3, 4], [8192] * 5, 100, 3 * 8192, 10, None, 1, granularity="matrix")
+
+
+def test_several_processes_per_node_refuse_matrix_on_nvme_with_the_fix():
+    """torchrun: the node's sliced NVMe files stream whole blocks; one matrix at a time from them is refused."""
+    inputs = _inputs(comm=SimpleNamespace(local_size=2))
+    with pytest.raises(ConfigError, match=r"2 processes per node.*single process.*stream_granularity = 'block'"):
+        place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=True)
+    plan = place_tiers_for(_inputs(), _plan(), [[]] * 5, creates_store=True)  # one process: placed
+    assert plan.nvme == [1, 2, 3, 4] and plan.host == [0]
+
+
+def test_the_scheduler_refuses_matrix_on_nvme_with_the_fix():
+    units = [SimpleNamespace(kind="embed")] + [SimpleNamespace(kind="block")] * 5 + [SimpleNamespace(kind="head")]
+    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=1)
+    inputs = _inputs(store_spec=spec, units=units)
+    with pytest.raises(ConfigError, match=r"under zo2 launch.*stream_granularity = 'block'"):
+        place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
+
+
+def test_stateful_optimizers_stay_refused_one_matrix_at_a_time(tmp_path):
+    model = tiny_model("opt", seed=1, num_hidden_layers=LAYERS)
+    with pytest.raises(ConfigError, match="optimizer state"):
+        matrix_engine(model, tmp_path, optimizer="zo-adam")
+    assert not list(tmp_path.iterdir())  # refused before any file was made
+
+
+def test_a_full_disk_between_units_keeps_the_previous_versions(tmp_path, monkeypatch):
+    import errno
+
+    from zo2.errors import ResourceError
+    from zo2.offload.nvme import NvmeStore, ThreadPoolEngine
+
+    engine = matrix_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
+    run(engine, 2)
+    before = engine.trainable_state()  # flushed: the files hold these weights
+    store = nvme_residence(engine).store
+    held = [store.held(k) for k in range(LAYERS)]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.engine, "submit_write", full)
+    with pytest.raises(ResourceError, match="intact"):
+        run(engine, 3, first=2)
+        engine.flush()
+    monkeypatch.undo()
+    reopened = NvmeStore(tmp_path, store.layouts, torch.float32, engine=ThreadPoolEngine())
+    for k in range(LAYERS):
+        assert reopened.held(k) == held[k]
+        flat = torch.empty(reopened.numels[k])
+        reopened.read(k, flat)
+        for seg in reopened.layouts[k]:
+            assert torch.equal(flat[seg.offset : seg.offset + seg.numel].view(seg.shape), before[seg.name])
+
+
+def test_a_training_run_one_matrix_at_a_time_from_nvme_saves_the_same_model(tmp_path):
+    """zo2 train with snapshots (written from the files, a unit at a time), evaluations and the final export."""
+    from safetensors.torch import load_file
+
+    from zo2.config import load_config
+    from zo2.train.trainer import train_job
+
+    common = ["train.steps=6", "train.eval_every=3", "optim.offload=true", "checkpoint.save_every=3",
+              "train.device=cpu", "optim.writeback_every=2"]
+    train_job(load_config("tiny-opt", overrides=common + [f"run.out_dir={tmp_path / 'host'}"]), quiet=True)
+    job = load_config("tiny-opt", overrides=common + [f"run.out_dir={tmp_path / 'nvme'}",
+                                                       f"offload.nvme_path={tmp_path / 'files'}",
+                                                       "offload.host_memory_budget=650000",
+                                                       "optim.stream_granularity=matrix"])
+    train_job(job, quiet=True)
+    assert len(list((tmp_path / "files").glob("unit-*.json"))) == 4  # every block lived on NVMe
+    a = load_file(str(tmp_path / "host" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "nvme" / "final" / "model.safetensors"))
+    assert_same_state(a, b)

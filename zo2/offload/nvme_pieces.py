@@ -1,0 +1,295 @@
+"""One matrix at a time from the NVMe tier: blocks homed in files (zo2.offload.tiered) streamed to the device a piece
+(one module's parameters, zo2.offload.pieces) at a time.
+
+The two halves already exist and keep their roles: the NVMe tier moves *units* between the files and pinned host
+memory, the ring moves *pieces* between host memory and the device. Here they meet in the staging buffers:
+
+* **reads** — a unit's file is read whole through the I/O engine into one of ``prefetch + 2`` PAGE-aligned pinned
+  staging buffers (the NVMe tier's count, already in ``offload.host_memory_budget``), the current unit and the
+  ``prefetch + 1`` after it in the pass, ahead of the compute. :class:`StagedPieces` shows the ring each piece
+  as a view of its unit's staging buffer, so an upload of a piece copies from there into the device ring
+  (:class:`~zo2.offload.pieces.RingStreamer`: ``prefetch + 2`` of the largest matrix, never a block). A piece
+  uploaded ahead waits for its unit's read to land (the compute is never queued behind a read).
+* **writes** — a piece's write-back (when the lagging write-back asks, ``optim.writeback_every``, and at sync
+  points) copies it from the ring into its unit's staging buffer; once every piece of the unit holds the step
+  (:meth:`NvmePieceResidence.write_piece`), the buffer is written to the unit's file crash-safely
+  (:meth:`~zo2.offload.nvme.NvmeStore.write`: the other version, fsync, the marker). A unit whose staging buffer
+  holds pieces its file lacks is never evicted, so no written-back piece is lost.
+
+The staging buffers are a cache of the files: a unit stays staged until its buffer is needed for a unit nearer in
+the pass (a unit read again returns what its file holds, which is what the buffer held). One I/O thread runs every
+read and write in submission order, so a read issued after a write of the same buffer or unit sees it. On CUDA a
+read into a buffer first waits for the uploads out of it, and a file write for the write-backs into it.
+
+Single process only (``zo2 train``): the node's sliced files of zo2 launch and torchrun stream whole blocks, and
+one matrix at a time with them is a ConfigError (zo2.offload.tiers).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from zo2.errors import ConfigError
+from zo2.offload.nvme import NvmeStore, aligned_empty
+from zo2.offload.pieces import PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
+from zo2.offload.tiered import FileHome, nvme_files, nvme_tier_for, tier_engine
+from zo2.offload.tiers import staging_buffers
+
+
+def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool) -> Any:
+    """The residence of the NVMe-homed ``units`` (zo2.offload.tiered.nvme_tier_for), streamed one matrix at a
+    time where ``matrix`` (the plan's granularity); None when there are none."""
+    if not matrix or not units:
+        return nvme_tier_for(inputs, units, device)
+    if inputs.store_spec is not None or (inputs.comm is not None and inputs.comm.local_size > 1):
+        raise ConfigError("One matrix at a time from the NVMe tier runs in a single process (zo2 train); set "
+                          "optim.stream_granularity = 'block'.")
+    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
+    return nvme_piece_residence(store, units, device, inputs.config.prefetch)
+
+
+def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.device,
+                         prefetch: int) -> "NvmePieceResidence":
+    """``units`` (unit k is ``store``'s unit k) streamed a piece at a time through a ring of their own."""
+    pieces, first, bounds = [], {}, {}
+    for k, u in enumerate(units):
+        layout = store.layouts[k]
+        first[u.name] = len(pieces)
+        bounds[u.name] = piece_bounds(module_ranges(u.slots, layout), store.numels[k])
+        pieces += [(k, lo, hi) for lo, hi in bounds[u.name]]
+    streamer = NvmePieceStreamer(StagedPieces(store, pieces), device, prefetch)
+    return NvmePieceResidence(streamer, units, bounds, first)
+
+
+class StagedPieces:
+    """The pieces of an :class:`NvmeStore`'s units, shown to a ring as blocks: ``flat(piece)`` is the piece's view
+    of the staging buffer its unit is read into (a meta tensor of its size while the unit is not staged: the ring
+    asks only its size then)."""
+
+    def __init__(self, nvme: NvmeStore, pieces: Sequence[tuple[int, int, int]]):
+        self.nvme = nvme
+        self.pieces = list(pieces)
+        """(unit, lo, hi) of each piece."""
+        self.dtype = nvme.dtype
+        self.staged: dict[int, torch.Tensor] = {}
+        """Unit → the flat view (store dtype) of the staging buffer holding it, or being read into."""
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def flat(self, index: int) -> torch.Tensor:
+        unit, lo, hi = self.pieces[index]
+        flat = self.staged.get(unit)
+        return torch.empty(hi - lo, dtype=self.dtype, device="meta") if flat is None else flat[lo:hi]
+
+
+class NvmePieceStreamer(RingStreamer):
+    """A :class:`RingStreamer` over :class:`StagedPieces`: units read ahead from the files into staging buffers,
+    pieces uploaded from there into the ring, written back into them, and units written to their files when
+    :meth:`write_unit` says every piece is there (see the module docstring)."""
+
+    def __init__(self, store: StagedPieces, device: torch.device, prefetch: int = 1, measure: bool = True):
+        self.nvme = store.nvme
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-io")
+        """Every read and write of the files, in FIFO order."""
+        size = max((self.nvme.file_bytes(k) for k in range(len(self.nvme))), default=0)
+        self.staging = [aligned_empty(size, pin=self.nvme.pin) for _ in range(staging_buffers(prefetch))]
+        self._unit = [k for k, _, _ in store.pieces]
+        self._buffer_of: dict[int, int] = {}
+        """Unit → the staging buffer holding it (or being read into)."""
+        self._reads: dict[int, Future] = {}
+        """Reads not yet waited for: unit → future."""
+        self._uploads: list[list] = [[] for _ in self.staging]
+        """CUDA: the events of the uploads out of each buffer since its last read (a read into it waits)."""
+        self._d2h: dict[int, list] = {}
+        """CUDA: unit → the events of its pieces' write-backs into its buffer (its file write waits)."""
+        self._dirty: set[int] = set()
+        """Units whose buffer holds pieces their file lacks: never evicted before :meth:`write_unit`."""
+        self._writes: list[Future] = []
+        self._units: list[int] = []
+        self._unit_pos: dict[int, int] = {}
+        self._current: int | None = None
+        self._wanted: int | None = None
+        self._taken: int | None = None
+        super().__init__(store, device, prefetch, measure)
+
+    # ------------------------------------------------------------------ the pass, by unit
+    def begin(self, order: list[int]) -> None:
+        units = list(dict.fromkeys(self._unit[p] for p in order))
+        self._units, self._unit_pos = units, {k: i for i, k in enumerate(units)}
+        super().begin(order)
+
+    def _window(self) -> list[int]:
+        """The current unit and the ``prefetch + 1`` after it in the pass: what the staging buffers are for."""
+        pos = self._unit_pos.get(self._current, 0) if self._current is not None else 0
+        return self._units[pos : pos + self.prefetch + 2]
+
+    def _read_ahead(self, unit: int) -> None:
+        pos = self._unit_pos.get(unit)
+        ahead = [unit] if pos is None else self._units[pos : pos + self.prefetch + 1]
+        for k in ahead:
+            if k not in self._buffer_of and not self._issue_read(k):
+                break
+
+    def _issue_read(self, unit: int, force: bool = False) -> bool:
+        """Queue a read of ``unit`` into a free staging buffer (``force``: evict one); False when none is free."""
+        buf = self._free_buffer(force)
+        if buf is None:
+            return False
+        after, self._uploads[buf] = self._uploads[buf], []
+        self._reads[unit] = self.io.submit(self._read_job, unit, buf, after)
+        self._buffer_of[unit] = buf
+        self.store.staged[unit] = self.nvme.typed(unit, self.staging[buf])
+        self.stats.bytes_disk_read += self.nvme.file_bytes(unit)
+        return True
+
+    def _read_job(self, unit: int, buf: int, after: list) -> None:
+        for event in after:
+            event.synchronize()  # the pieces uploaded out of this buffer have left it
+        self.nvme.read(unit, self.staging[buf][: self.nvme.file_bytes(unit)])
+
+    def _free_buffer(self, force: bool) -> int | None:
+        """A buffer no unit holds, else the buffer of a clean unit outside the window (``force``: the clean one
+        furthest ahead in it); never the current unit's or a dirty one's."""
+        taken = set(self._buffer_of.values())
+        free = [b for b in range(len(self.staging)) if b not in taken]
+        if free:
+            return free[0]
+        window = self._window()
+        clean = [k for k in self._buffer_of if k not in self._dirty and k != self._current]
+        victims = [k for k in clean if k not in window]
+        if not victims and force:
+            victims = sorted(clean, key=lambda k: -self._unit_pos.get(k, -1))[:1]
+        if not victims:
+            if force:
+                raise RuntimeError("every NVMe staging buffer holds a unit in use; this is a bug in zo2.")
+            return None
+        victim = victims[0]
+        self.store.staged.pop(victim)
+        self._reads.pop(victim, None)  # a read still queued lands first (FIFO): the next one follows it
+        return self._buffer_of.pop(victim)
+
+    def _staged(self, unit: int) -> int:
+        """The buffer holding ``unit``, read now if it is not staged; waits for its read (issued ahead)."""
+        if unit not in self._buffer_of:
+            self._issue_read(unit, force=True)
+        future = self._reads.pop(unit, None)
+        if future is not None:
+            future.result()  # host wait: this unit's read, issued ahead and overlapped with earlier compute
+        return self._buffer_of[unit]
+
+    # ------------------------------------------------------------------ uploads
+    def acquire(self, block: int) -> torch.Tensor:
+        self._raise_failed_writes()
+        self._wanted, self._current = block, self._unit[block]
+        try:
+            return super().acquire(block)
+        finally:
+            self._wanted = None
+
+    def _upload(self, block: int, required: bool = True) -> None:
+        unit = self._unit[block]
+        self._read_ahead(unit)
+        landed = unit in self._buffer_of and (unit not in self._reads or self._reads[unit].done())
+        if block != self._wanted and not landed:
+            return  # uploaded once its unit's read landed, at the latest when acquired
+        self._taken = None
+        super()._upload(block, required)
+        if self._taken is not None and self.cuda and block in self._uploaded:
+            self._uploads[self._taken].append(self._uploaded[block])
+
+    def _source(self, block: int) -> torch.Tensor:
+        self._taken = self._staged(self._unit[block])
+        return self.store.flat(block)
+
+    # ------------------------------------------------------------------ write-backs
+    def _home(self, block: int) -> torch.Tensor:
+        unit = self._unit[block]
+        self._staged(unit)
+        self._dirty.add(unit)  # before :meth:`write_unit`, its buffer holds what its file lacks
+        return self.store.flat(block)
+
+    def _landed(self, block: int, step: int, done: Any) -> None:
+        if done is not None:
+            self._d2h.setdefault(self._unit[block], []).append(done)
+
+    def write_unit(self, unit: int, step: int) -> None:
+        """Every piece of ``unit`` was written back into its staging buffer holding ``step``: write the buffer to
+        the unit's file (on the I/O thread, after those write-backs landed)."""
+        buf = self._buffer_of[unit]
+        events = self._d2h.pop(unit, [])
+        self._writes.append(self.io.submit(self._write_job, unit, buf, step, events))
+        self._dirty.discard(unit)
+        self.stats.bytes_disk_written += self.nvme.file_bytes(unit)
+
+    def _write_job(self, unit: int, buf: int, step: int, events: list) -> None:
+        for event in events:
+            event.synchronize()  # the pieces' D2H copies into the staging buffer have landed
+        self.nvme.write(unit, self.staging[buf][: self.nvme.file_bytes(unit)], step)
+
+    def _raise_failed_writes(self, wait: bool = False) -> None:
+        """Raise the first failed write (a full disk: ResourceError saying the previous version is intact)."""
+        pending = []
+        for future in self._writes:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._writes = pending
+
+    # ------------------------------------------------------------------ sync points
+    def synchronize(self) -> None:
+        super().synchronize()
+        self._raise_failed_writes(wait=True)
+
+    def drain(self) -> None:
+        """Wait for every queued read and write."""
+        for future in self._reads.values():
+            future.result()
+        self._reads.clear()
+        self.synchronize()
+
+    def invalidate(self) -> None:
+        """The files were (or are about to be) written from the host: forget the staged units too."""
+        self.drain()
+        self._buffer_of.clear()
+        self.store.staged.clear()
+        self._dirty.clear()
+        super().invalidate()
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on the I/O thread after everything queued, and wait for it."""
+        return self.io.submit(job).result()
+
+    def close(self) -> None:
+        self.drain()
+        self.io.shutdown()
+        self.nvme.close()
+
+
+class NvmePieceResidence(FileHome, PiecewiseResidence):
+    """NVMe-homed units streamed a piece at a time (:class:`PiecewiseResidence`: the same per-piece held steps,
+    replays and write-back decisions), their weights reached through the files (:class:`FileHome`: snapshots,
+    resume, the loaders). A unit's file is written once every piece of it holds the step written back."""
+
+    def __init__(self, streamer: NvmePieceStreamer, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
+                 first_piece: dict[str, int], writeback_every: int = 1):
+        self._index = {u.name: k for k, u in enumerate(units)}
+        self.layouts = streamer.nvme.layouts
+        self._pieces_of_unit: dict[int, list[int]] = {}
+        for piece, (k, _, _) in enumerate(streamer.store.pieces):
+            self._pieces_of_unit.setdefault(k, []).append(piece)
+        super().__init__(streamer, units, bounds, first_piece, None, writeback_every)
+
+    def write_piece(self, piece: int, step: int) -> None:
+        super().write_piece(piece, step)
+        unit = self.streamer.store.pieces[piece][0]
+        if min(self._piece_held[p] for p in self._pieces_of_unit[unit]) == step:
+            self.streamer.write_unit(unit, step)  # the staging buffer holds the whole unit at ``step``
+
+    def fill_home(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        super().fill_home(fill)
+        self._piece_held = {p: u.applied for u in self.units() for p, _ in self.pieces_of(u)}
