@@ -210,6 +210,17 @@ def test_a_second_user_of_the_nvme_folder_is_refused_with_the_holders_pid(tmp_pa
     FolderLock(folder).release()
 
 
+def test_one_matrix_at_a_time_from_nvme_under_zo2_launch_is_refused_before_any_file_is_made(tmp_path):
+    from zo2.errors import ConfigError
+
+    folder = tmp_path / "nvme"
+    sched = Scheduler(job(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix"), workers=1, quiet=True)
+    with pytest.raises(ConfigError, match="stream_granularity = 'block'"):
+        sched.run()
+    assert not [p for p in folder.glob("zo2-node-*")] and not [p for p in Path("/dev/shm").glob(
+        f"zo2-node-{os.getpid()}-*")]  # nothing made, nothing left behind
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torchrun: several processes on one node, no scheduler
 # ----------------------------------------------------------------------------------------------------------
