@@ -69,6 +69,21 @@ def assert_same_params(a, b) -> None:
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """The same names, each tensor equal bit for bit."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def logged(run_dir) -> list[tuple]:
+    """A run folder's trajectory log as (step, seeds, coefficients, lr, loss) records."""
+    from zo2.train.checkpoint import read_log
+
+    return [(r["step"], r["seeds"], r["coeffs"], r["lr"], r["loss"]) for r in read_log(os.path.join(run_dir,
+                                                                                              "trajectory.jsonl"))]
+
+
 def fill_disk_after(run_dir, steps: int, disk):
     """A thread that, once ``run_dir``'s trajectory log holds ``steps`` lines, fills the file system of ``disk``
     (a small tmpfs) with a filler file: the next write there fails with ENOSPC, as on a full disk."""

@@ -20,6 +20,7 @@ from zo2.control.scheduler import Scheduler
 from zo2.errors import CheckpointError
 from zo2.train.checkpoint import list_snapshots, load_snapshot, read_log, snapshot_path
 from zo2.train.trainer import read_metrics, train_job
+from zo2_testing import assert_same_tensors as assert_same, logged
 
 STEPS = 6
 BASE = [f"train.steps={STEPS}", "data.batch_size=2", "data.max_length=48", "optim.offload=true",
@@ -35,16 +36,6 @@ def job(run_dir: Path, *extra: str):
 def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     tensors, _ = load_snapshot(snapshot_path(run_dir, step))
     return tensors
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def logged(run_dir: Path) -> list[tuple]:
-    return [(r["step"], r["seeds"], r["coeffs"], r["lr"], r["loss"]) for r in read_log(run_dir / "trajectory.jsonl")]
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +98,14 @@ def test_two_workers_with_perturbation_parallelism_equal_the_single_process_run(
     assert_same(final_weights(run_dir), final_weights(reference))
 
 
-def test_a_worker_killed_mid_write_back_is_repaired_from_the_log(tmp_path, reference):
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_a_worker_killed_mid_write_back_is_repaired_from_the_log(tmp_path, reference, granularity):
+    """Rank 0 dies in step 4 (0-based) while writing block 1 (unit 2) back: half of it landed. One matrix at a
+    time (from the node store) it dies after one piece of the unit was written back and while half of the next
+    landed: the unit's marker stayed in flight from its first piece, so it is rebuilt too; equal to zo2 train's
+    run (by block) bit for bit."""
     run_dir = tmp_path / "run"
-    # rank 0 dies in step 4 (0-based) while writing block 1 (unit 2) back: half of it landed
-    sched = run_scheduler(run_dir, fault="0:4:2")
+    sched = run_scheduler(run_dir, f"optim.stream_granularity={granularity}", fault="0:4:2")
     assert sched.restarts == 1
     (repair,) = sched.recoveries  # it died of the SIGKILL after tearing the block, and the block was rebuilt
     assert "signal 9" in repair["why"] and repair["rebuilt"] == 1 and repair["step"] == 4, repair
@@ -153,19 +148,6 @@ def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_b
     if method == "lora":
         (repair,) = sched.recoveries
         assert "signal 9" in repair["why"] and repair["rebuilt"] == 1, repair
-
-
-def test_one_matrix_at_a_time_under_the_scheduler_and_a_unit_torn_between_its_pieces_is_repaired(tmp_path, reference):
-    """optim.stream_granularity = 'matrix' from the node store: rank 0 dies in step 4 after one piece of unit 2
-    was written back and while half of the next landed; the unit's marker stayed in flight from its first piece,
-    so it is rebuilt, and the run equals zo2 train's (by block) bit for bit."""
-    run_dir = tmp_path / "run"
-    sched = run_scheduler(run_dir, "optim.stream_granularity=matrix", fault="0:4:2")
-    assert sched.restarts == 1
-    (repair,) = sched.recoveries
-    assert "signal 9" in repair["why"] and repair["rebuilt"] == 1 and repair["step"] == 4, repair
-    assert logged(run_dir) == logged(reference)
-    assert_same(final_weights(run_dir), final_weights(reference))
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from zo2.errors import ResourceError
 from zo2.offload.nvme import LOCK_FILE, FolderLock
 from zo2.train.checkpoint import load_snapshot, read_log, snapshot_path
 from zo2.train.trainer import train_job
+from zo2_testing import assert_same_tensors as assert_same, logged
 
 STEPS = 6
 LAYERS = 8
@@ -48,16 +49,6 @@ def nvme(folder: Path) -> list[str]:
 
 def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return load_snapshot(snapshot_path(run_dir, step))[0]
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def logged(run_dir: Path) -> list[tuple]:
-    return [(r["step"], r["seeds"], r["coeffs"], r["lr"], r["loss"]) for r in read_log(run_dir / "trajectory.jsonl")]
 
 
 def scheduler_files(folder: Path) -> list[Path]:

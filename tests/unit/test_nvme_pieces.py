@@ -19,7 +19,7 @@ from zo2.offload.nvme_pieces import NvmePieceResidence, NvmePieceStreamer
 from zo2.offload.pieces import PiecewiseResidence
 from zo2.offload.planner import Plan
 from zo2.offload.tiers import place_tiers_for, staging_buffers
-from test_nvme_residence import CFG, assert_same_state, block_bytes, run
+from test_nvme_residence import CFG, assert_same_state, block_bytes, resume_from, run, same_three_ways
 from zo2_testing import clone_model, padded_batch, tiny_model
 
 LAYERS = 6
@@ -50,23 +50,7 @@ def test_matrix_on_nvme_matches_resident_and_block_streamed_host_tier_bit_for_bi
     host = ZOEngine(clone_model(base), ZOConfig(offload=True, stream_granularity="block", **CFG, **cfg))
     on_disk = matrix_engine(clone_model(base), tmp_path, prefetch=prefetch, **cfg)
     assert on_disk.plan.nvme == list(range(LAYERS)) and on_disk.plan.granularity == "matrix"
-    assert all(p.is_meta for u in on_disk.units if u.kind == "block" for n in u.owned
-               for p in [on_disk.params[n]])  # no host copy of an NVMe-homed block
-    written, replays = 0, 0
-    for s in range(5):
-        batch = padded_batch(seed=s)
-        losses = {resident.step(batch).loss, host.step(batch).loss, on_disk.step(batch).loss}
-        assert len(losses) == 1, losses
-        written += on_disk.last_transfer.bytes_disk_written
-        replays += on_disk.last_transfer.replays
-    # steps 1..4 apply updates 0..3; K = 1 writes every unit's file each time, K = 3 once (update 2: home lags 3)
-    file_bytes = nvme_residence(on_disk).store.file_bytes(0)
-    assert written == LAYERS * file_bytes * (4 if writeback_every == 1 else 1)
-    assert (replays > 0) == (writeback_every > 1)
-    state = resident.trainable_state()
-    assert_same_state(state, host.trainable_state())
-    assert_same_state(state, on_disk.trainable_state())
-    assert on_disk.checksum() == resident.checksum()
+    same_three_ways(resident, host, on_disk, nvme_residence(on_disk).store.file_bytes(0), writeback_every)
 
 
 def test_the_device_holds_a_ring_of_matrices_and_the_host_the_staging_buffers(tmp_path):
@@ -116,19 +100,10 @@ def test_snapshot_and_resume_one_matrix_at_a_time_from_nvme(tmp_path, monkeypatc
     run(straight, 3, first=3)
     final = straight.trainable_state()
 
-    resumed = matrix_engine(clone_model(base), tmp_path / "b", writeback_every=2)
-    run(resumed, 2, first=50)  # other weights, other steps: all overwritten by the snapshot
     snap = latest_good_snapshot(tmp_path / "run")
     assert snap.step == 3
-    resumed.load_trainable_state(snap.tensors)
-    resumed.load_state_dict({"step": 3})
-    assert_same_state(snapshot, resumed.trainable_state())
-    run(resumed, 3, first=3)
-    assert_same_state(final, resumed.trainable_state())
-
-    reference = ZOEngine(clone_model(base), ZOConfig(offload=False, writeback_every=2, **CFG))
-    run(reference, 6)
-    assert_same_state(final, reference.trainable_state())
+    resume_from(matrix_engine(clone_model(base), tmp_path / "b", writeback_every=2), base, snap.tensors, snapshot,
+                final)
 
 
 def test_init_random_fills_the_files_one_matrix_at_a_time(tmp_path):

@@ -213,6 +213,13 @@ def test_nvme_tier_matches_host_tier_and_resident_bit_for_bit(tmp_path, family, 
     on_disk = nvme_engine(clone_model(base), tmp_path, engine=engine_name, **cfg)
     assert on_disk.plan.nvme == list(range(LAYERS)) and on_disk.plan.host == []
     assert any(isinstance(r, NvmeResidence) for r in on_disk.residences)
+    same_three_ways(resident, host, on_disk, on_disk.residences[-1].store.file_bytes(0), writeback_every)
+
+
+def same_three_ways(resident: ZOEngine, host: ZOEngine, on_disk: ZOEngine, file_bytes: int, k: int) -> None:
+    """Five steps give the same losses and weights all-resident, in pinned host memory and on NVMe (whose
+    parameters are never on the host); steps 1..4 apply updates 0..3: K = 1 writes every unit's file each time, K =
+    3 once (update 2: home lags 3), and only K > 1 replays."""
     assert all(p.is_meta for u in on_disk.units if u.kind == "block" for n in u.owned
                for p in [on_disk.params[n]])  # no host copy of an NVMe-homed block
     written, replays = 0, 0
@@ -222,13 +229,12 @@ def test_nvme_tier_matches_host_tier_and_resident_bit_for_bit(tmp_path, family, 
         assert len(losses) == 1, losses
         written += on_disk.last_transfer.bytes_disk_written
         replays += on_disk.last_transfer.replays
-    # steps 1..4 apply updates 0..3; K = 1 writes every block each time, K = 3 once (update 2: home lags 3)
-    file_bytes = on_disk.residences[-1].store.file_bytes(0)
-    assert written == LAYERS * file_bytes * (4 if writeback_every == 1 else 1)
-    assert (replays > 0) == (writeback_every > 1)
+    assert written == LAYERS * file_bytes * (4 if k == 1 else 1)
+    assert (replays > 0) == (k > 1)
     state = resident.trainable_state()
     assert_same_state(state, host.trainable_state())
     assert_same_state(state, on_disk.trainable_state())
+    assert on_disk.checksum() == resident.checksum()
 
 
 def test_mixed_placement_device_host_and_nvme(tmp_path):
@@ -258,14 +264,18 @@ def test_snapshot_and_resume_through_the_nvme_tier(tmp_path):
     run(straight, 3, first=3)
     final = straight.trainable_state()
 
-    resumed = nvme_engine(clone_model(base), tmp_path / "b", writeback_every=2)
+    resume_from(nvme_engine(clone_model(base), tmp_path / "b", writeback_every=2), base, snapshot, snapshot, final)
+
+
+def resume_from(resumed: ZOEngine, base, tensors, snapshot: dict, final: dict) -> None:
+    """``resumed`` (a fresh engine, K = 2) runs other steps, then loads ``tensors`` (the weights after step 3):
+    it holds ``snapshot``, and three more steps end at ``final``, which the all-resident run reaches too."""
     run(resumed, 2, first=50)  # other weights, other steps: all overwritten by the snapshot
-    resumed.load_trainable_state(snapshot)
+    resumed.load_trainable_state(tensors)
     resumed.load_state_dict({"step": 3})
     assert_same_state(snapshot, resumed.trainable_state())
     run(resumed, 3, first=3)
     assert_same_state(final, resumed.trainable_state())
-
     reference = ZOEngine(clone_model(base), ZOConfig(offload=False, writeback_every=2, **CFG))
     run(reference, 6)
     assert_same_state(final, reference.trainable_state())

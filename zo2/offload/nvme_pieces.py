@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from zo2.errors import ConfigError
+from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty
 from zo2.offload.pieces import PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
 from zo2.offload.tiered import FileHome, nvme_files, nvme_tier_for, tier_engine
@@ -86,7 +87,7 @@ class StagedPieces:
         return torch.empty(hi - lo, dtype=self.dtype, device="meta") if flat is None else flat[lo:hi]
 
 
-class NvmePieceStreamer(RingStreamer):
+class NvmePieceStreamer(QueuedWrites, RingStreamer):
     """A :class:`RingStreamer` over :class:`StagedPieces`: units read ahead from the files into staging buffers,
     pieces uploaded from there into the ring, written back into them, and units written to their files when
     :meth:`write_unit` says every piece is there (see the module docstring)."""
@@ -230,20 +231,6 @@ class NvmePieceStreamer(RingStreamer):
             event.synchronize()  # the pieces' D2H copies into the staging buffer have landed
         self.nvme.write(unit, self.staging[buf][: self.nvme.file_bytes(unit)], step)
 
-    def _raise_failed_writes(self, wait: bool = False) -> None:
-        """Raise the first failed write (a full disk: ResourceError saying the previous version is intact)."""
-        pending = []
-        for future in self._writes:
-            if wait or future.done():
-                future.result()
-            else:
-                pending.append(future)
-        self._writes = pending
-
-    # ------------------------------------------------------------------ sync points
-    def synchronize(self) -> None:
-        super().synchronize()
-        self._raise_failed_writes(wait=True)
 
     def drain(self) -> None:
         """Wait for every queued read and write."""
@@ -259,15 +246,6 @@ class NvmePieceStreamer(RingStreamer):
         self.store.staged.clear()
         self._dirty.clear()
         super().invalidate()
-
-    def run(self, job: Callable[[], Any]) -> Any:
-        """Run ``job`` on the I/O thread after everything queued, and wait for it."""
-        return self.io.submit(job).result()
-
-    def close(self) -> None:
-        self.drain()
-        self.io.shutdown()
-        self.nvme.close()
 
 
 class NvmePieceResidence(FileHome, PiecewiseResidence):

@@ -39,6 +39,7 @@ import torch
 from zo2.errors import ModelError, ResourceError
 from zo2.models.units import shared_names
 from zo2.offload.markers import StoreMarkers
+from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.residence import StreamedResidence
@@ -63,7 +64,7 @@ class SliceMarks:
         self.markers.done(self.homes[block], self.writer, step)
 
 
-class NvmeStreamer(BlockStreamer):
+class NvmeStreamer(QueuedWrites, BlockStreamer):
     """A :class:`BlockStreamer` whose blocks' home is ``store`` (files): block k is the store's unit k, which holds
     the whole block or, with sliced transfers (``ranges``), this process's slice of it. ``numels``: each block's
     whole (padded) numel where the store holds slices."""
@@ -191,20 +192,6 @@ class NvmeStreamer(BlockStreamer):
         if self.marks is not None:
             self.marks.done(block, step)
 
-    def _raise_failed_writes(self, wait: bool = False) -> None:
-        """Raise the first failed write (a full disk: ResourceError saying the previous version is intact)."""
-        pending = []
-        for future in self._writes:
-            if wait or future.done():
-                future.result()
-            else:
-                pending.append(future)
-        self._writes = pending
-
-    # ------------------------------------------------------------------ sync points
-    def synchronize(self) -> None:
-        super().synchronize()
-        self._raise_failed_writes(wait=True)
 
     def drain(self) -> None:
         """Wait for every queued read and write; forget the reads ahead."""
@@ -216,15 +203,6 @@ class NvmeStreamer(BlockStreamer):
     def invalidate(self) -> None:
         self.drain()
         super().invalidate()
-
-    def run(self, job: Callable[[], Any]) -> Any:
-        """Run ``job`` on the I/O thread after everything queued, and wait for it."""
-        return self.io.submit(job).result()
-
-    def close(self) -> None:
-        self.drain()
-        self.io.shutdown()
-        self.nvme.close()
 
 
 class FileHome:
