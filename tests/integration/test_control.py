@@ -160,7 +160,7 @@ def test_one_matrix_at_a_time_with_two_sliced_workers_survives_kill_9(tmp_path, 
     assert_same(final_weights(run_dir, LONG), final_weights(long_reference, LONG))
 
 
-@pytest.mark.parametrize("at", [1, 4])
+@pytest.mark.parametrize("at", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_kill_9_at_a_random_step_loses_nothing(tmp_path, long_reference, at):
     run_dir = tmp_path / "run"
     sched = run_scheduler(run_dir, f"train.steps={LONG}", action=_kill_worker_after(at))
@@ -211,7 +211,8 @@ def adam_reference(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("optimizer, granularity", [("zo-adam", "block"), ("zo-adam", "matrix"),
+@pytest.mark.parametrize("optimizer, granularity", [("zo-adam", "block"),
+                                                    pytest.param("zo-adam", "matrix", marks=pytest.mark.slow),
                                                     pytest.param("zo-sgd-momentum", "block", marks=pytest.mark.slow),
                                                     ("zo-sgd-sign", "block")])
 def test_other_optimizers_run_and_are_repaired_under_the_scheduler(tmp_path, optimizer, granularity):

@@ -90,7 +90,8 @@ def run_scheduler(run_dir: Path, *extra: str, workers: int = 1, fault: str | Non
     return sched, seen
 
 
-@pytest.mark.parametrize("workers, offload", [(1, "true"), (2, "true"), (1, "false")])
+@pytest.mark.parametrize("workers, offload", [(1, "true"), pytest.param(2, "true", marks=pytest.mark.slow),
+                                             pytest.param(1, "false", marks=pytest.mark.slow)])
 def test_nvme_under_zo2_launch_equals_zo2_train_without_nvme(tmp_path, reference, workers, offload):
     """Mixed placement: the embedding, the head and blocks 0-1 in shared memory, blocks 2-7 in NVMe files, one file
     pair per unit × worker slice; every worker streams its slice (two workers: sliced transfers and an
@@ -110,7 +111,7 @@ def test_nvme_under_zo2_launch_equals_zo2_train_without_nvme(tmp_path, reference
     assert scheduler_files(folder) == [] and (folder / LOCK_FILE).exists()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_worker_killed_mid_nvme_write_back_is_repaired_bit_for_bit(tmp_path, reference, workers):
     """Rank 0 dies (SIGKILL) in step 4 while writing its slice of block 3 (unit 4, NVMe-homed) into the file
     version that would replace the current one: half of it landed, the marker still names the previous version and
@@ -127,6 +128,7 @@ def test_a_worker_killed_mid_nvme_write_back_is_repaired_bit_for_bit(tmp_path, r
     assert_same(final_weights(tmp_path / "run"), final_weights(reference))
 
 
+@pytest.mark.slow
 def test_a_lagging_nvme_write_back_torn_by_a_kill_is_repaired(tmp_path):
     """optim.writeback_every = 2: NVMe-homed blocks go to their files every other step; a kill tears one such
     write, the blocks whose files lag are caught up from the log. Equal to zo2 train with K = 2 (no NVMe)."""
@@ -226,6 +228,7 @@ def _sets(*items: str) -> list[str]:
     return [a for kv in items for a in ("--set", kv)]
 
 
+@pytest.mark.slow
 def test_torchrun_processes_share_the_nodes_nvme_files_and_equal_one_process(tmp_path, reference):
     """Two torchrun processes (perturbation parallelism, sliced transfers): the first makes the NVMe files, each
     writes and streams its slice of the blocks beyond the host budget; the run equals the single process without

@@ -130,13 +130,15 @@ def _assert_matches(results, single_losses, single_params, base_params, exact: b
     assert ((moved - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("dp,pp,extra", [(1, 2, {}), (2, 1, {}), (2, 2, {"offload": True}),
+@pytest.mark.parametrize("dp,pp,extra", [(1, 2, {}), (2, 1, {}),
+                                          pytest.param(2, 2, {"offload": True}, marks=pytest.mark.slow),
                                           (1, 2, {"q": 2, "estimator": "central"})])
 def test_parallel_runs_equal_the_single_process_run(tmp_path, dp, pp, extra):
     single_losses, single_params, base = _single(**extra)
     _assert_matches(_spawn(tmp_path, dp, pp, **extra), single_losses, single_params, base, exact=dp == 1)
 
 
+@pytest.mark.slow
 def test_sliced_transfers_move_a_quarter_of_the_host_bytes_per_rank(tmp_path):
     single_losses, single_params, base = _single(offload=True)
     results = _spawn(tmp_path, 2, 2, offload=True)
@@ -148,7 +150,7 @@ def test_sliced_transfers_move_a_quarter_of_the_host_bytes_per_rank(tmp_path):
     assert [res["store_files"] for res in results][1:] == [0, 0, 0]  # one store on the node, made by rank 0
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_sliced_matrix_streaming_is_exact(tmp_path, k):
     """One matrix at a time with sliced transfers: each of two processes uploads, updates and writes back its half
     of every piece and an all-gather assembles it; perturbation parallelism keeps it exact against one process
@@ -160,7 +162,8 @@ def test_sliced_matrix_streaming_is_exact(tmp_path, k):
         assert all(res["h2d"] == res["store_bytes"] // 2 == res["d2h"] for res in results)
 
 
-@pytest.mark.parametrize("extra", [dict(lora=True, optimizer="zo-adam"), dict(optimizer="zo-sgd-momentum")])
+@pytest.mark.parametrize("extra", [dict(lora=True, optimizer="zo-adam"),
+                                   pytest.param(dict(optimizer="zo-sgd-momentum"), marks=pytest.mark.slow)])
 def test_sliced_matrix_streaming_of_frozen_weights_and_optimizer_state_is_exact(tmp_path, extra):
     """One matrix at a time with sliced transfers, a LoRA model's base weights through their own ring (whole
     pieces on each process) and a stateful optimizer's state in slices of every piece from the node's state area:

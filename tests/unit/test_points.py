@@ -186,7 +186,7 @@ def _act(m, tokens):
     return activation_bytes(m.hidden_size, m.ffn_size, m.vocab_size, tokens, 2, 2)
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["opt", "gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_a_large_linear_layer_or_embedding_is_formed_a_chunk_of_rows_at_a_time(monkeypatch, family):
     """With the chunk at 512 bytes every linear layer and embedding of a tiny model is formed a few rows at a
     time: each point's loss is still the model's own forward at that point (float64), no formed buffer exceeds a
