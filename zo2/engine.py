@@ -43,11 +43,11 @@ from zo2.optim.optimizers import build_optimizer, check_supported, conservative_
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
 from zo2.parallel.plan_memory import activation_bytes, working_bytes
-
-log = logging.getLogger("zo2.engine")
 from zo2.points import PointsForward, PointValues, groups_of
 from zo2.results import EvalResult, StepResult
 from zo2.visit import Visitor
+
+log = logging.getLogger("zo2.engine")
 
 if TYPE_CHECKING:
     from zo2.parallel.mesh import ZOComm

@@ -53,9 +53,9 @@ class Group:
     """The kernels' segment table of ``flat[lo:hi]``."""
     offsets: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     """Parameter name → (offset in ``flat[lo:hi]``, numel, shape)."""
-    rows: Any = ...
+    chunked: bool | None = None
     """Whether its weight is formed a chunk of rows at a time (zo2.offload.arith.chunk_rows: a large linear layer
-    or embedding): True, or None when it is formed whole; ``...`` until its first call."""
+    or embedding); None until its first call."""
     chunk_tables: dict[Any, Any] = field(default_factory=dict)
     """A chunk's rows (or a parameter's name) → the kernels' segment table of that chunk's (parameter's) range
     (kept: the kernels cache its device copy per table; the rows depend on the batch's tokens, which a run keeps)."""
@@ -178,9 +178,9 @@ class PointsForward:
             args: tuple, kwargs: dict) -> Any:
         """Call ``forward`` with the group's parameters at point ``i``."""
         point = self.points[i]
-        if group.rows is ...:
-            group.rows = True if self._chunking(group, tied) is not None else None
-        if group.rows is not None:
+        if group.chunked is None:
+            group.chunked = self._chunking(group, tied) is not None
+        if group.chunked:
             return self._chunked(group, flat, tied, i, args, kwargs)
         views: dict[str, torch.Tensor] = {}
         if group.offsets:

@@ -181,7 +181,7 @@ def test_linear_layers_and_embeddings_formed_in_chunks_equal_resident_on_cuda(mo
     base = tiny_model(family, seed=6, num_hidden_layers=4).to(torch.bfloat16)
     cfg = dict(storage_dtype="bf16")
     resident, lr_ = _run(clone_model(base), offload=False, **cfg)
-    assert any(g.rows is True for gs in resident._groups.values() for g in gs)
+    assert any(g.chunked for gs in resident._groups.values() for g in gs)
     block, lb = _run(clone_model(base), offload=True, **cfg)
     matrix, lm = _run(clone_model(base), offload=True, stream_granularity="matrix", **cfg)
     assert lr_ == lb == lm

@@ -126,7 +126,7 @@ class _ByPoint(PointValues):
 def _linear_group():
     lin = nn.Linear(2, 1, bias=False)
     flat = torch.zeros(2)
-    group = Group(lin, [Slot(lin, "weight", "w")], 0, 2, None, {"w": (0, 2, (1, 2))}, rows=None)
+    group = Group(lin, [Slot(lin, "weight", "w")], 0, 2, None, {"w": (0, 2, (1, 2))}, chunked=False)
     return lin, flat, group
 
 
@@ -209,7 +209,7 @@ def test_a_large_linear_layer_or_embedding_is_formed_a_chunk_of_rows_at_a_time(m
     for sign, got in ((1, r.losses[0]), (-1, r.losses[1])):
         point = {n: (t + sign * 1e-2 * z[n].double()) if n in z else t for n, t in theta.items()}
         assert got == pytest.approx(reference_loss(model, point, batch), rel=1e-12)
-    chunked = [g for gs in engine._groups.values() for g in gs if g.rows is True]
+    chunked = [g for gs in engine._groups.values() for g in gs if g.chunked]
     assert any(type(g.module) is nn.Embedding for g in chunked) and any(type(g.module) is nn.Linear for g in chunked)
     widest = max(max(p.shape[-1] for p in g.module.parameters()) for g in chunked)
     assert max(sizes) <= 512 // 8 + widest  # a chunk of rows (a row may exceed the chunk alone), or a bias
