@@ -21,7 +21,7 @@ import torch
 from zo2.errors import ConfigError, ResourceError
 from zo2.offload.nvme import open_engine, round_up
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
-from zo2.offload.store import Deferred, ParameterStore, Segment, repoint
+from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units, repoint
 from zo2.offload.tiers import default_host_budget, staging_buffers
 
 
@@ -150,16 +150,7 @@ class NodeNvme:
     def deferred_weights(self) -> dict[str, Deferred]:
         """Every NVMe-homed parameter by name, each read from the files when loaded; the last unit read is kept,
         so a snapshot that asks for a unit's parameters together reads it once and holds one unit at a time."""
-        holds: list[Any] = [None, None]  # the unit read, its host buffer
-
-        def load(k: int, name: str) -> torch.Tensor:
-            if holds[0] != k:
-                holds[:] = [None, None]  # the previous unit's buffer goes before the next one is read
-                holds[:] = [k, self.read(k)]
-            return self.views(k, holds[1])[name]
-
-        return {seg.name: Deferred(tuple(seg.shape), self.dtype, lambda k=k, name=seg.name: load(k, name))
-                for k in self.units for seg in self.layouts[k]}
+        return deferred_units({k: self.layouts[k] for k in self.units}, self.dtype, self.read)
 
     def close(self) -> None:
         """Delete the files and release the folder."""

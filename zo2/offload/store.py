@@ -15,7 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import psutil
 import torch
@@ -40,6 +40,23 @@ class Deferred:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
 
+
+
+def deferred_units(layouts: dict[int, Sequence["Segment"]], dtype: torch.dtype,
+                   read: Callable[[int], torch.Tensor]) -> dict[str, Deferred]:
+    """Every parameter of the units ``layouts`` (unit → its layout) as a :class:`Deferred` view of its unit's flat
+    buffer, ``read(k)`` when first asked for; the last unit read is kept (its buffer let go before the next one is
+    read), so a consumer that asks for a unit's parameters together reads each unit once and holds one at a time."""
+    holds: list = [None, None]  # the unit read, its flat buffer
+
+    def load(k: int, name: str) -> torch.Tensor:
+        if holds[0] != k:
+            holds[:] = [None, None]
+            holds[:] = [k, read(k)]
+        return ParameterStore.views(holds[1], layouts[k])[name]
+
+    return {seg.name: Deferred(tuple(seg.shape), dtype, lambda k=k, name=seg.name: load(k, name))
+            for k, layout in layouts.items() for seg in layout}
 
 SHM_NAME = re.compile(r"^zo2-node-(\d+)-[0-9a-f]{8}-")
 """Names of shared stores (and their state areas and config files): ``zo2-node-<creator pid>-<8 hex>-...``."""

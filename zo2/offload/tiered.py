@@ -43,7 +43,7 @@ from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.residence import StreamedResidence
-from zo2.offload.store import ALIGN, Deferred, ParameterStore, pack_layout, repoint, shared_store_name
+from zo2.offload.store import ALIGN, Deferred, ParameterStore, deferred_units, pack_layout, repoint, shared_store_name
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.tiers import staging_buffers
 
@@ -244,27 +244,17 @@ class FileHome:
         if self.whole is not None:
             self.whole.refresh()  # the other processes' slices were written since
         scratch = self.store.staging(self._largest()) if len(self.store) and self.whole is None else None
-        holds: list[Any] = [None, None]  # the unit in the buffer, its flat view
 
-        def load(k: int, name: str) -> torch.Tensor:
-            if holds[0] != k:
-                holds[0] = None
-                if self.whole is None:
-                    buf = scratch[: self.store.file_bytes(k)]
-                    self.streamer.run(lambda: self.store.read(k, buf))
-                    flat = self.store.typed(k, buf)
-                else:
-                    flat = torch.empty(self.streamer.whole[k], dtype=self.store.dtype)
-                    self.streamer.run(lambda: self.whole.read(self.whole.units[k], flat))
-                holds[:] = [k, flat]
-            return ParameterStore.views(holds[1], self.layouts[k])[name]
+        def read(k: int) -> torch.Tensor:
+            if self.whole is None:
+                buf = scratch[: self.store.file_bytes(k)]
+                self.streamer.run(lambda: self.store.read(k, buf))
+                return self.store.typed(k, buf)
+            flat = torch.empty(self.streamer.whole[k], dtype=self.store.dtype)
+            self.streamer.run(lambda: self.whole.read(self.whole.units[k], flat))
+            return flat
 
-        out: dict[str, Deferred] = {}
-        for k, _ in self._each():
-            for seg in self.layouts[k]:
-                out[seg.name] = Deferred(tuple(seg.shape), self.store.dtype,
-                                         lambda k=k, name=seg.name: load(k, name))
-        return out
+        return deferred_units({k: self.layouts[k] for k, _ in self._each()}, self.store.dtype, read)
 
     def load_weights(self, tensors: Any) -> set[str]:
         names: set[str] = set()
