@@ -168,6 +168,7 @@ class PointsForward:
         around = getattr(flat, "call", None)  # streamed a piece at a time: what a call reads stays held through it
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _in_dtype((args, kwargs), self.values.compute_dtype)
             with around() if around is not None else contextlib.nullcontext():
                 if self.current is not None or len(self.points) == 1:
                     return self._at(group, forward, flat, tied, self.current or 0, args, kwargs)
@@ -286,6 +287,18 @@ class PointsForward:
         per = total // n  # point i's rows (or its rows' tokens, flattened) are [i·per, (i+1)·per)
         return _cat([self._at(group, forward, flat, tied, i, *_rows((args, kwargs), total, i * per, (i + 1) * per))
                      for i in range(n)])
+
+
+def _in_dtype(call: tuple[tuple, dict], dtype: torch.dtype) -> tuple[tuple, dict]:
+    """A group's call with its floating-point tensor arguments in ``dtype``, the dtype its parameters are formed in.
+    Code around a module may cast its input to the stored parameter's dtype (peft's LoRA layers cast ``x`` to
+    ``lora_A.weight.dtype``: fp32 adapters stored for a bf16 compute); the module then reads formed values."""
+    args, kwargs = call
+
+    def cast(t: Any) -> Any:
+        return t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype else t
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def _rows(tree: Any, total: int, lo: int, hi: int) -> Any:

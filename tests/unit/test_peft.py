@@ -78,6 +78,32 @@ def test_lora_zo_offload_equals_resident_bit_for_bit(family):
     assert_same_params(*runs)
 
 
+def test_lora_adapters_stored_in_fp32_under_a_bf16_compute_run_in_every_mode():
+    """peft casts a LoRA layer's input to ``lora_A.weight.dtype`` (the stored fp32 adapter) while zo2 forms the
+    adapter in the compute dtype (bf16): the layer still runs, its loss is the bf16 model's own, the adapters stay
+    fp32 and move, and resident, block-streamed and matrix-streamed runs agree bit for bit."""
+    batch = padded_batch(seed=7)
+    reference = lora_model("opt").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100).item()
+    runs = []
+    for offload, granularity in ((False, "block"), (True, "block"), (True, "matrix")):
+        model = lora_model("opt")
+        engine = ZOEngine(model, ZOConfig(lr=1e-2, eps=1e-3, seed=4, offload=offload, compute_dtype="bf16",
+                                          storage_dtype="fp32", stream_granularity=granularity))
+        assert engine.evaluate(batch).loss == pytest.approx(want, rel=2e-3)
+        before = {n: p.detach().clone() for n, p in engine.params.items()}
+        for s in range(3):
+            assert all(torch.isfinite(torch.tensor(engine.step(padded_batch(seed=s)).losses)))
+        engine.flush()
+        assert all(p.dtype == torch.float32 and not torch.equal(p.cpu(), before[n]) for n, p in engine.params.items())
+        runs.append(model)
+    assert_same_params(runs[0], runs[1])
+    assert_same_params(runs[0], runs[2])
+
+
 def test_streamed_blocks_read_their_base_weights_from_the_upload_never_from_pageable_memory():
     model = lora_model("opt")
     engine = ZOEngine(model, ZOConfig(lr=1e-2, offload=True))
