@@ -19,6 +19,11 @@ JSON.
     python benchmarks/bench_offload.py --shapes opt-1.3b --layers 4 --batches 1x2048
     python benchmarks/bench_offload.py --shapes opt-6.7b opt-175b --writeback 2 4 8   # lagging write-back
     python benchmarks/bench_offload.py --shapes opt-6.7b opt-175b --writeback 4 --matrix  # one matrix at a time
+    python benchmarks/bench_offload.py --shapes opt-175b --matrix --spare-slots 0   # what the third slot buys
+
+``--spare-slots 0`` also streams one matrix at a time with no spare device slot (zo2.offload.planner.SPARE_SLOTS:
+the ring holds the piece computing and the one uploading; an upload waits for its slot's write-back): the row's
+``spare_slots`` column, its step time and peak against the default ring in the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from zo2 import ZOConfig, ZOEngine  # noqa: E402
 from zo2.models.base import LOSS_CHUNK_BYTES  # noqa: E402
 from zo2.offload.arith import FORM_CHUNK_BYTES  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
+from zo2.offload import planner  # noqa: E402
 from zo2.offload.planner import WritebackProbe  # noqa: E402
 
 
@@ -133,18 +139,28 @@ def run_writeback(shape: str, layers: int, batches: list[tuple[int, int]], repea
 
 
 def run_matrix(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, kernels: str,
-               writebacks: list[int], block_rows: list[dict], block_bytes: int, bw_up: float) -> list[dict]:
+               writebacks: list[int], block_rows: list[dict], block_bytes: int, bw_up: float,
+               spare_slots: list[int] = ()) -> list[dict]:
     """The streamed step one matrix at a time (optim.stream_granularity = 'matrix'), K = 1 and each K of
-    ``writebacks``, against block granularity with the same K measured earlier in this run (``block_rows``)."""
+    ``writebacks``, against block granularity with the same K measured earlier in this run (``block_rows``); with
+    K = 1 also for each ``spare_slots`` count other than the default (planner.SPARE_SLOTS)."""
     rows = []
-    for k in [1] + [k for k in writebacks if isinstance(k, int) and k > 1]:
-        engine = engine_for(shape, layers, True, kernels=kernels, writeback=k, granularity="matrix")
+    default = planner.SPARE_SLOTS
+    runs = [(k, default) for k in [1] + [k for k in writebacks if isinstance(k, int) and k > 1]]
+    runs += [(1, n) for n in dict.fromkeys(spare_slots) if n != default]
+    for k, spare in runs:
+        planner.SPARE_SLOTS = spare
+        try:
+            engine = engine_for(shape, layers, True, kernels=kernels, writeback=k, granularity="matrix")
+        finally:
+            planner.SPARE_SLOTS = default  # the engine's rings are allocated: later engines get the default
         for b, s in batches:
             block = next(r for r in block_rows if r["batch"] == f"{b}x{s}" and r.get("writeback_every", 1) == k)
             t_str, info = step_time(engine, batch_of(b, s), max(repeat, 2 * k))
             floor = layers * max(block["fwd2_ms"] / 1e3, block_bytes / (bw_up * 1e9))
             rows.append({"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
-                         "granularity": "matrix", "writeback_every": k, "streamed_ms": t_str * 1e3,
+                         "granularity": "matrix", "writeback_every": k, "spare_slots": spare,
+                         "streamed_ms": t_str * 1e3,
                          "block_ms": block["streamed_ms"], "vs_block": t_str * 1e3 / block["streamed_ms"],
                          "floor_h2d_ms": floor * 1e3, "vs_floor_h2d": t_str / floor, "block_peak_gb": block["peak_gb"],
                          "plan_peak_gb": engine.plan.expected_peak / 1e9, "budget": None, **info})
@@ -156,7 +172,8 @@ def run_matrix(shape: str, layers: int, batches: list[tuple[int, int]], repeat: 
 
 
 def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: int, budget_cap: str | None,
-              kernels: str, writebacks: list[int] = (), matrix: bool = False) -> list[dict]:
+              kernels: str, writebacks: list[int] = (), matrix: bool = False,
+              spare_slots: list[int] = ()) -> list[dict]:
     rows = []
     resident = engine_for(shape, layers, False, kernels=kernels)
     block_bytes = resident.plan.block_bytes[0]
@@ -187,7 +204,8 @@ def run_shape(shape: str, layers: int, batches: list[tuple[int, int]], repeat: i
     rows += run_writeback(shape, layers, batches, repeat, kernels, [k for k in writebacks if k != 1], measured,
                           block_bytes, bw_up)
     if matrix:
-        rows += run_matrix(shape, layers, batches, repeat, kernels, list(writebacks), list(rows), block_bytes, bw_up)
+        rows += run_matrix(shape, layers, batches, repeat, kernels, list(writebacks), list(rows), block_bytes, bw_up,
+                           spare_slots)
     if budget_cap:
         b, s = batches[0]
         row = {"shape": shape, "layers": layers, "batch": f"{b}x{s}", "block_gb": block_bytes / 1e9,
@@ -222,6 +240,9 @@ def main() -> None:
     parser.add_argument("--matrix", action="store_true",
                         help="also stream one matrix at a time (optim.stream_granularity = 'matrix'), with K = 1 "
                              "and each --writeback K, against block granularity in the same run")
+    parser.add_argument("--spare-slots", type=int, nargs="*", default=[],
+                        help="with --matrix: also run K = 1 with each number of spare device slots given (the "
+                             f"default is {planner.SPARE_SLOTS}; 0: computing + prefetch only)")
     parser.add_argument("--out", default="benchmarks/out/offload.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -235,7 +256,7 @@ def main() -> None:
         cap = args.budget if shape == args.budget_shape else None
         try:
             rows += run_shape(shape, args.layers, batches, args.repeat, cap, args.kernels, args.writeback,
-                              args.matrix)
+                              args.matrix, args.spare_slots)
         except Exception as err:  # keep measuring the other shapes; the JSON records the failure
             rows.append({"shape": shape, "error": f"{type(err).__name__}: {err}"})
             print(rows[-1], flush=True)
@@ -258,6 +279,7 @@ def main() -> None:
     if matrix:
         print()
         print_table(matrix, [("shape", "shape", "s"), ("batch", "batch", "s"), ("writeback_every", "K", "d"),
+                             ("spare_slots", "spare", "d"),
                              ("streamed_ms", "matrix ms", ".1f"), ("block_ms", "block ms", ".1f"),
                              ("vs_block", "matrix/block", ".3f"), ("vs_floor_h2d", "matrix/H2D floor", ".2f"),
                              ("peak_gb", "peak GB", ".2f"), ("block_peak_gb", "block peak GB", ".2f"),

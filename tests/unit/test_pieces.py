@@ -34,6 +34,29 @@ def test_one_matrix_at_a_time_equals_resident_and_block_streaming_bit_for_bit(fa
     assert matrix.plan.granularity == "matrix" and "one matrix at a time" in matrix.plan.describe()
 
 
+@pytest.mark.parametrize("extra", [dict(), dict(prefetch=2, writeback_every=2), dict(optimizer="zo-adam")])
+def test_without_a_spare_slot_every_upload_waits_for_its_slot_and_values_stay_the_same(monkeypatch, extra):
+    """planner.SPARE_SLOTS = 0 (what benchmarks/bench_offload.py --spare-slots 0 measures): the block slots and
+    the rings hold computing + prefetch only, the planner counts that, and both granularities still equal the
+    resident run bit for bit."""
+    from zo2.offload import planner
+
+    base = tiny_model("opt", seed=1)
+    resident, lr_ = _run(clone_model(base), offload=False, **extra)
+    monkeypatch.setattr(planner, "SPARE_SLOTS", 0)
+    slots = extra.get("prefetch", 1) + 1
+    for granularity in ("block", "matrix"):
+        streamed, ls = _run(clone_model(base), offload=True, stream_granularity=granularity, **extra)
+        assert ls == lr_
+        assert_same_params(resident.model, streamed.model)
+        if granularity == "block":
+            assert len(streamed.streamer.slots) == slots
+        else:
+            largest = max(streamed.streamer.store.flat(i).numel() for i in range(len(streamed.streamer.store)))
+            assert streamed.streamer.pool.numel() == slots * largest
+        assert streamed.plan.slot_bytes >= streamed.streamer.device_bytes
+
+
 def test_low_precision_with_stochastic_rounding_and_deferred_and_immediate_updates():
     base = tiny_model("llama", seed=2)
     for deferred in (True, False):

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from zo2.offload.planner import stream_slots
 from zo2.offload.residence import StreamedResidence
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.offload.store import ParameterStore
@@ -143,7 +144,7 @@ class RingStreamer(BlockStreamer):
         self._ids = 0
 
     def _make_slots(self, largest: int) -> dict[int, torch.Tensor]:
-        self.pool = torch.empty((self.prefetch + 2) * largest, dtype=self.store.dtype, device=self.device)
+        self.pool = torch.empty(stream_slots(self.prefetch) * largest, dtype=self.store.dtype, device=self.device)
         return {0: self.pool}  # id 0: the whole ring (scratch for measurements before any upload)
 
     @property

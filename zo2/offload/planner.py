@@ -19,6 +19,18 @@ from zo2.errors import ResourceError
 MARGIN_FRACTION = 0.05
 MARGIN_MIN_BYTES = 1 << 30
 
+SPARE_SLOTS = 1
+"""Device slots of a streamer beyond the one computing and the ``prefetch`` uploading: one whose write-back may
+still be in flight, so the next upload need not wait for it. With none, an upload into a slot waits for that
+slot's write-back event (values are the same either way); ``benchmarks/bench_offload.py --spare-slots 0`` measures
+what the spare one buys."""
+
+
+def stream_slots(prefetch: int) -> int:
+    """Device slots of a streamer (block slots, or largest pieces of a ring): computing + ``prefetch`` uploading
+    + :data:`SPARE_SLOTS`."""
+    return prefetch + 1 + SPARE_SLOTS
+
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
@@ -75,8 +87,8 @@ class Plan:
     fixed_bytes: int
     """Embedding + head (always resident)."""
     slot_bytes: int
-    """Device buffers of the streamers: (prefetch + 2) × the largest streamed block; one matrix at a time,
-    (prefetch + 2) × (the largest trainable module with its optimizer state + the largest frozen module): the rings
+    """Device buffers of the streamers: :func:`stream_slots` (prefetch + 2) × the largest streamed block; one
+    matrix at a time, that many × (the largest trainable module with its optimizer state + the largest frozen module): the rings
     of the trainable pieces, of their state and of the frozen pieces."""
     reserve_bytes: int
     """Working memory kept free for one module's parameters at a point (zo2.points) and directions."""
@@ -186,7 +198,7 @@ def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, res
     ``piece_bytes``: streaming one matrix at a time, what one slot of the rings holds (the largest trainable module
     with its optimizer state plus the largest frozen one; default: block streaming, the largest block)."""
     n = len(block_bytes)
-    slot = (prefetch + 2) * (max(block_bytes, default=0) if piece_bytes is None else piece_bytes)
+    slot = stream_slots(prefetch) * (max(block_bytes, default=0) if piece_bytes is None else piece_bytes)
     if offload is False or (offload == "auto" and (budget is None or fixed_bytes + sum(block_bytes) + reserve_bytes <= budget)):
         return Plan(list(range(n)), [], block_bytes, fixed_bytes, 0, reserve_bytes, budget, prefetch)
     if offload is True:
@@ -196,7 +208,7 @@ def make_plan(offload: bool | str, block_bytes: list[int], fixed_bytes: int, res
     if room < 0:
         raise ResourceError(
             f"The model does not fit the device budget even fully streamed: embedding+head {_gb(fixed_bytes)} + "
-            f"{prefetch + 2} stream buffers {_gb(slot)} + working reserve {_gb(reserve_bytes)} > budget "
+            f"{stream_slots(prefetch)} stream buffers {_gb(slot)} + working reserve {_gb(reserve_bytes)} > budget "
             f"{_gb(budget)}. Lower optim.prefetch, raise optim.gpu_memory_budget, or use a smaller storage dtype."
         )
     resident: list[int] = []

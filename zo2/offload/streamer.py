@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zo2.offload.frozen import FrozenStore
+from zo2.offload.planner import stream_slots
 from zo2.offload.store import ParameterStore
 
 
@@ -92,8 +93,10 @@ class BlockStreamer:
             self.d2h = torch.cuda.Stream(self.device)  # write-backs too, in the other direction
 
     def _make_slots(self, largest: int) -> list[torch.Tensor] | dict[int, torch.Tensor]:
-        """The device buffers uploads go to, by slot id: ``prefetch + 2`` of the largest block."""
-        return [torch.empty(largest, dtype=self.store.dtype, device=self.device) for _ in range(self.prefetch + 2)]
+        """The device buffers uploads go to, by slot id: :func:`~zo2.offload.planner.stream_slots` (``prefetch + 2``)
+        of the largest block."""
+        return [torch.empty(largest, dtype=self.store.dtype, device=self.device)
+                for _ in range(stream_slots(self.prefetch))]
 
     @property
     def device_bytes(self) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from zo2.models.base import LOSS_CHUNK_BYTES
 from zo2.offload.arith import point_bytes
 from zo2.offload.nvme import round_up
+from zo2.offload.planner import stream_slots
 from zo2.offload.tiers import staging_buffers
 from zo2.parallel.plan_inputs import DTYPE_BYTES, GB, Layout, ModelShape, Rates, Workload
 
@@ -75,7 +76,7 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
         fits = everything <= budget
         note = "" if fits else "all-resident does not fit the GPU budget"
         return Residency("resident", shape.layers, 0, everything, fits, note)
-    slots = (work.prefetch + 2) * (block if work.granularity == "block" else shape.largest_weight * s)
+    slots = stream_slots(work.prefetch) * (block if work.granularity == "block" else shape.largest_weight * s)
     room = budget - peak(0, slots)
     if room >= 0:
         resident = 0 if work.offload == "stream" else min(shape.layers - 1, int(room // block))
