@@ -68,13 +68,18 @@ def test_the_device_holds_a_ring_of_matrices_and_the_host_the_staging_buffers(tm
     assert engine.last_transfer.bytes_disk_read == LAYERS * streamer.nvme.file_bytes(0)
 
 
-def test_host_and_nvme_blocks_side_by_side_one_matrix_at_a_time(tmp_path):
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_host_and_nvme_blocks_side_by_side_one_matrix_at_a_time(tmp_path, prefetch):
+    """The two tiers' pieces share one device ring (the plan counts one), and the values equal the resident run."""
     base = tiny_model("opt", seed=5, num_hidden_layers=8)
     resident = ZOEngine(clone_model(base), ZOConfig(offload=False, writeback_every=2, **CFG))
-    mixed = matrix_engine(clone_model(base), tmp_path, host_blocks=2, writeback_every=2)
+    mixed = matrix_engine(clone_model(base), tmp_path, host_blocks=2, writeback_every=2, prefetch=prefetch)
     assert mixed.plan.host == [0, 1] and mixed.plan.nvme == [2, 3, 4, 5, 6, 7]
     kinds = {type(r) for r in mixed.residences}
     assert PiecewiseResidence in kinds and NvmePieceResidence in kinds
+    host, on_disk = mixed.streamer, nvme_residence(mixed).streamer
+    assert on_disk.ring is host.ring and on_disk.device_bytes == 0
+    assert host.device_bytes == mixed.plan.slot_bytes
     for s in range(4):
         assert resident.step(padded_batch(seed=s)).loss == mixed.step(padded_batch(seed=s)).loss
     assert mixed.last_transfer.bytes_disk_read > 0

@@ -238,19 +238,30 @@ def same_three_ways(resident: ZOEngine, host: ZOEngine, on_disk: ZOEngine, file_
 
 
 def test_mixed_placement_device_host_and_nvme(tmp_path):
-    base = tiny_model("opt", seed=5, num_hidden_layers=8)  # host budget: 3 staging buffers + 2.5 blocks < 7
+    """Block streaming from both tiers takes two sets of device slots (the host store's streamer's and the NVMe
+    tier's): the plan counts both, and streams resident blocks instead where they would pass the budget."""
+    base = tiny_model("opt", seed=5, num_hidden_layers=12)  # host budget: 3 staging buffers + 2.5 blocks
     probe = ZOEngine(clone_model(base), ZOConfig(offload=True))
     p = probe.plan
-    gpu_budget = p.fixed_bytes + p.slot_bytes + p.reserve_bytes + p.block_bytes[0] + 64
+    # one set of slots would leave room for 4 resident blocks; with 8 streamed, 6 go to NVMe, and two sets leave
+    # room for 1
+    gpu_budget = p.fixed_bytes + 2 * p.slot_bytes + p.reserve_bytes + p.block_bytes[0] + 64
+    with pytest.raises(ResourceError, match="two sets of device slots") as err:  # none fits two sets
+        nvme_engine(clone_model(base), tmp_path / "small", host_blocks=2, offload="auto",
+                    gpu_memory_budget=gpu_budget - 2 * p.block_bytes[0])
+    assert "stream_granularity = 'matrix'" in str(err.value)
     resident = ZOEngine(clone_model(base), ZOConfig(offload=False, **CFG))
     mixed = nvme_engine(clone_model(base), tmp_path, host_blocks=2, offload="auto", gpu_memory_budget=gpu_budget)
-    assert mixed.plan.resident == [0] and mixed.plan.host == [1, 2] and mixed.plan.nvme == [3, 4, 5, 6, 7]
+    assert mixed.plan.resident == [0] and mixed.plan.host == [1, 2] and mixed.plan.nvme == list(range(3, 12))
+    on_disk = next(r for r in mixed.residences if isinstance(r, NvmeResidence)).streamer
+    assert mixed.plan.slot_bytes == mixed.streamer.device_bytes + on_disk.device_bytes == 2 * p.slot_bytes
+    assert mixed.plan.expected_peak <= gpu_budget
     text = mixed.plan.describe()
-    assert "1 blocks on the device, 2 in pinned host memory" in text and "5 on NVMe" in text
+    assert "1 blocks on the device, 2 in pinned host memory" in text and "9 on NVMe" in text
     for s in range(4):
         assert resident.step(padded_batch(seed=s)).loss == mixed.step(padded_batch(seed=s)).loss
     transfer = mixed.last_transfer
-    assert transfer.bytes_disk_read >= 5 * round_up(p.block_bytes[0])
+    assert transfer.bytes_disk_read >= 9 * round_up(p.block_bytes[0])
     assert_same_state(resident.trainable_state(), mixed.trainable_state())
     assert mixed.checksum() == resident.checksum()
 

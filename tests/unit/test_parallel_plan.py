@@ -277,6 +277,25 @@ def test_tiers_home_blocks_as_the_engine_places_them():
             assert ours.host_bytes == engine.staging_bytes + len(engine.host) * block
 
 
+def test_block_streaming_from_both_tiers_counts_two_sets_of_slots_and_matrix_one_ring():
+    """The engine's streamers: by block, the host store's and the NVMe tier's have prefetch + 2 block slots each
+    (zo2.offload.tiers.count_tier_slots); one matrix at a time, the two tiers share one ring."""
+    from zo2.offload.planner import stream_slots
+
+    shape = replace(TOY, layers=5)
+    rates = replace(ROUND, gpu_mem_gb=100)
+    block = shape.block_params * 2
+    for granularity, extra in (("block", stream_slots(1) * block), ("matrix", 0)):
+        host_only = predict_layout(shape, Layout(), _stream(granularity=granularity), rates)
+        mixed = predict_layout(shape, Layout(), _stream(host_budget_gb=4.5, nvme=True, granularity=granularity),
+                               rates)
+        assert mixed.nvme_blocks == 4 and mixed.streamed_blocks == 5
+        assert (mixed.gpu_mem_gb - host_only.gpu_mem_gb) * 1e9 == pytest.approx(extra), granularity
+    all_nvme = predict_layout(shape, Layout(), _stream(host_budget_gb=3.5, nvme=True), rates)
+    assert all_nvme.nvme_blocks == 5
+    assert all_nvme.gpu_mem_gb == pytest.approx(predict_layout(shape, Layout(), _stream(), rates).gpu_mem_gb)
+
+
 def test_nvme_blocks_wait_for_the_drive():
     """Hand-computed: 5 blocks of 1 GB; a 4.5 GB host budget holds the 3 staging buffers and one block, the other
     four are read at 2 GB/s and written back every 4 steps at 1 GB/s: 0.5 + 0.25 s of the drive per block, hidden

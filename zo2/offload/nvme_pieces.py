@@ -8,7 +8,8 @@ memory, the ring moves *pieces* between host memory and the device. Here they me
   staging buffers (the NVMe tier's count, already in ``offload.host_memory_budget``), the current unit and the
   ``prefetch + 1`` after it in the pass, ahead of the compute. :class:`StagedPieces` shows the ring each piece
   as a view of its unit's staging buffer, so an upload of a piece copies from there into the device ring
-  (:class:`~zo2.offload.pieces.RingStreamer`: ``prefetch + 2`` of the largest matrix, never a block). A piece
+  (:class:`~zo2.offload.pieces.RingStreamer`: ``prefetch + 2`` of the largest matrix, never a block; the ring of the
+  host-homed blocks' pieces where there are some, :class:`~zo2.offload.pieces.Ring`). A piece
   uploaded ahead waits for its unit's read to land (the compute is never queued behind a read).
 * **writes** — a piece's write-back (when the lagging write-back asks, ``optim.writeback_every``, and at sync
   points) copies it from the ring into its unit's staging buffer; once every piece of the unit holds the step
@@ -35,33 +36,38 @@ import torch
 from zo2.errors import ConfigError
 from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty
-from zo2.offload.pieces import PiecewiseResidence, RingStreamer, module_ranges, piece_bounds
+from zo2.offload.pieces import PiecewiseResidence, Ring, RingStreamer, module_ranges, piece_bounds
 from zo2.offload.tiered import FileHome, nvme_files, nvme_tier_for, tier_engine
 from zo2.offload.tiers import staging_buffers
 
 
-def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool) -> Any:
+def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
+                       beside: Any = None) -> Any:
     """The residence of the NVMe-homed ``units`` (zo2.offload.tiered.nvme_tier_for), streamed one matrix at a
-    time where ``matrix`` (the plan's granularity); None when there are none."""
+    time where ``matrix`` (the plan's granularity); None when there are none. ``beside``: the host-homed blocks'
+    streamer, whose device ring the NVMe-homed pieces share (a pass visits the two tiers' blocks one after the
+    other: one ring of device memory, not two)."""
     if not matrix or not units:
         return nvme_tier_for(inputs, units, device)
     if inputs.store_spec is not None or (inputs.comm is not None and inputs.comm.local_size > 1):
         raise ConfigError("One matrix at a time from the NVMe tier runs in a single process (zo2 train); set "
                           "optim.stream_granularity = 'block'.")
     store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
-    return nvme_piece_residence(store, units, device, inputs.config.prefetch)
+    ring = beside.ring if isinstance(beside, RingStreamer) else None
+    return nvme_piece_residence(store, units, device, inputs.config.prefetch, ring)
 
 
 def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.device,
-                         prefetch: int) -> "NvmePieceResidence":
-    """``units`` (unit k is ``store``'s unit k) streamed a piece at a time through a ring of their own."""
+                         prefetch: int, ring: Ring | None = None) -> "NvmePieceResidence":
+    """``units`` (unit k is ``store``'s unit k) streamed a piece at a time through a ring of their own, or
+    ``ring`` where it holds theirs."""
     pieces, first, bounds = [], {}, {}
     for k, u in enumerate(units):
         layout = store.layouts[k]
         first[u.name] = len(pieces)
         bounds[u.name] = piece_bounds(module_ranges(u.slots, layout), store.numels[k])
         pieces += [(k, lo, hi) for lo, hi in bounds[u.name]]
-    streamer = NvmePieceStreamer(StagedPieces(store, pieces), device, prefetch)
+    streamer = NvmePieceStreamer(StagedPieces(store, pieces), device, prefetch, ring=ring)
     return NvmePieceResidence(streamer, units, bounds, first)
 
 
@@ -92,7 +98,8 @@ class NvmePieceStreamer(QueuedWrites, RingStreamer):
     pieces uploaded from there into the ring, written back into them, and units written to their files when
     :meth:`write_unit` says every piece is there (see the module docstring)."""
 
-    def __init__(self, store: StagedPieces, device: torch.device, prefetch: int = 1, measure: bool = True):
+    def __init__(self, store: StagedPieces, device: torch.device, prefetch: int = 1, measure: bool = True,
+                 ring: Ring | None = None):
         self.nvme = store.nvme
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-io")
         """Every read and write of the files, in FIFO order."""
@@ -115,7 +122,7 @@ class NvmePieceStreamer(QueuedWrites, RingStreamer):
         self._current: int | None = None
         self._wanted: int | None = None
         self._taken: int | None = None
-        super().__init__(store, device, prefetch, measure)
+        super().__init__(store, device, prefetch, measure, ring)
 
     # ------------------------------------------------------------------ the pass, by unit
     def begin(self, order: list[int]) -> None:

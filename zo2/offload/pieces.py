@@ -128,28 +128,51 @@ class PieceMarkers:
             self.markers.done(key[0], writer, step)
 
 
+class Ring:
+    """The device memory of one or more :class:`RingStreamer`: one buffer, allocated piece by piece in upload
+    order, each allocation owned by the streamer that made it. Streamers sharing a ring (the host-homed blocks' and
+    the NVMe-homed blocks', which a pass visits one after the other) take one ring of device memory, not one each:
+    an upload never overwrites an allocation its owner's forwards still read, and waits for the busy events (the
+    forwards that read it, its write-back) of every allocation it overwrites, whoever owns it."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.pool = torch.empty(numel, dtype=dtype, device=device)
+        self.live: dict[int, tuple[int, int, "RingStreamer"]] = {}
+        """Allocation id → its [lo, hi) of the pool and its owner, for every allocation not yet overwritten."""
+        self.head = 0
+        self.ids = 0
+
+    def fits(self, largest: int, slots: int, dtype: torch.dtype) -> bool:
+        """Whether ``slots`` allocations of ``largest`` elements of ``dtype`` fit this ring."""
+        return self.pool.dtype == dtype and slots * largest <= self.pool.numel()
+
+
 class RingStreamer(BlockStreamer):
-    """A :class:`BlockStreamer` whose device memory is one ring of ``(prefetch + 2)`` × the largest piece,
+    """A :class:`BlockStreamer` whose device memory is a :class:`Ring` of ``(prefetch + 2)`` × the largest piece,
     allocated piece by piece in upload order, instead of fixed slots: a norm's few KB take a few KB, so the large
     matrices around it keep the room, and a matrix's slot is reused only after the pieces uploaded since have
     filled the ring (by then its write-back has long landed). Each allocation is a "slot" of the base class
     (its own id, view, busy events and in-use mark); an upload waits for the busy events of every allocation it
-    overwrites and never overwrites one a forward still reads."""
+    overwrites and never overwrites one a forward still reads. ``ring``: share another streamer's ring where it
+    holds this one's slots (same dtype); a new ring otherwise."""
 
-    def __init__(self, store: Any, device: torch.device, prefetch: int = 1, measure: bool = True):
+    def __init__(self, store: Any, device: torch.device, prefetch: int = 1, measure: bool = True,
+                 ring: Ring | None = None):
+        self._shared = ring
         super().__init__(store, device, prefetch, measure)
-        self._live: dict[int, tuple[int, int]] = {}
-        """Allocation id → its [lo, hi) of the ring, for every allocation not yet overwritten."""
-        self._head = 0
-        self._ids = 0
 
     def _make_slots(self, largest: int) -> dict[int, torch.Tensor]:
-        self.pool = torch.empty(stream_slots(self.prefetch) * largest, dtype=self.store.dtype, device=self.device)
+        slots = stream_slots(self.prefetch)
+        shared = self._shared
+        self.owns_ring = shared is None or not shared.fits(largest, slots, self.store.dtype)
+        self.ring = Ring(slots * largest, self.store.dtype, self.device) if self.owns_ring else shared
+        self.pool = self.ring.pool
         return {0: self.pool}  # id 0: the whole ring (scratch for measurements before any upload)
 
     @property
     def device_bytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
+        """The ring's bytes where this streamer made it (a shared ring counts once, for its maker)."""
+        return self.pool.numel() * self.pool.element_size() if self.owns_ring else 0
 
     def attach_frozen(self, frozen: Any) -> None:
         if frozen is not None:
@@ -157,33 +180,38 @@ class RingStreamer(BlockStreamer):
                              "zo2.offload.piece_frozen)")
 
     def _choose_slot(self, block: int, required: bool) -> int | None:
+        ring = self.ring
         n = self.store.flat(block).numel()
-        lo = self._head
-        for _ in range(len(self._live) + 2):
-            if lo + n > self.pool.numel():
+        lo = ring.head
+        for _ in range(len(ring.live) + 2):
+            if lo + n > ring.pool.numel():
                 lo = 0
-            busy = [a for a, (x, y) in self._live.items() if x < lo + n and lo < y and a in self._in_use]
+            busy = [a for a, (x, y, owner) in ring.live.items() if x < lo + n and lo < y and a in owner._in_use]
             if not busy:
                 break
-            lo = max(self._live[a][1] for a in busy)  # past what a forward still reads
+            lo = max(ring.live[a][1] for a in busy)  # past what a forward still reads
         else:
             if not required:
                 return None
             raise RuntimeError("the streamer's ring is taken by weights forwards still read; this is a bug in zo2.")
-        victims = [a for a, (x, y) in self._live.items() if x < lo + n and lo < y]
-        self._ids += 1
-        slot = self._ids
-        self._slot_busy[slot] = [e for a in victims for e in self._slot_busy.pop(a)]
-        for a in victims:
-            del self._live[a]
-            self.slots.pop(a)
-            for b in [b for b, s in self._slot_of.items() if s == a]:
-                self._uploaded.pop(b, None)  # its copy is overwritten now
-                del self._slot_of[b]
-        self._live[slot] = (lo, lo + n)
-        self.slots[slot] = self.pool[lo : lo + n]
-        self._head = lo + n
+        victims = [(a, owner) for a, (x, y, owner) in ring.live.items() if x < lo + n and lo < y]
+        ring.ids += 1
+        slot = ring.ids
+        self._slot_busy[slot] = [e for a, owner in victims for e in owner._evict(a)]
+        ring.live[slot] = (lo, lo + n, self)
+        self.slots[slot] = ring.pool[lo : lo + n]
+        ring.head = lo + n
         return slot
+
+    def _evict(self, slot: int) -> list:
+        """Allocation ``slot`` is being overwritten: forget it and the copy in it; its busy events (which the
+        upload overwriting it waits for)."""
+        del self.ring.live[slot]
+        self.slots.pop(slot)
+        for b in [b for b, s in self._slot_of.items() if s == slot]:
+            self._uploaded.pop(b, None)  # its copy is overwritten now
+            del self._slot_of[b]
+        return self._slot_busy.pop(slot)
 
 
 class PieceSource:

@@ -16,7 +16,7 @@ import psutil
 
 from zo2.errors import ConfigError, ResourceError
 from zo2.offload.nvme import round_up
-from zo2.offload.planner import Plan
+from zo2.offload.planner import Plan, stream_slots
 from zo2.offload.store import HOST_MARGIN_BYTES
 
 
@@ -37,14 +37,46 @@ def _gb(n: float) -> str:
 
 def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, prefetch: int) -> Plan:
     """Split ``plan.streamed`` between pinned host memory and NVMe (``plan.nvme``) under ``host_budget`` bytes
-    (None: :func:`default_host_budget`); returns ``plan``, updated."""
+    (None: :func:`default_host_budget`); returns ``plan``, updated.
+
+    Streamed by block with blocks in both tiers, the NVMe tier's streamer has device slots of its own (one matrix
+    at a time, the two tiers share one ring): :func:`count_tier_slots` adds them to ``plan.slot_bytes``, and where
+    that passes the device budget, resident blocks stream instead (a ResourceError with the fix when none is
+    left)."""
+    while True:
+        _split(plan, host_budget, nvme_path, prefetch)
+        if not count_tier_slots(plan) or plan.budget is None or plan.expected_peak <= plan.budget:
+            return plan
+        if not plan.resident:
+            raise ResourceError(
+                f"With {len(plan.host)} streamed blocks in pinned host memory and {len(plan.nvme)} on NVMe, block "
+                f"streaming takes two sets of device slots ({_gb(plan.slot_bytes)}), and the expected peak "
+                f"{_gb(plan.expected_peak)} passes the device budget of {_gb(plan.budget)}. Set "
+                "optim.stream_granularity = 'matrix' (the two tiers then share one ring of matrices), raise "
+                "optim.gpu_memory_budget, or raise offload.host_memory_budget so every streamed block fits there.")
+        plan.streamed = sorted(plan.streamed + [plan.resident.pop()])
+
+
+def count_tier_slots(plan: Plan) -> bool:
+    """Block streaming with blocks in both tiers: set ``plan.slot_bytes`` to both streamers' slots (each
+    :func:`~zo2.offload.planner.stream_slots` of its largest block); whether it did."""
+    if plan.granularity != "block" or not plan.nvme or not plan.host:
+        return False
+    plan.slot_bytes = stream_slots(plan.prefetch) * (max(plan.block_bytes[i] for i in plan.host)
+                                                     + max(plan.block_bytes[i] for i in plan.nvme))
+    return True
+
+
+def _split(plan: Plan, host_budget: int | None, nvme_path: str | None, prefetch: int) -> None:
+    """:func:`place_tiers`' split of ``plan.streamed`` (``plan.nvme``, ``host_budget``, ``staging_bytes``)."""
+    plan.nvme, plan.staging_bytes = [], 0
     streamed = plan.streamed
     need = sum(plan.block_bytes[i] for i in streamed)
     explicit = host_budget is not None
     budget = host_budget if explicit else default_host_budget()
     plan.host_budget = budget
     if need <= budget or not streamed:
-        return plan
+        return
     where = "offload.host_memory_budget" if explicit else "what psutil reports available, minus a margin"
     if nvme_path is None:
         raise ResourceError(
@@ -68,7 +100,6 @@ def place_tiers(plan: Plan, host_budget: int | None, nvme_path: str | None, pref
     plan.nvme = streamed[len(host):]
     plan.staging_bytes = staging
     plan.nvme_path = nvme_path
-    return plan
 
 
 def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) -> Plan:
@@ -146,4 +177,5 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
     plan.nvme, plan.nvme_path = on_nvme, spec.nvme_path
     largest = max(plan.block_bytes[i] for i in on_nvme)
     plan.staging_bytes = staging_buffers(inputs.config.prefetch) * round_up(-(-largest // spec.writers))
+    count_tier_slots(plan)
     return plan

@@ -47,8 +47,11 @@ def working_bytes(block_reserve: float, reserve: float, act_block: float, logits
     return max(block_reserve + act_block, reserve + logits, logits + loss)
 
 
-def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> Residency:
-    """The planner's choice of resident blocks, and the peak GPU memory it implies.
+def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates, tier_slots: bool = False
+              ) -> Residency:
+    """The planner's choice of resident blocks, and the peak GPU memory it implies. ``tier_slots``: block
+    streaming from both the host and the NVMe tier, whose streamers have a set of slots each (the engine's
+    zo2.offload.tiers.count_tier_slots).
 
     The rank's points run as one batch (zo2.points): a block's activations hold ``copies`` × the rank's tokens
     (its hidden states in and out, and a feed-forward intermediate with its per-point parts joined); one module's
@@ -77,6 +80,7 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -
         note = "" if fits else "all-resident does not fit the GPU budget"
         return Residency("resident", shape.layers, 0, everything, fits, note)
     slots = stream_slots(work.prefetch) * (block if work.granularity == "block" else shape.largest_weight * s)
+    slots *= 2 if tier_slots and work.granularity == "block" else 1
     room = budget - peak(0, slots)
     if room >= 0:
         resident = 0 if work.offload == "stream" else min(shape.layers - 1, int(room // block))

@@ -104,6 +104,9 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                           f"raise --tokens or lower --seq.")
     mem = residency(shape, work, layout, rates)
     tiers = place_tiers(shape, work, layout, rates, mem.streamed)
+    if work.granularity == "block" and tiers.host and tiers.nvme:  # two sets of block slots: fewer resident
+        mem = residency(shape, work, layout, rates, tier_slots=True)
+        tiers = place_tiers(shape, work, layout, rates, mem.streamed)
     res_compute, per_block, bring_in, nvme = _block_resources(shape, work, layout, rates)
     # an NVMe-homed block also waits for its read (and its share of the write-backs) on the node's drive
     on_nvme = {**per_block, "nvme": nvme}
