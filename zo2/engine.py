@@ -106,6 +106,8 @@ class ZOEngine:
         """The modules holding each unit's parameters, with their ranges of its flat buffer (zo2.points)."""
         self._tied_at: dict[str, tuple[torch.Tensor, int, int, Any, tuple[int, ...]]] = {}
         """Tied weights' owner buffer, range, table and shape (:meth:`_tied`)."""
+        self._reached: set[str] = set()
+        """Units whose every parameter-holding module was called in a pass (:meth:`_check_reached`)."""
         self.last_transfer: TransferStats | None = None
         self.writeback_probe = offload.writeback_probe
         """``optim.writeback_every = 'auto'`` on a GPU: deciding K from the first steps' upload waits."""
@@ -213,8 +215,26 @@ class ZOEngine:
                             logits_out.append(logits)
                         del logits
                     hidden = ctx = None
+            self._check_reached(unit, forward)
             unit.residence.after_visit(unit)  # a streamed pass's last block starts the next pass's uploads
         return losses, logits_out
+
+    def _check_reached(self, unit: Any, forward: PointsForward) -> None:
+        """After a unit's first pass: every module holding its trainable parameters was called (zo2.points gives
+        them their values at each point only inside that call). A parameter read some other way would stay at θ
+        at every point, so it would never train: a ModelError naming it, instead of a run that silently does not
+        learn it."""
+        if unit.name in self._reached:
+            return
+        missed = [g for g in self._groups[unit.name] if id(g) not in forward.called]
+        if missed:
+            names = [s.name for g in missed for s in g.slots][:4]
+            raise ModelError(
+                f"{unit.name}: the trainable parameters {names} are read without a call of the module holding them "
+                f"({', '.join(sorted({type(g.module).__name__ for g in missed}))}), so zo2 cannot give them their "
+                "perturbed values and they would never train. Freeze them (requires_grad = False), or adapt the "
+                "model so the module that reads them is the one that holds them.")
+        self._reached.add(unit.name)
 
     def _tied(self, name: str) -> tuple[torch.Tensor, int, int, Any, tuple[int, ...]]:
         """Where a parameter read by one unit and owned by another (a tied weight) is formed from: the owner's

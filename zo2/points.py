@@ -66,8 +66,8 @@ def groups_of(unit: Any) -> list[Group]:
     buffer its owned parameters span (a parameter it reads but another unit owns, a tied weight, is formed from
     that unit's buffer)."""
     by_module: dict[int, Group] = {}
-    for slot in unit.slots:
-        by_module.setdefault(id(slot.module), Group(slot.module)).slots.append(slot)
+    for slot in unit.slots:  # grouped by the module whose forward reads them (a ParameterDict's holder)
+        by_module.setdefault(id(slot.reader), Group(slot.reader)).slots.append(slot)
     groups = list(by_module.values())
     for g in groups:
         _span(g, {s.name for s in g.slots}, unit)
@@ -137,6 +137,8 @@ class PointsForward:
         """The point whose rows are running inside a per-point call (nested modules use it as it is)."""
         self._pairs: dict[tuple[int, int], torch.Tensor] = {}
         """θ − εz of a small module formed with its θ + εz, by (group, point), until that point's call."""
+        self.called: set[int] = set()
+        """The groups (ids) whose module was called."""
 
     @contextlib.contextmanager
     def at(self, i: int) -> Iterator[None]:
@@ -168,6 +170,7 @@ class PointsForward:
         around = getattr(flat, "call", None)  # streamed a piece at a time: what a call reads stays held through it
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            self.called.add(id(group))
             args, kwargs = _in_dtype((args, kwargs), self.values.compute_dtype)
             with around() if around is not None else contextlib.nullcontext():
                 if self.current is not None or len(self.points) == 1:

@@ -104,6 +104,76 @@ def test_lora_adapters_stored_in_fp32_under_a_bf16_compute_run_in_every_mode():
     assert_same_params(runs[0], runs[2])
 
 
+IA3_TARGETS = {"opt": (["k_proj", "v_proj", "fc2"], ["fc2"]), "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"])}
+
+
+def ia3_model(family: str, dtype: torch.dtype = torch.float32):
+    """A tiny model wrapped in IA3: its scaling vectors live in an ``nn.ParameterDict`` of each tuner layer (no
+    forward of their own: the tuner layer reads them), set away from 1 so every path matters."""
+    targets, feedforward = IA3_TARGETS[family]
+    model = peft.get_peft_model(tiny_model(family, seed=0), peft.IA3Config(target_modules=targets,
+                                                                          feedforward_modules=feedforward))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.uniform_(0.5, 1.5)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_ia3_scaling_vectors_get_each_points_values(family):
+    """A point's loss is peft's own forward with the scaling vectors at θ ± εz (float64): the vectors, held in a
+    ParameterDict and read by the tuner layer's forward, are formed around that forward's call."""
+    from torch.func import functional_call
+
+    model = ia3_model(family, torch.float64).eval()
+    batch = padded_batch(seed=2)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = ZOEngine(clone_model(model), ZOConfig(lr=0.0, eps=1e-2, seed=5))
+    assert engine.params and all("ia3_l" in n for n in engine.params)
+    r = engine.step(batch)
+    z = engine.perturbation(0)
+    for sign, got in ((1, r.losses[0]), (-1, r.losses[1])):
+        point = {n: t + sign * 1e-2 * z[n].double() if n in z else t for n, t in theta.items()}
+        logits = functional_call(model, point, (), {"input_ids": batch["input_ids"],
+                                                    "attention_mask": batch["attention_mask"]}).logits[:, :-1]
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                                                 ignore_index=-100).item()
+        assert got == pytest.approx(want, rel=1e-12)
+    assert r.losses[0] != r.losses[1]
+
+
+def test_ia3_trains_only_its_vectors_and_every_mode_agrees_bit_for_bit():
+    runs = []
+    for offload, granularity in ((False, "block"), (True, "block"), (True, "matrix")):
+        model = ia3_model("opt")
+        before = frozen_state(model)
+        vectors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        run(model, offload=offload, stream_granularity=granularity)
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]) if name in before else not torch.equal(p, vectors[name]), name
+        runs.append(model)
+    assert_same_params(runs[0], runs[1])
+    assert_same_params(runs[0], runs[2])
+
+
+def test_a_parameter_read_without_its_modules_call_is_refused_not_left_untrained(monkeypatch):
+    """A LoRA layer patched to read lora_A's weight directly (F.linear) instead of calling lora_A: the weight would
+    stay at θ at every point; the first step says which parameter and why."""
+    model = lora_model("opt")
+    layer = model.get_base_model().model.decoder.layers[0].self_attn.q_proj
+
+    def forward(x, *args, **kwargs):
+        a, b = layer.lora_A["default"], layer.lora_B["default"]
+        return layer.base_layer(x) + b(torch.nn.functional.linear(x, a.weight)) * layer.scaling["default"]
+
+    monkeypatch.setattr(layer, "forward", forward)
+    engine = ZOEngine(model, ZOConfig(lr=1e-2, eps=1e-3, seed=4))
+    with pytest.raises(ModelError, match="lora_A.default.weight.*never train"):
+        engine.step(padded_batch())
+
+
 def test_streamed_blocks_read_their_base_weights_from_the_upload_never_from_pageable_memory():
     model = lora_model("opt")
     engine = ZOEngine(model, ZOConfig(lr=1e-2, offload=True))

@@ -22,6 +22,14 @@ class Slot:
     module: nn.Module
     attr: str
     name: str
+    reader: nn.Module | None = None
+    """The module whose forward reads it: ``module``, or where ``module`` is a parameter container without a
+    forward (an ``nn.ParameterDict`` / ``nn.ParameterList``: peft's IA3 scaling vectors, VeRA's lambdas) the
+    module holding that container."""
+
+    def __post_init__(self) -> None:
+        if self.reader is None:
+            self.reader = self.module
 
 
 @dataclass
@@ -81,12 +89,20 @@ def shared_names(units: Sequence[Unit]) -> set[str]:
     return {n for n in read_by if read_by.count(n) > 1}
 
 
+CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+"""Modules that hold parameters but have no forward: their parameters are read by the module holding them."""
+
+
 def _slots(modules: Sequence[nn.Module], names_by_id: dict[int, str]) -> list[Slot]:
     slots, seen = [], set()
     for root in modules:
+        parent = {id(c): m for m in root.modules() for c in m.children()}
         for module in root.modules():
+            reader = module
+            while isinstance(reader, CONTAINERS) and id(reader) in parent:
+                reader = parent[id(reader)]
             for attr, p in module._parameters.items():
                 if p is not None and id(p) in names_by_id and (id(module), attr) not in seen:
                     seen.add((id(module), attr))
-                    slots.append(Slot(module, attr, names_by_id[id(p)]))
+                    slots.append(Slot(module, attr, names_by_id[id(p)], reader))
     return slots

@@ -276,10 +276,10 @@ def _largest_module(inputs: OffloadInputs, units: list | None = None, formed: in
     modules, shapes = {}, {}
     for u in inputs.units if units is None else units:
         for s in u.slots:
-            per_module[id(s.module)] = per_module.get(id(s.module), 0) + inputs.params[s.name].numel()
-            modules[id(s.module)] = s.module
+            per_module[id(s.reader)] = per_module.get(id(s.reader), 0) + inputs.params[s.name].numel()
+            modules[id(s.reader)] = s.reader
             if s.attr == "weight":
-                shapes[id(s.module)] = tuple(inputs.params[s.name].shape)
+                shapes[id(s.reader)] = tuple(inputs.params[s.name].shape)
     if formed:
         per_module = {k: formed_numel(modules[k], n, shapes.get(k), formed) for k, n in per_module.items()}
     return max(per_module.values(), default=0)

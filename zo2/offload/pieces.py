@@ -46,7 +46,7 @@ def module_ranges(slots: Sequence[Any], layout: Sequence[Any]) -> list[tuple[int
     by_module: dict[int, list[tuple[int, int]]] = {}
     for s in slots:
         if s.name in offsets:
-            by_module.setdefault(id(s.module), []).append(offsets[s.name])
+            by_module.setdefault(id(s.reader), []).append(offsets[s.name])
     spans = [(min(lo for lo, _ in r), max(hi for _, hi in r)) for r in by_module.values()]
     return sorted(spans)
 
