@@ -7,7 +7,7 @@
 set -u
 source benchmarks/gpu_env.sh
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py -k "matrix or peak or chunks or lagging" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_offload_gpu.py -k "matrix or peak or chunks or lagging or spare" \
     > "$OUT/gpu_tests.log" 2>&1
 tail -n 4 "$OUT/gpu_tests.log" | tee -a "$OUT/gpu.txt"
 timeout 260 python3 benchmarks/bench_offload.py --shapes opt-6.7b opt-175b --layers 4 --batches 1x2048 8x2048 \

@@ -46,7 +46,8 @@ def test_nvme_tier_equals_host_tier_and_resident_on_cuda(tmp_path, k, dtype):
 @pytest.mark.parametrize("k", [1, 3])
 def test_one_matrix_at_a_time_from_nvme_equals_resident_on_cuda(tmp_path, k):
     """A unit's file read into a pinned staging buffer, its matrices uploaded from there into the ring (the H2D
-    stream), written back into it (the D2H stream) and the file written after those copies landed."""
+    stream), written back into it (the D2H stream) and the file written after those copies landed; the host-homed
+    blocks' pieces share that ring (an upload of either tier waits for the other's events where it overwrites)."""
     base = tiny_model("llama", seed=7, num_hidden_layers=8)
     cfg = dict(writeback_every=k, storage_dtype="bf16", compute_dtype="bf16")
     resident = _engine(clone_model(base), offload=False, **cfg)
@@ -57,7 +58,8 @@ def test_one_matrix_at_a_time_from_nvme_equals_resident_on_cuda(tmp_path, k):
     nvme = _engine(clone_model(base), tiers, offload=True, stream_granularity="matrix", **cfg)
     assert nvme.plan.host == [0, 1] and nvme.plan.nvme == list(range(2, 8))
     streamer = nvme.residences[-1].streamer
-    assert streamer.staging[0].is_pinned() and streamer.device_bytes < block
+    assert streamer.staging[0].is_pinned() and streamer.ring is nvme.streamer.ring
+    assert nvme.streamer.device_bytes == nvme.plan.slot_bytes < block
     for s in range(7):
         batch = padded_batch(seed=s)
         assert resident.step(batch).losses == nvme.step(batch).losses, s

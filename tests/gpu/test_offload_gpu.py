@@ -91,6 +91,21 @@ def test_one_matrix_at_a_time_equals_resident_on_cuda(family, k):
     assert_same_params(resident.model.cpu(), matrix.model.cpu())
 
 
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_without_a_spare_slot_uploads_wait_for_write_backs_and_equal_resident_on_cuda(monkeypatch, granularity):
+    """planner.SPARE_SLOTS = 0 (bench_offload.py --spare-slots 0): an upload into a slot waits on the H2D stream
+    for that slot's write-back event; same values as resident."""
+    from zo2.offload import planner
+
+    base = tiny_model("llama", seed=8, num_hidden_layers=6).to(torch.bfloat16)
+    cfg = dict(storage_dtype="bf16")
+    resident, lr_ = _run(clone_model(base), steps=6, offload=False, **cfg)
+    monkeypatch.setattr(planner, "SPARE_SLOTS", 0)
+    streamed, ls = _run(clone_model(base), steps=6, offload=True, stream_granularity=granularity, **cfg)
+    assert lr_ == ls
+    assert_same_params(resident.model.cpu(), streamed.model.cpu())
+
+
 def test_one_matrix_at_a_time_needs_a_fraction_of_the_blocks_memory():
     def peak(granularity: str) -> int:
         from transformers import OPTConfig
