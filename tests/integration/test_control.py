@@ -131,12 +131,16 @@ def _kill_worker_after(steps: int, sig: int = signal.SIGKILL):
     return action
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("prompt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["lora", pytest.param("prompt", marks=pytest.mark.slow),
+                                    pytest.param("lora-streamed", marks=pytest.mark.slow)])
 def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_blocks_are_repaired(tmp_path, method):
     """[peft]: the node store holds the adapter (seeded init), each worker its own frozen base; equal to zo2 train,
-    and (LoRA: adapters in every streamed block) a block torn mid-write-back is rebuilt exactly."""
+    and (LoRA: adapters in every streamed block) a block torn mid-write-back is rebuilt exactly. lora-streamed: the
+    base built on the meta device (model.stream_load = 'always') and filled by each worker on its own."""
     pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
-    extra = (f"peft.method={method}",)
+    streamed = method == "lora-streamed"
+    method = "lora" if streamed else method
+    extra = (f"peft.method={method}",) + (("model.stream_load=always",) if streamed else ())
     single = tmp_path / "single"
     train_job(job(single, *extra), quiet=True)
     run_dir = tmp_path / "run"

@@ -65,3 +65,41 @@ def test_random_init_is_deterministic_and_finite():
     assert_same_params(engines[0].model, engines[1].model)
     assert all(torch.isfinite(p).all() for p in engines[0].model.parameters())
     assert engines[0].step(padded_batch()).loss < 10
+
+
+# ------------------------------------------------------------------ PEFT over a base built on the meta device
+@pytest.mark.parametrize("offload, granularity", [(False, "block"), (True, "block"), (True, "matrix")])
+def test_lora_over_a_meta_base_loads_its_frozen_weights_from_the_shards_and_trains_like_the_model_in_memory(
+        saved, offload, granularity):
+    """model.stream_load with peft.method = 'lora': the base is built on the meta device, peft wraps it with the
+    same seeded adapters as over the base in memory, the shards fill the frozen base weights (their frozen store
+    when streamed, the device otherwise) and leave the adapters alone; the steps equal the in-memory run's."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]' or '.[peft]')")
+    from zo2.config.peft import PeftConfig
+    from zo2.models.peft_adapter import apply_peft
+
+    reference, folder = saved
+    family = "opt" if reference.config.model_type == "opt" else "llama"
+    lora = PeftConfig(method="lora", r=4)
+    cfg = dict(lr=1e-2, eps=1e-3, seed=4, offload=offload, stream_granularity=granularity, device="cpu")
+    in_memory = ZOEngine(apply_peft(clone_model(reference), lora, family, seed=11), ZOConfig(**cfg))
+    base = empty_model(reference.config, torch.float32)
+    streamed = ZOEngine(apply_peft(base, lora, family, seed=11), ZOConfig(**cfg))
+    assert not any(p.is_meta for p in streamed.model.parameters() if p.requires_grad)
+    adapters = {n: p.detach().clone() for n, p in streamed.model.named_parameters() if p.requires_grad}
+    load_safetensors(streamed, folder)
+    assert_same_params(in_memory.model, streamed.model)  # base weights loaded, adapters as peft made them
+    assert all(torch.equal(p, adapters[n]) for n, p in streamed.model.named_parameters() if p.requires_grad)
+    for s in range(3):
+        assert streamed.step(padded_batch(seed=s)).losses == in_memory.step(padded_batch(seed=s)).losses
+    streamed.flush(), in_memory.flush()
+    assert_same_params(in_memory.model, streamed.model)
+
+
+def test_prompt_tuning_over_a_meta_base_is_refused_with_the_fix():
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]' or '.[peft]')")
+    from zo2.config.peft import PeftConfig
+    from zo2.models.peft_adapter import apply_peft
+
+    with pytest.raises(ModelError, match="stream_load = 'never'.*peft.method = 'lora'"):
+        apply_peft(empty_model(tiny_model("opt").config, torch.float32), PeftConfig(method="prompt"), "opt")

@@ -157,11 +157,15 @@ class Scheduler:
         from zo2.train.build import build_job_model
 
         m = self.job.model
-        if self.streamed_model and m.path is not None:
+        if self.job.peft.method is not None:  # the seeded adapters, built again with the model (its base on the
+            base = dict(build_job_model(self.job, self.tokenizer).named_parameters())  # meta device where streamed)
+            for name, view in views.items():
+                view.copy_(base[name].detach())
+        elif self.streamed_model and m.path is not None:
             load_safetensors_into(views, m.path, getattr(self.model, "base_model_prefix", "model"))
         elif self.streamed_model:
             init_random_into(views, m.init_seed, self.device)
-        else:  # a model small enough to build whole (or a PEFT model: its seeded adapters) built again
+        else:  # a model small enough to build whole, built again
             base = dict(build_job_model(replace(self.job, model=replace(m, stream_load="never")), self.tokenizer)
                         .named_parameters())
             for name, view in views.items():

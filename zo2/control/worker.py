@@ -70,6 +70,7 @@ class Worker:
         from zo2.engine import ZOEngine
         from zo2.parallel.mesh import init_comm
         from zo2.train.build import build_data, build_guard, build_job_model, build_tokenizer, resolve_device
+        from zo2.train.model import STREAMED, fill_weights
         from zo2.train.checkpoint import LOG_FILE, read_log
         from zo2.train.task_run import build_task_run, read_best
 
@@ -95,6 +96,8 @@ class Worker:
         self.engine = ZOEngine(self.model, optim, comm=comm, store_spec=spec, offload_config=job.offload,
                                loss_fn=self.task.loss_fn if self.task is not None else None)
         self.engine.load_state_dict({"step": start_step})
+        if job.peft.method is not None and getattr(self.model, STREAMED, False):
+            fill_weights(job.model, self.engine)  # the frozen base, from the shards (the adapter is the node's)
         self.guard = build_guard(job, f"zo2 launch ... -- --resume {run_dir}")
         self.best = read_best(run_dir) if self.task is not None else None
         self._stop = False

@@ -114,6 +114,12 @@ def prefix_model_types() -> list[str]:
     return sorted(t for t, cls in _REGISTRY.items() if cls.supports_prefix)
 
 
+def base_checkpoint_name(name: str) -> str:
+    """A PEFT model's name of a base-model parameter as the base model's own checkpoint names it
+    (``base_model.model.X.q_proj.base_layer.weight`` → ``X.q_proj.weight``)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``peft`` PeftModel (without importing peft: a PeftModel exists only if it was)."""
     peft = sys.modules.get("peft")

@@ -27,8 +27,9 @@ AdaLoRA's rank reallocation reads gradients, which a ZO step has none of: its ra
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -217,10 +218,12 @@ def apply_peft(model: nn.Module, cfg: "PeftConfig", family: str | None = None, s
     except ImportError:
         raise ModelError("peft.method is set but the peft package is not installed. Install it with "
                          "pip install -c constraints/cpu.txt -e \".[peft]\" (or pip install peft accelerate).") from None
-    if any(p.is_meta for p in model.parameters()):
-        raise ModelError("peft.method needs the base model's weights in memory, but this model is built on the meta "
-                         "device to stream its weights (model.stream_load). Set model.stream_load = 'never' to "
-                         "build it whole, or drop peft.method.")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and cfg.method != "lora":
+        raise ModelError(f"peft.method = {cfg.method!r} needs the base model's weights in memory, but this model is "
+                         "built on the meta device to stream its weights (model.stream_load). Set "
+                         "model.stream_load = 'never' to build it whole, or use peft.method = 'lora' (its base "
+                         "weights stream from the checkpoint).")
     model_type = getattr(model.config, "model_type", family)
     if cfg.method == "lora":
         targets = cfg.target_modules or DEFAULT_LORA_TARGETS.get(family or "", None) \
@@ -239,5 +242,29 @@ def apply_peft(model: nn.Module, cfg: "PeftConfig", family: str | None = None, s
         torch.manual_seed(seed)                                            # left alone
         # peft reads the model's deprecated is_gradient_checkpointing alias (transformers >= 5.2x): not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        wrapped = peft.get_peft_model(model, config)
+        with _adapters_in_memory(model):
+            wrapped = peft.get_peft_model(model, config)
     return wrapped.eval()  # ZO forwards run with dropout off
+
+
+@contextlib.contextmanager
+def _adapters_in_memory(model: nn.Module) -> Iterator[None]:
+    """While active, every parameter of ``model`` on the meta device (a base model whose weights
+    zo2.offload.loading fills later) is a CPU tensor of its shape and dtype that takes no memory (one zero,
+    expanded): peft then creates each adapter on the CPU in the base layer's dtype, with the values its seeded init
+    gives it, exactly as over a base in memory (peft moves a new adapter to its base layer's device, which would
+    lose them on the meta device). The meta parameters are put back afterwards, frozen as peft froze their
+    stand-ins."""
+    swapped = []
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                swapped.append((module, name, p))
+                stand_in = torch.zeros((), dtype=p.dtype).expand(p.shape)
+                module._parameters[name] = nn.Parameter(stand_in, requires_grad=p.requires_grad)
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            p.requires_grad_(module._parameters[name].requires_grad)  # peft froze the base: the stand-in says so
+            module._parameters[name] = p

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zo2.errors import ModelError
+from zo2.models.base import base_checkpoint_name, is_peft_model
 from zo2.optim.rng import param_key
 
 
@@ -65,7 +66,12 @@ def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
 
 def _targets(engine: Fillable) -> dict[str, torch.Tensor]:
     """Where each trainable parameter's values live: a view of the store, or the (device) parameter itself
-    (not the NVMe tier's: their parameters are on the meta device, filled through :func:`_fill`)."""
+    (not the NVMe tier's: their parameters are on the meta device, filled through :func:`_fill`). Under PEFT the
+    frozen base weights instead (the views of their frozen store, or the device parameters), named as the base
+    model's checkpoint names them: the adapter keeps its seeded init."""
+    if is_peft_model(engine.model):
+        return {base_checkpoint_name(n): p.data for n, p in engine.model.named_parameters()
+                if not p.requires_grad and not p.is_meta}
     targets = {n: p.data for n, p in engine.params.items() if not p.is_meta}
     if engine.store is not None:
         for i in range(len(engine.store)):
