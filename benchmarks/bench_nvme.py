@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from bench_common import environment, print_table, write_json  # noqa: E402
-from zo2.offload.nvme import NvmeStore, ThreadPoolEngine, open_engine  # noqa: E402
+from zo2.offload.nvme import NvmeStore  # noqa: E402
+from zo2.offload.nvme_io import ThreadPoolEngine, open_engine  # noqa: E402
 
 
 def read_all(store: NvmeStore, buffers: list[torch.Tensor]) -> float:

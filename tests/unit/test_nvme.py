@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from zo2.errors import ConfigError, ResourceError
-from zo2.offload import nvme
-from zo2.offload.nvme import PAGE, AioEngine, NvmeStore, ThreadPoolEngine, aligned_empty, open_engine
+from zo2.offload import nvme, nvme_io
+from zo2.offload.nvme import NvmeStore
+from zo2.offload.nvme_io import PAGE, AioEngine, ThreadPoolEngine, aligned_empty, open_engine
 
 ODD = [1, 1001, 4097, 12345]  # sizes that are not multiples of a page in any dtype
 
 
 def aio_op_or_skip():
-    op, reason = nvme.load_aio()
+    op, reason = nvme_io.load_aio()
     if op is None:
         pytest.skip(f"AIO engine unavailable: {reason}")
     return op

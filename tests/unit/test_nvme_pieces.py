@@ -163,7 +163,8 @@ def test_a_full_disk_between_units_keeps_the_previous_versions(tmp_path, monkeyp
     import errno
 
     from zo2.errors import ResourceError
-    from zo2.offload.nvme import NvmeStore, ThreadPoolEngine
+    from zo2.offload.nvme import NvmeStore
+    from zo2.offload.nvme_io import ThreadPoolEngine
 
     engine = matrix_engine(tiny_model("opt", seed=2, num_hidden_layers=LAYERS), tmp_path)
     run(engine, 2)

@@ -22,8 +22,9 @@ from zo2 import ZOEngine
 from zo2.config import ZOConfig
 from zo2.config.offload import OffloadConfig
 from zo2.errors import ConfigError, ResourceError
-from zo2.offload import nvme
-from zo2.offload.nvme import LOCK_FILE, PAGE, NvmeStore, ThreadPoolEngine, round_up
+from zo2.offload import nvme_io
+from zo2.offload.nvme import LOCK_FILE, NvmeStore
+from zo2.offload.nvme_io import PAGE, ThreadPoolEngine, round_up
 from zo2.offload.planner import Plan
 from zo2.offload.tiered import NvmeResidence, NvmeStreamer
 from zo2.offload.tiers import place_tiers, staging_buffers
@@ -40,7 +41,7 @@ def engines():
 
 def need_engine(name: str) -> None:
     if name == "aio":
-        op, reason = nvme.load_aio()
+        op, reason = nvme_io.load_aio()
         if op is None:
             pytest.skip(f"AIO engine unavailable: {reason}")
 
