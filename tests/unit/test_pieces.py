@@ -169,6 +169,9 @@ class _Pieces:
     def flat(self, i):
         return self.buffers[i]
 
+    def numel(self, i):
+        return self.buffers[i].numel()
+
 
 def test_the_ring_never_overwrites_a_piece_a_forward_reads_and_keeps_copies_until_their_room_is_needed():
     """Random acquire / release (kept or not) / drop sequences over pieces of mixed sizes: every acquired copy

@@ -104,12 +104,16 @@ class NvmeStore:
 
     ``names``: the files' stems (default ``unit-<k>``). ``create=False`` maps files another process created (the
     scheduler, or a node's first process): they must exist, nothing is created. ``lock``: hold the folder's
-    :class:`FolderLock` while the store lives (the process that owns the files)."""
+    :class:`FolderLock` while the store lives (the process that owns the files). ``versions = 1``: one file per
+    unit, for data written once and then only read (a PEFT model's frozen base weights, refilled from the
+    checkpoint at every start): a write overwrites it, its marker removed first, so a crash leaves the unit
+    unwritten, never torn."""
 
     def __init__(self, folder: str | Path, layouts: Sequence[Sequence[Segment]], dtype: torch.dtype, *,
                  engine: IOEngine | None = None, pin: bool | None = None, names: Sequence[str] | None = None,
-                 create: bool = True, lock: bool = False):
+                 create: bool = True, lock: bool = False, versions: int = 2):
         self.folder = Path(folder)
+        self.versions = VERSIONS[:versions]
         self.layouts = [list(layout) for layout in layouts]
         self.names = list(names) if names is not None else [f"unit-{k}" for k in range(len(self.layouts))]
         self.dtype = dtype
@@ -147,7 +151,7 @@ class NvmeStore:
     @property
     def nbytes(self) -> int:
         """Disk bytes of the whole store (both versions of every unit)."""
-        return sum(len(VERSIONS) * self.file_bytes(k) for k in range(len(self)))
+        return sum(len(self.versions) * self.file_bytes(k) for k in range(len(self)))
 
     def path(self, k: int, version: str) -> Path:
         return self.folder / f"{self.names[k]}.{version}"
@@ -183,7 +187,7 @@ class NvmeStore:
             return None
         try:
             marker = json.loads(path.read_text())
-            ok = marker["version"] in VERSIONS and isinstance(marker["step"], int)
+            ok = marker["version"] in self.versions and isinstance(marker["step"], int)
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
@@ -213,13 +217,14 @@ class NvmeStore:
         """Check the disk first, then give every version file its full size (nothing written before the check)."""
         missing = []
         for k in range(len(self)):
-            for version in VERSIONS:
+            for version in self.versions:
                 path = self.path(k, version)
                 have = path.stat().st_size if path.exists() else 0
                 if have < self.file_bytes(k):
                     missing.append((path, self.file_bytes(k), self.file_bytes(k) - have))
         check_disk(self.folder, sum(gap for _, _, gap in missing),
-                   f"The NVMe store ({len(self)} units, {self.nbytes / 1e9:.2f} GB with two versions of each)")
+                   f"The NVMe store ({len(self)} units, {self.nbytes / 1e9:.2f} GB with {len(self.versions)} "
+                   "version(s) of each)")
         for path, size, _ in missing:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
@@ -233,7 +238,7 @@ class NvmeStore:
     def _check_files(self) -> None:
         """A mapped store's files must be there at full size: the process that owns them made them first."""
         for k in range(len(self)):
-            for version in VERSIONS:
+            for version in self.versions:
                 path = self.path(k, version)
                 if not path.exists() or path.stat().st_size < self.file_bytes(k):
                     raise ResourceError(f"The NVMe file {path} does not exist or is short: the process that owns "
@@ -243,7 +248,7 @@ class NvmeStore:
     def remove_files(self) -> None:
         """Delete every file of the store (versions, markers): the owner's clean-up of files no one resumes from."""
         for k in range(len(self)):
-            for path in [self.path(k, v) for v in VERSIONS] + [self.marker_path(k)]:
+            for path in [self.path(k, v) for v in self.versions] + [self.marker_path(k)]:
                 path.unlink(missing_ok=True)
 
     def _bounce_for(self, k: int) -> torch.Tensor:
@@ -289,8 +294,12 @@ class NvmeStore:
             source = self._bounce_for(k)
             source[: self.data_bytes(k)].copy_(data[: self.data_bytes(k)])
             source[self.data_bytes(k) :].zero_()
-        version = VERSIONS[1] if self.current(k) == VERSIONS[0] else VERSIONS[0]
+        version = self.versions[-1] if self.current(k) == self.versions[0] else self.versions[0]
         path = self.path(k, version)
+        if len(self.versions) == 1 and self._markers[k] is not None:  # overwritten in place: unwritten until done
+            self.marker_path(k).unlink()
+            fsync_dir(self.folder)
+            self._markers[k] = None
         try:
             self.engine.submit_write(path, 0, source)
             self.engine.wait()

@@ -92,6 +92,10 @@ class StagedPieces:
         flat = self.staged.get(unit)
         return torch.empty(hi - lo, dtype=self.dtype, device="meta") if flat is None else flat[lo:hi]
 
+    def numel(self, index: int) -> int:
+        _, lo, hi = self.pieces[index]
+        return hi - lo
+
 
 class NvmePieceStreamer(QueuedWrites, RingStreamer):
     """A :class:`RingStreamer` over :class:`StagedPieces`: units read ahead from the files into staging buffers,

@@ -100,6 +100,17 @@ class PieceStore:
         block, lo, hi = self.pieces[index]
         return self.store.flat(block)[lo:hi]
 
+    def numel(self, index: int) -> int:
+        _, lo, hi = self.pieces[index]
+        return hi - lo
+
+    def uploaded(self, index: int, event: Any) -> None:
+        """An upload of piece ``index`` was issued (``event``: its H2D event; None on a CPU): the store behind
+        it may need to know when its bytes have left (zo2.offload.nvme_frozen's staging buffers)."""
+        hook = getattr(self.store, "uploaded", None)
+        if hook is not None:
+            hook(self.pieces[index][0], event)
+
 
 class PieceMarkers:
     """A node store's markers (zo2.offload.markers.StoreMarkers: per unit and writer) seen by a streamer that
@@ -181,7 +192,7 @@ class RingStreamer(BlockStreamer):
 
     def _choose_slot(self, block: int, required: bool) -> int | None:
         ring = self.ring
-        n = self.store.flat(block).numel()
+        n = self._numel(block)
         lo = ring.head
         for _ in range(len(ring.live) + 2):
             if lo + n > ring.pool.numel():
@@ -339,7 +350,7 @@ class PiecewiseResidence(StreamedResidence):
         self._using = {}
         self.streamer.begin(self.pass_order(mine))
         if self.frozen is not None:
-            self.frozen.begin([u.store_index for u in mine])
+            self.frozen.begin([self.frozen_index(u) for u in mine])
 
     def acquire(self, unit: Any) -> PieceSource:
         return PieceSource(self, unit)
@@ -383,7 +394,11 @@ class PiecewiseResidence(StreamedResidence):
     def frozen_weights(self, unit: Any) -> contextlib.AbstractContextManager:
         if self.frozen is None:
             return contextlib.nullcontext()
-        return self.frozen.reading(unit.store_index)
+        return self.frozen.reading(self.frozen_index(unit))
+
+    def frozen_index(self, unit: Any) -> int:
+        """``unit``'s block in the frozen weights' store (indexed like the weights' store)."""
+        return unit.store_index
 
     def after_visit(self, unit: Any) -> None:
         super().after_visit(unit)

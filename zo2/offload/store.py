@@ -204,6 +204,9 @@ class ParameterStore:
     def flat(self, index: int) -> torch.Tensor:
         return self.buffers[index]
 
+    def numel(self, index: int) -> int:
+        return self.buffers[index].numel()
+
     def layout(self, index: int) -> list[Segment]:
         return self.layouts[index]
 

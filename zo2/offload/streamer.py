@@ -169,7 +169,7 @@ class BlockStreamer:
     # Where a block's home copy is read from and written to: the host store here; the NVMe tier's streamer
     # (zo2.offload.tiered) stages it through pinned buffers filled from and written to files instead.
     def _numel(self, block: int) -> int:
-        return self.store.flat(block).numel()
+        return self.store.numel(block)
 
     def _source(self, block: int) -> torch.Tensor:
         """The host buffer an upload of ``block`` copies from."""
@@ -314,7 +314,12 @@ class BlockStreamer:
         else:
             dst.copy_(src)
             self._upload_frozen(block, slot)
-            self._uploaded[block] = None
+            self._uploaded[block] = done = None
+        # a store staging files in host buffers (zo2.offload.nvme_frozen) learns when the bytes have left them
+        stores = [self.store] + ([self.frozen] if self.frozen is not None and block < len(self.frozen) else [])
+        for hook in [getattr(s, "uploaded", None) for s in stores]:
+            if hook is not None:
+                hook(block, done)
         self._slot_busy[slot] = []
         self.stats.bytes_h2d += src.numel() * src.element_size()
         self.stats.uploads += 1
@@ -329,7 +334,7 @@ class BlockStreamer:
         if frozen is None:
             return
         self.frozen = frozen
-        largest = max((frozen.flat(i).numel() for i in range(len(frozen))), default=0)
+        largest = max((frozen.numel(i) for i in range(len(frozen))), default=0)
         self.frozen_slots = tuple(torch.empty(largest, dtype=frozen.dtype, device=self.device) for _ in self.slots)
 
     def frozen_weights(self, block: int) -> contextlib.AbstractContextManager:
@@ -337,7 +342,7 @@ class BlockStreamer:
         (call between :meth:`acquire` and :meth:`release`)."""
         if self.frozen is None or block >= len(self.frozen) or not self.frozen.slots[block]:
             return contextlib.nullcontext()
-        n = self.frozen.flat(block).numel()
+        n = self.frozen.numel(block)
         return self.frozen.swapped(block, self.frozen_slots[self._slot_of[block]][:n])
 
     def _upload_frozen(self, block: int, slot: int) -> None:
