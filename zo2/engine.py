@@ -43,7 +43,7 @@ from zo2.optim.optimizers import build_optimizer, check_supported, conservative_
 from zo2.optim.rng import direction, param_key
 from zo2.optim.schedule import lr_at
 from zo2.parallel.plan_memory import activation_bytes, working_bytes
-from zo2.points import PointsForward, PointValues, groups_of
+from zo2.points import PointsForward, PointValues, check_called, groups_of
 from zo2.results import EvalResult, StepResult
 from zo2.visit import Visitor
 
@@ -107,7 +107,7 @@ class ZOEngine:
         self._tied_at: dict[str, tuple[torch.Tensor, int, int, Any, tuple[int, ...]]] = {}
         """Tied weights' owner buffer, range, table and shape (:meth:`_tied`)."""
         self._reached: set[str] = set()
-        """Units whose every parameter-holding module was called in a pass (:meth:`_check_reached`)."""
+        """Units whose every parameter-holding module was called in a pass (zo2.points.check_called)."""
         self.last_transfer: TransferStats | None = None
         self.writeback_probe = offload.writeback_probe
         """``optim.writeback_every = 'auto'`` on a GPU: deciding K from the first steps' upload waits."""
@@ -215,26 +215,11 @@ class ZOEngine:
                             logits_out.append(logits)
                         del logits
                     hidden = ctx = None
-            self._check_reached(unit, forward)
+            if unit.name not in self._reached:  # its first pass: every parameter-holding module was called
+                check_called(unit.name, self._groups[unit.name], forward.called)
+                self._reached.add(unit.name)
             unit.residence.after_visit(unit)  # a streamed pass's last block starts the next pass's uploads
         return losses, logits_out
-
-    def _check_reached(self, unit: Any, forward: PointsForward) -> None:
-        """After a unit's first pass: every module holding its trainable parameters was called (zo2.points gives
-        them their values at each point only inside that call). A parameter read some other way would stay at θ
-        at every point, so it would never train: a ModelError naming it, instead of a run that silently does not
-        learn it."""
-        if unit.name in self._reached:
-            return
-        missed = [g for g in self._groups[unit.name] if id(g) not in forward.called]
-        if missed:
-            names = [s.name for g in missed for s in g.slots][:4]
-            raise ModelError(
-                f"{unit.name}: the trainable parameters {names} are read without a call of the module holding them "
-                f"({', '.join(sorted({type(g.module).__name__ for g in missed}))}), so zo2 cannot give them their "
-                "perturbed values and they would never train. Freeze them (requires_grad = False), or adapt the "
-                "model so the module that reads them is the one that holds them.")
-        self._reached.add(unit.name)
 
     def _tied(self, name: str) -> tuple[torch.Tensor, int, int, Any, tuple[int, ...]]:
         """Where a parameter read by one unit and owned by another (a tied weight) is formed from: the owner's
@@ -441,6 +426,16 @@ class ZOEngine:
         """A float64 sum over every trainable weight (after a flush): equal on replicas that stayed identical."""
         tensors = self.snapshot_tensors()
         return float(sum(_loaded(tensors[n]).double().sum() for n in self.params))  # host sync, rare
+
+    def close(self) -> None:
+        """End of the run: the NVMe tier finishes its I/O, lets its folder go and removes the files no run resumes
+        from (a PEFT base's, refilled at every start); the trainable units' files stay for a resume. The engine is
+        not used afterwards. Idempotent; without an NVMe tier it does nothing."""
+        for residence in self.residences:
+            close = getattr(residence, "close", None)
+            if close is not None and not getattr(residence, "closed", False):
+                residence.closed = True
+                close()
 
     def invalidate_prefetch(self) -> None:
         """Call after writing streamed weights from the host (e.g. ``model.load_state_dict``): device copies

@@ -74,6 +74,20 @@ def groups_of(unit: Any) -> list[Group]:
     return groups
 
 
+def check_called(unit: str, groups: Sequence[Group], called: set[int]) -> None:
+    """After a unit's first pass: every module holding its trainable parameters was called (``called``: the
+    groups' ids; their values at a point exist only inside that call). A parameter read some other way would stay
+    at θ at every point and never train: a ModelError naming it, instead of a run that silently does not learn it."""
+    missed = [g for g in groups if id(g) not in called]
+    if missed:
+        names = [s.name for g in missed for s in g.slots][:4]
+        raise ModelError(
+            f"{unit}: the trainable parameters {names} are read without a call of the module holding them "
+            f"({', '.join(sorted({type(g.module).__name__ for g in missed}))}), so zo2 cannot give them their "
+            "perturbed values and they would never train. Freeze them (requires_grad = False), or adapt the model "
+            "so the module that reads them is the one that holds them.")
+
+
 def _span(group: Group, names: set[str], unit: Any) -> None:
     segs = [seg for seg in unit.layout if seg.name in names]
     if not segs:

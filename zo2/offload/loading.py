@@ -106,8 +106,9 @@ def _fill(engine: Fillable, fill: Any) -> None:
     which goes straight to its files: a unit at a time, never the whole model in host memory."""
     engine.invalidate_prefetch()
     fill(_targets(engine))
+    base = is_peft_model(engine.model)  # the frozen base weights (the adapter keeps its seeded init)
     for residence in getattr(engine, "residences", ()):
-        residence.fill_home(fill)
+        (residence.fill_frozen if base else residence.fill_home)(fill)
     engine.flush()
 
 

@@ -36,31 +36,60 @@ import torch
 from zo2.errors import ConfigError
 from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty
+from zo2.offload.nvme_frozen import FrozenFiles
+from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import PiecewiseResidence, Ring, RingStreamer, module_ranges, piece_bounds
 from zo2.offload.tiered import FileHome, nvme_files, nvme_tier_for, tier_engine
 from zo2.offload.tiers import staging_buffers
 
 
 def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
-                       beside: Any = None) -> Any:
+                       beside: Any = None, frozen: Sequence[list] | None = None) -> Any:
     """The residence of the NVMe-homed ``units`` (zo2.offload.tiered.nvme_tier_for), streamed one matrix at a
     time where ``matrix`` (the plan's granularity); None when there are none. ``beside``: the host-homed blocks'
     streamer, whose device ring the NVMe-homed pieces share (a pass visits the two tiers' blocks one after the
-    other: one ring of device memory, not two)."""
-    if not matrix or not units:
-        return nvme_tier_for(inputs, units, device)
-    if inputs.store_spec is not None or (inputs.comm is not None and inputs.comm.local_size > 1):
+    other: one ring of device memory, not two). ``frozen``: each unit's frozen slots (a PEFT model's base
+    weights), homed in files of their own (zo2.offload.nvme_frozen) and streamed with their blocks."""
+    if not units:
+        return None
+    single = inputs.store_spec is None and (inputs.comm is None or inputs.comm.local_size == 1)
+    if not matrix:
+        residence = nvme_tier_for(inputs, units, device)
+        residence.frozen_files = _frozen_files(inputs, frozen, device, single)
+        residence.streamer.attach_frozen(residence.frozen_files)
+        return residence
+    if not single:
         raise ConfigError("One matrix at a time from the NVMe tier runs in a single process (zo2 train); set "
                           "optim.stream_granularity = 'block'.")
     store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
     ring = beside.ring if isinstance(beside, RingStreamer) else None
-    return nvme_piece_residence(store, units, device, inputs.config.prefetch, ring)
+    files = _frozen_files(inputs, frozen, device, single)
+    pieces = None
+    if files is not None:
+        roots = {k: inputs.adapter.blocks()[u.index] for k, u in enumerate(units)}
+        pieces = FrozenPieces(files, roots, device, inputs.config.prefetch)
+    residence = nvme_piece_residence(store, units, device, inputs.config.prefetch, ring, pieces)
+    residence.frozen_files = files
+    return residence
+
+
+def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.device, single: bool
+                  ) -> FrozenFiles | None:
+    """The NVMe-homed blocks' frozen weights in files (None when they have none); a single process only."""
+    if not frozen or not any(frozen):
+        return None
+    if not single:
+        raise ConfigError("The NVMe tier holds a PEFT model's frozen base weights in a single process (zo2 train); "
+                          "with several processes per node the blocks that do not fit offload.host_memory_budget "
+                          "must have no frozen parameters. Raise offload.host_memory_budget, or run zo2 train.")
+    return FrozenFiles(inputs.tiers.nvme_path, frozen, tier_engine(inputs, []), pin=device.type == "cuda",
+                       prefetch=inputs.config.prefetch)
 
 
 def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.device,
-                         prefetch: int, ring: Ring | None = None) -> "NvmePieceResidence":
+                         prefetch: int, ring: Ring | None = None, frozen: Any = None) -> "NvmePieceResidence":
     """``units`` (unit k is ``store``'s unit k) streamed a piece at a time through a ring of their own, or
-    ``ring`` where it holds theirs."""
+    ``ring`` where it holds theirs; ``frozen``: their frozen weights (zo2.offload.piece_frozen.FrozenPieces)."""
     pieces, first, bounds = [], {}, {}
     for k, u in enumerate(units):
         layout = store.layouts[k]
@@ -68,7 +97,7 @@ def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.d
         bounds[u.name] = piece_bounds(module_ranges(u.slots, layout), store.numels[k])
         pieces += [(k, lo, hi) for lo, hi in bounds[u.name]]
     streamer = NvmePieceStreamer(StagedPieces(store, pieces), device, prefetch, ring=ring)
-    return NvmePieceResidence(streamer, units, bounds, first)
+    return NvmePieceResidence(streamer, units, bounds, first, frozen=frozen)
 
 
 class StagedPieces:
@@ -265,13 +294,16 @@ class NvmePieceResidence(FileHome, PiecewiseResidence):
     resume, the loaders). A unit's file is written once every piece of it holds the step written back."""
 
     def __init__(self, streamer: NvmePieceStreamer, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
-                 first_piece: dict[str, int], writeback_every: int = 1):
+                 first_piece: dict[str, int], writeback_every: int = 1, frozen: Any = None):
         self._index = {u.name: k for k, u in enumerate(units)}
         self.layouts = streamer.nvme.layouts
         self._pieces_of_unit: dict[int, list[int]] = {}
         for piece, (k, _, _) in enumerate(streamer.store.pieces):
             self._pieces_of_unit.setdefault(k, []).append(piece)
-        super().__init__(streamer, units, bounds, first_piece, None, writeback_every)
+        super().__init__(streamer, units, bounds, first_piece, None, writeback_every, frozen=frozen)
+
+    def frozen_index(self, unit: Any) -> int:
+        return self.index(unit)
 
     def write_piece(self, piece: int, step: int) -> None:
         super().write_piece(piece, step)

@@ -124,7 +124,7 @@ class FrozenPieces:
         found = frozen_readers(root, slots)
         spans = [(min(seg[s.name].offset for s in ss), max(seg[s.name].offset + seg[s.name].numel for s in ss))
                  for _, ss in found]
-        bounds = piece_bounds(spans, self.store.flat(block).numel())
+        bounds = piece_bounds(spans, self.store.numel(block))
         first = len(pieces)
         pieces += [(block, lo, hi) for lo, hi in bounds]
         readers = []

@@ -122,6 +122,10 @@ class Residence:
         """Let ``fill`` write the weights only this residence holds, a unit at a time: it gets name → host tensor
         views of one unit, which then go home (the loaders: checkpoint shards straight into the NVMe files)."""
 
+    def fill_frozen(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """As :meth:`fill_home` for the frozen (PEFT base) weights only this residence holds, named as the base
+        model's checkpoint names them."""
+
 
 class DeviceResidence(Residence):
     """Units resident on the compute device; with a node store, mirrored to it at sync points."""

@@ -133,10 +133,11 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
         _refuse_state(inputs.optimizer)
     if plan.nvme and plan.granularity == "matrix" and comm is not None and comm.local_size > 1:
         _refuse_matrix(f"with {comm.local_size} processes per node", inputs.config.stream_granularity)
-    if plan.nvme and any(frozen[i] for i in plan.nvme):
-        raise ConfigError("The NVMe tier holds trainable weights only, but the blocks that do not fit "
-                          "offload.host_memory_budget have frozen parameters (a PEFT model's base weights). Raise "
-                          "offload.host_memory_budget, or fine-tune all weights.")
+    if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
+        raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights in a single process (zo2 train), "
+                          f"but with {comm.local_size} processes per node the blocks that do not fit "
+                          "offload.host_memory_budget have frozen parameters. Raise offload.host_memory_budget, or "
+                          "run zo2 train.")
     return plan
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from zo2.config.job import JobConfig
 from zo2.config.loader import load_saved_config, parse_override
 from zo2.errors import CheckpointError, ConfigError, NonFiniteLossError, write_failure
+from zo2.models.base import is_peft_model
 from zo2.train.checkpoint import LOG_FILE, list_snapshots, read_log, snapshot_step
 from zo2.train.durable import write_safetensors
 from zo2.train.metrics import read_jsonl
@@ -164,7 +165,11 @@ def save_model(model: nn.Module, tokenizer: Any, folder: Path, engine: Any = Non
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of zo2's output
     try:
         home = engine.home_weights() if engine is not None else {}
-        if home:
+        if home and is_peft_model(model):  # the adapter alone (small): its NVMe-homed tensors read from the files
+            state = model.state_dict()
+            state.update({n: d.load().clone() for n, d in home.items()})
+            model.save_pretrained(str(tmp), state_dict=state)
+        elif home:
             _save_streamed(model, home, tmp)
         else:
             model.save_pretrained(str(tmp))

@@ -294,9 +294,11 @@ class Trainer:
                 self.console.log(f"  [{name}] " + " ".join(f"{k}={v!r}" for k, v in values.items()))
 
     def close(self) -> None:
-        """Close the log, metrics file and progress bar (idempotent)."""
+        """Close the log, metrics file, progress bar and the engine's files (idempotent)."""
         if self.console is not None:
             self.console.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
         self.log.close()
         self.metrics.close()
         self.comm.close()

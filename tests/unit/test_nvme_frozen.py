@@ -1,0 +1,150 @@
+"""A PEFT model's frozen base weights on the NVMe tier (zo2.offload.nvme_frozen): the blocks past the host budget keep
+their base weights in files, streamed with the block (by block) or a reader at a time (by matrix); the adapters
+train bit for bit as resident; the loaders fill the files from a checkpoint's shards over a base built on the meta
+device. CPU only: the "device" is the CPU and the files live in a temporary folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]' or '.[peft]')")
+
+from zo2 import ZOConfig, ZOEngine  # noqa: E402
+from zo2.config.offload import OffloadConfig  # noqa: E402
+from zo2.config.peft import PeftConfig  # noqa: E402
+from zo2.models.peft_adapter import apply_peft  # noqa: E402
+from zo2.offload.loading import empty_model, load_safetensors  # noqa: E402
+from zo2.offload.nvme_frozen import FrozenFiles  # noqa: E402
+from zo2.offload.nvme_io import PAGE, round_up  # noqa: E402
+from zo2.offload.tiers import staging_buffers  # noqa: E402
+from zo2_testing import clone_model, padded_batch, tiny_model  # noqa: E402
+
+CFG = dict(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=21)
+LAYERS = 6
+LORA = PeftConfig(method="lora", r=4)
+
+
+def lora(model, seed: int = 5):
+    """LoRA on q and v with B away from zero, so the adapters' perturbation shows in the loss."""
+    wrapped = apply_peft(model, LORA, "opt", seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return wrapped
+
+
+def block_bytes(model) -> int:
+    layers = model.get_base_model().model.decoder.layers
+    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+
+
+def tiered(model, folder, *, host_blocks: int, prefetch: int = 1, **cfg) -> ZOEngine:
+    """Every block streamed, those past ``host_blocks`` homed on NVMe with their base weights."""
+    b = block_bytes(model)
+    budget = staging_buffers(prefetch) * round_up(b) + host_blocks * b + b // 2
+    tiers = OffloadConfig(nvme_path=str(folder), host_memory_budget=budget, nvme_engine="threads",
+                          nvme_queue_depth=3, nvme_block_size=PAGE)
+    return ZOEngine(model, ZOConfig(offload=True, prefetch=prefetch, **CFG, **cfg), offload_config=tiers)
+
+
+def frozen_files(engine: ZOEngine) -> FrozenFiles:
+    return next(r.frozen_files for r in engine.residences if getattr(r, "frozen_files", None) is not None)
+
+
+def adapters(engine: ZOEngine) -> dict[str, torch.Tensor]:
+    return {n: t.cpu() for n, t in engine.trainable_state().items()}
+
+
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+@pytest.mark.parametrize("prefetch, k", [(1, 1), (3, 3)])
+def test_lora_with_its_base_on_nvme_trains_as_resident_bit_for_bit(tmp_path, granularity, prefetch, k):
+    base = tiny_model("opt", seed=3, num_hidden_layers=8)  # more than the staging buffers and 2.5 blocks
+    resident = ZOEngine(lora(clone_model(base)), ZOConfig(offload=False, writeback_every=k, **CFG))
+    on_disk = tiered(lora(clone_model(base)), tmp_path, host_blocks=2, prefetch=prefetch, writeback_every=k,
+                     stream_granularity=granularity)
+    assert on_disk.plan.host == [0, 1] and on_disk.plan.nvme == [2, 3, 4, 5, 6, 7]
+    files = frozen_files(on_disk)
+    layer = on_disk.model.get_base_model().model.decoder.layers[3].fc1
+    assert layer.weight.is_meta  # no host copy of an NVMe-homed block's base weights
+    assert sorted(p.name for p in tmp_path.glob("frozen-*")) == sorted(  # one version each: written once, then read
+        [f"frozen-{j}.a" for j in range(6)] + [f"frozen-{j}.json" for j in range(6)])
+    for s in range(5):
+        batch = padded_batch(seed=s)
+        assert resident.step(batch).losses == on_disk.step(batch).losses, s
+    on_disk.flush()
+    a, b = adapters(resident), adapters(on_disk)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert files.bytes_read >= 5 * files.nbytes  # every step reads the NVMe-homed blocks' base weights
+    assert layer.weight.is_meta
+
+
+def test_base_weights_stream_from_the_shards_into_the_files_over_a_meta_base(tmp_path):
+    """model.stream_load with LoRA and the NVMe tier: the base built on the meta device, its NVMe-homed blocks'
+    frozen weights written from the checkpoint's shards straight into their files (the adapters keep their seeded
+    init); the same steps as the base in memory, all resident."""
+    reference = tiny_model("opt", seed=9, num_hidden_layers=LAYERS)
+    reference.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
+    in_memory = ZOEngine(lora(clone_model(reference)), ZOConfig(offload=False, **CFG))
+    model = lora(empty_model(reference.config, torch.float32))
+    streamed = tiered(model, tmp_path / "nvme", host_blocks=1, stream_granularity="matrix")
+    assert streamed.plan.nvme == [1, 2, 3, 4, 5]
+    load_safetensors(streamed, tmp_path / "ckpt")
+    for s in range(3):
+        batch = padded_batch(seed=s)
+        assert in_memory.step(batch).losses == streamed.step(batch).losses, s
+    a, b = adapters(in_memory), adapters(streamed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_host_holds_staging_buffers_not_the_base_weights(tmp_path):
+    base = tiny_model("opt", seed=4, num_hidden_layers=LAYERS)
+    engine = tiered(lora(clone_model(base)), tmp_path, host_blocks=0)
+    files = frozen_files(engine)
+    assert len(files.staging) == staging_buffers(1) and len(files) == LAYERS
+    engine.step(padded_batch())
+    engine.step(padded_batch(seed=1))
+    held = {b for b in files._block_of if b is not None}
+    assert len(held) <= staging_buffers(1)
+    assert sum(s.numel() for s in files.staging) < files.nbytes  # a few blocks staged, never all
+
+
+def test_several_processes_per_node_refuse_the_base_on_nvme_with_the_fix():
+    from types import SimpleNamespace
+
+    from zo2.errors import ConfigError
+    from zo2.offload.nvme_pieces import _frozen_files
+
+    inputs = SimpleNamespace(tiers=SimpleNamespace(nvme_path="/nowhere"), config=SimpleNamespace(prefetch=1))
+    with pytest.raises(ConfigError, match="single process.*host_memory_budget"):
+        _frozen_files(inputs, [["slot"]], torch.device("cpu"), single=False)
+
+
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_zo2_train_with_lora_and_its_base_on_nvme_saves_the_same_adapter(tmp_path, granularity):
+    """zo2 train: snapshots, evaluations and final/ (the adapter in PEFT's format, its NVMe-homed tensors read from
+    their files) equal the run with every block in host memory; the base weights' files are gone afterwards."""
+    from safetensors.torch import load_file
+
+    from zo2.config import load_config
+    from zo2.train.checkpoint import load_snapshot, snapshot_path
+    from zo2.train.trainer import train_job
+
+    common = ["peft.method=lora", "train.steps=4", "train.eval_every=2", "optim.offload=true",
+              "checkpoint.save_every=2", "train.device=cpu", f"optim.stream_granularity={granularity}"]
+    runs = {}
+    for name, extra in (("host", []), ("nvme", [f"offload.nvme_path={tmp_path / 'files'}",
+                                                "offload.host_memory_budget=650000"])):
+        train_job(load_config("tiny-opt", overrides=common + [f"run.out_dir={tmp_path / name}", *extra]), quiet=True)
+        runs[name] = tmp_path / name
+    assert len(list((tmp_path / "files").glob("unit-*.json"))) == 4  # every block's adapters lived on NVMe
+    assert not list((tmp_path / "files").glob("frozen-*"))  # the base weights' files, removed at the end
+    for folder in ("final", "best"):
+        if (runs["host"] / folder).exists():
+            a = load_file(str(runs["host"] / folder / "adapter_model.safetensors"))
+            b = load_file(str(runs["nvme"] / folder / "adapter_model.safetensors"))
+            assert a.keys() == b.keys() and a and all(torch.equal(a[n], b[n]) for n in a)
+    (a, _), (b, _) = (load_snapshot(snapshot_path(runs[n], 4)) for n in ("host", "nvme"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

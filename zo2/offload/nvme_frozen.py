@@ -1,0 +1,170 @@
+"""Frozen weights on the NVMe tier: a PEFT model's base weights of the NVMe-homed blocks, in files.
+
+Under LoRA a block's frozen base weights are nearly all its bytes, so the blocks that do not fit
+``offload.host_memory_budget`` keep them on the disk too: :class:`FrozenFiles` holds one file per block (one
+version: the base weights are written once, at the start of every run, from the model in memory or from the
+checkpoint's shards, and then only read) under ``offload.nvme_path``, beside the blocks' trainable files.
+
+It stands in for the pinned :class:`~zo2.offload.frozen.FrozenStore` of the host tier, with the same indices as
+the NVMe residence's units and the same interface (``slots``, ``layout``, ``numel``, ``flat``, ``swapped``), so the
+streamers move its blocks as they move the host store's: with each block into a companion of its device slot
+(block granularity), or a reader at a time through a ring of their own (zo2.offload.piece_frozen):
+
+* ``flat(k)`` is block ``k``'s bytes in one of ``prefetch + 2`` PAGE-aligned pinned staging buffers, read there
+  through the I/O engine (on one I/O thread). Asking for block ``k`` also reads the blocks after it (a pass visits
+  the NVMe-homed blocks in order; after the last, the first ones of the next pass), so the disk works ahead of the
+  compute, as for the trainable files.
+* a buffer is read into again only once the uploads out of it have landed (``uploaded``: the streamer's H2D
+  events, which the read waits for on the I/O thread), and never while it holds a block of the window being read.
+
+At rest the modules' frozen parameters of these blocks are on the meta device (there is no host copy); during a
+block's forwards they are device views, as with the host store. Snapshots hold the adapters only, so nothing here
+is ever saved: a resumed run fills the files again.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from zo2.errors import ModelError
+from zo2.models.base import base_checkpoint_name
+from zo2.offload.frozen import FrozenSlot, FrozenStore
+from zo2.offload.nvme import NvmeStore
+from zo2.offload.nvme_io import aligned_empty
+from zo2.offload.store import ParameterStore, pack_layout, repoint
+from zo2.offload.tiers import staging_buffers
+
+
+class FrozenFiles:
+    """The frozen parameters of NVMe-homed blocks (``blocks[k]``: the slots of block ``k``) in files under
+    ``folder`` (read with ``engine``, its own: one I/O engine serves one thread), staged ``prefetch + 2`` blocks at a time in pinned host buffers (see the
+    module docstring). Parameters holding values are written to the files here; those on the meta device are
+    written by the loaders (:meth:`fill`). Either way they are on the meta device afterwards."""
+
+    def __init__(self, folder: str, blocks: Sequence[list[FrozenSlot]], engine: Any, *, pin: bool, prefetch: int):
+        self.slots = [list(s) for s in blocks]
+        params = [list({s.name: s.module._parameters[s.attr] for s in slots}.items()) for slots in self.slots]
+        dtypes = {p.dtype for block in params for _, p in block}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ModelError(f"The frozen parameters of the NVMe-homed blocks have dtypes {sorted(map(str, dtypes))};"
+                             " they can be homed on NVMe only in one floating-point dtype (set optim.compute_dtype "
+                             "to cast them).")
+        self.dtype = dtypes.pop()
+        self.layouts = [pack_layout(block) for block in params]
+        self.files = NvmeStore(folder, self.layouts, self.dtype, engine=engine, pin=pin, versions=1,
+                               names=[f"frozen-{k}" for k in range(len(self.layouts))])
+        size = max((self.files.file_bytes(k) for k in range(len(self.files))), default=0)
+        self.staging = [aligned_empty(size, pin=pin) for _ in range(staging_buffers(prefetch))]
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-frozen")
+        self._block_of: list[int | None] = [None] * len(self.staging)
+        """The block each staging buffer holds (or is being read into)."""
+        self._reads: dict[int, tuple[int, Future]] = {}
+        """Block → (its staging buffer, the read into it)."""
+        self._uploads: list[list] = [[] for _ in self.staging]
+        """CUDA: the events of the uploads out of each buffer since it was read into (a new read waits for them)."""
+        self.bytes_read = 0
+        self._write_params(params)
+
+    # ------------------------------------------------------------------ the store's interface
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    def layout(self, index: int) -> list:
+        return self.layouts[index]
+
+    def numel(self, index: int) -> int:
+        return self.files.numels[index]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.files.data_bytes(k) for k in range(len(self)))
+
+    views = staticmethod(ParameterStore.views)
+    swapped = FrozenStore.swapped
+
+    def flat(self, index: int) -> torch.Tensor:
+        """Block ``index``'s frozen weights in a staging buffer (read there if they are not), the blocks after it
+        read ahead."""
+        window = [(index + i) % len(self) for i in range(len(self.staging))][: len(self)]
+        for k in window:
+            if k not in self._reads and not self._issue(k, keep=window):
+                break
+        buf, future = self._reads[index]
+        future.result()  # host wait: the read issued ahead, overlapped with earlier compute
+        return self.files.typed(index, self.staging[buf])
+
+    def uploaded(self, index: int, event: Any) -> None:
+        """An upload out of block ``index``'s staging buffer was issued (``event``: its H2D event, None on a CPU,
+        where the copy is done): a later read into the buffer waits for it."""
+        if event is not None and index in self._reads:
+            self._uploads[self._reads[index][0]].append(event)
+
+    # ------------------------------------------------------------------ reads
+    def _issue(self, block: int, keep: Sequence[int]) -> bool:
+        """Read ``block`` into a buffer holding no block of ``keep``; False when there is none."""
+        free = [b for b, held in enumerate(self._block_of) if held is None or held not in keep]
+        if not free:
+            return False
+        buf = free[0]
+        old = self._block_of[buf]
+        if old is not None:
+            self._reads.pop(old)[1].result()  # its read has finished before the buffer is read into again
+        events, self._uploads[buf] = self._uploads[buf], []
+        self._block_of[buf] = block
+        self._reads[block] = (buf, self.io.submit(self._read, block, buf, events))
+        self.bytes_read += self.files.file_bytes(block)
+        return True
+
+    def _read(self, block: int, buf: int, events: list) -> None:
+        for event in events:
+            event.synchronize()  # the uploads out of this buffer have landed
+        self.files.read(block, self.staging[buf][: self.files.file_bytes(block)])
+
+    def drain(self) -> None:
+        """Wait for every read; forget what the buffers hold."""
+        for _, future in self._reads.values():
+            future.result()
+        for events in self._uploads:
+            for event in events:
+                event.synchronize()
+        self._reads.clear()
+        self._block_of = [None] * len(self.staging)
+        self._uploads = [[] for _ in self.staging]
+
+    # ------------------------------------------------------------------ writes
+    def _write_params(self, params: list[list[tuple[str, torch.nn.Parameter]]]) -> None:
+        """Write each block whose parameters hold values (the model built in memory); move every one of them to
+        the meta device (the files are their home)."""
+        for k, block in enumerate(params):
+            if not any(p.is_meta for _, p in block):
+                self._write(k, lambda views, block=block: [views[n].copy_(p.detach()) for n, p in block])
+            for _, p in block:
+                repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def _write(self, k: int, fill: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+        buf = self.staging[0][: self.files.file_bytes(k)]
+        flat = self.files.typed(k, buf)
+        flat.zero_()  # the alignment gaps between parameters
+        fill(self.views(flat, self.layouts[k]))
+        self.files.write(k, buf, 0)
+
+    def fill(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """The loaders: ``fill`` gets each block's frozen parameters (host views, named as the base model's
+        checkpoint names them) one block at a time, which then go to the block's file."""
+        self.drain()
+        for k in range(len(self)):
+            def named(views: dict[str, torch.Tensor]) -> None:
+                fill({base_checkpoint_name(n): v for n, v in views.items()})
+            self._write(k, named)
+
+    def close(self) -> None:
+        """Finish the reads, shut the I/O thread down, and delete the files (a run fills them at its start)."""
+        self.drain()
+        self.io.shutdown()
+        self.files.remove_files()
+        self.files.close()
+        if hasattr(self.files.engine, "close"):
+            self.files.engine.close()
