@@ -66,3 +66,33 @@ def test_one_matrix_at_a_time_from_nvme_equals_resident_on_cuda(tmp_path, k):
     states = [e.trainable_state() for e in (resident, nvme)]
     for name, value in states[0].items():
         assert torch.equal(value.cpu(), states[1][name].cpu()), name
+
+
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_lora_with_its_base_on_nvme_equals_resident_on_cuda(tmp_path, granularity):
+    """The NVMe-homed blocks' base weights read into pinned staging buffers and uploaded on the H2D stream (a buffer
+    read into again only after the H2D events of the uploads out of it), with the block or a reader at a time."""
+    pytest.importorskip("peft", reason="peft is not installed")
+    from zo2.config.peft import PeftConfig
+    from zo2.models.peft_adapter import apply_peft
+
+    base = tiny_model("llama", seed=7, num_hidden_layers=8).to(torch.bfloat16)
+    lora = PeftConfig(method="lora", r=4)
+    cfg = dict(storage_dtype="bf16", compute_dtype="bf16")
+    resident = _engine(apply_peft(clone_model(base), lora, "llama", seed=3), offload=False, **cfg)
+    host = _engine(apply_peft(clone_model(base), lora, "llama", seed=3), offload=True, **cfg)
+    block = max(host.plan.block_bytes)
+    tiers = OffloadConfig(nvme_path=str(tmp_path), host_memory_budget=staging_buffers(1) * round_up(block) + 2 * block,
+                          nvme_engine="auto")
+    nvme = _engine(apply_peft(clone_model(base), lora, "llama", seed=3), tiers, offload=True,
+                   stream_granularity=granularity, **cfg)
+    assert nvme.plan.nvme == list(range(2, 8))
+    files = nvme.residences[-1].frozen_files
+    assert files.staging[0].is_pinned()
+    for s in range(6):
+        batch = padded_batch(seed=s)
+        assert resident.step(batch).losses == nvme.step(batch).losses, s
+    states = [e.trainable_state() for e in (resident, nvme)]
+    for name, value in states[0].items():
+        assert torch.equal(value.cpu(), states[1][name].cpu()), name
+    assert files.bytes_read >= 6 * files.nbytes
