@@ -21,6 +21,16 @@ def _engine(model, tiers=None, **cfg):
     return ZOEngine(model, ZOConfig(**CFG, **cfg), offload_config=tiers)
 
 
+def _same_steps(resident: ZOEngine, other: ZOEngine, steps: int) -> None:
+    """The same losses at every step and the same trainable state after them, bit for bit."""
+    for s in range(steps):
+        batch = padded_batch(seed=s)
+        assert resident.step(batch).losses == other.step(batch).losses, s
+    states = [e.trainable_state() for e in (resident, other)]
+    for name, value in states[0].items():
+        assert torch.equal(value.cpu(), states[1][name].cpu()), name
+
+
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_nvme_tier_equals_host_tier_and_resident_on_cuda(tmp_path, k, dtype):
@@ -60,12 +70,7 @@ def test_one_matrix_at_a_time_from_nvme_equals_resident_on_cuda(tmp_path, k):
     streamer = nvme.residences[-1].streamer
     assert streamer.staging[0].is_pinned() and streamer.ring is nvme.streamer.ring
     assert nvme.streamer.device_bytes == nvme.plan.slot_bytes < block
-    for s in range(7):
-        batch = padded_batch(seed=s)
-        assert resident.step(batch).losses == nvme.step(batch).losses, s
-    states = [e.trainable_state() for e in (resident, nvme)]
-    for name, value in states[0].items():
-        assert torch.equal(value.cpu(), states[1][name].cpu()), name
+    _same_steps(resident, nvme, 7)
 
 
 @pytest.mark.parametrize("granularity", ["block", "matrix"])
@@ -89,10 +94,5 @@ def test_lora_with_its_base_on_nvme_equals_resident_on_cuda(tmp_path, granularit
     assert nvme.plan.nvme == list(range(2, 8))
     files = nvme.residences[-1].frozen_files
     assert files.staging[0].is_pinned()
-    for s in range(6):
-        batch = padded_batch(seed=s)
-        assert resident.step(batch).losses == nvme.step(batch).losses, s
-    states = [e.trainable_state() for e in (resident, nvme)]
-    for name, value in states[0].items():
-        assert torch.equal(value.cpu(), states[1][name].cpu()), name
+    _same_steps(resident, nvme, 6)
     assert files.bytes_read >= 6 * files.nbytes
