@@ -34,7 +34,7 @@ from zo2.models.base import adapter_for
 from zo2.models.losses import LossFn, default_loss, loss_weight
 from zo2.models.units import build_units
 from zo2.offload.build import OffloadInputs, build_offload
-from zo2.offload.residence import DeviceResidence, StreamedResidence
+from zo2.offload.residence import DeviceResidence, set_writeback_every
 from zo2.offload.store import Deferred
 from zo2.offload.streamer import TransferStats
 from zo2.optim.decay import skips_decay
@@ -120,10 +120,7 @@ class ZOEngine:
         if k is None:
             return
         self.writeback_probe = None
-        self.plan.writeback_every = k
-        for residence in self.residences:
-            if isinstance(residence, StreamedResidence):
-                residence.writeback_every = k
+        set_writeback_every(self.plan, self.residences, k)
         why = "the link is the bottleneck" if k > 1 else "the forwards outlast the transfers"
         log.info("optim.writeback_every = 'auto': the compute stream waited for uploads %.1f%% of the measured "
                  "steps, %s: blocks are written back every %d steps", 100 * probe.share, why, k)

@@ -26,7 +26,7 @@ from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, pack_layout,
                                shared_store_name)
 from zo2.models.units import shared_names
 from zo2.offload.arith import formed_numel, materializes_directions, point_bytes, segment_table, select_kernels
-from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence
+from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence, set_writeback_every
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.nvme_pieces import nvme_residence_for
@@ -217,9 +217,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     probe = None
     if inputs.config.writeback_every == "auto" and plan.writeback_every > 1 and streamed is not None:
         probe, plan.writeback_every = WritebackProbe(plan.writeback_every), 1  # measured before it changes
-    for r in residences:
-        if isinstance(r, StreamedResidence):
-            r.writeback_every = plan.writeback_every
+    set_writeback_every(plan, residences, plan.writeback_every)
     state_area = _map_state_area(inputs, store, device)
     opt_state = build_optimizer_state(inputs.optimizer, inputs.units, inputs.unit_dtype, device, cfg.prefetch,
                                       streamer=streamer, store=store, comm=inputs.comm, area=state_area,

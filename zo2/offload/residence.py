@@ -240,3 +240,11 @@ class StreamedResidence(Residence):
 
     def collect_stats(self) -> TransferStats:
         return self.streamer.collect_stats()
+
+
+def set_writeback_every(plan: Any, residences: Sequence[Residence], k: int) -> None:
+    """From now on every streamed residence writes its units back every ``k`` steps; ``plan`` says so."""
+    plan.writeback_every = k
+    for residence in residences:
+        if isinstance(residence, StreamedResidence):
+            residence.writeback_every = k
