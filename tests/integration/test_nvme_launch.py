@@ -115,15 +115,17 @@ def test_nvme_under_zo2_launch_equals_zo2_train_without_nvme(tmp_path, reference
 def test_a_worker_killed_mid_nvme_write_back_is_repaired_bit_for_bit(tmp_path, reference, workers):
     """Rank 0 dies (SIGKILL) in step 4 while writing its slice of block 3 (unit 4, NVMe-homed) into the file
     version that would replace the current one: half of it landed, the marker still names the previous version and
-    the node store's marker says the write was in flight. The scheduler rebuilds that unit from snapshot 3 and the
-    log, catches the lagging ones up from their files, and the run ends equal to zo2 train's."""
+    the node store's marker says the write was in flight. The scheduler catches that unit up from its file's current
+    version (whole) and the log, as it does the lagging ones (no rebuild from a snapshot), and the run ends equal to
+    zo2 train's."""
     folder = tmp_path / "nvme"
     extra = nvme(folder) + (["parallel.pp=2"] if workers == 2 else [])
     sched, seen = run_scheduler(tmp_path / "run", *extra, workers=workers, fault="0:4:4")
     assert 4 in seen["spec"].nvme_units
     (repair,) = sched.recoveries
     assert "signal 9" in repair["why"] and repair["step"] == 4, repair
-    assert repair["rebuilt"] == 1 if workers == 1 else repair["rebuilt"] >= 1, repair  # the other may tear one too
+    assert repair["caught_up"] >= 1, repair
+    assert repair["rebuilt"] == 0 if workers == 1 else True, repair  # the other worker may tear a host-memory unit
     assert logged(tmp_path / "run") == logged(reference)
     assert_same(final_weights(tmp_path / "run"), final_weights(reference))
 
@@ -131,12 +133,13 @@ def test_a_worker_killed_mid_nvme_write_back_is_repaired_bit_for_bit(tmp_path, r
 @pytest.mark.slow
 def test_a_lagging_nvme_write_back_torn_by_a_kill_is_repaired(tmp_path):
     """optim.writeback_every = 2: NVMe-homed blocks go to their files every other step; a kill tears one such
-    write, the blocks whose files lag are caught up from the log. Equal to zo2 train with K = 2 (no NVMe)."""
+    write; it and the blocks whose files lag are caught up from their files and the log. Equal to zo2 train with
+    K = 2 (no NVMe)."""
     single = tmp_path / "single"
     train_job(job(single, "optim.writeback_every=2"), quiet=True)
     sched, _ = run_scheduler(tmp_path / "run", "optim.writeback_every=2", *nvme(tmp_path / "nvme"), fault="0:5:6")
     (repair,) = sched.recoveries
-    assert "signal 9" in repair["why"] and repair["rebuilt"] == 1 and repair["caught_up"] >= 1, repair
+    assert "signal 9" in repair["why"] and repair["rebuilt"] == 0 and repair["caught_up"] >= 1, repair
     assert logged(tmp_path / "run") == logged(single)
     assert_same(final_weights(tmp_path / "run"), final_weights(single))
 

@@ -199,7 +199,9 @@ class NodeStore:
         """Bring every unit to the state after ``step``'s update (``step = -1``: the base weights).
 
         A clean slice that holds an older step is caught up by replaying the trajectory log (``records``) on
-        it; a torn slice, one ahead of ``step`` or, with ``rebuild_all``, every unit is rebuilt from
+        it; so is a torn slice of an NVMe-homed unit, from the step its file's current version holds (a write in
+        flight never switched the file's marker: that version is whole). A torn slice in host memory, one ahead of
+        ``step`` or, with ``rebuild_all``, every unit is rebuilt from
         ``snapshot`` (a :class:`~zo2.train.checkpoint.Snapshot` at or before ``step + 1``, or None) or, without
         one, ``fill_base(views)`` (fills name → tensor views with the base weights), then the log replayed.
         Updates run with the engine's arithmetic (``zo2.offload.arith.update_flat``) on ``device``. An
@@ -216,10 +218,11 @@ class NodeStore:
             self._reload_state(snapshot)
         start_count = final_count = self.state.count if self.state is not None else 0
         for k in range(len(self.units)):
-            applied = self.markers.applied(k)
-            rebuild = rebuild_all or self.markers.torn(k) or any(a > step for a in applied)
+            applied, torn, nvme = self.markers.applied(k), self.markers.torn(k), self.on_nvme(k)
+            if torn and nvme and not rebuild_all:
+                applied, torn = self._held_in_files(k, applied)
+            rebuild = rebuild_all or torn or any(a > step for a in applied)
             slices = [] if rebuild else [(self.slice_of(k, w), a + 1) for w, a in enumerate(applied) if a < step]
-            nvme = self.on_nvme(k)
             if rebuild or slices:
                 flat = (self.nvme.buffer(k) if rebuild else self.nvme.read(k)) if nvme else self.store.flat(k)
                 if rebuild:
@@ -233,6 +236,15 @@ class NodeStore:
         if self.state is not None:
             self.state.count = final_count
         return counts
+
+    def _held_in_files(self, k: int, applied: list[int]) -> tuple[list[int], bool]:
+        """A torn NVMe-homed unit: the step each slice's file holds in its current version, and whether it is
+        still torn (a slice never written)."""
+        self.nvme.files.refresh()  # the workers switched markers as they wrote their slices back
+        held = self.nvme.files.held(k)
+        if any(h is None for h in held):
+            return applied, True
+        return [int(h) for h in held], False
 
     def _replay(self, k: int, flat: torch.Tensor, slices: list, records: Sequence[dict], step: int, kernels: Any,
                 device: torch.device, start_count: int) -> int:
