@@ -67,6 +67,12 @@ def test_lora_with_its_base_on_nvme_trains_as_resident_bit_for_bit(tmp_path, gra
                      stream_granularity=granularity)
     assert on_disk.plan.host == [0, 1] and on_disk.plan.nvme == [2, 3, 4, 5, 6, 7]
     files = frozen_files(on_disk)
+    if granularity == "matrix":  # the host-homed and the NVMe-homed blocks share one ring each for both kinds
+        nvme = next(r for r in on_disk.residences if getattr(r, "frozen_files", None) is not None)
+        host = next(r for r in on_disk.residences if r is not nvme and getattr(r, "frozen", None) is not None)
+        assert nvme.streamer.ring is on_disk.streamer.ring and nvme.frozen.streamer.ring is host.frozen.streamer.ring
+        rings = [on_disk.streamer, host.frozen, nvme.streamer, nvme.frozen]
+        assert on_disk.plan.slot_bytes == sum(r.device_bytes for r in rings)  # the plan counts one of each
     layer = on_disk.model.get_base_model().model.decoder.layers[3].fc1
     assert layer.weight.is_meta  # no host copy of an NVMe-homed block's base weights
     assert sorted(p.name for p in tmp_path.glob("frozen-*")) == sorted(  # one version each: written once, then read

@@ -207,7 +207,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
                                                  plan.granularity == "matrix")
     frozen_ring = attach_frozen(inputs, streamer, frozen_store(inputs, blocks, frozen, device), device)
     nvme = nvme_residence_for(inputs, [blocks[i] for i in plan.nvme], device, plan.granularity == "matrix",
-                              beside=streamer, frozen=[frozen[i] for i in plan.nvme])
+                              beside=streamer, frozen=[frozen[i] for i in plan.nvme], beside_frozen=frozen_ring)
     keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
             for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)

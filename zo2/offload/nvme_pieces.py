@@ -44,12 +44,13 @@ from zo2.offload.tiers import staging_buffers
 
 
 def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
-                       beside: Any = None, frozen: Sequence[list] | None = None) -> Any:
+                       beside: Any = None, frozen: Sequence[list] | None = None, beside_frozen: Any = None) -> Any:
     """The residence of the NVMe-homed ``units`` (zo2.offload.tiered.nvme_tier_for), streamed one matrix at a
     time where ``matrix`` (the plan's granularity); None when there are none. ``beside``: the host-homed blocks'
     streamer, whose device ring the NVMe-homed pieces share (a pass visits the two tiers' blocks one after the
     other: one ring of device memory, not two). ``frozen``: each unit's frozen slots (a PEFT model's base
-    weights), homed in files of their own (zo2.offload.nvme_frozen) and streamed with their blocks."""
+    weights), homed in files of their own (zo2.offload.nvme_frozen) and streamed with their blocks; one matrix at
+    a time through the ring of the host-homed blocks' frozen pieces, ``beside_frozen``, where there is one."""
     if not units:
         return None
     single = inputs.store_spec is None and (inputs.comm is None or inputs.comm.local_size == 1)
@@ -67,7 +68,8 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
     pieces = None
     if files is not None:
         roots = {k: inputs.adapter.blocks()[u.index] for k, u in enumerate(units)}
-        pieces = FrozenPieces(files, roots, device, inputs.config.prefetch)
+        shared = beside_frozen.streamer.ring if beside_frozen is not None else None
+        pieces = FrozenPieces(files, roots, device, inputs.config.prefetch, ring=shared)
     residence = nvme_piece_residence(store, units, device, inputs.config.prefetch, ring, pieces)
     residence.frozen_files = files
     return residence

@@ -99,7 +99,8 @@ class FrozenPieces:
     """The frozen weights of piecewise-streamed blocks (see the module docstring): ``store``'s blocks cut at their
     readers (``roots[i]``: the module of store block ``i``), moved through a :class:`RingStreamer` on ``device``."""
 
-    def __init__(self, store: FrozenStore, roots: dict[int, nn.Module], device: torch.device, prefetch: int):
+    def __init__(self, store: FrozenStore, roots: dict[int, nn.Module], device: torch.device, prefetch: int,
+                 ring: Any = None):
         self.store = store
         pieces: list[tuple[int, int, int]] = []
         self._readers: dict[int, list[_Reader]] = {}
@@ -110,7 +111,7 @@ class FrozenPieces:
             first = len(pieces)
             readers = self._cut(block, roots.get(block), pieces)
             self._readers[block], self._pieces[block] = readers, list(range(first, len(pieces)))
-        self.streamer = RingStreamer(PieceStore(store, pieces), device, prefetch)
+        self.streamer = RingStreamer(PieceStore(store, pieces), device, prefetch, ring=ring)
         self._order: dict[int, list[int]] = {}
         """Store block → the order its pieces were first read in during its last visit (prefetch follows it)."""
         self.last: int | None = None
