@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,7 @@ import torch
 pytest.importorskip("peft", reason="the peft extra is not installed")
 
 from zo2.config import load_config  # noqa: E402
-from zo2.control.scheduler import Scheduler  # noqa: E402
-from zo2.errors import ConfigError, ModelError  # noqa: E402
+from zo2.errors import ConfigError  # noqa: E402
 from zo2.train.checkpoint import load_snapshot, snapshot_path  # noqa: E402
 from zo2.train.run_dir import load_resume_config  # noqa: E402
 from zo2.train.trainer import Trainer, train_job  # noqa: E402
@@ -42,17 +40,17 @@ def test_only_the_adapter_trains_and_resume_is_exact(tmp_path, method, marker):
     assert all(torch.equal(resumed[n], tensors[n]) for n in tensors)
 
 
-@pytest.mark.parametrize("offload", ["false", "true"])
-def test_lora_over_a_streamed_base_trains_as_over_the_base_in_memory(tmp_path, offload):
-    """model.stream_load = 'always' with peft.method = 'lora': the base is built on the meta device and its frozen
-    weights stream from the checkpoint's shards; the run's snapshots equal the run over the base built in memory."""
+@pytest.mark.parametrize("method, offload", [("lora", "false"), ("lora", "true"), ("prefix", "true")])
+def test_peft_over_a_streamed_base_trains_as_over_the_base_in_memory(tmp_path, method, offload):
+    """model.stream_load = 'always' with [peft]: the base is built on the meta device and its frozen weights stream
+    from the checkpoint's shards; the run's snapshots equal the run over the base built in memory."""
     from zo2.train.build import special_token_ids
     from zo2.train.model import STREAMED, build_model
     from zo2.train.tokenizer import ByteTokenizer
 
     folder = tmp_path / "base"
     build_model(load_config().model, special_token_ids(ByteTokenizer())).save_pretrained(folder, max_shard_size="200KB")
-    common = ("peft.method=lora", f"model.path={folder}", f"optim.offload={offload}")
+    common = (f"peft.method={method}", f"model.path={folder}", f"optim.offload={offload}")
     runs = {}
     for load in ("never", "always"):
         run_dir = tmp_path / load
@@ -64,13 +62,6 @@ def test_lora_over_a_streamed_base_trains_as_over_the_base_in_memory(tmp_path, o
     assert all(torch.equal(runs["never"][n], runs["always"][n]) for n in runs["never"])
 
 
-def test_prompt_tuning_needs_the_base_in_memory_under_zo2_train_and_the_scheduler(tmp_path):
-    with pytest.raises(ModelError, match="stream_load"):
-        Trainer(job(tmp_path / "a", "peft.method=prompt", "model.stream_load=always", "optim.device=cpu",
-                    "train.device=cpu"), quiet=True)
-    with pytest.raises(ModelError, match="stream_load"):  # before any worker starts
-        Scheduler(job(tmp_path / "b", "peft.method=prompt", "model.stream_load=always"), workers=1,
-                  quiet=True).run()
-    assert not list(Path("/dev/shm").glob(f"zo2-node-{os.getpid()}-*"))  # nothing left behind
+def test_a_misspelled_peft_method_is_refused_with_the_choices(tmp_path):
     with pytest.raises(ConfigError, match="peft.method"):
         job(tmp_path / "c", "peft.method=lorra")

@@ -68,19 +68,20 @@ def test_random_init_is_deterministic_and_finite():
 
 
 # ------------------------------------------------------------------ PEFT over a base built on the meta device
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
 @pytest.mark.parametrize("offload, granularity", [(False, "block"), (True, "block"), (True, "matrix")])
-def test_lora_over_a_meta_base_loads_its_frozen_weights_from_the_shards_and_trains_like_the_model_in_memory(
-        saved, offload, granularity):
-    """model.stream_load with peft.method = 'lora': the base is built on the meta device, peft wraps it with the
-    same seeded adapters as over the base in memory, the shards fill the frozen base weights (their frozen store
-    when streamed, the device otherwise) and leave the adapters alone; the steps equal the in-memory run's."""
+def test_peft_over_a_meta_base_loads_its_frozen_weights_from_the_shards_and_trains_like_the_model_in_memory(
+        saved, offload, granularity, method):
+    """model.stream_load with [peft]: the base is built on the meta device, peft wraps it with the same seeded
+    adapter as over the base in memory, the shards fill the frozen base weights (their frozen store when streamed,
+    the device otherwise) and leave the adapter alone; the steps equal the in-memory run's."""
     pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]' or '.[peft]')")
     from zo2.config.peft import PeftConfig
     from zo2.models.peft_adapter import apply_peft
 
     reference, folder = saved
     family = "opt" if reference.config.model_type == "opt" else "llama"
-    lora = PeftConfig(method="lora", r=4)
+    lora = PeftConfig(method=method, r=4, num_virtual_tokens=4)
     cfg = dict(lr=1e-2, eps=1e-3, seed=4, offload=offload, stream_granularity=granularity, device="cpu")
     in_memory = ZOEngine(apply_peft(clone_model(reference), lora, family, seed=11), ZOConfig(**cfg))
     base = empty_model(reference.config, torch.float32)
@@ -95,11 +96,3 @@ def test_lora_over_a_meta_base_loads_its_frozen_weights_from_the_shards_and_trai
     streamed.flush(), in_memory.flush()
     assert_same_params(in_memory.model, streamed.model)
 
-
-def test_prompt_tuning_over_a_meta_base_is_refused_with_the_fix():
-    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]' or '.[peft]')")
-    from zo2.config.peft import PeftConfig
-    from zo2.models.peft_adapter import apply_peft
-
-    with pytest.raises(ModelError, match="stream_load = 'never'.*peft.method = 'lora'"):
-        apply_peft(empty_model(tiny_model("opt").config, torch.float32), PeftConfig(method="prompt"), "opt")

@@ -185,3 +185,14 @@ def test_a_lora_base_larger_than_its_host_budget_trains_in_bounded_host_memory(t
     assert grown[0] < bound, f"grew anonymous memory by {grown[0] / 1e6:.0f} MB; the bound is {bound / 1e6:.0f} MB"
     engine.close()
     assert not list((tmp_path / "nvme").glob("frozen-*"))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_whole_frozen_blocks_past_the_host_budget_are_refused_with_the_fix(tmp_path, method):
+    from zo2.errors import ConfigError
+
+    model = apply_peft(tiny_model("opt", seed=3, num_hidden_layers=8), PeftConfig(method=method, num_virtual_tokens=4),
+                       "opt", seed=5)
+    with pytest.raises(ConfigError, match="host_memory_budget.*peft.method = 'lora'"):
+        tiered(model, tmp_path, host_blocks=2)
+    assert not list(tmp_path.glob("*.json"))  # before any file was made

@@ -126,7 +126,8 @@ def test_init_random_fills_the_files_one_matrix_at_a_time(tmp_path):
 def _inputs(**fields) -> SimpleNamespace:
     config = SimpleNamespace(sliced_transfers=True, prefetch=1, stream_granularity="matrix")
     base = dict(tiers=OffloadConfig(nvme_path="/nvme", host_memory_budget=4 * 8192 + 100), store_spec=None,
-                comm=None, config=config, optimizer=SimpleNamespace(state_names=()))
+                comm=None, config=config, optimizer=SimpleNamespace(state_names=()),
+                units=[SimpleNamespace(kind="block", owned=["weight"])] * 5)
     return SimpleNamespace(**{**base, **fields})
 
 

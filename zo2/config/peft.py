@@ -16,10 +16,10 @@ DEFAULT_LORA_TARGETS = {"opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj
 class PeftConfig:
     """Wrap the model with the ``peft`` library so only the adapter's parameters are perturbed and updated; the
     base weights stay frozen (and, with offload, stream read-only). Needs
-    ``pip install -c constraints/cpu.txt -e ".[peft]"`` (``constraints/gpu.txt`` on CUDA machines). LoRA also
-    wraps a base built on the meta device (``model.stream_load``: its frozen weights then stream from the
-    checkpoint's shards into their frozen store or onto the device, never the whole model in memory at once);
-    prompt and prefix tuning need the base built in memory (``model.stream_load`` resolving to a full build)."""
+    ``pip install -c constraints/cpu.txt -e ".[peft]"`` (``constraints/gpu.txt`` on CUDA machines). The base may
+    be built on the meta device (``model.stream_load``): its frozen weights then stream from the checkpoint's
+    shards into their frozen store, onto the device or into the NVMe tier's files, never the whole model in
+    memory at once."""
 
     method: str | None = None
     """'lora', 'prompt' (prompt tuning: trainable virtual token embeddings) or 'prefix' (prefix tuning: trainable

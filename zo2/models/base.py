@@ -115,9 +115,14 @@ def prefix_model_types() -> list[str]:
 
 
 def base_checkpoint_name(name: str) -> str:
-    """A PEFT model's name of a base-model parameter as the base model's own checkpoint names it
-    (``base_model.model.X.q_proj.base_layer.weight`` → ``X.q_proj.weight``)."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    """A PEFT model's name of a base-model parameter as the base model's own checkpoint names it, or names it
+    without the base-model prefix that the loaders add back (LoRA: ``base_model.model.X.q_proj.base_layer.weight``
+    → ``X.q_proj.weight``; prompt learning: ``base_model.lm_head.weight`` → ``lm_head.weight``)."""
+    for wrapper in ("base_model.model.", "base_model."):
+        if name.startswith(wrapper):
+            name = name[len(wrapper):]
+            break
+    return name.replace(".base_layer.", ".")
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -218,12 +218,6 @@ def apply_peft(model: nn.Module, cfg: "PeftConfig", family: str | None = None, s
     except ImportError:
         raise ModelError("peft.method is set but the peft package is not installed. Install it with "
                          "pip install -c constraints/cpu.txt -e \".[peft]\" (or pip install peft accelerate).") from None
-    on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and cfg.method != "lora":
-        raise ModelError(f"peft.method = {cfg.method!r} needs the base model's weights in memory, but this model is "
-                         "built on the meta device to stream its weights (model.stream_load). Set "
-                         "model.stream_load = 'never' to build it whole, or use peft.method = 'lora' (its base "
-                         "weights stream from the checkpoint).")
     model_type = getattr(model.config, "model_type", family)
     if cfg.method == "lora":
         targets = cfg.target_modules or DEFAULT_LORA_TARGETS.get(family or "", None) \

@@ -133,6 +133,12 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
         _refuse_state(inputs.optimizer)
     if plan.nvme and plan.granularity == "matrix" and comm is not None and comm.local_size > 1:
         _refuse_matrix(f"with {comm.local_size} processes per node", inputs.config.stream_granularity)
+    blocks = [u for u in inputs.units if u.kind == "block"]
+    if any(not blocks[i].owned for i in plan.nvme):
+        raise ConfigError(f"{len(plan.nvme)} blocks do not fit offload.host_memory_budget, but the NVMe tier homes "
+                          "blocks that have trainable parameters (LoRA's adapters, or all of a block's weights), and "
+                          "prompt or prefix tuning freezes whole blocks. Raise offload.host_memory_budget so they fit "
+                          "in host memory, or use peft.method = 'lora'.")
     if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
         raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights in a single process (zo2 train), "
                           f"but with {comm.local_size} processes per node the blocks that do not fit "
