@@ -13,7 +13,7 @@ source benchmarks/gpu_env.sh
 NVME_DIR=${NVME_DIR:-/tmp/zo2-nvme-tier}
 mkdir -p "$NVME_DIR"
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_nvme_gpu.py > "$OUT/nvme_gpu.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_nvme_gpu.py > "$OUT/nvme_gpu.log" 2>&1
 tail -n 3 "$OUT/nvme_gpu.log" | tee -a "$OUT/gpu.txt"
 timeout 60 python3 benchmarks/bench_nvme.py --folder "$NVME_DIR/rates" --units 2 --unit-mb 1024 --queue-depth 8 \
     --block-mb 8 --rounds 1 --out "$OUT/nvme.json" > "$OUT/nvme.log" 2>&1
