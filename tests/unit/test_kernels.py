@@ -579,7 +579,8 @@ def test_update_with_unit_lr_forms_exactly_the_perturbed_copy(backend, dtype, di
 
 
 # ------------------------------------------------------------------------------------------ engine dispatch
-@pytest.mark.parametrize("distribution", DISTS)
+@pytest.mark.parametrize("distribution", [d if d == "gaussian" else pytest.param(d, marks=pytest.mark.slow)
+                                          for d in DISTS])  # the kernels' Rademacher path is checked above
 def test_engine_with_kernels_follows_the_torch_path(distribution):
     """The engine with the Triton kernels follows the torch path: Rademacher bit for bit; Gaussian to the
     rounding of z, which the projected gradient (L+ − L-)/2ε amplifies, so the parameter check replays the
