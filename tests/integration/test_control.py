@@ -218,7 +218,7 @@ def adam_reference(tmp_path_factory):
 @pytest.mark.parametrize("optimizer, granularity", [("zo-adam", "block"),
                                                     pytest.param("zo-adam", "matrix", marks=pytest.mark.slow),
                                                     pytest.param("zo-sgd-momentum", "block", marks=pytest.mark.slow),
-                                                    ("zo-sgd-sign", "block")])
+                                                    pytest.param("zo-sgd-sign", "block", marks=pytest.mark.slow)])
 def test_other_optimizers_run_and_are_repaired_under_the_scheduler(tmp_path, optimizer, granularity):
     """Momentum and Adam: the state is snapshotted from the scheduler's state area and, after a failure, rebuilt
     with the weights from the snapshot and the log; sign: its own rule replays the log. Equal to zo2 train (by

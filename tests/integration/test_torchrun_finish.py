@@ -111,6 +111,7 @@ def test_data_parallel_matrix_finishes(tmp_path):
         assert set(_final(tmp_path / "runs" / name))
 
 
+@pytest.mark.slow  # the pp and dp matrices stay in the default run
 def test_two_dimensional_matrix_finishes_on_four_processes(tmp_path):
     cases = {k: CASES[k] for k in ("plain", "snapshots-eval-plot-final", "zo-sgd-momentum", "lora")}
     _run_cases(tmp_path, 4, cases, "parallel.dp=2", "parallel.pp=2")
