@@ -47,6 +47,17 @@ def frozen_slots(root: nn.Module, names: Mapping[int, str], trainable: set[int])
     return slots
 
 
+def frozen_params(blocks: list[list[FrozenSlot]], fix: str) -> tuple[list[list[tuple[str, nn.Parameter]]], torch.dtype]:
+    """Each block's frozen parameters (name, parameter), once each, and their one floating-point dtype (a
+    ModelError saying they can be ``fix`` otherwise)."""
+    params = [list({s.name: s.module._parameters[s.attr] for s in slots}.items()) for slots in blocks]
+    dtypes = {p.dtype for block in params for _, p in block}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ModelError(f"The frozen parameters of the streamed blocks have dtypes {sorted(map(str, dtypes))}; they "
+                         f"can be {fix}. Quantized base weights cannot be streamed.")
+    return params, dtypes.pop()
+
+
 class FrozenStore(ParameterStore):
     """Flat host buffers of the frozen parameters of streamed blocks (one per block, one dtype), read-only."""
 
@@ -59,15 +70,9 @@ class FrozenStore(ParameterStore):
         it; None when no block has a frozen parameter."""
         if not any(blocks):
             return None
-        params = [list({s.name: s.module._parameters[s.attr] for s in slots}.items()) for slots in blocks]
-        dtypes = {p.dtype for block in params for _, p in block}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ModelError(
-                f"The frozen parameters of the streamed blocks have dtypes {sorted(map(str, dtypes))}; they can be "
-                "streamed only in one floating-point dtype (set optim.compute_dtype to cast them, or keep every "
-                "block resident with optim.offload = false). Quantized base weights cannot be streamed."
-            )
-        store = cls.from_blocks(params, dtypes.pop(), pin=pin)
+        params, dtype = frozen_params(blocks, "streamed only in one floating-point dtype (set optim.compute_dtype to "
+                                      "cast them, or keep every block resident with optim.offload = false)")
+        store = cls.from_blocks(params, dtype, pin=pin)
         store.slots = blocks
         return store
 

@@ -29,9 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from zo2.errors import ModelError
 from zo2.models.base import base_checkpoint_name
-from zo2.offload.frozen import FrozenSlot, FrozenStore
+from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_params
 from zo2.offload.nvme import NvmeStore
 from zo2.offload.nvme_io import aligned_empty
 from zo2.offload.store import ParameterStore, pack_layout, repoint
@@ -46,13 +45,8 @@ class FrozenFiles:
 
     def __init__(self, folder: str, blocks: Sequence[list[FrozenSlot]], engine: Any, *, pin: bool, prefetch: int):
         self.slots = [list(s) for s in blocks]
-        params = [list({s.name: s.module._parameters[s.attr] for s in slots}.items()) for slots in self.slots]
-        dtypes = {p.dtype for block in params for _, p in block}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ModelError(f"The frozen parameters of the NVMe-homed blocks have dtypes {sorted(map(str, dtypes))};"
-                             " they can be homed on NVMe only in one floating-point dtype (set optim.compute_dtype "
-                             "to cast them).")
-        self.dtype = dtypes.pop()
+        params, self.dtype = frozen_params(self.slots, "homed on NVMe only in one floating-point dtype (set "
+                                                        "optim.compute_dtype to cast them)")
         self.layouts = [pack_layout(block) for block in params]
         self.files = NvmeStore(folder, self.layouts, self.dtype, engine=engine, pin=pin, versions=1,
                                names=[f"frozen-{k}" for k in range(len(self.layouts))])
@@ -155,9 +149,11 @@ class FrozenFiles:
         """The loaders: ``fill`` gets each block's frozen parameters (host views, named as the base model's
         checkpoint names them) one block at a time, which then go to the block's file."""
         self.drain()
+
+        def named(views: dict[str, torch.Tensor]) -> None:
+            fill({base_checkpoint_name(n): v for n, v in views.items()})
+
         for k in range(len(self)):
-            def named(views: dict[str, torch.Tensor]) -> None:
-                fill({base_checkpoint_name(n): v for n, v in views.items()})
             self._write(k, named)
 
     def close(self) -> None:
