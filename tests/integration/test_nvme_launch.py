@@ -206,12 +206,38 @@ def test_a_second_user_of_the_nvme_folder_is_refused_with_the_holders_pid(tmp_pa
     FolderLock(folder).release()
 
 
-def test_one_matrix_at_a_time_from_nvme_under_zo2_launch_is_refused_before_any_file_is_made(tmp_path):
+@pytest.fixture(scope="module")
+def matrix_reference(tmp_path_factory):
+    """zo2 train of the same job streaming one matrix at a time, every block in host memory."""
+    run_dir = tmp_path_factory.mktemp("matrix_reference") / "run"
+    train_job(job(run_dir, "optim.stream_granularity=matrix"), quiet=True)
+    return run_dir
+
+
+def test_one_matrix_at_a_time_from_nvme_under_zo2_launch_equals_zo2_train(tmp_path, matrix_reference):
+    """One worker streams the scheduler's NVMe files a matrix at a time (the host-homed blocks' pieces and the
+    NVMe-homed ones' through one ring); a worker killed (SIGKILL) while writing an NVMe-homed unit's file in
+    step 4 is repaired from that file's current version and the log. Logs and weights equal zo2 train's, one
+    matrix at a time without NVMe."""
+    folder = tmp_path / "nvme"
+    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix", fault="0:4:4")
+    assert seen["spec"].nvme_units == tuple(range(1 + HOST_BLOCKS, 1 + LAYERS))
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["step"] == 4 and repair["rebuilt"] == 0, repair
+    assert repair["caught_up"] >= 1, repair
+    assert logged(tmp_path / "run") == logged(matrix_reference)
+    assert_same(final_weights(tmp_path / "run"), final_weights(matrix_reference))
+    assert_same(final_weights(tmp_path / "run", 3), final_weights(matrix_reference, 3))
+    assert scheduler_files(folder) == []
+
+
+def test_one_matrix_at_a_time_from_nvme_with_two_workers_is_refused_before_any_file_is_made(tmp_path):
     from zo2.errors import ConfigError
 
     folder = tmp_path / "nvme"
-    sched = Scheduler(job(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix"), workers=1, quiet=True)
-    with pytest.raises(ConfigError, match="stream_granularity = 'block'"):
+    sched = Scheduler(job(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix", "parallel.pp=2"),
+                      workers=2, quiet=True)
+    with pytest.raises(ConfigError, match="2 workers per node.*stream_granularity = 'block'.*one worker per node"):
         sched.run()
     assert not [p for p in folder.glob("zo2-node-*")] and not [p for p in Path("/dev/shm").glob(
         f"zo2-node-{os.getpid()}-*")]  # nothing made, nothing left behind

@@ -139,18 +139,23 @@ def _plan() -> Plan:
 def test_several_processes_per_node_refuse_matrix_on_nvme_with_the_fix():
     """torchrun: the node's sliced NVMe files stream whole blocks; one matrix at a time from them is refused."""
     inputs = _inputs(comm=SimpleNamespace(local_size=2))
-    with pytest.raises(ConfigError, match=r"2 processes per node.*single process.*stream_granularity = 'block'"):
+    with pytest.raises(ConfigError, match=r"2 processes per node.*one process per node.*stream_granularity = 'block'"):
         place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=True)
     plan = place_tiers_for(_inputs(), _plan(), [[]] * 5, creates_store=True)  # one process: placed
     assert plan.nvme == [1, 2, 3, 4] and plan.host == [0]
 
 
-def test_the_scheduler_refuses_matrix_on_nvme_with_the_fix():
+def test_the_scheduler_refuses_matrix_on_nvme_with_several_workers_with_the_fix():
+    """zo2 launch: one worker streams the scheduler's files a matrix at a time; with two the files are cut in
+    slices that stream whole blocks, and one matrix at a time is refused."""
     units = [SimpleNamespace(kind="embed")] + [SimpleNamespace(kind="block")] * 5 + [SimpleNamespace(kind="head")]
-    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=1)
+    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=2)
     inputs = _inputs(store_spec=spec, units=units)
-    with pytest.raises(ConfigError, match=r"under zo2 launch.*stream_granularity = 'block'"):
+    with pytest.raises(ConfigError, match=r"under zo2 launch with 2 workers.*stream_granularity = 'block'"):
         place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
+    spec.writers = 1
+    plan = place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
+    assert plan.nvme == [1, 2] and plan.granularity == "matrix"
 
 
 def test_stateful_optimizers_stay_refused_one_matrix_at_a_time(tmp_path):

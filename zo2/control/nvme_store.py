@@ -59,17 +59,18 @@ def place_units(units: Sequence[Any], unit_bytes: Sequence[int], tiers: Any, pre
     return blocks[host:]
 
 
-def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, granularity: str = "block") -> None:
+def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, granularity: str = "block",
+                   writers: int = 1) -> None:
     """ConfigError for what the NVMe tier cannot hold yet, when ``on_nvme`` units were placed there (before any
-    file is made)."""
+    file is made); ``writers``: the workers per node."""
     if not on_nvme:
         return
-    if granularity == "matrix":
+    if granularity == "matrix" and writers > 1:
         raise ConfigError(f"offload.nvme_path: {len(on_nvme)} blocks of the node store do not fit "
-                          "offload.host_memory_budget, and under zo2 launch the NVMe tier streams whole blocks, but "
-                          "optim.stream_granularity = 'matrix'. Set optim.stream_granularity = 'block' (or 'auto'), "
-                          "raise offload.host_memory_budget, or run one process with zo2 train (one matrix at a "
-                          "time from NVMe runs there).")
+                          f"offload.host_memory_budget, and with {writers} workers per node the NVMe tier streams "
+                          "whole blocks (each worker its slice), but optim.stream_granularity = 'matrix'. Set "
+                          "optim.stream_granularity = 'block' (or 'auto'), raise offload.host_memory_budget, or run "
+                          "one worker per node (one matrix at a time from NVMe runs there).")
     if optimizer.state_names:
         raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
                           f"keeps {', '.join(optimizer.state_names)}; {len(on_nvme)} blocks of the node store do not "

@@ -135,7 +135,7 @@ class NodeStore:
         pad = writers * ALIGN
         sizes = [-(-layout_numel(layout) // pad) * pad * itemsize for layout in self.layouts]
         on_nvme = place_units(self.units, sizes, tiers, self.config.prefetch, writers)
-        check_nvme_job(on_nvme, self.optimizer, frozen_base, self.config.stream_granularity)
+        check_nvme_job(on_nvme, self.optimizer, frozen_base, self.config.stream_granularity, writers)
         return on_nvme
 
     @property

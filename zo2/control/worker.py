@@ -29,7 +29,7 @@ import zmq
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
 from zo2.control.store import StoreSpec
 from zo2.offload.store import process_alive
-from zo2.offload.tiered import NvmeResidence
+from zo2.offload.tiered import FileHome
 from zo2.errors import ZO2Error
 
 FAULT_ENV = "ZO2_FAULT"
@@ -212,7 +212,7 @@ class Worker:
         if rank != self.comm.rank:
             return
         residence = self.engine.units[unit].residence
-        if isinstance(residence, NvmeResidence):
+        if isinstance(residence, FileHome):  # an NVMe-homed block, streamed whole or a matrix at a time
             _tear_nvme_write(residence, residence.index(self.engine.units[unit]), step)
             return
         streamer = self.engine.streamer

@@ -22,8 +22,10 @@ the pass (a unit read again returns what its file holds, which is what the buffe
 read and write in submission order, so a read issued after a write of the same buffer or unit sees it. On CUDA a
 read into a buffer first waits for the uploads out of it, and a file write for the write-backs into it.
 
-Single process only (``zo2 train``): the node's sliced files of zo2 launch and torchrun stream whole blocks, and
-one matrix at a time with them is a ConfigError (zo2.offload.tiers).
+One process per node: ``zo2 train``, or ``zo2 launch`` with one worker, which streams the scheduler's files (one
+slice per unit: the whole unit) and marks each unit's write in the node store's markers as the block streamer
+does, so the scheduler's repair covers them. With several processes per node the node's files are cut in one
+slice per process and stream whole blocks; one matrix at a time with them is a ConfigError (zo2.offload.tiers).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from zo2.offload.nvme import NvmeStore, aligned_empty
 from zo2.offload.nvme_frozen import FrozenFiles
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import PiecewiseResidence, Ring, RingStreamer, module_ranges, piece_bounds
-from zo2.offload.tiered import FileHome, nvme_files, nvme_tier_for, tier_engine
+from zo2.offload.tiered import FileHome, node_slices, nvme_files, nvme_tier_for, tier_engine
 from zo2.offload.tiers import staging_buffers
 
 
@@ -59,11 +61,17 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
         residence.frozen_files = _frozen_files(inputs, frozen, device, single)
         residence.streamer.attach_frozen(residence.frozen_files)
         return residence
-    if not single:
-        raise ConfigError("One matrix at a time from the NVMe tier runs in a single process (zo2 train); set "
-                          "optim.stream_granularity = 'block'.")
-    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
+    spec = inputs.store_spec
+    if not single and (spec is None or spec.writers > 1):
+        raise ConfigError("One matrix at a time from the NVMe tier runs with one process per node (zo2 train, or "
+                          "zo2 launch with one worker); set optim.stream_granularity = 'block'.")
     ring = beside.ring if isinstance(beside, RingStreamer) else None
+    if spec is not None:  # zo2 launch, one worker: the scheduler's files, each write-back marked in its markers
+        mine, layouts, marks = node_slices(inputs, units, device, tier_engine(inputs, units))
+        residence = nvme_piece_residence(mine.store, units, device, inputs.config.prefetch, ring, layouts=layouts)
+        residence.streamer.marks = marks
+        return residence
+    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
     files = _frozen_files(inputs, frozen, device, single)
     pieces = None
     if files is not None:
@@ -89,17 +97,20 @@ def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.devi
 
 
 def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.device,
-                         prefetch: int, ring: Ring | None = None, frozen: Any = None) -> "NvmePieceResidence":
+                         prefetch: int, ring: Ring | None = None, frozen: Any = None,
+                         layouts: Sequence[list] | None = None) -> "NvmePieceResidence":
     """``units`` (unit k is ``store``'s unit k) streamed a piece at a time through a ring of their own, or
-    ``ring`` where it holds theirs; ``frozen``: their frozen weights (zo2.offload.piece_frozen.FrozenPieces)."""
+    ``ring`` where it holds theirs; ``frozen``: their frozen weights (zo2.offload.piece_frozen.FrozenPieces).
+    ``layouts``: the units' layouts where the store's entries are flat (a node's sliced files, one writer)."""
+    layouts = [list(x) for x in layouts] if layouts is not None else store.layouts
     pieces, first, bounds = [], {}, {}
     for k, u in enumerate(units):
-        layout = store.layouts[k]
+        layout = layouts[k]
         first[u.name] = len(pieces)
         bounds[u.name] = piece_bounds(module_ranges(u.slots, layout), store.numels[k])
         pieces += [(k, lo, hi) for lo, hi in bounds[u.name]]
     streamer = NvmePieceStreamer(StagedPieces(store, pieces), device, prefetch, ring=ring)
-    return NvmePieceResidence(streamer, units, bounds, first, frozen=frozen)
+    return NvmePieceResidence(streamer, units, bounds, first, frozen=frozen, layouts=layouts)
 
 
 class StagedPieces:
@@ -136,6 +147,8 @@ class NvmePieceStreamer(QueuedWrites, RingStreamer):
     def __init__(self, store: StagedPieces, device: torch.device, prefetch: int = 1, measure: bool = True,
                  ring: Ring | None = None):
         self.nvme = store.nvme
+        self.marks: Any = None
+        """Under zo2 launch: the node store's markers (zo2.offload.tiered.SliceMarks), set around each unit write."""
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-io")
         """Every read and write of the files, in FIFO order."""
         size = max((self.nvme.file_bytes(k) for k in range(len(self.nvme))), default=0)
@@ -271,7 +284,11 @@ class NvmePieceStreamer(QueuedWrites, RingStreamer):
     def _write_job(self, unit: int, buf: int, step: int, events: list) -> None:
         for event in events:
             event.synchronize()  # the pieces' D2H copies into the staging buffer have landed
+        if self.marks is not None:
+            self.marks.begin(unit, step)  # in flight until the new version is durable and current
         self.nvme.write(unit, self.staging[buf][: self.nvme.file_bytes(unit)], step)
+        if self.marks is not None:
+            self.marks.done(unit, step)
 
 
     def drain(self) -> None:
@@ -296,9 +313,10 @@ class NvmePieceResidence(FileHome, PiecewiseResidence):
     resume, the loaders). A unit's file is written once every piece of it holds the step written back."""
 
     def __init__(self, streamer: NvmePieceStreamer, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
-                 first_piece: dict[str, int], writeback_every: int = 1, frozen: Any = None):
+                 first_piece: dict[str, int], writeback_every: int = 1, frozen: Any = None,
+                 layouts: Sequence[list] | None = None):
         self._index = {u.name: k for k, u in enumerate(units)}
-        self.layouts = streamer.nvme.layouts
+        self.layouts = list(layouts) if layouts is not None else streamer.nvme.layouts
         self._pieces_of_unit: dict[int, list[int]] = {}
         for piece, (k, _, _) in enumerate(streamer.store.pieces):
             self._pieces_of_unit.setdefault(k, []).append(piece)

@@ -406,21 +406,29 @@ def node_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engi
     folder and the units; ``unit.home`` is each one's index there): this process streams its slice of each from
     the files the scheduler made and filled, and marks each write-back in the node store's markers."""
     spec, comm = inputs.store_spec, inputs.comm
-    writer = _writer(comm)
-    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
-    homes = [u.home for u in units]
-    numels = slice_numels(dict(zip(homes, layouts)), spec.pad_to)
-    pin = device.type == "cuda"
-    mine = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=pin,
-                      writer=writer)
+    mine, layouts, marks = node_slices(inputs, units, device, engine)
+    homes, numels, writer = marks.homes, mine.numels, marks.writer
     streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
-    streamer.marks = SliceMarks(StoreMarkers(spec.name, spec.units, spec.writers, create=False), writer, homes)
+    streamer.marks = marks
     if spec.writers == 1:
         return NvmeResidence(streamer, units, layouts=layouts)
     streamer.ranges = {j: mine.bounds(h, writer) for j, h in enumerate(homes)}
     whole = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=False)
     return NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
                          barrier=comm.local_barrier)
+
+
+def node_slices(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any
+                ) -> tuple[SlicedNvme, list, SliceMarks]:
+    """This process's slices of the scheduler's NVMe files of ``units`` (``unit.home``: each one's index in the
+    node store, ascending), the units' layouts, and the node store's markers of their write-backs."""
+    spec = inputs.store_spec
+    writer = _writer(inputs.comm)
+    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
+    homes = [u.home for u in units]
+    mine = SlicedNvme(spec.nvme_path, spec.name, slice_numels(dict(zip(homes, layouts)), spec.pad_to),
+                      spec.torch_dtype, spec.writers, engine=engine, pin=device.type == "cuda", writer=writer)
+    return mine, layouts, SliceMarks(StoreMarkers(spec.name, spec.units, spec.writers, create=False), writer, homes)
 
 
 def shared_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:

@@ -149,8 +149,8 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
 
 def _refuse_matrix(where: str, granularity: str) -> None:
     raise ConfigError(f"offload.nvme_path: {where} the NVMe tier's files are the node's, cut in one slice per "
-                      "process, and stream whole blocks; one matrix at a time from NVMe runs in a single process "
-                      f"(zo2 train). The blocks stream one matrix at a time (optim.stream_granularity = "
+                      "process, and stream whole blocks; one matrix at a time from NVMe runs with one process per "
+                      f"node (zo2 train, or zo2 launch with one worker). The blocks stream one matrix at a time (optim.stream_granularity = "
                       f"{granularity!r}): set optim.stream_granularity = 'block', or raise "
                       "offload.host_memory_budget.")
 
@@ -175,8 +175,8 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
         raise ConfigError("The NVMe tier holds trainable weights only, but blocks the scheduler homed on NVMe have "
                           "frozen parameters (a PEFT model's base weights). Raise offload.host_memory_budget, or "
                           "fine-tune all weights.")
-    if on_nvme and plan.granularity == "matrix":
-        _refuse_matrix("under zo2 launch", inputs.config.stream_granularity)
+    if on_nvme and plan.granularity == "matrix" and spec.writers > 1:
+        _refuse_matrix(f"under zo2 launch with {spec.writers} workers per node", inputs.config.stream_granularity)
     moved = [i for i in plan.resident if i in set(on_nvme)]
     if moved:
         plan.resident = [i for i in plan.resident if i not in set(moved)]
