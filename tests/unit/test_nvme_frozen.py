@@ -121,7 +121,7 @@ def test_several_processes_per_node_refuse_the_base_on_nvme_with_the_fix():
     from types import SimpleNamespace
 
     from zo2.errors import ConfigError
-    from zo2.offload.nvme_pieces import _frozen_files
+    from zo2.offload.nvme_homes import _frozen_files
 
     inputs = SimpleNamespace(tiers=SimpleNamespace(nvme_path="/nowhere"), config=SimpleNamespace(prefetch=1))
     with pytest.raises(ConfigError, match="single process.*host_memory_budget"):

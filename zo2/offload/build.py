@@ -29,7 +29,7 @@ from zo2.offload.arith import formed_numel, materializes_directions, point_bytes
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence, set_writeback_every
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
-from zo2.offload.nvme_pieces import nvme_residence_for
+from zo2.offload.nvme_homes import nvme_residence_for
 from zo2.offload.tiered import FileHome, host_blocks
 from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype

@@ -35,65 +35,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from zo2.errors import ConfigError
 from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty
-from zo2.offload.nvme_frozen import FrozenFiles
-from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import PiecewiseResidence, Ring, RingStreamer, module_ranges, piece_bounds
-from zo2.offload.tiered import FileHome, node_slices, nvme_files, nvme_tier_for, tier_engine
+from zo2.offload.tiered import FileHome
 from zo2.offload.tiers import staging_buffers
-
-
-def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
-                       beside: Any = None, frozen: Sequence[list] | None = None, beside_frozen: Any = None) -> Any:
-    """The residence of the NVMe-homed ``units`` (zo2.offload.tiered.nvme_tier_for), streamed one matrix at a
-    time where ``matrix`` (the plan's granularity); None when there are none. ``beside``: the host-homed blocks'
-    streamer, whose device ring the NVMe-homed pieces share (a pass visits the two tiers' blocks one after the
-    other: one ring of device memory, not two). ``frozen``: each unit's frozen slots (a PEFT model's base
-    weights), homed in files of their own (zo2.offload.nvme_frozen) and streamed with their blocks; one matrix at
-    a time through the ring of the host-homed blocks' frozen pieces, ``beside_frozen``, where there is one."""
-    if not units:
-        return None
-    single = inputs.store_spec is None and (inputs.comm is None or inputs.comm.local_size == 1)
-    if not matrix:
-        residence = nvme_tier_for(inputs, units, device)
-        residence.frozen_files = _frozen_files(inputs, frozen, device, single)
-        residence.streamer.attach_frozen(residence.frozen_files)
-        return residence
-    spec = inputs.store_spec
-    if not single and (spec is None or spec.writers > 1):
-        raise ConfigError("One matrix at a time from the NVMe tier runs with one process per node (zo2 train, or "
-                          "zo2 launch with one worker); set optim.stream_granularity = 'block'.")
-    ring = beside.ring if isinstance(beside, RingStreamer) else None
-    if spec is not None:  # zo2 launch, one worker: the scheduler's files, each write-back marked in its markers
-        mine, layouts, marks = node_slices(inputs, units, device, tier_engine(inputs, units))
-        residence = nvme_piece_residence(mine.store, units, device, inputs.config.prefetch, ring, layouts=layouts)
-        residence.streamer.marks = marks
-        return residence
-    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
-    files = _frozen_files(inputs, frozen, device, single)
-    pieces = None
-    if files is not None:
-        roots = {k: inputs.adapter.blocks()[u.index] for k, u in enumerate(units)}
-        shared = beside_frozen.streamer.ring if beside_frozen is not None else None
-        pieces = FrozenPieces(files, roots, device, inputs.config.prefetch, ring=shared)
-    residence = nvme_piece_residence(store, units, device, inputs.config.prefetch, ring, pieces)
-    residence.frozen_files = files
-    return residence
-
-
-def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.device, single: bool
-                  ) -> FrozenFiles | None:
-    """The NVMe-homed blocks' frozen weights in files (None when they have none); a single process only."""
-    if not frozen or not any(frozen):
-        return None
-    if not single:
-        raise ConfigError("The NVMe tier holds a PEFT model's frozen base weights in a single process (zo2 train); "
-                          "with several processes per node the blocks that do not fit offload.host_memory_budget "
-                          "must have no frozen parameters. Raise offload.host_memory_budget, or run zo2 train.")
-    return FrozenFiles(inputs.tiers.nvme_path, frozen, tier_engine(inputs, []), pin=device.type == "cuda",
-                       prefetch=inputs.config.prefetch)
 
 
 def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.device,

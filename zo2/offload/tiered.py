@@ -36,14 +36,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from zo2.errors import ModelError, ResourceError
+from zo2.errors import ModelError
 from zo2.models.units import shared_names
 from zo2.offload.markers import StoreMarkers
 from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty, open_engine
-from zo2.offload.nvme_slices import SlicedNvme, slice_numels
+from zo2.offload.nvme_slices import SlicedNvme
 from zo2.offload.residence import StreamedResidence
-from zo2.offload.store import ALIGN, Deferred, ParameterStore, deferred_units, pack_layout, repoint, shared_store_name
+from zo2.offload.store import Deferred, ParameterStore, deferred_units, pack_layout, repoint
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.tiers import staging_buffers
 
@@ -365,19 +365,6 @@ def nvme_files(units: Sequence[Any], params: dict[str, torch.nn.Parameter], fold
     return store
 
 
-def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> NvmeResidence | None:
-    """The residence of the NVMe-homed ``units`` of an engine's offload inputs (zo2.offload.build.OffloadInputs),
-    their files written and their parameters moved to the meta device; None when there are none."""
-    if not units:
-        return None
-    engine = tier_engine(inputs, units)
-    if inputs.store_spec is not None:
-        return node_nvme_tier(inputs, units, device, engine)
-    if inputs.comm is not None and inputs.comm.local_size > 1:
-        return shared_nvme_tier(inputs, units, device, engine)
-    return build_nvme_tier(units, inputs.params, inputs.tiers.nvme_path, device, inputs.config.prefetch, engine)
-
-
 def tier_engine(inputs: Any, units: Sequence[Any]) -> Any:
     """The I/O engine of the ``[offload]`` section, once ``units`` are known to share no parameter with another
     unit (a ModelError otherwise: a file cannot be the home of a parameter another unit reads)."""
@@ -399,86 +386,3 @@ def host_blocks(blocks: Sequence[list], nvme_units: Sequence[int]) -> list[list]
 def _writer(comm: Any) -> int:
     """This process's index among its node's writers (0 for a node's only process)."""
     return comm.local_rank if comm is not None and comm.local_size > 1 else 0
-
-
-def node_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
-    """The residence of the NVMe-homed ``units`` of the scheduler's node store (``inputs.store_spec`` names the
-    folder and the units; ``unit.home`` is each one's index there): this process streams its slice of each from
-    the files the scheduler made and filled, and marks each write-back in the node store's markers."""
-    spec, comm = inputs.store_spec, inputs.comm
-    mine, layouts, marks = node_slices(inputs, units, device, engine)
-    homes, numels, writer = marks.homes, mine.numels, marks.writer
-    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
-    streamer.marks = marks
-    if spec.writers == 1:
-        return NvmeResidence(streamer, units, layouts=layouts)
-    streamer.ranges = {j: mine.bounds(h, writer) for j, h in enumerate(homes)}
-    whole = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=False)
-    return NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
-                         barrier=comm.local_barrier)
-
-
-def node_slices(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any
-                ) -> tuple[SlicedNvme, list, SliceMarks]:
-    """This process's slices of the scheduler's NVMe files of ``units`` (``unit.home``: each one's index in the
-    node store, ascending), the units' layouts, and the node store's markers of their write-backs."""
-    spec = inputs.store_spec
-    writer = _writer(inputs.comm)
-    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
-    homes = [u.home for u in units]
-    mine = SlicedNvme(spec.nvme_path, spec.name, slice_numels(dict(zip(homes, layouts)), spec.pad_to),
-                      spec.torch_dtype, spec.writers, engine=engine, pin=device.type == "cuda", writer=writer)
-    return mine, layouts, SliceMarks(StoreMarkers(spec.name, spec.units, spec.writers, create=False), writer, homes)
-
-
-def shared_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
-    """The NVMe-homed ``units`` of a torchrun node's processes (sliced transfers, no scheduler): the node's first
-    process makes the files (the folder's lock, the stale files of dead jobs removed, the disk checked) and deletes
-    them when its engine goes; every process writes its slice of the weights it holds (its replica of the model)
-    and streams that slice. Unit k's files are named after its index among the model's units."""
-    comm = inputs.comm
-    dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
-    if len(dtypes) != 1:
-        raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
-                         "one dtype (model.dtype or optim.storage_dtype).")
-    dtype, name = dtypes.pop(), shared_store_name(comm)
-    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
-    homes = [next(k for k, v in enumerate(inputs.units) if v is u) for u in units]
-    numels = slice_numels(dict(zip(homes, layouts)), comm.local_size * ALIGN)
-    folder = inputs.tiers.nvme_path
-    owner, failure = None, None
-    if comm.local_rank == 0:
-        try:
-            owner = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False, create=True)
-        except Exception as exc:  # the others must not wait for files that never come
-            failure = exc
-    if not comm.local_share(failure is None, "making the NVMe files"):
-        raise failure or ResourceError(f"The node's first process could not make the NVMe files in {folder} (its "
-                                       "error says why).")
-    mine = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=device.type == "cuda",
-                      writer=comm.local_rank)
-    _write_own_slices(mine, units, homes, layouts, inputs.params, comm.local_rank)
-    comm.local_barrier()  # every slice is written before anyone reads a whole unit
-    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
-    streamer.ranges = {j: mine.bounds(h, comm.local_rank) for j, h in enumerate(homes)}
-    whole = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False)
-    residence = NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
-                              barrier=comm.local_barrier)
-    residence.owner = owner
-    return residence
-
-
-def _write_own_slices(files: SlicedNvme, units: Sequence[Any], homes: list[int], layouts: list, params: dict,
-                      writer: int) -> None:
-    """Write this process's slice of each unit whose parameters hold values (as the step the unit holds), then
-    move the parameters to the meta device: the files are their home. Units built on the meta device are filled
-    later by the loaders (:meth:`NvmeResidence.fill_home`)."""
-    for u, home, layout in zip(units, homes, layouts):
-        owned = [params[n] for n in u.owned]
-        if not any(p.is_meta for p in owned):
-            flat = torch.zeros(files.numels[home], dtype=owned[0].dtype)
-            for seg, p in zip(layout, owned):
-                flat[seg.offset : seg.offset + seg.numel].view(seg.shape).copy_(p.detach())
-            files.write(home, flat, u.applied, writers=[writer])
-        for p in owned:
-            repoint(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
