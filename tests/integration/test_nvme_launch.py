@@ -231,16 +231,27 @@ def test_one_matrix_at_a_time_from_nvme_under_zo2_launch_equals_zo2_train(tmp_pa
     assert scheduler_files(folder) == []
 
 
-def test_one_matrix_at_a_time_from_nvme_with_two_workers_is_refused_before_any_file_is_made(tmp_path):
-    from zo2.errors import ConfigError
-
+@pytest.mark.parametrize("fault", [None, pytest.param("1:4:4", marks=pytest.mark.slow)])
+def test_two_workers_stream_their_share_of_every_nvme_matrix_and_equal_zo2_train(tmp_path, matrix_reference,
+                                                                                  fault):
+    """Two workers, one matrix at a time (sliced transfers, perturbation parallelism): the scheduler cuts its NVMe
+    files by piece, each worker's file its share of every matrix; each worker uploads, updates and writes back its
+    share and an all-gather assembles the matrix. Logs, weights and a snapshot read from the files equal zo2
+    train's; with a kill of worker 1 mid-write of an NVMe-homed unit in step 4, too."""
     folder = tmp_path / "nvme"
-    sched = Scheduler(job(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix", "parallel.pp=2"),
-                      workers=2, quiet=True)
-    with pytest.raises(ConfigError, match="2 workers per node.*stream_granularity = 'block'.*one worker per node"):
-        sched.run()
-    assert not [p for p in folder.glob("zo2-node-*")] and not [p for p in Path("/dev/shm").glob(
-        f"zo2-node-{os.getpid()}-*")]  # nothing made, nothing left behind
+    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix", "parallel.pp=2",
+                                workers=2, fault=fault)
+    spec = seen["spec"]
+    assert spec.nvme_cuts and spec.writers == 2 and len(seen["files"]) == (LAYERS - HOST_BLOCKS) * 2 * 3
+    if fault is None:
+        assert sched.restarts == 0
+    else:
+        (repair,) = sched.recoveries
+        assert "signal 9" in repair["why"] and repair["step"] == 4 and repair["caught_up"] >= 1, repair
+    assert logged(tmp_path / "run") == logged(matrix_reference)
+    assert_same(final_weights(tmp_path / "run"), final_weights(matrix_reference))
+    assert_same(final_weights(tmp_path / "run", 3), final_weights(matrix_reference, 3))
+    assert scheduler_files(folder) == []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,12 +269,16 @@ def _sets(*items: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_torchrun_processes_share_the_nodes_nvme_files_and_equal_one_process(tmp_path, reference):
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_torchrun_processes_share_the_nodes_nvme_files_and_equal_one_process(tmp_path, request, granularity):
     """Two torchrun processes (perturbation parallelism, sliced transfers): the first makes the NVMe files, each
-    writes and streams its slice of the blocks beyond the host budget; the run equals the single process without
-    NVMe bit for bit, and the first process deletes the files at the end."""
+    writes and streams its slice of the blocks beyond the host budget (by block one range of each, one matrix at a
+    time its share of every matrix); the run equals the single process without NVMe bit for bit, and the first
+    process deletes the files at the end."""
+    reference = request.getfixturevalue("reference" if granularity == "block" else "matrix_reference")
     folder, run_dir = tmp_path / "nvme", tmp_path / "run"
-    proc = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder)))
+    proc = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder),
+                                                   f"optim.stream_granularity={granularity}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on NVMe in" in proc.stderr  # the plan: some blocks on NVMe
     assert logged(run_dir) == logged(reference)
@@ -272,11 +287,15 @@ def test_torchrun_processes_share_the_nodes_nvme_files_and_equal_one_process(tmp
 
 
 @pytest.mark.slow
-def test_a_torchrun_run_on_nvme_resumes_bit_for_bit(tmp_path, reference):
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_a_torchrun_run_on_nvme_resumes_bit_for_bit(tmp_path, request, granularity):
     """A resumed torchrun run writes the snapshot's weights into the node's NVMe files slice by slice (every
-    process its own) and ends equal to the uninterrupted single process."""
+    process its own: one range, or its share of every matrix) and ends equal to the uninterrupted single
+    process."""
+    reference = request.getfixturevalue("reference" if granularity == "block" else "matrix_reference")
     folder, run_dir = tmp_path / "nvme", tmp_path / "run"
-    part = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder), "train.steps=4"))
+    part = _torchrun("--out", str(run_dir), *_sets(*BASE, "parallel.pp=2", *nvme(folder), "train.steps=4",
+                                                   f"optim.stream_granularity={granularity}"))
     assert part.returncode == 0, part.stderr[-3000:]
     rest = _torchrun("--resume", str(run_dir), *_sets(f"train.steps={STEPS}"))
     assert rest.returncode == 0, rest.stderr[-3000:]

@@ -348,6 +348,45 @@ def test_sliced_files_one_pair_per_unit_and_writer_each_writer_its_own(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [nvme.LOCK_FILE]
 
 
+def test_files_cut_by_piece_hold_each_writers_share_of_every_piece_in_order(tmp_path):
+    """One matrix at a time with several writers: writer w's file is its share of every piece, one after the
+    other (what it uploads, updates and writes back of each piece is one range of it); a whole unit written and
+    read through every writer's slices comes back as it was, and a writer rewriting its own shares changes only
+    those."""
+    from zo2.errors import ModelError
+    from zo2.offload.nvme_slices import SlicedNvme, cuts_digest
+
+    numels, writers = {2: 96}, 4
+    cuts = {2: [(0, 32), (32, 40), (40, 96)]}  # three pieces, each a multiple of 4 long
+    owner = SlicedNvme(tmp_path, "zo2-node-1-cafe0001", numels, torch.float32, writers, engine=ThreadPoolEngine(),
+                       pin=False, create=True, cuts=cuts)
+    flat = values(96, torch.float32, 3)
+    owner.write(2, flat, step=4)
+    for w in range(writers):
+        mine = SlicedNvme(tmp_path, "zo2-node-1-cafe0001", numels, torch.float32, writers,
+                          engine=ThreadPoolEngine(), pin=False, writer=w, cuts=cuts)
+        held = torch.empty(24)
+        mine.store.read(mine.entry(2, w), held)
+        expected = torch.cat([flat[lo + w * (hi - lo) // 4 : lo + (w + 1) * (hi - lo) // 4] for lo, hi in cuts[2]])
+        assert torch.equal(held, expected), w
+        assert mine.parts(2, w) == [(w * 8, w * 8 + 8), (32 + 2 * w, 34 + 2 * w), (40 + 14 * w, 54 + 14 * w)]
+        if w == 1:
+            mine.store.write(mine.entry(2, 1), -held, step=5)
+    out = torch.empty(96)
+    owner.refresh()
+    owner.read(2, out)
+    changed = torch.zeros(96, dtype=torch.bool)
+    for lo, hi in owner.parts(2, 1):
+        changed[lo:hi] = True
+    assert torch.equal(out[changed], -flat[changed]) and torch.equal(out[~changed], flat[~changed])
+    assert owner.held(2) == [4, 5, 4, 4]
+    assert cuts_digest(cuts) != cuts_digest({2: [(0, 40), (40, 96)]}) and cuts_digest(None) == ""
+    with pytest.raises(ModelError, match="equal shares"):
+        SlicedNvme(tmp_path, "zo2-node-1-cafe0002", numels, torch.float32, writers, engine=ThreadPoolEngine(),
+                   pin=False, cuts={2: [(0, 30), (30, 96)]})
+    owner.close(remove=True)
+
+
 def test_an_owner_deletes_the_files_of_owners_that_died_and_keeps_the_living(tmp_path):
     from zo2.offload.nvme_slices import SlicedNvme
 

@@ -136,26 +136,27 @@ def _plan() -> Plan:
     return Plan([], [0, 1, 2, 3, 4], [8192] * 5, 100, 3 * 8192, 10, None, 1, granularity="matrix")
 
 
-def test_several_processes_per_node_refuse_matrix_on_nvme_with_the_fix():
-    """torchrun: the node's sliced NVMe files stream whole blocks; one matrix at a time from them is refused."""
-    inputs = _inputs(comm=SimpleNamespace(local_size=2))
-    with pytest.raises(ConfigError, match=r"2 processes per node.*one process per node.*stream_granularity = 'block'"):
-        place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=True)
-    plan = place_tiers_for(_inputs(), _plan(), [[]] * 5, creates_store=True)  # one process: placed
-    assert plan.nvme == [1, 2, 3, 4] and plan.host == [0]
+def test_several_processes_per_node_place_matrix_on_nvme():
+    """torchrun: the node's processes stream the NVMe-homed blocks one matrix at a time, each its share of every
+    piece (the files are cut by piece); placed as for one process."""
+    plan = place_tiers_for(_inputs(comm=SimpleNamespace(local_size=2, local_share=lambda v, why: v)), _plan(),
+                           [[]] * 5, creates_store=True)
+    assert plan.nvme == [1, 2, 3, 4] and plan.host == [0] and plan.granularity == "matrix"
 
 
-def test_the_scheduler_refuses_matrix_on_nvme_with_several_workers_with_the_fix():
-    """zo2 launch: one worker streams the scheduler's files a matrix at a time; with two the files are cut in
-    slices that stream whole blocks, and one matrix at a time is refused."""
+def test_a_worker_planning_matrix_over_files_cut_for_blocks_is_refused_with_the_fix():
+    """zo2 launch with several workers: the scheduler cuts the NVMe files by piece only for
+    optim.stream_granularity = 'matrix'; a worker whose 'auto' plan chose one matrix at a time over files cut for
+    blocks is refused with the fix. One worker, or files cut by piece, stream."""
     units = [SimpleNamespace(kind="embed")] + [SimpleNamespace(kind="block")] * 5 + [SimpleNamespace(kind="head")]
-    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=2)
+    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=2, nvme_cuts="")
     inputs = _inputs(store_spec=spec, units=units)
-    with pytest.raises(ConfigError, match=r"under zo2 launch with 2 workers.*stream_granularity = 'block'"):
+    with pytest.raises(ConfigError, match=r"cut its NVMe files for 2 workers.*stream_granularity = 'matrix'"):
         place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
-    spec.writers = 1
-    plan = place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
-    assert plan.nvme == [1, 2] and plan.granularity == "matrix"
+    for fields in ({"writers": 1}, {"writers": 2, "nvme_cuts": "0123456789abcdef"}):
+        spec.__dict__.update(fields)
+        plan = place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
+        assert plan.nvme == [1, 2] and plan.granularity == "matrix"
 
 
 def test_stateful_optimizers_stay_refused_one_matrix_at_a_time(tmp_path):

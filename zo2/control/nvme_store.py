@@ -21,6 +21,7 @@ import torch
 from zo2.errors import ConfigError, ResourceError
 from zo2.offload.nvme import open_engine, round_up
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
+from zo2.offload.pieces import unit_pieces
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units, repoint
 from zo2.offload.tiers import default_host_budget, staging_buffers
 
@@ -59,18 +60,11 @@ def place_units(units: Sequence[Any], unit_bytes: Sequence[int], tiers: Any, pre
     return blocks[host:]
 
 
-def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, granularity: str = "block",
-                   writers: int = 1) -> None:
+def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool) -> None:
     """ConfigError for what the NVMe tier cannot hold yet, when ``on_nvme`` units were placed there (before any
-    file is made); ``writers``: the workers per node."""
+    file is made)."""
     if not on_nvme:
         return
-    if granularity == "matrix" and writers > 1:
-        raise ConfigError(f"offload.nvme_path: {len(on_nvme)} blocks of the node store do not fit "
-                          f"offload.host_memory_budget, and with {writers} workers per node the NVMe tier streams "
-                          "whole blocks (each worker its slice), but optim.stream_granularity = 'matrix'. Set "
-                          "optim.stream_granularity = 'block' (or 'auto'), raise offload.host_memory_budget, or run "
-                          "one worker per node (one matrix at a time from NVMe runs there).")
     if optimizer.state_names:
         raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
                           f"keeps {', '.join(optimizer.state_names)}; {len(on_nvme)} blocks of the node store do not "
@@ -87,14 +81,18 @@ class NodeNvme:
     into one slice per writer, in ``tiers.nvme_path`` (read and written with ``tiers``' I/O engine)."""
 
     def __init__(self, tiers: Any, name: str, layouts: Mapping[int, Sequence[Segment]], dtype: torch.dtype,
-                 writers: int, pad_to: int):
+                 writers: int, pad_to: int, slots: Mapping[int, Sequence[Any]] | None = None):
         self.folder = Path(tiers.nvme_path)
         self.layouts = {k: list(v) for k, v in layouts.items()}
         self.numels = slice_numels(self.layouts, pad_to)
+        self.cuts = {k: unit_pieces(slots[k], self.layouts[k], n) for k, n in self.numels.items()} \
+            if slots is not None and writers > 1 else None
+        """Each unit's pieces where the workers stream them one matrix at a time (a writer's slice is then its
+        share of every piece, zo2.offload.nvme_slices); None: sliced contiguously."""
         self.dtype = dtype
         engine = open_engine(tiers.nvme_engine, tiers.nvme_queue_depth, tiers.block_size_bytes)
         self.files = SlicedNvme(self.folder, name, self.numels, dtype, writers, engine=engine, pin=False,
-                                create=True)
+                                create=True, cuts=self.cuts)
 
     @property
     def units(self) -> list[int]:

@@ -304,6 +304,8 @@ class Scheduler:
             self._on_step(msg["record"], msg["result"])
         elif kind == "eval":
             self._on_eval(msg)
+        elif kind == "plan":
+            self.node.note_pieces(msg["pieces"])
         elif kind == "sync":
             return self._on_sync(identity, msg)
         elif kind == "error":

@@ -31,6 +31,7 @@ from zo2.errors import ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
 from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
 from zo2.offload.store import ALIGN, layout_numel, new_store_name, pack_layout
+from zo2.offload.nvme_slices import cuts_digest
 from zo2.offload.tiered import host_blocks
 
 
@@ -54,6 +55,9 @@ class StoreSpec:
     """The folder of the NVMe-homed units' files (``{name}-unit{k}-w{r}.a/.b/.json``), or None."""
     nvme_units: tuple[int, ...] = ()
     """The units homed there (their /dev/shm buffers are empty)."""
+    nvme_cuts: str = ""
+    """With several workers streaming one matrix at a time (optim.stream_granularity = 'matrix'): the digest of
+    the NVMe files' cuts by piece (zo2.offload.nvme_slices.cuts_digest); "": each slice one range of its unit."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -111,8 +115,9 @@ class NodeStore:
         self.optimizer = build_optimizer(config)
         names = self.optimizer.state_names
         on_nvme = self._place(tiers, dtype, writers, frozen_base)
+        by_piece = {k: self.units[k].slots for k in on_nvme} if config.stream_granularity == "matrix" else None
         self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in on_nvme}, dtype, writers,
-                             writers * ALIGN) if on_nvme else None  # the folder's lock and disk first
+                             writers * ALIGN, by_piece) if on_nvme else None  # the folder's lock and disk first
         self.store = ParameterStore.from_blocks(host_blocks(blocks, on_nvme), dtype, pin=False, shared=True,
                                                 create=True, name=self.name, pad_to=writers * ALIGN)
         self.markers = StoreMarkers(self.name, len(self.units), writers, create=True)
@@ -125,7 +130,7 @@ class NodeStore:
                                create=True) if names else None
         self.spec = StoreSpec(self.name, str(dtype), writers * ALIGN, len(self.units), writers,
                               layout_digest(self.layouts), names, str(self.nvme.folder) if self.nvme else None,
-                              tuple(on_nvme))
+                              tuple(on_nvme), cuts_digest(self.nvme.cuts) if self.nvme else "")
 
     def _place(self, tiers: Any, dtype: torch.dtype, writers: int, frozen_base: bool) -> list[int]:
         """The units homed on NVMe (none without ``tiers.nvme_path``); ConfigError where the job cannot have any."""
@@ -135,7 +140,7 @@ class NodeStore:
         pad = writers * ALIGN
         sizes = [-(-layout_numel(layout) // pad) * pad * itemsize for layout in self.layouts]
         on_nvme = place_units(self.units, sizes, tiers, self.config.prefetch, writers)
-        check_nvme_job(on_nvme, self.optimizer, frozen_base, self.config.stream_granularity, writers)
+        check_nvme_job(on_nvme, self.optimizer, frozen_base)
         return on_nvme
 
     @property
@@ -188,10 +193,32 @@ class NodeStore:
         """The unit's padded numel (its buffer in the shared memory, or in its NVMe files)."""
         return self.nvme.numels[unit] if self.on_nvme(unit) else self.store.flat(unit).numel()
 
-    def slice_of(self, unit: int, writer: int) -> tuple[int, int]:
+    by_piece: set[int] | None = None
+    """The units the workers stream one matrix at a time, as they reported them (``note_pieces``); None before."""
+
+    def note_pieces(self, units: Sequence[int]) -> None:
+        """The node's workers stream ``units`` one matrix at a time: a writer's part of one is its share of every
+        piece (zo2.offload.pieces), not one range."""
+        self.by_piece = set(units)
+
+    def writer_parts(self, unit: int, writer: int) -> list[tuple[int, int]] | None:
+        """The ranges of the unit's buffer that writer ``writer`` writes back, or None where that depends on a
+        plan no worker has reported yet (with several writers, one matrix at a time a writer writes its share of
+        every piece, by block one range)."""
+        from zo2.offload.pieces import unit_pieces
         from zo2.offload.store import share_bounds
 
-        return share_bounds(self.numel(unit), writer, self.writers)
+        if self.on_nvme(unit):
+            return self.nvme.files.parts(unit, writer)
+        whole = [share_bounds(self.numel(unit), writer, self.writers)]
+        if self.writers == 1 or self.config.stream_granularity == "block":
+            return whole
+        if self.by_piece is None:
+            return None
+        if unit not in self.by_piece:
+            return whole
+        pieces = unit_pieces(self.units[unit].slots, self.store.layout(unit), self.numel(unit))
+        return [(lo + a, lo + b) for lo, hi in pieces for a, b in [share_bounds(hi - lo, writer, self.writers)]]
 
     # ------------------------------------------------------------------ repair
     def bring_to(self, step: int, records: Sequence[dict], snapshot: Any, fill_base: Any, device: torch.device,
@@ -199,7 +226,7 @@ class NodeStore:
         """Bring every unit to the state after ``step``'s update (``step = -1``: the base weights).
 
         A clean slice that holds an older step is caught up by replaying the trajectory log (``records``) on
-        it; so is a torn slice of an NVMe-homed unit, from the step its file's current version holds (a write in
+        it (a writer's slice: the ranges it writes back, :meth:`writer_parts`); so is a torn slice of an NVMe-homed unit, from the step its file's current version holds (a write in
         flight never switched the file's marker: that version is whole). A torn slice in host memory, one ahead of
         ``step`` or, with ``rebuild_all``, every unit is rebuilt from
         ``snapshot`` (a :class:`~zo2.train.checkpoint.Snapshot` at or before ``step + 1``, or None) or, without
@@ -222,7 +249,9 @@ class NodeStore:
             if torn and nvme and not rebuild_all:
                 applied, torn = self._held_in_files(k, applied)
             rebuild = rebuild_all or torn or any(a > step for a in applied)
-            slices = [] if rebuild else [(self.slice_of(k, w), a + 1) for w, a in enumerate(applied) if a < step]
+            slices = [] if rebuild else self._lagging(k, applied, step)
+            if slices is None:
+                rebuild = True  # the writers hold different steps in parts no worker has described: start afresh
             if rebuild or slices:
                 flat = (self.nvme.buffer(k) if rebuild else self.nvme.read(k)) if nvme else self.store.flat(k)
                 if rebuild:
@@ -236,6 +265,16 @@ class NodeStore:
         if self.state is not None:
             self.state.count = final_count
         return counts
+
+    def _lagging(self, k: int, applied: list[int], step: int) -> list | None:
+        """The ranges of unit ``k`` behind ``step`` and the first step each lacks: ((lo, hi), first) pairs; None
+        when its writers hold different steps in parts that are not known (:meth:`writer_parts`)."""
+        if len(set(applied)) == 1:
+            return [((0, self.numel(k)), applied[0] + 1)] if applied[0] < step else []
+        parts = [self.writer_parts(k, w) for w in range(len(applied))]
+        if None in parts:
+            return None
+        return [(part, a + 1) for w, a in enumerate(applied) if a < step for part in parts[w]]
 
     def _held_in_files(self, k: int, applied: list[int]) -> tuple[list[int], bool]:
         """A torn NVMe-homed unit: the step each slice's file holds in its current version, and whether it is

@@ -29,6 +29,7 @@ import zmq
 from zo2.control.protocol import ENDPOINT_ENV, TOKEN_ENV, WorkerLink
 from zo2.control.store import StoreSpec
 from zo2.offload.store import process_alive
+from zo2.offload.pieces import PiecewiseResidence
 from zo2.offload.tiered import FileHome
 from zo2.errors import ZO2Error
 
@@ -96,6 +97,9 @@ class Worker:
         self.engine = ZOEngine(self.model, optim, comm=comm, store_spec=spec, offload_config=job.offload,
                                loss_fn=self.task.loss_fn if self.task is not None else None)
         self.engine.load_state_dict({"step": start_step})
+        if self.comm.local_rank == 0:  # which units this node's workers write back a piece at a time (the repair)
+            link.send({"type": "plan", "pieces": [u.home for u in self.engine.units
+                                                  if isinstance(u.residence, PiecewiseResidence)]})
         if job.peft.method is not None and getattr(self.model, STREAMED, False):
             fill_weights(job.model, self.engine)  # the frozen base, from the shards (the adapter is the node's)
         self.guard = build_guard(job, f"zo2 launch ... -- --resume {run_dir}")

@@ -3,11 +3,15 @@ block (zo2.offload.tiered) or one matrix at a time (zo2.offload.nvme_pieces), wi
 in files of their own (zo2.offload.nvme_frozen).
 
 * ``zo2 train``: the process's own files (:func:`~zo2.offload.tiered.nvme_files`), one per unit.
-* ``zo2 launch`` (:func:`node_nvme_tier`): the scheduler made and filled the files, one per unit × worker slice
+* ``zo2 launch`` (:func:`node_files`): the scheduler made and filled the files, one per unit × worker slice
   (zo2.offload.nvme_slices); every worker streams its slice and marks each write in the node store's markers,
   so the scheduler's repair covers them.
-* torchrun with several processes per node (:func:`shared_nvme_tier`): the node's first process makes the files,
+* torchrun with several processes per node (:func:`node_files`): the node's first process makes the files,
   every process writes and streams its slice.
+
+By block a process's slice is one range of each unit, uploaded, updated and written back as such, and an
+all-gather assembles the block; one matrix at a time it is the process's share of every piece (the files are cut
+by piece), and an all-gather assembles each piece.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from zo2.errors import ConfigError, ModelError, ResourceError
 from zo2.offload.markers import StoreMarkers
 from zo2.offload.nvme_frozen import FrozenFiles
 from zo2.offload.nvme_pieces import nvme_piece_residence
-from zo2.offload.nvme_slices import SlicedNvme, slice_numels
+from zo2.offload.nvme_slices import NodeFiles, SlicedNvme, cuts_digest, slice_numels
 from zo2.offload.piece_frozen import FrozenPieces
-from zo2.offload.pieces import RingStreamer
+from zo2.offload.pieces import RingStreamer, unit_pieces
 from zo2.offload.store import ALIGN, pack_layout, repoint, shared_store_name
 from zo2.offload.tiered import (NvmeResidence, NvmeStreamer, SliceMarks, _writer, build_nvme_tier, nvme_files,
                                 tier_engine)
@@ -30,38 +34,39 @@ from zo2.offload.tiered import (NvmeResidence, NvmeStreamer, SliceMarks, _writer
 
 def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
                        beside: Any = None, frozen: Sequence[list] | None = None, beside_frozen: Any = None) -> Any:
-    """The residence of the NVMe-homed ``units`` (zo2.offload.tiered.nvme_tier_for), streamed one matrix at a
-    time where ``matrix`` (the plan's granularity); None when there are none. ``beside``: the host-homed blocks'
-    streamer, whose device ring the NVMe-homed pieces share (a pass visits the two tiers' blocks one after the
-    other: one ring of device memory, not two). ``frozen``: each unit's frozen slots (a PEFT model's base
-    weights), homed in files of their own (zo2.offload.nvme_frozen) and streamed with their blocks; one matrix at
-    a time through the ring of the host-homed blocks' frozen pieces, ``beside_frozen``, where there is one."""
+    """The residence of the NVMe-homed ``units``, their files written and their parameters moved to the meta
+    device, streamed one matrix at a time where ``matrix`` (the plan's granularity); None when there are none.
+    ``beside``: the host-homed blocks' streamer, whose device ring the NVMe-homed pieces share (a pass visits the
+    two tiers' blocks one after the other: one ring of device memory, not two). ``frozen``: each unit's frozen
+    slots (a PEFT model's base weights), homed in files of their own (zo2.offload.nvme_frozen) and streamed with
+    their blocks; one matrix at a time through the ring of the host-homed blocks' frozen pieces,
+    ``beside_frozen``, where there is one."""
     if not units:
         return None
     single = inputs.store_spec is None and (inputs.comm is None or inputs.comm.local_size == 1)
+    engine, prefetch = tier_engine(inputs, units), inputs.config.prefetch
+    node = None if single else node_files(inputs, units, device, engine, matrix)
     if not matrix:
-        residence = nvme_tier_for(inputs, units, device)
+        if node is None:
+            residence = build_nvme_tier(units, inputs.params, inputs.tiers.nvme_path, device, prefetch, engine)
+        else:
+            residence = _node_blocks(inputs, node, units, device)
         residence.frozen_files = _frozen_files(inputs, frozen, device, single)
         residence.streamer.attach_frozen(residence.frozen_files)
         return residence
-    spec = inputs.store_spec
-    if not single and (spec is None or spec.writers > 1):
-        raise ConfigError("One matrix at a time from the NVMe tier runs with one process per node (zo2 train, or "
-                          "zo2 launch with one worker); set optim.stream_granularity = 'block'.")
     ring = beside.ring if isinstance(beside, RingStreamer) else None
-    if spec is not None:  # zo2 launch, one worker: the scheduler's files, each write-back marked in its markers
-        mine, layouts, marks = node_slices(inputs, units, device, tier_engine(inputs, units))
-        residence = nvme_piece_residence(mine.store, units, device, inputs.config.prefetch, ring, layouts=layouts)
-        residence.streamer.marks = marks
+    if node is not None:
+        residence = nvme_piece_residence(node.mine.store, units, device, prefetch, ring, node=node, comm=inputs.comm)
+        residence.streamer.marks, residence.owner = node.marks, node.owner
         return residence
-    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, tier_engine(inputs, units))
+    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, engine)
     files = _frozen_files(inputs, frozen, device, single)
     pieces = None
     if files is not None:
         roots = {k: inputs.adapter.blocks()[u.index] for k, u in enumerate(units)}
         shared = beside_frozen.streamer.ring if beside_frozen is not None else None
-        pieces = FrozenPieces(files, roots, device, inputs.config.prefetch, ring=shared)
-    residence = nvme_piece_residence(store, units, device, inputs.config.prefetch, ring, pieces)
+        pieces = FrozenPieces(files, roots, device, prefetch, ring=shared)
+    residence = nvme_piece_residence(store, units, device, prefetch, ring, pieces)
     residence.frozen_files = files
     return residence
 
@@ -79,84 +84,81 @@ def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.devi
                        prefetch=inputs.config.prefetch)
 
 
-def nvme_tier_for(inputs: Any, units: Sequence[Any], device: torch.device) -> NvmeResidence | None:
-    """The residence of the NVMe-homed ``units`` of an engine's offload inputs (zo2.offload.build.OffloadInputs),
-    their files written and their parameters moved to the meta device; None when there are none."""
-    if not units:
-        return None
-    engine = tier_engine(inputs, units)
-    if inputs.store_spec is not None:
-        return node_nvme_tier(inputs, units, device, engine)
-    if inputs.comm is not None and inputs.comm.local_size > 1:
-        return shared_nvme_tier(inputs, units, device, engine)
-    return build_nvme_tier(units, inputs.params, inputs.tiers.nvme_path, device, inputs.config.prefetch, engine)
+def _node_blocks(inputs: Any, node: NodeFiles, units: Sequence[Any], device: torch.device) -> NvmeResidence:
+    """The node's NVMe-homed ``units`` streamed by block: this process uploads, updates and writes back its slice
+    of each (one range of the unit), an all-gather assembles the block; under the scheduler each write is marked
+    in the node store's markers."""
+    streamer = NvmeStreamer(node.mine.store, device, inputs.config.prefetch, numels=node.numels)
+    streamer.marks = node.marks
+    if node.mine.writers == 1:
+        residence = NvmeResidence(streamer, units, layouts=node.layouts)
+    else:
+        streamer.ranges = {j: node.mine.bounds(h, node.writer) for j, h in enumerate(node.homes)}
+        residence = NvmeResidence(streamer, units, layouts=node.layouts, gather=inputs.comm.gather_slices,
+                                  whole=node.whole, barrier=inputs.comm.local_barrier)
+        residence.writer = node.writer
+    residence.owner = node.owner
+    return residence
 
 
-def node_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
-    """The residence of the NVMe-homed ``units`` of the scheduler's node store (``inputs.store_spec`` names the
-    folder and the units; ``unit.home`` is each one's index there): this process streams its slice of each from
-    the files the scheduler made and filled, and marks each write-back in the node store's markers."""
+def node_files(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any, matrix: bool) -> NodeFiles:
+    """This process's view of the node's NVMe files of ``units``: under the scheduler the files it made and filled
+    (``inputs.store_spec`` names the folder; ``unit.home`` is each unit's index in the node store), with torchrun
+    the files the node's first process makes here (the folder's lock, the stale files of dead jobs removed, the
+    disk checked; it deletes them when its engine goes), each process then writing its slice of the weights it
+    holds. One matrix at a time (``matrix``) with several writers, a writer's slice is its share of every piece
+    (zo2.offload.nvme_slices); the scheduler cut its files the same way (``spec.nvme_pieces``)."""
     spec, comm = inputs.store_spec, inputs.comm
-    mine, layouts, marks = node_slices(inputs, units, device, engine)
-    homes, numels, writer = marks.homes, mine.numels, marks.writer
-    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
-    streamer.marks = marks
-    if spec.writers == 1:
-        return NvmeResidence(streamer, units, layouts=layouts)
-    streamer.ranges = {j: mine.bounds(h, writer) for j, h in enumerate(homes)}
-    whole = SlicedNvme(spec.nvme_path, spec.name, numels, spec.torch_dtype, spec.writers, engine=engine, pin=False)
-    return NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
-                         barrier=comm.local_barrier)
-
-
-def node_slices(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any
-                ) -> tuple[SlicedNvme, list, SliceMarks]:
-    """This process's slices of the scheduler's NVMe files of ``units`` (``unit.home``: each one's index in the
-    node store, ascending), the units' layouts, and the node store's markers of their write-backs."""
-    spec = inputs.store_spec
-    writer = _writer(inputs.comm)
     layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
-    homes = [u.home for u in units]
-    mine = SlicedNvme(spec.nvme_path, spec.name, slice_numels(dict(zip(homes, layouts)), spec.pad_to),
-                      spec.torch_dtype, spec.writers, engine=engine, pin=device.type == "cuda", writer=writer)
-    return mine, layouts, SliceMarks(StoreMarkers(spec.name, spec.units, spec.writers, create=False), writer, homes)
+    if spec is not None:
+        homes, writers, pad_to, dtype, name = [u.home for u in units], spec.writers, spec.pad_to, spec.torch_dtype, \
+            spec.name
+        folder = spec.nvme_path
+    else:
+        dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
+        if len(dtypes) != 1:
+            raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
+                             "one dtype (model.dtype or optim.storage_dtype).")
+        homes = [next(k for k, v in enumerate(inputs.units) if v is u) for u in units]
+        writers, dtype, name = comm.local_size, dtypes.pop(), shared_store_name(comm)
+        pad_to, folder = writers * ALIGN, inputs.tiers.nvme_path
+    numels = slice_numels(dict(zip(homes, layouts)), pad_to)
+    cuts = {h: unit_pieces(u.slots, layout, numels[h]) for u, h, layout in zip(units, homes, layouts)} \
+        if matrix and writers > 1 else None
+    if spec is not None and cuts_digest(cuts) != getattr(spec, "nvme_cuts", ""):
+        raise ModelError("This worker cuts the node's NVMe files by matrix differently from the scheduler (its model "
+                         "or optim.stream_granularity differs): start the workers from the scheduler of the same "
+                         "config.")
+    writer = _writer(comm)
+    owner = None if spec is not None else _make_shared_files(inputs, folder, name, numels, dtype, engine, cuts)
+    mine = SlicedNvme(folder, name, numels, dtype, writers, engine=engine, pin=device.type == "cuda", writer=writer,
+                      cuts=cuts)
+    node = NodeFiles(mine, layouts, homes, writer, owner=owner)
+    if spec is not None:
+        node.marks = SliceMarks(StoreMarkers(spec.name, spec.units, writers, create=False), writer, homes)
+    else:
+        _write_own_slices(mine, units, homes, layouts, inputs.params, writer)
+        comm.local_barrier()  # every slice is written before anyone reads a whole unit
+    if writers > 1:
+        node.whole = SlicedNvme(folder, name, numels, dtype, writers, engine=engine, pin=False, cuts=cuts)
+    return node
 
 
-def shared_nvme_tier(inputs: Any, units: Sequence[Any], device: torch.device, engine: Any) -> NvmeResidence:
-    """The NVMe-homed ``units`` of a torchrun node's processes (sliced transfers, no scheduler): the node's first
-    process makes the files (the folder's lock, the stale files of dead jobs removed, the disk checked) and deletes
-    them when its engine goes; every process writes its slice of the weights it holds (its replica of the model)
-    and streams that slice. Unit k's files are named after its index among the model's units."""
+def _make_shared_files(inputs: Any, folder: str, name: str, numels: dict, dtype: torch.dtype, engine: Any,
+                       cuts: dict | None) -> SlicedNvme | None:
+    """torchrun: the node's first process makes the files (the others wait for the outcome); returns them there."""
     comm = inputs.comm
-    dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
-    if len(dtypes) != 1:
-        raise ModelError(f"NVMe-homed blocks mix parameter dtypes {sorted(map(str, dtypes))}; cast the model to "
-                         "one dtype (model.dtype or optim.storage_dtype).")
-    dtype, name = dtypes.pop(), shared_store_name(comm)
-    layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
-    homes = [next(k for k, v in enumerate(inputs.units) if v is u) for u in units]
-    numels = slice_numels(dict(zip(homes, layouts)), comm.local_size * ALIGN)
-    folder = inputs.tiers.nvme_path
     owner, failure = None, None
     if comm.local_rank == 0:
         try:
-            owner = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False, create=True)
+            owner = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False, create=True,
+                               cuts=cuts)
         except Exception as exc:  # the others must not wait for files that never come
             failure = exc
     if not comm.local_share(failure is None, "making the NVMe files"):
         raise failure or ResourceError(f"The node's first process could not make the NVMe files in {folder} (its "
                                        "error says why).")
-    mine = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=device.type == "cuda",
-                      writer=comm.local_rank)
-    _write_own_slices(mine, units, homes, layouts, inputs.params, comm.local_rank)
-    comm.local_barrier()  # every slice is written before anyone reads a whole unit
-    streamer = NvmeStreamer(mine.store, device, inputs.config.prefetch, numels=[numels[h] for h in homes])
-    streamer.ranges = {j: mine.bounds(h, comm.local_rank) for j, h in enumerate(homes)}
-    whole = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False)
-    residence = NvmeResidence(streamer, units, layouts=layouts, gather=comm.gather_slices, whole=whole,
-                              barrier=comm.local_barrier)
-    residence.owner = owner
-    return residence
+    return owner
 
 
 def _write_own_slices(files: SlicedNvme, units: Sequence[Any], homes: list[int], layouts: list, params: dict,

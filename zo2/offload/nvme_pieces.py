@@ -22,10 +22,11 @@ the pass (a unit read again returns what its file holds, which is what the buffe
 read and write in submission order, so a read issued after a write of the same buffer or unit sees it. On CUDA a
 read into a buffer first waits for the uploads out of it, and a file write for the write-backs into it.
 
-One process per node: ``zo2 train``, or ``zo2 launch`` with one worker, which streams the scheduler's files (one
-slice per unit: the whole unit) and marks each unit's write in the node store's markers as the block streamer
-does, so the scheduler's repair covers them. With several processes per node the node's files are cut in one
-slice per process and stream whole blocks; one matrix at a time with them is a ConfigError (zo2.offload.tiers).
+Under ``zo2 launch`` the streamer reads the scheduler's files and marks each unit's write in the node store's
+markers as the block streamer does, so the scheduler's repair covers them. With several processes per node
+(``zo2 launch`` workers, torchrun) each process's file holds its share of every piece, one after the other
+(zo2.offload.nvme_slices, cut by piece): it uploads, updates and writes back that share — one range of its staging
+buffer — and an all-gather assembles the piece in the ring (zo2.offload.nvme_homes builds it).
 """
 
 from __future__ import annotations
@@ -37,47 +38,67 @@ import torch
 
 from zo2.offload.file_writes import QueuedWrites
 from zo2.offload.nvme import NvmeStore, aligned_empty
-from zo2.offload.pieces import PiecewiseResidence, Ring, RingStreamer, module_ranges, piece_bounds
+from zo2.offload.nvme_slices import NodeFiles
+from zo2.offload.pieces import PiecewiseResidence, Ring, RingStreamer, unit_pieces
+from zo2.offload.store import share_bounds
 from zo2.offload.tiered import FileHome
 from zo2.offload.tiers import staging_buffers
 
 
 def nvme_piece_residence(store: NvmeStore, units: Sequence[Any], device: torch.device,
                          prefetch: int, ring: Ring | None = None, frozen: Any = None,
-                         layouts: Sequence[list] | None = None) -> "NvmePieceResidence":
+                         node: NodeFiles | None = None, comm: Any = None) -> "NvmePieceResidence":
     """``units`` (unit k is ``store``'s unit k) streamed a piece at a time through a ring of their own, or
     ``ring`` where it holds theirs; ``frozen``: their frozen weights (zo2.offload.piece_frozen.FrozenPieces).
-    ``layouts``: the units' layouts where the store's entries are flat (a node's sliced files, one writer)."""
-    layouts = [list(x) for x in layouts] if layouts is not None else store.layouts
+    ``node``: a node's files (``store`` is this process's slices): with several writers each process moves its
+    share of every piece, which its file holds in one range, and ``comm`` assembles the piece."""
+    layouts = [list(x) for x in node.layouts] if node is not None else store.layouts
+    numels = node.numels if node is not None else store.numels
+    writers, writer = (node.mine.writers, node.writer) if node is not None else (1, 0)
     pieces, first, bounds = [], {}, {}
     for k, u in enumerate(units):
-        layout = layouts[k]
         first[u.name] = len(pieces)
-        bounds[u.name] = piece_bounds(module_ranges(u.slots, layout), store.numels[k])
+        bounds[u.name] = unit_pieces(u.slots, layouts[k], numels[k])
         pieces += [(k, lo, hi) for lo, hi in bounds[u.name]]
-    streamer = NvmePieceStreamer(StagedPieces(store, pieces), device, prefetch, ring=ring)
-    return NvmePieceResidence(streamer, units, bounds, first, frozen=frozen, layouts=layouts)
+    streamer = NvmePieceStreamer(StagedPieces(store, pieces, writers), device, prefetch, ring=ring)
+    if writers == 1:
+        return NvmePieceResidence(streamer, units, bounds, first, frozen=frozen, layouts=layouts)
+    streamer.ranges = {i: share_bounds(hi - lo, writer, writers) for i, (_, lo, hi) in enumerate(pieces)}
+    residence = NvmePieceResidence(streamer, units, bounds, first, frozen=frozen, layouts=layouts,
+                                   gather=comm.gather_slices)
+    residence.whole, residence.barrier, residence.writer = node.whole, comm.local_barrier, writer
+    return residence
 
 
 class StagedPieces:
     """The pieces of an :class:`NvmeStore`'s units, shown to a ring as blocks: ``flat(piece)`` is the piece's view
     of the staging buffer its unit is read into (a meta tensor of its size while the unit is not staged: the ring
-    asks only its size then)."""
+    asks only its size then). With ``writers`` > 1 the store holds this process's slice of each unit — its share
+    of every piece, one after the other (zo2.offload.nvme_slices) — and ``flat(piece)`` is that share;
+    ``numel(piece)`` is always the whole piece's (the ring's slot)."""
 
-    def __init__(self, nvme: NvmeStore, pieces: Sequence[tuple[int, int, int]]):
+    def __init__(self, nvme: NvmeStore, pieces: Sequence[tuple[int, int, int]], writers: int = 1):
         self.nvme = nvme
         self.pieces = list(pieces)
         """(unit, lo, hi) of each piece."""
+        self.writers = writers
         self.dtype = nvme.dtype
         self.staged: dict[int, torch.Tensor] = {}
         """Unit → the flat view (store dtype) of the staging buffer holding it, or being read into."""
+        self._share: list[tuple[int, int]] = []
+        """Each piece's [lo, hi) in its unit's staged slice."""
+        at: dict[int, int] = {}
+        for unit, lo, hi in self.pieces:
+            start = at.get(unit, 0)
+            at[unit] = start + (hi - lo) // writers
+            self._share.append((start, at[unit]))
 
     def __len__(self) -> int:
         return len(self.pieces)
 
     def flat(self, index: int) -> torch.Tensor:
-        unit, lo, hi = self.pieces[index]
-        flat = self.staged.get(unit)
+        lo, hi = self._share[index]
+        flat = self.staged.get(self.pieces[index][0])
         return torch.empty(hi - lo, dtype=self.dtype, device="meta") if flat is None else flat[lo:hi]
 
     def numel(self, index: int) -> int:
@@ -207,6 +228,12 @@ class NvmePieceStreamer(QueuedWrites, RingStreamer):
         self._taken = self._staged(self._unit[block])
         return self.store.flat(block)
 
+    def _source_part(self, block: int, part: slice) -> torch.Tensor:
+        return self._source(block) if self.store.writers > 1 else super()._source_part(block, part)
+
+    def _home_part(self, block: int, part: slice) -> torch.Tensor:
+        return self._home(block) if self.store.writers > 1 else super()._home_part(block, part)
+
     # ------------------------------------------------------------------ write-backs
     def _home(self, block: int) -> torch.Tensor:
         unit = self._unit[block]
@@ -260,13 +287,13 @@ class NvmePieceResidence(FileHome, PiecewiseResidence):
 
     def __init__(self, streamer: NvmePieceStreamer, units: Sequence[Any], bounds: dict[str, list[tuple[int, int]]],
                  first_piece: dict[str, int], writeback_every: int = 1, frozen: Any = None,
-                 layouts: Sequence[list] | None = None):
+                 layouts: Sequence[list] | None = None, gather: Callable[[torch.Tensor], None] | None = None):
         self._index = {u.name: k for k, u in enumerate(units)}
         self.layouts = list(layouts) if layouts is not None else streamer.nvme.layouts
         self._pieces_of_unit: dict[int, list[int]] = {}
         for piece, (k, _, _) in enumerate(streamer.store.pieces):
             self._pieces_of_unit.setdefault(k, []).append(piece)
-        super().__init__(streamer, units, bounds, first_piece, None, writeback_every, frozen=frozen)
+        super().__init__(streamer, units, bounds, first_piece, gather, writeback_every, frozen=frozen)
 
     def frozen_index(self, unit: Any) -> int:
         return self.index(unit)

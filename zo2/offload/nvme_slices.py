@@ -3,7 +3,10 @@ torchrun node's store.
 
 Each unit's flat buffer, padded to a multiple of the node's writers (the processes that upload, update and write
 back one slice of every unit with sliced transfers), is cut into equal slices, one per writer, and each slice is
-one entry of an :class:`~zo2.offload.nvme.NvmeStore`: its own file pair and marker. A process therefore writes
+one entry of an :class:`~zo2.offload.nvme.NvmeStore`: its own file pair and marker. Streamed by block a writer's
+slice is one contiguous range of the unit; streamed one matrix at a time (``cuts``: the unit's pieces, one per
+module, zo2.offload.pieces) it is the writer's share of every piece, one after the other, so each process's
+part of a piece — what it uploads, updates and writes back — is one range of its file. A process therefore writes
 its slice back crash-safely (the other version, fsync, then the marker) without waiting for the others, and a
 crash tears at most the version being written, never the current one.
 
@@ -15,12 +18,16 @@ taking the folder's lock (:class:`~zo2.offload.nvme.FolderLock`), which the owne
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from zo2.errors import ModelError
 from zo2.offload.nvme import FolderLock, IOEngine, NvmeStore
 from zo2.offload.store import Segment, layout_numel, remove_stale_stores, share_bounds
 
@@ -38,14 +45,22 @@ class SlicedNvme:
 
     ``create=True`` (the owner: the scheduler, or a torchrun node's first process) takes the folder's lock,
     deletes the files of owners that are gone, checks the disk and makes the files; otherwise the files must
-    exist. ``store`` is the underlying :class:`NvmeStore`; its entry ``i`` is ``entries[i]`` = (unit, writer)."""
+    exist. ``store`` is the underlying :class:`NvmeStore`; its entry ``i`` is ``entries[i]`` = (unit, writer).
+    ``cuts``: unit → its pieces' [lo, hi) ranges (each a multiple of ``writers`` long), whose shares make up each
+    writer's slice; a unit without cuts is sliced contiguously."""
 
     def __init__(self, folder: str | Path, name: str, numels: Mapping[int, int], dtype: torch.dtype, writers: int,
-                 *, engine: IOEngine, pin: bool, create: bool = False, writer: int | None = None):
+                 *, engine: IOEngine, pin: bool, create: bool = False, writer: int | None = None,
+                 cuts: Mapping[int, Sequence[tuple[int, int]]] | None = None):
         self.folder = Path(folder)
         self.units = sorted(numels)
         self.numels = dict(numels)
         self.writers = writers
+        self.cuts = {k: list((cuts or {}).get(k) or [(0, n)]) for k, n in self.numels.items()}
+        for k, pieces in self.cuts.items():
+            if any((hi - lo) % writers for lo, hi in pieces) or sum(hi - lo for lo, hi in pieces) != self.numels[k]:
+                raise ModelError(f"unit {k}: pieces {pieces} do not split its {self.numels[k]} elements into "
+                                 f"{writers} equal shares each; this is a bug in zo2.")
         mine = range(writers) if writer is None else [writer]
         self.entries = [(k, w) for k in self.units for w in mine]
         self._entry = {e: i for i, e in enumerate(self.entries)}
@@ -65,9 +80,25 @@ class SlicedNvme:
             self._unlock()
             raise
 
+    def parts(self, unit: int, writer: int) -> list[tuple[int, int]]:
+        """The ranges [lo, hi) of unit ``unit``'s flat buffer that writer ``writer``'s slice holds, in its file's
+        order: its share of each cut."""
+        return [(lo + a, lo + b) for lo, hi in self.cuts[unit] for a, b in [share_bounds(hi - lo, writer,
+                                                                                           self.writers)]]
+
     def bounds(self, unit: int, writer: int) -> tuple[int, int]:
-        """The range [lo, hi) of unit ``unit``'s flat buffer that writer ``writer``'s slice holds."""
-        return share_bounds(self.numels[unit], writer, self.writers)
+        """The range [lo, hi) of unit ``unit``'s flat buffer that writer ``writer``'s slice holds (a unit sliced
+        contiguously)."""
+        (part,) = self.parts(unit, writer)
+        return part
+
+    def slice_of(self, unit: int, writer: int, flat: torch.Tensor) -> torch.Tensor:
+        """Writer ``writer``'s slice of ``flat`` (the unit's padded buffer), as its file holds it (a view where the
+        slice is one range)."""
+        parts = self.parts(unit, writer)
+        if len(parts) == 1:
+            return flat[parts[0][0] : parts[0][1]]
+        return torch.cat([flat[lo:hi] for lo, hi in parts])
 
     def entry(self, unit: int, writer: int) -> int:
         return self._entry[(unit, writer)]
@@ -83,15 +114,22 @@ class SlicedNvme:
     def read(self, unit: int, out: torch.Tensor) -> None:
         """Fill ``out`` (the unit's padded numel, the store's dtype) from every writer's slice."""
         for w in range(self.writers):
-            lo, hi = self.bounds(unit, w)
-            self.store.read(self.entry(unit, w), out[lo:hi])
+            parts = self.parts(unit, w)
+            if len(parts) == 1:
+                self.store.read(self.entry(unit, w), out[parts[0][0] : parts[0][1]])
+                continue
+            mine = torch.empty(self.numels[unit] // self.writers, dtype=out.dtype)
+            self.store.read(self.entry(unit, w), mine)
+            at = 0
+            for lo, hi in parts:
+                out[lo:hi].copy_(mine[at : at + hi - lo])
+                at += hi - lo
 
     def write(self, unit: int, flat: torch.Tensor, step: int, writers: Sequence[int] | None = None) -> None:
         """Store the slices of ``flat`` (the unit's padded buffer) as holding ``step``: every writer's, or those of
         ``writers``; each crash-safely (:meth:`NvmeStore.write`)."""
         for w in range(self.writers) if writers is None else writers:
-            lo, hi = self.bounds(unit, w)
-            self.store.write(self.entry(unit, w), flat[lo:hi], step)
+            self.store.write(self.entry(unit, w), self.slice_of(unit, w, flat), step)
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +157,38 @@ class SlicedNvme:
                 self.close(remove=True)
         except Exception:
             pass
+
+
+@dataclass
+class NodeFiles:
+    """A node's NVMe files of some units, as one of its processes streams them (zo2.offload.nvme_homes): unit k of
+    them is the files' unit ``homes[k]``, laid out by ``layouts[k]``."""
+
+    mine: SlicedNvme
+    """This process's slices (its store's entry k: unit k's slice)."""
+    layouts: list
+    homes: list[int]
+    writer: int
+    whole: SlicedNvme | None = None
+    """Every writer's slices (whole units: snapshots, loaders), with several writers."""
+    owner: SlicedNvme | None = None
+    """A torchrun node's first process: the files it made, locks and deletes at the end."""
+    marks: Any = None
+    """Under the scheduler: the node store's markers of this process's writes (zo2.offload.tiered.SliceMarks)."""
+
+    @property
+    def numels(self) -> list[int]:
+        """Each unit's whole padded numel."""
+        return [self.mine.numels[h] for h in self.homes]
+
+
+def cuts_digest(cuts: Mapping[int, Sequence[tuple[int, int]]] | None) -> str:
+    """A short hash of files' cuts by piece ("" for files sliced contiguously): a worker streaming a node's files
+    one matrix at a time checks it cuts them as the scheduler did."""
+    if not cuts:
+        return ""
+    text = json.dumps(sorted((k, [list(c) for c in v]) for k, v in cuts.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def slice_numels(layouts: Mapping[int, Sequence[Segment]], pad_to: int) -> dict[int, int]:

@@ -60,13 +60,18 @@ def piece_bounds(ranges: Sequence[tuple[int, int]], numel: int) -> list[tuple[in
     return list(zip(cuts, cuts[1:]))
 
 
+def unit_pieces(slots: Sequence[Any], layout: Sequence[Any], numel: int) -> list[tuple[int, int]]:
+    """The pieces of a unit whose parameters ``slots`` read, laid out by ``layout`` in a buffer of ``numel``."""
+    return piece_bounds(module_ranges(slots, layout), numel)
+
+
 def piece_store(store: ParameterStore, units: Sequence[Any]) -> "PieceStore":
     """The pieces of every streamed unit's block of ``store`` (one per module holding its parameters, plus the
     padding after it), numbered block after block in ``units``' order."""
     pieces = []
     for u in units:
         layout = store.layout(u.store_index)
-        bounds = piece_bounds(module_ranges(u.slots, layout), store.flat(u.store_index).numel())
+        bounds = unit_pieces(u.slots, layout, store.flat(u.store_index).numel())
         pieces += [(u.store_index, lo, hi) for lo, hi in bounds]
     return PieceStore(store, pieces)
 

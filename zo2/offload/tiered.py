@@ -216,6 +216,8 @@ class FileHome:
     layouts: list
     whole: SlicedNvme | None = None
     barrier: Callable[[], None] | None = None
+    writer: int = 0
+    """This process's slice of the node's files (with ``whole``)."""
 
     @property
     def store(self) -> NvmeStore:
@@ -250,7 +252,7 @@ class FileHome:
                 buf = scratch[: self.store.file_bytes(k)]
                 self.streamer.run(lambda: self.store.read(k, buf))
                 return self.store.typed(k, buf)
-            flat = torch.empty(self.streamer.whole[k], dtype=self.store.dtype)
+            flat = torch.empty(self.whole.numels[self.whole.units[k]], dtype=self.store.dtype)
             self.streamer.run(lambda: self.whole.read(self.whole.units[k], flat))
             return flat
 
@@ -275,11 +277,11 @@ class FileHome:
                 buf = scratch[: self.store.file_bytes(k)]
                 flat = self.store.typed(k, buf)
             else:  # the whole unit is filled, this process's slice written
-                flat = torch.empty(self.streamer.whole[k], dtype=self.store.dtype)
-                lo, hi = self.streamer.ranges[k]
-                buf = flat[lo:hi]
+                flat = torch.empty(self.whole.numels[self.whole.units[k]], dtype=self.store.dtype)
             flat.zero_()  # the alignment gaps between parameters
             fill(ParameterStore.views(flat, self.layouts[k]))
+            if self.whole is not None:
+                buf = self.whole.slice_of(self.whole.units[k], self.writer, flat)
             self.streamer.run(lambda: self.store.write(k, buf, unit.applied))
             self._held[unit.name] = unit.applied
         self.streamer.invalidate()

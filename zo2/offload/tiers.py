@@ -131,8 +131,6 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
         raise
     if plan.nvme and stateful:
         _refuse_state(inputs.optimizer)
-    if plan.nvme and plan.granularity == "matrix" and comm is not None and comm.local_size > 1:
-        _refuse_matrix(f"with {comm.local_size} processes per node", inputs.config.stream_granularity)
     blocks = [u for u in inputs.units if u.kind == "block"]
     if any(not blocks[i].owned for i in plan.nvme):
         raise ConfigError(f"{len(plan.nvme)} blocks do not fit offload.host_memory_budget, but the NVMe tier homes "
@@ -145,14 +143,6 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
                           "offload.host_memory_budget have frozen parameters. Raise offload.host_memory_budget, or "
                           "run zo2 train.")
     return plan
-
-
-def _refuse_matrix(where: str, granularity: str) -> None:
-    raise ConfigError(f"offload.nvme_path: {where} the NVMe tier's files are the node's, cut in one slice per "
-                      "process, and stream whole blocks; one matrix at a time from NVMe runs with one process per "
-                      f"node (zo2 train, or zo2 launch with one worker). The blocks stream one matrix at a time (optim.stream_granularity = "
-                      f"{granularity!r}): set optim.stream_granularity = 'block', or raise "
-                      "offload.host_memory_budget.")
 
 
 def _refuse_state(optimizer: Any) -> None:
@@ -175,8 +165,12 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
         raise ConfigError("The NVMe tier holds trainable weights only, but blocks the scheduler homed on NVMe have "
                           "frozen parameters (a PEFT model's base weights). Raise offload.host_memory_budget, or "
                           "fine-tune all weights.")
-    if on_nvme and plan.granularity == "matrix" and spec.writers > 1:
-        _refuse_matrix(f"under zo2 launch with {spec.writers} workers per node", inputs.config.stream_granularity)
+    if on_nvme and plan.granularity == "matrix" and spec.writers > 1 and not getattr(spec, "nvme_cuts", ""):
+        raise ConfigError(f"offload.nvme_path: this worker's plan streams one matrix at a time "
+                          f"(optim.stream_granularity = {inputs.config.stream_granularity!r} chose it for the "
+                          f"device budget), but the scheduler cut its NVMe files for {spec.writers} workers "
+                          "streaming whole blocks. Set optim.stream_granularity = 'matrix' (the scheduler then cuts "
+                          "them by matrix) or 'block', or raise optim.gpu_memory_budget.")
     moved = [i for i in plan.resident if i in set(on_nvme)]
     if moved:
         plan.resident = [i for i in plan.resident if i not in set(moved)]

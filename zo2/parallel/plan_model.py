@@ -119,16 +119,14 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                      pcie_s=mem.streamed * per_block["pcie"] + fill, nvlink_s=mem.streamed * per_block["nvlink"],
                      host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm, nvme_s=tiers.nvme * nvme)
     bound = _bound(per_block, tiers, nvme, mem.resident * res_compute + head, fill, comm)
-    refused = ("with several processes per node the NVMe tier streams whole blocks: not yet with --granularity "
-               "matrix" if tiers.nvme and work.granularity == "matrix" and layout.gpus_per_node > 1 else "")
-    notes = [n for n in (mem.note, tiers.note, refused) if n]
+    notes = [n for n in (mem.note, tiers.note) if n]
     block = shape.block_params * DTYPE_BYTES[work.dtype] * (1 if layout.sliced else layout.gpus_per_node)
     speedup = (baseline_step_s / step) if baseline_step_s else 1.0
     return Prediction(name=layout.name, strategy=layout.strategy, gpus_per_node=layout.gpus_per_node,
                       nodes=layout.nodes, dp=layout.dp, pp=layout.pp, sliced=layout.sliced, mode=mem.mode,
                       resident_blocks=mem.resident, streamed_blocks=mem.streamed, step_s=step,
                       tokens_per_s=work.tokens / step, speedup=speedup, bound=bound, gpu_mem_gb=mem.peak / GB,
-                      host_mem_gb=tiers.host_bytes / GB, breakdown=busy, fits=mem.fits and not tiers.note and not refused,
+                      host_mem_gb=tiers.host_bytes / GB, breakdown=busy, fits=mem.fits and not tiers.note,
                       notes=notes, nvme_blocks=tiers.nvme, nvme_read_gb=tiers.nvme * block / GB,
                       nvme_written_gb=tiers.nvme * block / work.writeback_every / GB)
 
