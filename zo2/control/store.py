@@ -205,12 +205,12 @@ class NodeStore:
         """The ranges of the unit's buffer that writer ``writer`` writes back, or None where that depends on a
         plan no worker has reported yet (with several writers, one matrix at a time a writer writes its share of
         every piece, by block one range)."""
+        from zo2.offload.nvme_slices import share_parts
         from zo2.offload.pieces import unit_pieces
-        from zo2.offload.store import share_bounds
 
         if self.on_nvme(unit):
             return self.nvme.files.parts(unit, writer)
-        whole = [share_bounds(self.numel(unit), writer, self.writers)]
+        whole = share_parts([(0, self.numel(unit))], writer, self.writers)
         if self.writers == 1 or self.config.stream_granularity == "block":
             return whole
         if self.by_piece is None:
@@ -218,7 +218,7 @@ class NodeStore:
         if unit not in self.by_piece:
             return whole
         pieces = unit_pieces(self.units[unit].slots, self.store.layout(unit), self.numel(unit))
-        return [(lo + a, lo + b) for lo, hi in pieces for a, b in [share_bounds(hi - lo, writer, self.writers)]]
+        return share_parts(pieces, writer, self.writers)
 
     # ------------------------------------------------------------------ repair
     def bring_to(self, step: int, records: Sequence[dict], snapshot: Any, fill_base: Any, device: torch.device,

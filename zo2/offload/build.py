@@ -22,8 +22,8 @@ from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbyt
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
 from zo2.offload.pieces import PieceMarkers, PieceStore, RingStreamer, piece_store, piecewise_residence
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
-from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, pack_layout, remove_stale_stores, repoint,
-                               shared_store_name)
+from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, node_writers, pack_layout, remove_stale_stores,
+                               repoint, shared_store_name)
 from zo2.models.units import shared_names
 from zo2.offload.arith import formed_numel, materializes_directions, point_bytes, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence, set_writeback_every
@@ -97,14 +97,6 @@ def _build_store(inputs: "OffloadInputs", blocks: list, dtype: torch.dtype, devi
     return ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
 
 
-def _writer(inputs: "OffloadInputs") -> tuple[int, int]:
-    """(this process's index among the node's writers, their count)."""
-    comm = inputs.comm
-    if comm is None or comm.local_size == 1:
-        return 0, 1
-    return comm.local_rank, comm.local_size
-
-
 def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[ParameterStore, StoreMarkers]:
     """Map the scheduler's node store (every unit, in unit order) and its markers; the parameters become views
     of it."""
@@ -113,7 +105,7 @@ def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[Para
     if spec.units != len(units):
         raise ModelError(f"The node store holds {spec.units} units but this model has {len(units)}: the scheduler "
                          "and the workers built different models. Run them from the same config.")
-    _, writers = _writer(inputs)
+    _, writers = node_writers(inputs.comm)
     if writers > 1 and not _sliced(inputs):
         raise ModelError("Several workers of one node share the scheduler's store only with sliced transfers; set "
                          "optim.sliced_transfers = true.")
@@ -377,7 +369,7 @@ def _stream_from_node_store(inputs: OffloadInputs, store: ParameterStore, stream
         return None
     streamer = _streamer(inputs, store, streamed, device, matrix)
     streamer.markers = PieceMarkers(markers, streamer.store) if matrix else markers
-    streamer.writer = _writer(inputs)[0]
+    streamer.writer = node_writers(inputs.comm)[0]
     return streamer
 
 
@@ -429,7 +421,7 @@ def _settle_units(inputs: OffloadInputs, store: ParameterStore | None, streamer:
                   markers: StoreMarkers | None, device: torch.device, nvme: FileHome | None = None,
                   frozen: FrozenPieces | None = None) -> list[Residence]:
     """Give every unit its residence, layout and segment tables (resident units are packed on the device)."""
-    writer, writers = _writer(inputs)
+    writer, writers = node_writers(inputs.comm)
     resident = DeviceResidence(device, store if inputs.store_spec is not None else None, markers, writer, writers)
     streamed = None
     if streamer is not None:

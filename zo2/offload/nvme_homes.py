@@ -27,9 +27,8 @@ from zo2.offload.nvme_pieces import nvme_piece_residence
 from zo2.offload.nvme_slices import NodeFiles, SlicedNvme, cuts_digest, slice_numels
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer, unit_pieces
-from zo2.offload.store import ALIGN, pack_layout, repoint, shared_store_name
-from zo2.offload.tiered import (NvmeResidence, NvmeStreamer, SliceMarks, _writer, build_nvme_tier, nvme_files,
-                                tier_engine)
+from zo2.offload.store import ALIGN, node_writers, pack_layout, repoint, shared_store_name
+from zo2.offload.tiered import NvmeResidence, NvmeStreamer, SliceMarks, build_nvme_tier, nvme_files, tier_engine
 
 
 def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
@@ -107,13 +106,12 @@ def node_files(inputs: Any, units: Sequence[Any], device: torch.device, engine: 
     the files the node's first process makes here (the folder's lock, the stale files of dead jobs removed, the
     disk checked; it deletes them when its engine goes), each process then writing its slice of the weights it
     holds. One matrix at a time (``matrix``) with several writers, a writer's slice is its share of every piece
-    (zo2.offload.nvme_slices); the scheduler cut its files the same way (``spec.nvme_pieces``)."""
+    (zo2.offload.nvme_slices); the scheduler cut its files the same way (``spec.nvme_cuts``, their digest)."""
     spec, comm = inputs.store_spec, inputs.comm
     layouts = [pack_layout([(n, inputs.params[n]) for n in u.owned]) for u in units]
     if spec is not None:
-        homes, writers, pad_to, dtype, name = [u.home for u in units], spec.writers, spec.pad_to, spec.torch_dtype, \
-            spec.name
-        folder = spec.nvme_path
+        homes, writers, pad_to = [u.home for u in units], spec.writers, spec.pad_to
+        dtype, name, folder = spec.torch_dtype, spec.name, spec.nvme_path
     else:
         dtypes = {inputs.params[n].dtype for u in units for n in u.owned}
         if len(dtypes) != 1:
@@ -129,7 +127,7 @@ def node_files(inputs: Any, units: Sequence[Any], device: torch.device, engine: 
         raise ModelError("This worker cuts the node's NVMe files by matrix differently from the scheduler (its model "
                          "or optim.stream_granularity differs): start the workers from the scheduler of the same "
                          "config.")
-    writer = _writer(comm)
+    writer = node_writers(comm)[0]
     owner = None if spec is not None else _make_shared_files(inputs, folder, name, numels, dtype, engine, cuts)
     mine = SlicedNvme(folder, name, numels, dtype, writers, engine=engine, pin=device.type == "cuda", writer=writer,
                       cuts=cuts)

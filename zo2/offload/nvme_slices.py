@@ -34,6 +34,12 @@ from zo2.offload.store import Segment, layout_numel, remove_stale_stores, share_
 log = logging.getLogger("zo2.offload")
 
 
+def share_parts(cuts: Sequence[tuple[int, int]], writer: int, writers: int) -> list[tuple[int, int]]:
+    """Writer ``writer``'s share of each of ``cuts`` (ranges of a buffer, each a multiple of ``writers`` long), in
+    order: what it moves of a unit streamed a piece at a time with sliced transfers."""
+    return [(lo + a, lo + b) for lo, hi in cuts for a, b in [share_bounds(hi - lo, writer, writers)]]
+
+
 def slice_stem(name: str, unit: int, writer: int) -> str:
     """The file stem of writer ``writer``'s slice of unit ``unit`` of the shared store ``name``."""
     return f"{name}-unit{unit}-w{writer}"
@@ -83,8 +89,7 @@ class SlicedNvme:
     def parts(self, unit: int, writer: int) -> list[tuple[int, int]]:
         """The ranges [lo, hi) of unit ``unit``'s flat buffer that writer ``writer``'s slice holds, in its file's
         order: its share of each cut."""
-        return [(lo + a, lo + b) for lo, hi in self.cuts[unit] for a, b in [share_bounds(hi - lo, writer,
-                                                                                           self.writers)]]
+        return share_parts(self.cuts[unit], writer, self.writers)
 
     def bounds(self, unit: int, writer: int) -> tuple[int, int]:
         """The range [lo, hi) of unit ``unit``'s flat buffer that writer ``writer``'s slice holds (a unit sliced

@@ -15,7 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import psutil
 import torch
@@ -256,6 +256,14 @@ class ParameterStore:
             self.close()
         except Exception:
             pass
+
+
+def node_writers(comm: Any) -> tuple[int, int]:
+    """(this process's index among its node's writers, their count): the processes that each write back one
+    slice of every unit with sliced transfers; (0, 1) for a node's only process."""
+    if comm is None or comm.local_size == 1:
+        return 0, 1
+    return comm.local_rank, comm.local_size
 
 
 def share_bounds(numel: int, index: int, count: int) -> tuple[int, int]:

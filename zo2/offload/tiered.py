@@ -385,6 +385,3 @@ def host_blocks(blocks: Sequence[list], nvme_units: Sequence[int]) -> list[list]
     return [[] if k in on_nvme else list(b) for k, b in enumerate(blocks)]
 
 
-def _writer(comm: Any) -> int:
-    """This process's index among its node's writers (0 for a node's only process)."""
-    return comm.local_rank if comm is not None and comm.local_size > 1 else 0
