@@ -254,6 +254,50 @@ def test_two_workers_stream_their_share_of_every_nvme_matrix_and_equal_zo2_train
     assert scheduler_files(folder) == []
 
 
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    """zo2 train of the same job with LoRA, every block in host memory."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
+    run_dir = tmp_path_factory.mktemp("lora_reference") / "run"
+    train_job(job(run_dir, "peft.method=lora"), quiet=True)
+    return run_dir
+
+
+@pytest.mark.parametrize("granularity", ["block", pytest.param("matrix", marks=pytest.mark.slow)])
+def test_lora_under_zo2_launch_keeps_the_workers_base_on_nvme_and_equals_zo2_train(tmp_path, lora_reference,
+                                                                                   granularity):
+    """LoRA under zo2 launch with one worker: the scheduler places blocks by their adapters and base weights
+    together, homes the adapters of those past the host budget in its files, and the worker keeps their base
+    weights in files of its own (frozen-<k>) beside them; a kill of the worker mid-write of an NVMe-homed block
+    is repaired, the next worker writes its base files again. Logs and adapters equal zo2 train's without NVMe;
+    no file is left in the folder at the end."""
+    folder = tmp_path / "nvme"
+    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), "peft.method=lora",
+                                f"optim.stream_granularity={granularity}", fault="0:4:7")
+    on_nvme = seen["spec"].nvme_units
+    assert on_nvme and 7 in on_nvme and min(on_nvme) > 1, on_nvme  # some blocks in shared memory, some on NVMe
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["step"] == 4, repair
+    assert logged(tmp_path / "run") == logged(lora_reference)
+    weights = final_weights(tmp_path / "run")
+    assert weights and all("lora_" in n for n in weights)
+    assert_same(weights, final_weights(lora_reference))
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+
+
+def test_lora_with_two_workers_and_its_base_past_the_host_budget_is_refused_before_any_file_is_made(tmp_path):
+    from zo2.errors import ConfigError
+
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
+    folder = tmp_path / "nvme"
+    sched = Scheduler(job(tmp_path / "run", *nvme(folder), "peft.method=lora", "parallel.pp=2"), workers=2,
+                      quiet=True)
+    with pytest.raises(ConfigError, match="2 workers per node.*one worker per node"):
+        sched.run()
+    assert not [p for p in folder.glob("zo2-node-*")] and not [p for p in Path("/dev/shm").glob(
+        f"zo2-node-{os.getpid()}-*")]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torchrun: several processes on one node, no scheduler
 # ----------------------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_several_processes_per_node_refuse_the_base_on_nvme_with_the_fix():
     from zo2.offload.nvme_homes import _frozen_files
 
     inputs = SimpleNamespace(tiers=SimpleNamespace(nvme_path="/nowhere"), config=SimpleNamespace(prefetch=1))
-    with pytest.raises(ConfigError, match="single process.*host_memory_budget"):
+    with pytest.raises(ConfigError, match="one process per node.*host_memory_budget"):
         _frozen_files(inputs, [["slot"]], torch.device("cpu"), single=False)
 
 
@@ -196,3 +196,15 @@ def test_whole_frozen_blocks_past_the_host_budget_are_refused_with_the_fix(tmp_p
     with pytest.raises(ConfigError, match="host_memory_budget.*peft.method = 'lora'"):
         tiered(model, tmp_path, host_blocks=2)
     assert not list(tmp_path.glob("*.json"))  # before any file was made
+
+
+def test_the_folders_owner_removes_base_files_a_killed_process_left(tmp_path):
+    """zo2 launch: a worker killed last leaves its base weights' files; the scheduler removes them when it closes,
+    and nothing else."""
+    from zo2.offload.nvme_frozen import remove_frozen_files
+
+    for name in ("frozen-0.a", "frozen-0.json", "frozen-12.a", "frozen-12.json", "zo2-node-1-ab-unit3-w0.a",
+                 "frozen-notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    remove_frozen_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frozen-notes.txt", "zo2-node-1-ab-unit3-w0.a"]

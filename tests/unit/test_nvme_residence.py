@@ -436,3 +436,22 @@ def test_the_node_store_refuses_optimizer_state_on_nvme_before_making_files(tmp_
     with pytest.raises(ConfigError, match="optimizer state"):
         NodeStore(model, job.optim, 1, job.offload)
     assert not (tmp_path / "nvme").exists()
+
+
+@pytest.mark.parametrize("method, workers, match", [("prompt", 1, "prompt or prefix tuning freezes whole blocks"),
+                                                    ("lora", 2, "2 workers per node.*one worker per node")])
+def test_the_node_store_refuses_a_base_on_nvme_it_cannot_stream_before_making_files(tmp_path, method, workers,
+                                                                                     match):
+    """zo2 launch with [peft]: blocks are placed by their adapters and base weights together; those past the host
+    budget are refused where the NVMe tier cannot home them (whole-frozen blocks; a base with several workers)."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
+    from zo2.config import load_config
+    from zo2.control.store import NodeStore
+    from zo2.train.build import build_job_model, build_tokenizer
+
+    job = load_config("tiny-opt", overrides=[f"peft.method={method}", f"offload.nvme_path={tmp_path / 'nvme'}",
+                                             "offload.host_memory_budget=1000000", "model.num_layers=6"])
+    model = build_job_model(job, build_tokenizer(job))
+    with pytest.raises(ConfigError, match=match):
+        NodeStore(model, job.optim, workers, job.offload, frozen_base=True)
+    assert not (tmp_path / "nvme").exists()

@@ -20,6 +20,7 @@ import torch
 
 from zo2.errors import ConfigError, ResourceError
 from zo2.offload.nvme import open_engine, round_up
+from zo2.offload.nvme_frozen import remove_frozen_files
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.pieces import unit_pieces
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units, repoint
@@ -60,9 +61,12 @@ def place_units(units: Sequence[Any], unit_bytes: Sequence[int], tiers: Any, pre
     return blocks[host:]
 
 
-def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool) -> None:
+def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, writers: int = 1,
+                   whole_frozen: bool = False) -> None:
     """ConfigError for what the NVMe tier cannot hold yet, when ``on_nvme`` units were placed there (before any
-    file is made)."""
+    file is made); ``frozen_base``: some of them have frozen base weights (the workers' own, [peft]);
+    ``writers``: the workers per node; ``whole_frozen``: some have no trainable parameter (prompt or prefix
+    tuning)."""
     if not on_nvme:
         return
     if optimizer.state_names:
@@ -70,10 +74,16 @@ def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool) ->
                           f"keeps {', '.join(optimizer.state_names)}; {len(on_nvme)} blocks of the node store do not "
                           "fit offload.host_memory_budget. Use zo-sgd, zo-sgd-sign or zo-sgd-conservative, or raise "
                           "offload.host_memory_budget.")
-    if frozen_base:
-        raise ConfigError("offload.nvme_path: with [peft] the node store holds the adapters only, and the NVMe tier "
-                          f"does not stream a block's frozen base weights; {len(on_nvme)} blocks do not fit "
-                          "offload.host_memory_budget. Raise it.")
+    if whole_frozen:
+        raise ConfigError(f"offload.nvme_path: {len(on_nvme)} blocks do not fit offload.host_memory_budget, but the "
+                          "NVMe tier homes blocks that have trainable parameters (LoRA's adapters, or all of a "
+                          "block's weights), and prompt or prefix tuning freezes whole blocks. Raise "
+                          "offload.host_memory_budget so they fit in host memory, or use peft.method = 'lora'.")
+    if frozen_base and writers > 1:
+        raise ConfigError(f"offload.nvme_path: with [peft] and {writers} workers per node, {len(on_nvme)} blocks do "
+                          "not fit offload.host_memory_budget, and the NVMe tier holds a PEFT model's frozen base "
+                          "weights (each worker's own files) with one worker per node only. Raise "
+                          "offload.host_memory_budget, or run one worker per node.")
 
 
 class NodeNvme:
@@ -152,5 +162,9 @@ class NodeNvme:
         return deferred_units({k: self.layouts[k] for k in self.units}, self.dtype, self.read)
 
     def close(self) -> None:
-        """Delete the files and release the folder."""
-        self.files.close(remove=True)
+        """Delete the files (and the base weights' files a worker killed last left, [peft]) and release the
+        folder."""
+        try:
+            remove_frozen_files(self.folder)
+        finally:
+            self.files.close(remove=True)

@@ -75,6 +75,12 @@ class StoreSpec:
 
 
 
+def _frozen_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the frozen (requires_grad=False) parameters under ``module`` (meta ones too: their shapes)."""
+    frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return sum(p.numel() * p.element_size() for p in frozen.values())
+
+
 class NodeStore:
     """The scheduler's side of the node store: create it for ``model``, fill it, snapshot and repair it.
 
@@ -102,7 +108,8 @@ class NodeStore:
             for p in params.values():
                 if p.dtype != storage:
                     p.data = p.data.to(storage)
-        self.units = build_units(adapter_for(model), params, type(model).__name__)
+        adapter = adapter_for(model)
+        self.units = build_units(adapter, params, type(model).__name__)
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) != 1:
             raise ResourceError(f"The model's trainable weights mix dtypes {sorted(map(str, dtypes))}; the node "
@@ -114,7 +121,9 @@ class NodeStore:
         """Every unit's layout (an NVMe-homed unit's buffer in the shared store is empty)."""
         self.optimizer = build_optimizer(config)
         names = self.optimizer.state_names
-        on_nvme = self._place(tiers, dtype, writers, frozen_base)
+        frozen = [_frozen_bytes(adapter.blocks()[u.index]) if frozen_base and u.kind == "block" else 0
+                  for u in self.units]  # the workers' own base weights of each block: host memory or files too
+        on_nvme = self._place(tiers, dtype, writers, frozen)
         by_piece = {k: self.units[k].slots for k in on_nvme} if config.stream_granularity == "matrix" else None
         self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in on_nvme}, dtype, writers,
                              writers * ALIGN, by_piece) if on_nvme else None  # the folder's lock and disk first
@@ -132,15 +141,18 @@ class NodeStore:
                               layout_digest(self.layouts), names, str(self.nvme.folder) if self.nvme else None,
                               tuple(on_nvme), cuts_digest(self.nvme.cuts) if self.nvme else "")
 
-    def _place(self, tiers: Any, dtype: torch.dtype, writers: int, frozen_base: bool) -> list[int]:
-        """The units homed on NVMe (none without ``tiers.nvme_path``); ConfigError where the job cannot have any."""
+    def _place(self, tiers: Any, dtype: torch.dtype, writers: int, frozen: Sequence[int]) -> list[int]:
+        """The units homed on NVMe (none without ``tiers.nvme_path``), each one's bytes counted with its frozen
+        base weights (``frozen``: the workers keep those in host memory, or in files beside these on NVMe);
+        ConfigError where the job cannot have any."""
         if tiers is None or tiers.nvme_path is None:
             return []
         itemsize = torch.empty((), dtype=dtype).element_size()
         pad = writers * ALIGN
-        sizes = [-(-layout_numel(layout) // pad) * pad * itemsize for layout in self.layouts]
+        sizes = [-(-layout_numel(layout) // pad) * pad * itemsize + f for layout, f in zip(self.layouts, frozen)]
         on_nvme = place_units(self.units, sizes, tiers, self.config.prefetch, writers)
-        check_nvme_job(on_nvme, self.optimizer, frozen_base)
+        check_nvme_job(on_nvme, self.optimizer, any(frozen[k] for k in on_nvme), writers,
+                       whole_frozen=any(frozen[k] and not self.units[k].owned for k in on_nvme))
         return on_nvme
 
     @property

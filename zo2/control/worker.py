@@ -205,7 +205,12 @@ class Worker:
         self.comm.barrier()  # nobody touches the store before the snapshot is written
 
     def close(self) -> None:
-        self.comm.close()
+        """End of the worker: its engine's I/O ends and its own files go (a PEFT base's, zo2.offload.nvme_frozen);
+        the node's files are the scheduler's."""
+        try:
+            self.engine.close()
+        finally:
+            self.comm.close()
 
     # ------------------------------------------------------------------ fault injection (tests)
     def _arm_fault(self) -> None:

@@ -25,6 +25,7 @@ is ever saved: a resumed run fills the files again.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,6 +36,18 @@ from zo2.offload.nvme import NvmeStore
 from zo2.offload.nvme_io import aligned_empty
 from zo2.offload.store import ParameterStore, pack_layout, repoint
 from zo2.offload.tiers import staging_buffers
+
+
+FROZEN_STEM = "frozen-"
+"""The files' names: ``frozen-<k>.a`` and its marker ``frozen-<k>.json``, block k of the NVMe-homed ones."""
+
+
+def remove_frozen_files(folder: str | Path) -> None:
+    """Delete the frozen weights' files a process left in ``folder`` (one killed before its clean-up): the
+    folder's owner does it when it closes; a run fills them again at its start anyway."""
+    for path in Path(folder).glob(f"{FROZEN_STEM}*"):
+        if path.suffix in (".a", ".json"):
+            path.unlink(missing_ok=True)
 
 
 class FrozenFiles:
@@ -49,7 +62,7 @@ class FrozenFiles:
                                                         "optim.compute_dtype to cast them)")
         self.layouts = [pack_layout(block) for block in params]
         self.files = NvmeStore(folder, self.layouts, self.dtype, engine=engine, pin=pin, versions=1,
-                               names=[f"frozen-{k}" for k in range(len(self.layouts))])
+                               names=[f"{FROZEN_STEM}{k}" for k in range(len(self.layouts))])
         size = max((self.files.file_bytes(k) for k in range(len(self.files))), default=0)
         self.staging = [aligned_empty(size, pin=pin) for _ in range(staging_buffers(prefetch))]
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-nvme-frozen")

@@ -42,7 +42,9 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
     ``beside_frozen``, where there is one."""
     if not units:
         return None
-    single = inputs.store_spec is None and (inputs.comm is None or inputs.comm.local_size == 1)
+    spec, comm = inputs.store_spec, inputs.comm
+    single = spec is None and (comm is None or comm.local_size == 1)
+    one_writer = single or (spec is not None and spec.writers == 1)  # a PEFT base in files of its own
     engine, prefetch = tier_engine(inputs, units), inputs.config.prefetch
     node = None if single else node_files(inputs, units, device, engine, matrix)
     if not matrix:
@@ -50,35 +52,38 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
             residence = build_nvme_tier(units, inputs.params, inputs.tiers.nvme_path, device, prefetch, engine)
         else:
             residence = _node_blocks(inputs, node, units, device)
-        residence.frozen_files = _frozen_files(inputs, frozen, device, single)
+        residence.frozen_files = _frozen_files(inputs, frozen, device, one_writer)
         residence.streamer.attach_frozen(residence.frozen_files)
         return residence
     ring = beside.ring if isinstance(beside, RingStreamer) else None
-    if node is not None:
-        residence = nvme_piece_residence(node.mine.store, units, device, prefetch, ring, node=node, comm=inputs.comm)
-        residence.streamer.marks, residence.owner = node.marks, node.owner
-        return residence
-    store = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, engine)
-    files = _frozen_files(inputs, frozen, device, single)
+    if node is None:
+        store, extra = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, engine), {}
+    else:
+        store, extra = node.mine.store, {"node": node, "comm": comm}
+    files = _frozen_files(inputs, frozen, device, one_writer)
     pieces = None
     if files is not None:
         roots = {k: inputs.adapter.blocks()[u.index] for k, u in enumerate(units)}
         shared = beside_frozen.streamer.ring if beside_frozen is not None else None
         pieces = FrozenPieces(files, roots, device, prefetch, ring=shared)
-    residence = nvme_piece_residence(store, units, device, prefetch, ring, pieces)
+    residence = nvme_piece_residence(store, units, device, prefetch, ring, pieces, **extra)
     residence.frozen_files = files
+    if node is not None:
+        residence.streamer.marks, residence.owner = node.marks, node.owner
     return residence
 
 
 def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.device, single: bool
                   ) -> FrozenFiles | None:
-    """The NVMe-homed blocks' frozen weights in files (None when they have none); a single process only."""
+    """The NVMe-homed blocks' frozen weights in files (None when they have none); one process per node only
+    (``single``: zo2 train, or zo2 launch with one worker)."""
     if not frozen or not any(frozen):
         return None
     if not single:
-        raise ConfigError("The NVMe tier holds a PEFT model's frozen base weights in a single process (zo2 train); "
-                          "with several processes per node the blocks that do not fit offload.host_memory_budget "
-                          "must have no frozen parameters. Raise offload.host_memory_budget, or run zo2 train.")
+        raise ConfigError("The NVMe tier holds a PEFT model's frozen base weights with one process per node (zo2 "
+                          "train, or zo2 launch with one worker); with several processes per node the blocks that "
+                          "do not fit offload.host_memory_budget must have no frozen parameters. Raise "
+                          "offload.host_memory_budget, or run one process per node.")
     return FrozenFiles(inputs.tiers.nvme_path, frozen, tier_engine(inputs, []), pin=device.type == "cuda",
                        prefetch=inputs.config.prefetch)
 

@@ -138,10 +138,10 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
                           "prompt or prefix tuning freezes whole blocks. Raise offload.host_memory_budget so they fit "
                           "in host memory, or use peft.method = 'lora'.")
     if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
-        raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights in a single process (zo2 train), "
-                          f"but with {comm.local_size} processes per node the blocks that do not fit "
-                          "offload.host_memory_budget have frozen parameters. Raise offload.host_memory_budget, or "
-                          "run zo2 train.")
+        raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights with one process per node (zo2 "
+                          f"train, or zo2 launch with one worker), but with {comm.local_size} processes per node the "
+                          "blocks that do not fit offload.host_memory_budget have frozen parameters. Raise "
+                          "offload.host_memory_budget, or run one process per node.")
     return plan
 
 
@@ -161,10 +161,10 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
         return plan
     block_units = [k for k, u in enumerate(inputs.units) if u.kind == "block"]
     on_nvme = [i for i, k in enumerate(block_units) if k in homes]
-    if any(frozen[i] for i in on_nvme):
-        raise ConfigError("The NVMe tier holds trainable weights only, but blocks the scheduler homed on NVMe have "
-                          "frozen parameters (a PEFT model's base weights). Raise offload.host_memory_budget, or "
-                          "fine-tune all weights.")
+    if any(frozen[i] for i in on_nvme) and spec.writers > 1:
+        raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights with one worker per node, but "
+                          f"blocks the scheduler homed on NVMe for {spec.writers} workers have frozen parameters. "
+                          "Raise offload.host_memory_budget, or run one worker per node.")
     if on_nvme and plan.granularity == "matrix" and spec.writers > 1 and not getattr(spec, "nvme_cuts", ""):
         raise ConfigError(f"offload.nvme_path: this worker's plan streams one matrix at a time "
                           f"(optim.stream_granularity = {inputs.config.stream_granularity!r} chose it for the "
