@@ -82,7 +82,8 @@ def run_scheduler(run_dir: Path, *extra: str, workers: int = 1, fault: str | Non
 
     def spawn_and_look() -> None:  # the store is complete once the workers start
         if not seen:
-            seen.update(spec=sched.node.spec, files=scheduler_files(Path(sched.node.spec.nvme_path)))
+            seen.update(spec=sched.node.spec, files=scheduler_files(Path(sched.node.spec.nvme_path)),
+                        base=sched.node.base_on_nvme)
         spawn()
 
     sched._spawn = spawn_and_look
@@ -276,6 +277,7 @@ def test_lora_under_zo2_launch_keeps_the_workers_base_on_nvme_and_equals_zo2_tra
                                 f"optim.stream_granularity={granularity}", fault="0:4:7")
     on_nvme = seen["spec"].nvme_units
     assert on_nvme and 7 in on_nvme and min(on_nvme) > 1, on_nvme  # some blocks in shared memory, some on NVMe
+    assert seen["base"] >= len(on_nvme) * BLOCK * 0.9  # their base weights, in the worker's files
     (repair,) = sched.recoveries
     assert "signal 9" in repair["why"] and repair["step"] == 4, repair
     assert logged(tmp_path / "run") == logged(lora_reference)

@@ -457,6 +457,8 @@ class Scheduler:
                          f"{self.place.nnodes} node(s); node store {self.node.nbytes / 1e9:.2f} GB in shared memory"
                          + (f" + {self.node.nvme.nbytes / 1e9:.2f} GB on NVMe in {self.node.nvme.folder}"
                             if self.node.nvme is not None else "")
+                         + (f" (and the worker's {self.node.base_on_nvme / 1e9:.2f} GB of base weights there)"
+                            if self.node.base_on_nvme else "")
                          + (f" + {self.node.state_nbytes / 1e9:.2f} GB of {self.job.optim.optimizer} state"
                             if self.node.state is not None else "") + f"; run folder {self.run_dir}")
 

@@ -124,6 +124,8 @@ class NodeStore:
         frozen = [_frozen_bytes(adapter.blocks()[u.index]) if frozen_base and u.kind == "block" else 0
                   for u in self.units]  # the workers' own base weights of each block: host memory or files too
         on_nvme = self._place(tiers, dtype, writers, frozen)
+        self.base_on_nvme = sum(frozen[k] for k in on_nvme)
+        """Bytes of the base weights the worker keeps in files of its own beside the NVMe-homed units ([peft])."""
         by_piece = {k: self.units[k].slots for k in on_nvme} if config.stream_granularity == "matrix" else None
         self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in on_nvme}, dtype, writers,
                              writers * ALIGN, by_piece) if on_nvme else None  # the folder's lock and disk first
