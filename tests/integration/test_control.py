@@ -134,7 +134,7 @@ def _kill_worker_after(steps: int, sig: int = signal.SIGKILL):
 @pytest.mark.parametrize("method", ["lora", pytest.param("prompt", marks=pytest.mark.slow),
                                     pytest.param("lora-streamed", marks=pytest.mark.slow)])
 def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_blocks_are_repaired(tmp_path, method):
-    """[peft]: the node store holds the adapter (seeded init), each worker its own frozen base; equal to zo2 train,
+    """[peft]: the node store holds the adapter (seeded init), the worker its own frozen base; equal to zo2 train,
     and (LoRA: adapters in every streamed block) a block torn mid-write-back is rebuilt exactly. lora-streamed: the
     base built on the meta device (model.stream_load = 'always') and filled by each worker on its own."""
     pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
@@ -152,6 +152,29 @@ def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_b
     if method == "lora":
         (repair,) = sched.recoveries
         assert "signal 9" in repair["why"] and repair["rebuilt"] == 1, repair
+
+
+def test_two_workers_share_one_copy_of_the_lora_base_and_equal_one_process(tmp_path):
+    """[peft] with two workers (perturbation parallelism, sliced transfers): the streamed blocks' base weights live
+    once on the node, in shared memory the first worker made (zo2.offload.frozen_setup), and the run equals zo2
+    train's; nothing is left in /dev/shm."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
+    before = {p.name for p in Path("/dev/shm").glob("zo2-node-*-frozen-*")}
+    single = tmp_path / "single"
+    train_job(job(single, "peft.method=lora"), quiet=True)
+    run_dir = tmp_path / "run"
+    seen: set[str] = set()
+
+    def look(sched: Scheduler) -> None:  # the shared base's files while the workers train
+        wait_for_steps(sched.run_dir, 2)
+        seen.update(p.name for p in Path("/dev/shm").glob("zo2-node-*-frozen-*"))
+
+    run_scheduler(run_dir, "peft.method=lora", "parallel.pp=2", workers=2, action=look)
+    made = seen - before
+    assert made and len({n.split("-frozen-")[0] for n in made}) == 1  # one store for the node's two workers
+    assert logged(run_dir) == logged(single)
+    assert_same(final_weights(run_dir), final_weights(single))
+    assert {p.name for p in Path("/dev/shm").glob("zo2-node-*-frozen-*")} <= before
 
 
 @pytest.mark.slow

@@ -84,10 +84,26 @@ def _worker(rank: int, world: int, port: int, dp: int, pp: int, cfg: dict, out: 
                     "h2d": moved.bytes_h2d if moved else 0, "d2h": moved.bytes_d2h if moved else 0,
                     "store_bytes": engine.store.nbytes if engine.store else 0,
                     "store_files": len(engine.store._paths) if engine.store else 0,
-                    "granularity": engine.plan.granularity}, f"{out}.{rank}")
+                    "granularity": engine.plan.granularity, "frozen": _frozen_store(engine)}, f"{out}.{rank}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _frozen_store(engine) -> dict | None:
+    """How this rank holds its streamed blocks' frozen weights (block: the streamer's companion store; one matrix
+    at a time: the frozen ring's store), and whether its frozen parameters point into that store."""
+    store = getattr(engine.streamer, "frozen", None)
+    for r in engine.residences:
+        if store is None and getattr(r, "frozen", None) is not None:
+            store = r.frozen.store
+    if store is None:
+        return None
+    spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in store.buffers if b.numel()]
+    inside = all(any(lo <= s.module._parameters[s.attr].data_ptr() < hi for lo, hi in spans)
+                 for slots in store.slots for s in slots)
+    return {"shared": store.shared, "owner": store.owner, "files": len(store._paths), "name": store.name,
+            "bytes": store.nbytes, "params_inside": inside}
 
 
 def _spawn(tmp_path, dp: int, pp: int, die_at: int = -1, corrupt: bool = False, **extra) -> list[dict]:
@@ -175,6 +191,28 @@ def test_sliced_matrix_streaming_of_frozen_weights_and_optimizer_state_is_exact(
     results = _spawn(tmp_path, 1, 2, offload=True, stream_granularity="matrix", **extra)
     _assert_matches(results, single_losses, single_params, base, exact=True)
     assert [res["granularity"] for res in results] == ["matrix"] * 2
+    if extra.get("lora"):
+        _assert_one_frozen_copy(results)
+
+
+def _assert_one_frozen_copy(results: list[dict]) -> None:
+    """The node's processes share one copy of the base weights: the first made it, the other mapped it, and
+    each one's frozen parameters point into it."""
+    first, other = (res["frozen"] for res in results)
+    assert first["shared"] and other["shared"] and first["name"] == other["name"] and first["bytes"] > 0
+    assert first["owner"] and first["files"] > 0 and not other["owner"] and other["files"] == 0
+    assert first["params_inside"] and other["params_inside"]
+
+
+def test_a_lora_base_is_one_shared_copy_per_node_streamed_by_block(tmp_path):
+    """Sliced transfers by block with LoRA: the base weights of the streamed blocks live once on the node, in
+    shared memory, and both processes stream them from there; exact against one process."""
+    pytest.importorskip("peft")
+    single_losses, single_params, base = _single(lora=True, offload=True)
+    results = _spawn(tmp_path, 1, 2, lora=True, offload=True)
+    _assert_matches(results, single_losses, single_params, base, exact=True)
+    assert [res["granularity"] for res in results] == ["block"] * 2
+    _assert_one_frozen_copy(results)
 
 
 def test_sliced_perturbation_parallel_is_exact(tmp_path):

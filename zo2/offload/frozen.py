@@ -11,6 +11,11 @@ reads the (unchanged) base weights from the store. Streamed one matrix at a time
 "matrix"``), the same store moves a module at a time instead, through a ring of its own
 (zo2.offload.piece_frozen).
 
+With several processes per node streaming with sliced transfers (torchrun, zo2 launch's workers) the store is
+the node's: one copy in shared memory that the node's first process creates and fills and the others map, their
+frozen parameters pointing at it (zo2.offload.frozen_setup), so the base weights take host memory once per node,
+not once per process.
+
 A model whose parameters are all trainable has no frozen store: nothing here runs for it.
 """
 
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -65,14 +70,15 @@ class FrozenStore(ParameterStore):
     """The places each block's modules read its frozen parameters (swapped to device views for a forward)."""
 
     @classmethod
-    def from_slots(cls, blocks: list[list[FrozenSlot]], *, pin: bool) -> "FrozenStore | None":
+    def from_slots(cls, blocks: list[list[FrozenSlot]], *, pin: bool, **shared: Any) -> "FrozenStore | None":
         """Copy the frozen parameters of each block (``blocks[i]``: its slots) into the store and re-point them at
-        it; None when no block has a frozen parameter."""
+        it; None when no block has a frozen parameter. ``shared``: ParameterStore's ``shared``, ``name`` and
+        ``create`` for one copy per node in shared memory (a process that maps it copies nothing)."""
         if not any(blocks):
             return None
         params, dtype = frozen_params(blocks, "streamed only in one floating-point dtype (set optim.compute_dtype to "
                                       "cast them, or keep every block resident with optim.offload = false)")
-        store = cls.from_blocks(params, dtype, pin=pin)
+        store = cls.from_blocks(params, dtype, pin=pin, **shared)
         store.slots = blocks
         return store
 

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2.errors import ModelError
+from zo2.errors import ModelError, ResourceError
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer
+from zo2.offload.store import remove_stale_stores, shared_store_name
 from zo2.offload.streamer import BlockStreamer
 
 
@@ -64,4 +65,27 @@ def frozen_store(inputs: Any, blocks: list, frozen: list[list[FrozenSlot]],
     by_index: list[list[FrozenSlot]] = [[] for _ in range(1 + max(u.store_index for u, _ in streamed))]
     for u, fs in streamed:
         by_index[u.store_index] = fs
-    return FrozenStore.from_slots(by_index, pin=device.type == "cuda")
+    comm, pin = inputs.comm, device.type == "cuda"
+    if comm is None or comm.local_size == 1 or not inputs.config.sliced_transfers:
+        return FrozenStore.from_slots(by_index, pin=pin)
+    return _node_frozen_store(by_index, comm, pin)
+
+
+def _node_frozen_store(blocks: list[list[FrozenSlot]], comm: Any, pin: bool) -> FrozenStore | None:
+    """The node's one copy of the streamed blocks' frozen weights in shared memory: its first process creates
+    and fills it (its own parameters' values), the others wait for that and map it, their parameters re-pointed
+    at it (their own copies are then dropped)."""
+    shared = dict(shared=True, name=f"{shared_store_name(comm)}-frozen")
+    store, failure = None, None
+    if comm.local_rank == 0:
+        try:
+            remove_stale_stores()  # what killed jobs left in /dev/shm
+            store = FrozenStore.from_slots(blocks, pin=pin, create=True, **shared)
+        except Exception as exc:  # the others must not wait for a store that never comes
+            failure = exc
+    if not comm.local_share(failure is None, "making the shared store of the frozen weights"):
+        raise failure or ResourceError("The node's first process could not make the shared store of the frozen "
+                                       "weights (its error says why).")
+    if comm.local_rank == 0:
+        return store
+    return FrozenStore.from_slots(blocks, pin=pin, create=False, **shared)
