@@ -151,3 +151,25 @@ def test_budget_parsing():
     assert parse_budget(None, cpu) is None
     with pytest.raises(ResourceError, match="fraction of free device memory"):
         parse_budget(0.5, cpu)
+
+
+def test_what_the_nodes_first_process_fails_to_make_stops_every_process_with_a_clear_error():
+    """A shared store the first process cannot make (full /dev/shm, a lock held) must not leave the others waiting
+    for it: they learn it failed and stop with an error naming what was being made; the first raises its own."""
+    from types import SimpleNamespace
+
+    from zo2.errors import ResourceError
+    from zo2.offload.store import made_by_first
+
+    def comm(rank: int, first_ok: bool):
+        return SimpleNamespace(local_rank=rank, local_share=lambda ok, what: ok if rank == 0 else first_ok)
+
+    def fails():
+        raise ResourceError("/dev/shm is full")
+
+    with pytest.raises(ResourceError, match="/dev/shm is full"):
+        made_by_first(comm(0, False), fails, "making the store")
+    with pytest.raises(ResourceError, match="first process failed while making the store"):
+        made_by_first(comm(1, False), lambda: pytest.fail("only the first process makes it"), "making the store")
+    assert made_by_first(comm(0, True), lambda: "made", "making the store") == "made"
+    assert made_by_first(comm(1, True), lambda: pytest.fail("only the first process makes it"), "x") is None

@@ -22,8 +22,8 @@ from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbyt
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
 from zo2.offload.pieces import PieceMarkers, PieceStore, RingStreamer, piece_store, piecewise_residence
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
-from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, node_writers, pack_layout, remove_stale_stores,
-                               repoint, shared_store_name)
+from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, made_by_first, node_writers, pack_layout,
+                               remove_stale_stores, repoint, shared_store_name)
 from zo2.models.units import shared_names
 from zo2.offload.arith import formed_numel, materializes_directions, point_bytes, segment_table, select_kernels
 from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence, set_writeback_every
@@ -88,13 +88,13 @@ def _build_store(inputs: "OffloadInputs", blocks: list, dtype: torch.dtype, devi
         return ParameterStore.from_blocks(blocks, dtype, pin=pin, shared=inputs.config.shared_store)
     comm = inputs.comm
     kwargs = dict(pin=pin, shared=True, name=shared_store_name(comm), pad_to=comm.local_size * ALIGN)
-    if comm.local_rank == 0:
+
+    def make() -> ParameterStore:
         remove_stale_stores()  # what killed jobs left in /dev/shm
-        store = ParameterStore.from_blocks(blocks, dtype, create=True, **kwargs)
-        comm.local_barrier()  # filled: the others may map it
-        return store
-    comm.local_barrier()
-    return ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
+        return ParameterStore.from_blocks(blocks, dtype, create=True, **kwargs)
+
+    store = made_by_first(comm, make, "making the node's shared parameter store")  # filled: the others map it
+    return store if comm.local_rank == 0 else ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
 
 
 def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[ParameterStore, StoreMarkers]:

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2.errors import ModelError, ResourceError
+from zo2.errors import ModelError
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer
-from zo2.offload.store import remove_stale_stores, shared_store_name
+from zo2.offload.store import made_by_first, remove_stale_stores, shared_store_name
 from zo2.offload.streamer import BlockStreamer
 
 
@@ -76,16 +76,10 @@ def _node_frozen_store(blocks: list[list[FrozenSlot]], comm: Any, pin: bool) -> 
     and fills it (its own parameters' values), the others wait for that and map it, their parameters re-pointed
     at it (their own copies are then dropped)."""
     shared = dict(shared=True, name=f"{shared_store_name(comm)}-frozen")
-    store, failure = None, None
-    if comm.local_rank == 0:
-        try:
-            remove_stale_stores()  # what killed jobs left in /dev/shm
-            store = FrozenStore.from_slots(blocks, pin=pin, create=True, **shared)
-        except Exception as exc:  # the others must not wait for a store that never comes
-            failure = exc
-    if not comm.local_share(failure is None, "making the shared store of the frozen weights"):
-        raise failure or ResourceError("The node's first process could not make the shared store of the frozen "
-                                       "weights (its error says why).")
-    if comm.local_rank == 0:
-        return store
-    return FrozenStore.from_slots(blocks, pin=pin, create=False, **shared)
+
+    def make() -> FrozenStore | None:
+        remove_stale_stores()  # what killed jobs left in /dev/shm
+        return FrozenStore.from_slots(blocks, pin=pin, create=True, **shared)
+
+    store = made_by_first(comm, make, "making the shared store of the frozen weights")
+    return store if comm.local_rank == 0 else FrozenStore.from_slots(blocks, pin=pin, create=False, **shared)

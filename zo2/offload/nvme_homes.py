@@ -20,14 +20,14 @@ from typing import Any, Sequence
 
 import torch
 
-from zo2.errors import ConfigError, ModelError, ResourceError
+from zo2.errors import ConfigError, ModelError
 from zo2.offload.markers import StoreMarkers
 from zo2.offload.nvme_frozen import FrozenFiles
 from zo2.offload.nvme_pieces import nvme_piece_residence
 from zo2.offload.nvme_slices import NodeFiles, SlicedNvme, cuts_digest, slice_numels
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer, unit_pieces
-from zo2.offload.store import ALIGN, node_writers, pack_layout, repoint, shared_store_name
+from zo2.offload.store import ALIGN, made_by_first, node_writers, pack_layout, repoint, shared_store_name
 from zo2.offload.tiered import NvmeResidence, NvmeStreamer, SliceMarks, build_nvme_tier, nvme_files, tier_engine
 
 
@@ -151,17 +151,9 @@ def _make_shared_files(inputs: Any, folder: str, name: str, numels: dict, dtype:
                        cuts: dict | None) -> SlicedNvme | None:
     """torchrun: the node's first process makes the files (the others wait for the outcome); returns them there."""
     comm = inputs.comm
-    owner, failure = None, None
-    if comm.local_rank == 0:
-        try:
-            owner = SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine, pin=False, create=True,
-                               cuts=cuts)
-        except Exception as exc:  # the others must not wait for files that never come
-            failure = exc
-    if not comm.local_share(failure is None, "making the NVMe files"):
-        raise failure or ResourceError(f"The node's first process could not make the NVMe files in {folder} (its "
-                                       "error says why).")
-    return owner
+    return made_by_first(comm, lambda: SlicedNvme(folder, name, numels, dtype, comm.local_size, engine=engine,
+                                                  pin=False, create=True, cuts=cuts),
+                         f"making the NVMe files in {folder}")
 
 
 def _write_own_slices(files: SlicedNvme, units: Sequence[Any], homes: list[int], layouts: list, params: dict,

@@ -24,7 +24,7 @@ import torch
 
 from zo2.errors import CheckpointError, ResourceError
 from zo2.offload.pieces import PieceStore, RingStreamer
-from zo2.offload.store import ALIGN, SHM_DIR, ParameterStore, Segment
+from zo2.offload.store import ALIGN, SHM_DIR, ParameterStore, Segment, made_by_first
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.optim.optimizers import UnitState
 from zo2.optim.update import math_dtype
@@ -410,9 +410,6 @@ def _shared_area(optimizer: Any, store: ParameterStore, comm: Any, device: torch
     mapped by the others, named after the shared weights store and laid out like it."""
     kwargs = dict(pad_to=comm.local_size * ALIGN, pin=device.type == "cuda")
     args = (store.name, store.layouts, optimizer.state_names, math_dtype(store.dtype))
-    if comm.local_rank == 0:
-        area = StateArea(*args, create=True, **kwargs)
-        comm.local_barrier()  # created: the others may map it
-        return area
-    comm.local_barrier()
-    return StateArea(*args, create=False, **kwargs)
+    area = made_by_first(comm, lambda: StateArea(*args, create=True, **kwargs),
+                         "making the node's optimizer-state area")
+    return area if comm.local_rank == 0 else StateArea(*args, create=False, **kwargs)

@@ -76,6 +76,21 @@ def shared_store_name(comm) -> str:
     return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
+def made_by_first(comm: Any, make: Callable[[], Any], what: str) -> Any:
+    """``make()`` on the node's first process (what it returns there; None on the others), after which every
+    process of the node learns whether it worked: the others must not wait for something that never comes. Its
+    error is raised there, a ResourceError naming ``what`` on the others."""
+    made, failure = None, None
+    if comm.local_rank == 0:
+        try:
+            made = make()
+        except Exception as exc:
+            failure = exc
+    if not comm.local_share(failure is None, what):
+        raise failure or ResourceError(f"The node's first process failed while {what} (its error says why).")
+    return made
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this pid exists (on this machine)."""
     try:
