@@ -240,8 +240,9 @@ class NodeStore:
         """Bring every unit to the state after ``step``'s update (``step = -1``: the base weights).
 
         A clean slice that holds an older step is caught up by replaying the trajectory log (``records``) on
-        it (a writer's slice: the ranges it writes back, :meth:`writer_parts`); so is a torn slice of an NVMe-homed unit, from the step its file's current version holds (a write in
-        flight never switched the file's marker: that version is whole). A torn slice in host memory, one ahead of
+        it (a writer's slice: the ranges it writes back, :meth:`writer_parts`); so is a torn slice of an
+        NVMe-homed unit, from the step its file's current version holds (a write in flight never switched the
+        file's marker: that version is whole). A torn slice in host memory, one ahead of
         ``step`` or, with ``rebuild_all``, every unit is rebuilt from
         ``snapshot`` (a :class:`~zo2.train.checkpoint.Snapshot` at or before ``step + 1``, or None) or, without
         one, ``fill_base(views)`` (fills name → tensor views with the base weights), then the log replayed.
