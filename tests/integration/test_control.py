@@ -154,10 +154,12 @@ def test_adapters_train_under_the_scheduler_as_in_one_process_and_torn_adapter_b
         assert "signal 9" in repair["why"] and repair["rebuilt"] == 1, repair
 
 
-def test_two_workers_share_one_copy_of_the_lora_base_and_equal_one_process(tmp_path):
+@pytest.mark.parametrize("fault", [None, pytest.param("0:4:3", marks=pytest.mark.slow)])
+def test_two_workers_share_one_copy_of_the_lora_base_and_equal_one_process(tmp_path, fault):
     """[peft] with two workers (perturbation parallelism, sliced transfers): the streamed blocks' base weights live
     once on the node, in shared memory the first worker made (zo2.offload.frozen_setup), and the run equals zo2
-    train's; nothing is left in /dev/shm."""
+    train's; nothing is left in /dev/shm, also when the first worker (the store's maker) was killed and the next
+    generation made a store of its own."""
     pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
     before = {p.name for p in Path("/dev/shm").glob("zo2-node-*-frozen-*")}
     single = tmp_path / "single"
@@ -169,7 +171,8 @@ def test_two_workers_share_one_copy_of_the_lora_base_and_equal_one_process(tmp_p
         wait_for_steps(sched.run_dir, 2)
         seen.update(p.name for p in Path("/dev/shm").glob("zo2-node-*-frozen-*"))
 
-    run_scheduler(run_dir, "peft.method=lora", "parallel.pp=2", workers=2, action=look)
+    sched = run_scheduler(run_dir, "peft.method=lora", "parallel.pp=2", workers=2, action=look, fault=fault)
+    assert sched.restarts == (fault is not None)
     made = seen - before
     assert made and len({n.split("-frozen-")[0] for n in made}) == 1  # one store for the node's two workers
     assert logged(run_dir) == logged(single)

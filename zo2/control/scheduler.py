@@ -472,6 +472,7 @@ class Scheduler:
                 cleanup.callback(self.config_path.unlink, missing_ok=True)
             if getattr(self, "node", None) is not None:
                 cleanup.callback(self._close_node)
+            cleanup.callback(remove_stale_stores)  # what killed workers made in /dev/shm (a PEFT base they shared)
             for closer in ("metrics", "log"):
                 obj = getattr(self, closer, None)
                 if obj is not None:
