@@ -249,3 +249,44 @@ def test_sizes_must_multiply_to_the_world_size():
         ParallelDims.from_config(ParallelConfig(dp=2, pp=2), 2)
     with pytest.raises(ConfigError, match="does not divide the 2 perturbed points"):
         ZOComm(ParallelDims(1, 3), 0).my_points(2)
+
+
+def _fill_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    from zo2.offload.loading import _targets, empty_model, load_safetensors
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        comm = ZOComm(ParallelDims(1, world), rank)
+        model = empty_model(_model().config, dtype=torch.float32)
+        engine = ZOEngine(model, ZOConfig(**CFG, offload=True, device="cpu"), comm=comm)
+        filled = len(_targets(engine))
+        load_safetensors(engine, folder)
+        losses = [engine.step(_global_batch(s)).losses for s in range(STEPS)]
+        torch.save({"losses": losses, "params": engine.trainable_state(), "filled": filled,
+                    "owner": engine.store.owner}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_nodes_shared_store_is_filled_from_the_shards_once(tmp_path):
+    """A model built on the meta device and loaded from safetensors shards by two processes sharing the node's
+    store: the first process (which made the store) fills the streamed blocks, the other fills only what it holds
+    itself (its resident units) and waits; the run equals one process's over the model in memory."""
+    single_losses, single_params, base = _single(offload=True)
+    folder = tmp_path / "ckpt"
+    _model().save_pretrained(folder)
+    out, port = str(tmp_path / "rank"), _free_port()
+    procs = [mp.get_context("spawn").Process(target=_fill_worker, args=(r, 2, port, str(folder), out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        assert p.exitcode == 0
+    results = [torch.load(f"{out}.{r}") for r in range(2)]
+    _assert_matches(results, single_losses, single_params, base, exact=True)
+    first, other = results
+    assert first["owner"] and not other["owner"]
+    assert 0 < other["filled"] < first["filled"]  # the embedding and head (resident) only

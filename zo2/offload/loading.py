@@ -68,15 +68,33 @@ def _targets(engine: Fillable) -> dict[str, torch.Tensor]:
     """Where each trainable parameter's values live: a view of the store, or the (device) parameter itself
     (not the NVMe tier's: their parameters are on the meta device, filled through :func:`_fill`). Under PEFT the
     frozen base weights instead (the views of their frozen store, or the device parameters), named as the base
-    model's checkpoint names them: the adapter keeps its seeded init."""
+    model's checkpoint names them: the adapter keeps its seeded init. Not what a shared store of the node holds
+    that another process made: that process fills it, once for the node."""
+    others = _filled_by_another(engine)
     if is_peft_model(engine.model):
-        return {base_checkpoint_name(n): p.data for n, p in engine.model.named_parameters()
-                if not p.requires_grad and not p.is_meta}
-    targets = {n: p.data for n, p in engine.params.items() if not p.is_meta}
-    if engine.store is not None:
-        for i in range(len(engine.store)):
-            targets.update(engine.store.views(engine.store.flat(i), engine.store.layout(i)))
-    return targets
+        targets = {base_checkpoint_name(n): p.data for n, p in engine.model.named_parameters()
+                   if not p.requires_grad and not p.is_meta}
+    else:
+        targets = {n: p.data for n, p in engine.params.items() if not p.is_meta}
+        if engine.store is not None:
+            for i in range(len(engine.store)):
+                targets.update(engine.store.views(engine.store.flat(i), engine.store.layout(i)))
+    return {n: t for n, t in targets.items() if not any(lo <= t.data_ptr() < hi for lo, hi in others)}
+
+
+def _shared_stores(engine: Fillable) -> list:
+    """The host stores of ``engine`` that the processes of its node share: the weights store and a PEFT base's
+    frozen store (zo2.offload.frozen_setup), where they are shared."""
+    stores = [engine.store, getattr(getattr(engine, "streamer", None), "frozen", None)]
+    stores += [getattr(getattr(r, "frozen", None), "store", None) for r in getattr(engine, "residences", ())]
+    return [s for s in stores if s is not None and getattr(s, "shared", False)]
+
+
+def _filled_by_another(engine: Fillable) -> list[tuple[int, int]]:
+    """The address ranges of shared stores another process of the node made: it fills them (once for the node),
+    this process only waits for that (:func:`_fill`)."""
+    return [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for s in _shared_stores(engine)
+            if not s.owner for b in s.buffers if b.numel()]
 
 
 def _resolve(name: str, targets: dict[str, torch.Tensor], prefix: str) -> str | None:
@@ -106,6 +124,9 @@ def _fill(engine: Fillable, fill: Any) -> None:
     which goes straight to its files: a unit at a time, never the whole model in host memory."""
     engine.invalidate_prefetch()
     fill(_targets(engine))
+    comm = getattr(engine, "comm", None)
+    if _shared_stores(engine) and comm is not None and comm.local_size > 1:
+        comm.local_barrier()  # the node's shared stores are filled (by the process that made each) before any use
     base = is_peft_model(engine.model)  # the frozen base weights (the adapter keeps its seeded init)
     for residence in getattr(engine, "residences", ()):
         (residence.fill_frozen if base else residence.fill_home)(fill)
