@@ -173,3 +173,8 @@ def test_what_the_nodes_first_process_fails_to_make_stops_every_process_with_a_c
         made_by_first(comm(1, False), lambda: pytest.fail("only the first process makes it"), "making the store")
     assert made_by_first(comm(0, True), lambda: "made", "making the store") == "made"
     assert made_by_first(comm(1, True), lambda: pytest.fail("only the first process makes it"), "x") is None
+    assert made_by_first(comm(1, True), lambda: pytest.fail("only the first process makes it"), "x",
+                         lambda: "mapped") == "mapped"
+    assert made_by_first(comm(0, True), lambda: "made", "x", lambda: pytest.fail("the first maps nothing")) == "made"
+    with pytest.raises(ResourceError, match="first process failed"):
+        made_by_first(comm(1, False), lambda: None, "x", lambda: pytest.fail("nothing to map after a failure"))

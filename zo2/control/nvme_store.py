@@ -18,13 +18,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from zo2.errors import ConfigError, ResourceError
+from zo2.errors import ResourceError
 from zo2.offload.nvme import open_engine, round_up
 from zo2.offload.nvme_frozen import remove_frozen_files
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.pieces import unit_pieces
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units, repoint
-from zo2.offload.tiers import default_host_budget, staging_buffers
+from zo2.offload.tiers import (default_host_budget, refuse_base_on_nvme, refuse_state_on_nvme, refuse_whole_frozen,
+                               staging_buffers)
 
 
 def _gb(n: float) -> str:
@@ -70,20 +71,11 @@ def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, wr
     if not on_nvme:
         return
     if optimizer.state_names:
-        raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
-                          f"keeps {', '.join(optimizer.state_names)}; {len(on_nvme)} blocks of the node store do not "
-                          "fit offload.host_memory_budget. Use zo-sgd, zo-sgd-sign or zo-sgd-conservative, or raise "
-                          "offload.host_memory_budget.")
+        refuse_state_on_nvme(optimizer, len(on_nvme))
     if whole_frozen:
-        raise ConfigError(f"offload.nvme_path: {len(on_nvme)} blocks do not fit offload.host_memory_budget, but the "
-                          "NVMe tier homes blocks that have trainable parameters (LoRA's adapters, or all of a "
-                          "block's weights), and prompt or prefix tuning freezes whole blocks. Raise "
-                          "offload.host_memory_budget so they fit in host memory, or use peft.method = 'lora'.")
+        refuse_whole_frozen(len(on_nvme))
     if frozen_base and writers > 1:
-        raise ConfigError(f"offload.nvme_path: with [peft] and {writers} workers per node, {len(on_nvme)} blocks do "
-                          "not fit offload.host_memory_budget, and the NVMe tier holds a PEFT model's frozen base "
-                          "weights (each worker's own files) with one worker per node only. Raise "
-                          "offload.host_memory_budget, or run one worker per node.")
+        refuse_base_on_nvme(f"{writers} workers per node")
 
 
 class NodeNvme:

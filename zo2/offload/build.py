@@ -93,8 +93,8 @@ def _build_store(inputs: "OffloadInputs", blocks: list, dtype: torch.dtype, devi
         remove_stale_stores()  # what killed jobs left in /dev/shm
         return ParameterStore.from_blocks(blocks, dtype, create=True, **kwargs)
 
-    store = made_by_first(comm, make, "making the node's shared parameter store")  # filled: the others map it
-    return store if comm.local_rank == 0 else ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs)
+    return made_by_first(comm, make, "making the node's shared parameter store",  # filled: the others map it
+                         lambda: ParameterStore.from_blocks(blocks, dtype, create=False, **kwargs))
 
 
 def _map_node_store(inputs: "OffloadInputs", device: torch.device) -> tuple[ParameterStore, StoreMarkers]:

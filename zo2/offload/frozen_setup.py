@@ -81,5 +81,5 @@ def _node_frozen_store(blocks: list[list[FrozenSlot]], comm: Any, pin: bool) -> 
         remove_stale_stores()  # what killed jobs left in /dev/shm
         return FrozenStore.from_slots(blocks, pin=pin, create=True, **shared)
 
-    store = made_by_first(comm, make, "making the shared store of the frozen weights")
-    return store if comm.local_rank == 0 else FrozenStore.from_slots(blocks, pin=pin, create=False, **shared)
+    return made_by_first(comm, make, "making the shared store of the frozen weights",
+                         lambda: FrozenStore.from_slots(blocks, pin=pin, create=False, **shared))

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from zo2.errors import ConfigError, ModelError
+from zo2.errors import ModelError
 from zo2.offload.markers import StoreMarkers
 from zo2.offload.nvme_frozen import FrozenFiles
 from zo2.offload.nvme_pieces import nvme_piece_residence
@@ -29,6 +29,7 @@ from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer, unit_pieces
 from zo2.offload.store import ALIGN, made_by_first, node_writers, pack_layout, repoint, shared_store_name
 from zo2.offload.tiered import NvmeResidence, NvmeStreamer, SliceMarks, build_nvme_tier, nvme_files, tier_engine
+from zo2.offload.tiers import refuse_base_on_nvme
 
 
 def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
@@ -80,10 +81,7 @@ def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.devi
     if not frozen or not any(frozen):
         return None
     if not single:
-        raise ConfigError("The NVMe tier holds a PEFT model's frozen base weights with one process per node (zo2 "
-                          "train, or zo2 launch with one worker); with several processes per node the blocks that "
-                          "do not fit offload.host_memory_budget must have no frozen parameters. Raise "
-                          "offload.host_memory_budget, or run one process per node.")
+        refuse_base_on_nvme("several processes per node")
     return FrozenFiles(inputs.tiers.nvme_path, frozen, tier_engine(inputs, []), pin=device.type == "cuda",
                        prefetch=inputs.config.prefetch)
 

@@ -410,6 +410,5 @@ def _shared_area(optimizer: Any, store: ParameterStore, comm: Any, device: torch
     mapped by the others, named after the shared weights store and laid out like it."""
     kwargs = dict(pad_to=comm.local_size * ALIGN, pin=device.type == "cuda")
     args = (store.name, store.layouts, optimizer.state_names, math_dtype(store.dtype))
-    area = made_by_first(comm, lambda: StateArea(*args, create=True, **kwargs),
-                         "making the node's optimizer-state area")
-    return area if comm.local_rank == 0 else StateArea(*args, create=False, **kwargs)
+    return made_by_first(comm, lambda: StateArea(*args, create=True, **kwargs),
+                         "making the node's optimizer-state area", lambda: StateArea(*args, create=False, **kwargs))

@@ -76,10 +76,11 @@ def shared_store_name(comm) -> str:
     return new_store_name(comm.local_first_pid(), hashlib.sha1("-".join(parts).encode()).hexdigest()[:8])
 
 
-def made_by_first(comm: Any, make: Callable[[], Any], what: str) -> Any:
-    """``make()`` on the node's first process (what it returns there; None on the others), after which every
-    process of the node learns whether it worked: the others must not wait for something that never comes. Its
-    error is raised there, a ResourceError naming ``what`` on the others."""
+def made_by_first(comm: Any, make: Callable[[], Any], what: str, mapped: Callable[[], Any] | None = None) -> Any:
+    """``make()`` on the node's first process, after which every process of the node learns whether it worked
+    (the others must not wait for something that never comes) and the others run ``mapped()`` (e.g. map what the
+    first made); returns what each ran returned (None on the others without ``mapped``). The first's error is
+    raised there, a ResourceError naming ``what`` on the others."""
     made, failure = None, None
     if comm.local_rank == 0:
         try:
@@ -88,7 +89,9 @@ def made_by_first(comm: Any, make: Callable[[], Any], what: str) -> Any:
             failure = exc
     if not comm.local_share(failure is None, what):
         raise failure or ResourceError(f"The node's first process failed while {what} (its error says why).")
-    return made
+    if comm.local_rank == 0 or mapped is None:
+        return made
+    return mapped()
 
 
 def process_alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ ResourceError with the numbers and the fix.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -127,28 +127,43 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
         plan = place_tiers(plan, budget, nvme_path, inputs.config.prefetch)
     except ResourceError:
         if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
-            _refuse_state(inputs.optimizer)
+            refuse_state_on_nvme(inputs.optimizer)
         raise
     if plan.nvme and stateful:
-        _refuse_state(inputs.optimizer)
+        refuse_state_on_nvme(inputs.optimizer)
     blocks = [u for u in inputs.units if u.kind == "block"]
     if any(not blocks[i].owned for i in plan.nvme):
-        raise ConfigError(f"{len(plan.nvme)} blocks do not fit offload.host_memory_budget, but the NVMe tier homes "
-                          "blocks that have trainable parameters (LoRA's adapters, or all of a block's weights), and "
-                          "prompt or prefix tuning freezes whole blocks. Raise offload.host_memory_budget so they fit "
-                          "in host memory, or use peft.method = 'lora'.")
+        refuse_whole_frozen(len(plan.nvme))
     if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
-        raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights with one process per node (zo2 "
-                          f"train, or zo2 launch with one worker), but with {comm.local_size} processes per node the "
-                          "blocks that do not fit offload.host_memory_budget have frozen parameters. Raise "
-                          "offload.host_memory_budget, or run one process per node.")
+        refuse_base_on_nvme(f"{comm.local_size} processes per node")
     return plan
 
 
-def _refuse_state(optimizer: Any) -> None:
+def refuse_state_on_nvme(optimizer: Any, blocks: int | None = None) -> NoReturn:
+    """The ConfigError of a stateful optimizer whose blocks (``blocks`` of them, where counted) need the NVMe
+    tier, which does not hold optimizer state."""
+    beyond = "" if blocks is None else f"; {blocks} blocks do not fit offload.host_memory_budget"
     raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
-                      f"keeps {', '.join(optimizer.state_names)}. Use zo-sgd, zo-sgd-sign or zo-sgd-conservative, "
-                      "or raise offload.host_memory_budget.")
+                      f"keeps {', '.join(optimizer.state_names)}{beyond}. Use zo-sgd, zo-sgd-sign or "
+                      "zo-sgd-conservative, or raise offload.host_memory_budget.")
+
+
+def refuse_whole_frozen(blocks: int) -> NoReturn:
+    """The ConfigError of blocks without a trainable parameter (prompt, prefix tuning) past the host budget."""
+    raise ConfigError(f"offload.nvme_path: {blocks} blocks do not fit offload.host_memory_budget, but the NVMe tier "
+                      "homes blocks that have trainable parameters (LoRA's adapters, or all of a block's weights), "
+                      "and prompt or prefix tuning freezes whole blocks. Raise offload.host_memory_budget so they "
+                      "fit in host memory, or use peft.method = 'lora'.")
+
+
+def refuse_base_on_nvme(processes: str) -> NoReturn:
+    """The ConfigError of a PEFT base past the host budget with ``processes`` (e.g. '2 workers per node'): the
+    NVMe tier holds one process's own base files only."""
+    raise ConfigError("offload.nvme_path: the NVMe tier holds a PEFT model's frozen base weights with one process "
+                      f"per node (zo2 train, or zo2 launch with one worker), but with {processes} the blocks that "
+                      "do not fit offload.host_memory_budget have frozen parameters. Raise "
+                      "offload.host_memory_budget, or run one process per node (one worker per node under zo2 "
+                      "launch).")
 
 
 def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
@@ -162,9 +177,7 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
     block_units = [k for k, u in enumerate(inputs.units) if u.kind == "block"]
     on_nvme = [i for i, k in enumerate(block_units) if k in homes]
     if any(frozen[i] for i in on_nvme) and spec.writers > 1:
-        raise ConfigError(f"The NVMe tier holds a PEFT model's frozen base weights with one worker per node, but "
-                          f"blocks the scheduler homed on NVMe for {spec.writers} workers have frozen parameters. "
-                          "Raise offload.host_memory_budget, or run one worker per node.")
+        refuse_base_on_nvme(f"{spec.writers} workers per node")
     if on_nvme and plan.granularity == "matrix" and spec.writers > 1 and not getattr(spec, "nvme_cuts", ""):
         raise ConfigError(f"offload.nvme_path: this worker's plan streams one matrix at a time "
                           f"(optim.stream_granularity = {inputs.config.stream_granularity!r} chose it for the "
