@@ -232,16 +232,18 @@ def test_one_matrix_at_a_time_from_nvme_under_zo2_launch_equals_zo2_train(tmp_pa
     assert scheduler_files(folder) == []
 
 
-@pytest.mark.parametrize("fault", [None, pytest.param("1:4:4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("granularity,fault", [("auto", None),
+                                               pytest.param("matrix", "1:4:4", marks=pytest.mark.slow)])
 def test_two_workers_stream_their_share_of_every_nvme_matrix_and_equal_zo2_train(tmp_path, matrix_reference,
-                                                                                  fault):
+                                                                                  granularity, fault):
     """Two workers, one matrix at a time (sliced transfers, perturbation parallelism): the scheduler cuts its NVMe
     files by piece, each worker's file its share of every matrix; each worker uploads, updates and writes back its
-    share and an all-gather assembles the matrix. Logs, weights and a snapshot read from the files equal zo2
-    train's; with a kill of worker 1 mid-write of an NVMe-homed unit in step 4, too."""
+    share and an all-gather assembles the matrix. Under the default 'auto' too: the workers of a node with NVMe
+    files cut by piece stream one matrix at a time. Logs, weights and a snapshot read from the files equal zo2
+    train's one matrix at a time; with a kill of worker 1 mid-write of an NVMe-homed unit in step 4, too."""
     folder = tmp_path / "nvme"
-    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), "optim.stream_granularity=matrix", "parallel.pp=2",
-                                workers=2, fault=fault)
+    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), f"optim.stream_granularity={granularity}",
+                                "parallel.pp=2", workers=2, fault=fault)
     spec = seen["spec"]
     assert spec.nvme_cuts and spec.writers == 2 and len(seen["files"]) == (LAYERS - HOST_BLOCKS) * 2 * 3
     if fault is None:

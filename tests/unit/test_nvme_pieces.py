@@ -144,18 +144,20 @@ def test_several_processes_per_node_place_matrix_on_nvme():
     assert plan.nvme == [1, 2, 3, 4] and plan.host == [0] and plan.granularity == "matrix"
 
 
-def test_a_worker_planning_matrix_over_files_cut_for_blocks_is_refused_with_the_fix():
-    """zo2 launch with several workers: the scheduler cuts the NVMe files by piece only for
-    optim.stream_granularity = 'matrix'; a worker whose 'auto' plan chose one matrix at a time over files cut for
-    blocks is refused with the fix. One worker, or files cut by piece, stream."""
+def test_the_scheduler_cuts_its_files_by_piece_for_the_granularities_that_stream_matrices():
+    """zo2 launch: the scheduler cuts its NVMe files by piece for several workers under 'matrix', and under 'auto'
+    where pieces split evenly over the writers (its workers then stream one matrix at a time); never for 'block'.
+    A worker places the spec's NVMe-homed blocks whatever the cuts."""
+    from zo2.control.store import nvme_by_piece
+
+    for granularity, writers, cut in [("matrix", 2, True), ("auto", 2, True), ("auto", 8, True),
+                                      ("auto", 3, False), ("block", 2, False)]:
+        assert nvme_by_piece(SimpleNamespace(stream_granularity=granularity), writers) == cut, (granularity, writers)
     units = [SimpleNamespace(kind="embed")] + [SimpleNamespace(kind="block")] * 5 + [SimpleNamespace(kind="head")]
-    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=2, nvme_cuts="")
-    inputs = _inputs(store_spec=spec, units=units)
-    with pytest.raises(ConfigError, match=r"cut its NVMe files for 2 workers.*stream_granularity = 'matrix'"):
-        place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
-    for fields in ({"writers": 1}, {"writers": 2, "nvme_cuts": "0123456789abcdef"}):
+    spec = SimpleNamespace(nvme_units=(2, 3), nvme_path="/nvme", writers=2, nvme_cuts="0123456789abcdef")
+    for fields in ({"writers": 1, "nvme_cuts": ""}, {"writers": 2, "nvme_cuts": "0123456789abcdef"}):
         spec.__dict__.update(fields)
-        plan = place_tiers_for(inputs, _plan(), [[]] * 5, creates_store=False)
+        plan = place_tiers_for(_inputs(store_spec=spec, units=units), _plan(), [[]] * 5, creates_store=False)
         assert plan.nvme == [1, 2] and plan.granularity == "matrix"
 
 

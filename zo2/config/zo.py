@@ -92,8 +92,9 @@ class ZOConfig:
     Same values bit for bit. With 'matrix' a stateful optimizer's state moves piece by piece with its weights, and
     frozen weights (PEFT base matrices, prompt-tuned blocks) move read-only one module at a time, each through a
     ring of its own. 'matrix' works with sliced transfers (1, 2, 4 or 8 processes per node) and from zo2 launch's
-    node store, and from the NVMe tier (offload.nvme_path; under zo2 launch with several workers set 'matrix'
-    explicitly: the scheduler cuts its files by matrix then)."""
+    node store, and from the NVMe tier (offload.nvme_path; under zo2 launch with several workers per node and
+    NVMe-homed blocks, 'auto' streams one matrix at a time: the scheduler cuts its files by matrix before any
+    worker plans)."""
     writeback_every: int | str = 1
     """Write a streamed block back to host memory every K steps instead of every step: the host copy lags, and an
     upload first replays the updates it lacks on the device (the same kernel calls, bit-identical), so K-1 of

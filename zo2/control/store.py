@@ -35,6 +35,15 @@ from zo2.offload.nvme_slices import cuts_digest
 from zo2.offload.tiered import host_blocks
 
 
+def nvme_by_piece(config: Any, writers: int) -> bool:
+    """Whether the scheduler cuts its NVMe files by piece for ``writers`` workers: for one matrix at a time,
+    ``optim.stream_granularity = 'matrix'``, and ``'auto'`` where pieces split evenly over the writers. The
+    scheduler cuts its files before any worker plans, so under 'auto' the workers of a node with NVMe-homed units
+    stream one matrix at a time: the same values bit for bit, a fraction of block streaming's device slots (it fits
+    every budget block streaming fits), and a step that reads the disk is bound by the disk, not the granularity."""
+    return config.stream_granularity == "matrix" or (config.stream_granularity == "auto" and ALIGN % writers == 0)
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     """What a worker needs to map the node store: names, dtype, padding, size and layout digest."""
@@ -56,8 +65,10 @@ class StoreSpec:
     nvme_units: tuple[int, ...] = ()
     """The units homed there (their /dev/shm buffers are empty)."""
     nvme_cuts: str = ""
-    """With several workers streaming one matrix at a time (optim.stream_granularity = 'matrix'): the digest of
-    the NVMe files' cuts by piece (zo2.offload.nvme_slices.cuts_digest); "": each slice one range of its unit."""
+    """With several workers streaming one matrix at a time (optim.stream_granularity = 'matrix', or 'auto' with
+    NVMe-homed units: :func:`nvme_by_piece`): the digest of the NVMe files' cuts by piece
+    (zo2.offload.nvme_slices.cuts_digest); "": each slice one range of its unit. A worker whose granularity is
+    'auto' streams one matrix at a time where it is set."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -126,7 +137,7 @@ class NodeStore:
         on_nvme = self._place(tiers, dtype, writers, frozen)
         self.base_on_nvme = sum(frozen[k] for k in on_nvme)
         """Bytes of the base weights the worker keeps in files of its own beside the NVMe-homed units ([peft])."""
-        by_piece = {k: self.units[k].slots for k in on_nvme} if config.stream_granularity == "matrix" else None
+        by_piece = {k: self.units[k].slots for k in on_nvme} if nvme_by_piece(config, writers) else None
         self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in on_nvme}, dtype, writers,
                              writers * ALIGN, by_piece) if on_nvme else None  # the folder's lock and disk first
         self.store = ParameterStore.from_blocks(host_blocks(blocks, on_nvme), dtype, pin=False, shared=True,

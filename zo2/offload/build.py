@@ -245,7 +245,7 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
     budget = parse_budget(cfg.gpu_memory_budget, device) if (cfg.gpu_memory_budget is not None or
                                                             device.type == "cuda") else None
     piece = _piece_bytes(inputs, blocks, frozen)  # one matrix at a time: what one slot of the rings holds
-    if cfg.stream_granularity == "matrix":
+    if cfg.stream_granularity == "matrix" or _cut_by_piece(inputs):
         plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
     else:
         try:
@@ -256,6 +256,16 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
             plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
     plan.block_reserve_bytes = block_reserve
     return plan
+
+
+def _cut_by_piece(inputs: OffloadInputs) -> bool:
+    """Under the scheduler with ``optim.stream_granularity = 'auto'``: whether it cut its NVMe files by piece for
+    several workers (zo2.control.store.nvme_by_piece), which then stream one matrix at a time."""
+    cut = inputs.config.stream_granularity == "auto" and bool(getattr(inputs.store_spec, "nvme_cuts", ""))
+    if cut:
+        log.info("optim.stream_granularity = 'auto': one matrix at a time, as the scheduler cut its NVMe files for "
+                 "%d workers", inputs.store_spec.writers)
+    return cut
 
 
 def _largest_module(inputs: OffloadInputs, units: list | None = None, formed: int = 0) -> int:

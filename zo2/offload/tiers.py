@@ -178,12 +178,6 @@ def _node_tiers(inputs: Any, plan: Plan, frozen: list) -> Plan:
     on_nvme = [i for i, k in enumerate(block_units) if k in homes]
     if any(frozen[i] for i in on_nvme) and spec.writers > 1:
         refuse_base_on_nvme(f"{spec.writers} workers per node")
-    if on_nvme and plan.granularity == "matrix" and spec.writers > 1 and not getattr(spec, "nvme_cuts", ""):
-        raise ConfigError(f"offload.nvme_path: this worker's plan streams one matrix at a time "
-                          f"(optim.stream_granularity = {inputs.config.stream_granularity!r} chose it for the "
-                          f"device budget), but the scheduler cut its NVMe files for {spec.writers} workers "
-                          "streaming whole blocks. Set optim.stream_granularity = 'matrix' (the scheduler then cuts "
-                          "them by matrix) or 'block', or raise optim.gpu_memory_budget.")
     moved = [i for i in plan.resident if i in set(on_nvme)]
     if moved:
         plan.resident = [i for i in plan.resident if i not in set(moved)]
