@@ -265,11 +265,12 @@ class ZOEngine:
                 losses = losses + tried
         transfer = TransferStats()
         for residence in self.residences:
-            transfer.add(residence.collect_stats())
+            transfer.add(residence.collect_stats()).add(residence.frozen_stats())
         self.last_transfer = transfer = self.opt_state.add_stats(transfer)
         if self.writeback_probe is not None:
             self._probe_writeback(time.perf_counter() - start, transfer.wait_ms)
         measured = dict(bytes_h2d=transfer.bytes_h2d, bytes_d2h=transfer.bytes_d2h, transfer_wait_ms=transfer.wait_ms,
+                        bytes_disk_read=transfer.bytes_disk_read, bytes_disk_written=transfer.bytes_disk_written,
                         replays=transfer.replays,
                         peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0)
         if not finite:

@@ -30,6 +30,9 @@ class StepResult:
     """Bytes uploaded from the parameter store this step (0 when nothing streams)."""
     bytes_d2h: int = 0
     """Bytes written back to the parameter store this step."""
+    bytes_disk_read: int = 0
+    bytes_disk_written: int = 0
+    """Bytes read from and written to the NVMe tier's files this step (``offload.nvme_path``; 0 without it)."""
     transfer_wait_ms: float = 0.0
     """Time the compute stream waited for uploads (CUDA only)."""
     replays: int = 0

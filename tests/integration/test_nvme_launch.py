@@ -5,6 +5,7 @@ nothing. CPU workers; the files live in a temporary folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -258,34 +259,50 @@ def test_two_workers_stream_their_share_of_every_nvme_matrix_and_equal_zo2_train
 
 
 @pytest.fixture(scope="module")
-def lora_reference(tmp_path_factory):
-    """zo2 train of the same job with LoRA, every block in host memory."""
+def peft_references(tmp_path_factory):
+    """zo2 train of the same job with a [peft] method, every block in host memory (each made once)."""
     pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
-    run_dir = tmp_path_factory.mktemp("lora_reference") / "run"
-    train_job(job(run_dir, "peft.method=lora"), quiet=True)
-    return run_dir
+    made: dict[str, Path] = {}
+
+    def reference(method: str) -> Path:
+        if method not in made:
+            made[method] = tmp_path_factory.mktemp(f"{method}_reference") / "run"
+            train_job(job(made[method], f"peft.method={method}"), quiet=True)
+        return made[method]
+
+    return reference
 
 
-@pytest.mark.parametrize("granularity", ["block", pytest.param("matrix", marks=pytest.mark.slow)])
-def test_lora_under_zo2_launch_keeps_the_workers_base_on_nvme_and_equals_zo2_train(tmp_path, lora_reference,
-                                                                                   granularity):
-    """LoRA under zo2 launch with one worker: the scheduler places blocks by their adapters and base weights
-    together, homes the adapters of those past the host budget in its files, and the worker keeps their base
-    weights in files of its own (frozen-<k>) beside them; a kill of the worker mid-write of an NVMe-homed block
-    is repaired, the next worker writes its base files again. Logs and adapters equal zo2 train's without NVMe;
-    no file is left in the folder at the end."""
+@pytest.mark.parametrize("method, granularity, fault", [
+    ("lora", "block", "0:4:7"), pytest.param("lora", "matrix", "0:4:7", marks=pytest.mark.slow),
+    ("prompt", "block", None)])
+def test_peft_under_zo2_launch_keeps_the_workers_base_on_nvme_and_equals_zo2_train(tmp_path, peft_references,
+                                                                                   method, granularity, fault):
+    """[peft] under zo2 launch with one worker: the scheduler places blocks by their adapters and base weights
+    together, homes the adapters of those past the host budget in its files (LoRA; prompt tuning's blocks have
+    none), and the worker keeps their base weights in files of its own (frozen-<k>) beside them; a kill of the
+    worker mid-write of an NVMe-homed block is repaired, the next worker writes its base files again. Logs and
+    adapters equal zo2 train's without NVMe; no file is left in the folder at the end."""
     folder = tmp_path / "nvme"
-    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), "peft.method=lora",
-                                f"optim.stream_granularity={granularity}", fault="0:4:7")
+    reference = peft_references(method)
+    sched, seen = run_scheduler(tmp_path / "run", *nvme(folder), f"peft.method={method}",
+                                f"optim.stream_granularity={granularity}", fault=fault)
     on_nvme = seen["spec"].nvme_units
     assert on_nvme and 7 in on_nvme and min(on_nvme) > 1, on_nvme  # some blocks in shared memory, some on NVMe
     assert seen["base"] >= len(on_nvme) * BLOCK * 0.9  # their base weights, in the worker's files
-    (repair,) = sched.recoveries
-    assert "signal 9" in repair["why"] and repair["step"] == 4, repair
-    assert logged(tmp_path / "run") == logged(lora_reference)
+    assert len(seen["files"]) == (3 * len(on_nvme) if method == "lora" else 0)  # the adapters' files
+    disk = [r["disk_read_gb"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+    assert len(disk) == STEPS and min(disk) * 1e9 >= len(on_nvme) * BLOCK * 0.9  # every step read the base files
+    if fault is None:
+        assert sched.restarts == 0
+    else:
+        (repair,) = sched.recoveries
+        assert "signal 9" in repair["why"] and repair["step"] == 4, repair
+    assert logged(tmp_path / "run") == logged(reference)
     weights = final_weights(tmp_path / "run")
-    assert weights and all("lora_" in n for n in weights)
-    assert_same(weights, final_weights(lora_reference))
+    assert weights and all(("lora_" if method == "lora" else "prompt_encoder") in n for n in weights), list(weights)
+    assert_same(weights, final_weights(reference))
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
 
 

@@ -67,6 +67,8 @@ def test_lora_with_its_base_on_nvme_trains_as_resident_bit_for_bit(tmp_path, gra
                      stream_granularity=granularity)
     assert on_disk.plan.host == [0, 1] and on_disk.plan.nvme == [2, 3, 4, 5, 6, 7]
     files = frozen_files(on_disk)
+    plan = on_disk.plan  # the adapters are written back, the base weights only read
+    assert 0 < plan.bytes_per_step_disk_written * 10 * k < plan.bytes_per_step_disk_read
     if granularity == "matrix":  # the host-homed and the NVMe-homed blocks share one ring each for both kinds
         nvme = next(r for r in on_disk.residences if getattr(r, "frozen_files", None) is not None)
         host = next(r for r in on_disk.residences if r is not nvme and getattr(r, "frozen", None) is not None)
@@ -121,31 +123,33 @@ def test_several_processes_per_node_refuse_the_base_on_nvme_with_the_fix():
     from types import SimpleNamespace
 
     from zo2.errors import ConfigError
-    from zo2.offload.nvme_homes import _frozen_files
+    from zo2.offload.nvme_frozen import frozen_files_for
 
     inputs = SimpleNamespace(tiers=SimpleNamespace(nvme_path="/nowhere"), config=SimpleNamespace(prefetch=1))
     with pytest.raises(ConfigError, match="one process per node.*host_memory_budget"):
-        _frozen_files(inputs, [["slot"]], torch.device("cpu"), single=False)
+        frozen_files_for(inputs, [["slot"]], torch.device("cpu"), single=False)
 
 
-@pytest.mark.parametrize("granularity", ["block", "matrix"])
-def test_zo2_train_with_lora_and_its_base_on_nvme_saves_the_same_adapter(tmp_path, granularity):
-    """zo2 train: snapshots, evaluations and final/ (the adapter in PEFT's format, its NVMe-homed tensors read from
-    their files) equal the run with every block in host memory; the base weights' files are gone afterwards."""
+@pytest.mark.parametrize("method, granularity", [("lora", "block"), ("lora", "matrix"), ("prompt", "block")])
+def test_zo2_train_with_its_base_on_nvme_saves_the_same_adapter(tmp_path, method, granularity):
+    """zo2 train: snapshots, evaluations and final/ (the adapter in PEFT's format, LoRA's NVMe-homed tensors read
+    from their files) equal the run with every block in host memory; the base weights' files are gone afterwards.
+    Prompt tuning has nothing trainable in the blocks: only their weights' files."""
     from safetensors.torch import load_file
 
     from zo2.config import load_config
     from zo2.train.checkpoint import load_snapshot, snapshot_path
     from zo2.train.trainer import train_job
 
-    common = ["peft.method=lora", "train.steps=4", "train.eval_every=2", "optim.offload=true",
+    common = [f"peft.method={method}", "train.steps=4", "train.eval_every=2", "optim.offload=true",
               "checkpoint.save_every=2", "train.device=cpu", f"optim.stream_granularity={granularity}"]
     runs = {}
     for name, extra in (("host", []), ("nvme", [f"offload.nvme_path={tmp_path / 'files'}",
                                                 "offload.host_memory_budget=650000"])):
         train_job(load_config("tiny-opt", overrides=common + [f"run.out_dir={tmp_path / name}", *extra]), quiet=True)
         runs[name] = tmp_path / name
-    assert len(list((tmp_path / "files").glob("unit-*.json"))) == 4  # every block's adapters lived on NVMe
+    units = 4 if method == "lora" else 0  # every block's adapters lived on NVMe
+    assert len(list((tmp_path / "files").glob("unit-*.json"))) == units
     assert not list((tmp_path / "files").glob("frozen-*"))  # the base weights' files, removed at the end
     for folder in ("final", "best"):
         if (runs["host"] / folder).exists():
@@ -187,15 +191,56 @@ def test_a_lora_base_larger_than_its_host_budget_trains_in_bounded_host_memory(t
     assert not list((tmp_path / "nvme").glob("frozen-*"))
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_whole_frozen_blocks_past_the_host_budget_are_refused_with_the_fix(tmp_path, method):
-    from zo2.errors import ConfigError
+def whole_frozen(model, method: str):
+    return apply_peft(model, PeftConfig(method=method, num_virtual_tokens=4), "opt", seed=5)
 
-    model = apply_peft(tiny_model("opt", seed=3, num_hidden_layers=8), PeftConfig(method=method, num_virtual_tokens=4),
-                       "opt", seed=5)
-    with pytest.raises(ConfigError, match="host_memory_budget.*peft.method = 'lora'"):
-        tiered(model, tmp_path, host_blocks=2)
-    assert not list(tmp_path.glob("*.json"))  # before any file was made
+
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_whole_frozen_blocks_past_the_host_budget_stream_their_weights_from_files_bit_for_bit(tmp_path, method,
+                                                                                             granularity):
+    """Prompt and prefix tuning freeze whole blocks: those past the host budget keep their weights in files
+    (frozen-<k>, read ahead into staging buffers) and stream with the host-homed blocks, never written back; the
+    same losses and prompt as resident, every step reading the files; the files go when the engine closes."""
+    base = tiny_model("opt", seed=3, num_hidden_layers=8)
+    resident = ZOEngine(whole_frozen(clone_model(base), method), ZOConfig(offload=False, **CFG))
+    on_disk = tiered(whole_frozen(clone_model(base), method), tmp_path, host_blocks=2,
+                     stream_granularity=granularity)
+    assert on_disk.plan.host == [0, 1] and on_disk.plan.nvme == [2, 3, 4, 5, 6, 7]
+    files = frozen_files(on_disk)
+    assert len(files) == 6 and sorted(p.name for p in tmp_path.glob("frozen-*.a")) == [
+        f"frozen-{j}.a" for j in range(6)]
+    assert not list(tmp_path.glob("unit-*"))  # nothing trainable on the disk: nothing written back
+    plan = on_disk.plan
+    assert plan.bytes_per_step_disk_written == plan.bytes_per_step_d2h == 0 < plan.bytes_per_step_disk_read
+    layers = on_disk.model.get_base_model().model.decoder.layers
+    assert layers[3].fc1.weight.is_meta and not layers[1].fc1.weight.is_meta  # no host copy past the budget
+    for s in range(4):
+        batch = padded_batch(seed=s)
+        result = on_disk.step(batch)
+        assert resident.step(batch).losses == result.losses, s
+        assert result.bytes_disk_read >= files.nbytes and result.bytes_disk_written == 0  # the step's own count
+    on_disk.flush()
+    a, b = adapters(resident), adapters(on_disk)
+    assert a.keys() == b.keys() and a and all(torch.equal(a[n], b[n]) for n in a)
+    assert files.bytes_read >= 4 * files.nbytes  # every step reads the NVMe-homed blocks' weights
+    on_disk.close()
+    assert not list(tmp_path.glob("frozen-*"))
+
+
+def test_whole_frozen_blocks_stream_from_the_shards_into_their_files_over_a_meta_base(tmp_path):
+    """model.stream_load with prompt tuning and the NVMe tier: the NVMe-homed blocks' weights written from the
+    checkpoint's shards straight into their files; the same steps as the base in memory, all resident."""
+    reference = tiny_model("opt", seed=9, num_hidden_layers=LAYERS)
+    reference.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
+    in_memory = ZOEngine(whole_frozen(clone_model(reference), "prompt"), ZOConfig(offload=False, **CFG))
+    streamed = tiered(whole_frozen(empty_model(reference.config, torch.float32), "prompt"), tmp_path / "nvme",
+                      host_blocks=2)
+    assert streamed.plan.nvme == [2, 3, 4, 5]
+    load_safetensors(streamed, tmp_path / "ckpt")
+    for s in range(3):
+        batch = padded_batch(seed=s)
+        assert in_memory.step(batch).losses == streamed.step(batch).losses, s
 
 
 def test_the_folders_owner_removes_base_files_a_killed_process_left(tmp_path):

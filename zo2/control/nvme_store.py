@@ -24,8 +24,7 @@ from zo2.offload.nvme_frozen import remove_frozen_files
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
 from zo2.offload.pieces import unit_pieces
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units, repoint
-from zo2.offload.tiers import (default_host_budget, refuse_base_on_nvme, refuse_state_on_nvme, refuse_whole_frozen,
-                               staging_buffers)
+from zo2.offload.tiers import default_host_budget, refuse_base_on_nvme, refuse_state_on_nvme, staging_buffers
 
 
 def _gb(n: float) -> str:
@@ -62,18 +61,14 @@ def place_units(units: Sequence[Any], unit_bytes: Sequence[int], tiers: Any, pre
     return blocks[host:]
 
 
-def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, writers: int = 1,
-                   whole_frozen: bool = False) -> None:
+def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, writers: int = 1) -> None:
     """ConfigError for what the NVMe tier cannot hold yet, when ``on_nvme`` units were placed there (before any
     file is made); ``frozen_base``: some of them have frozen base weights (the workers' own, [peft]);
-    ``writers``: the workers per node; ``whole_frozen``: some have no trainable parameter (prompt or prefix
-    tuning)."""
+    ``writers``: the workers per node."""
     if not on_nvme:
         return
     if optimizer.state_names:
         refuse_state_on_nvme(optimizer, len(on_nvme))
-    if whole_frozen:
-        refuse_whole_frozen(len(on_nvme))
     if frozen_base and writers > 1:
         refuse_base_on_nvme(f"{writers} workers per node")
 

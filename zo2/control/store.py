@@ -137,8 +137,9 @@ class NodeStore:
         on_nvme = self._place(tiers, dtype, writers, frozen)
         self.base_on_nvme = sum(frozen[k] for k in on_nvme)
         """Bytes of the base weights the worker keeps in files of its own beside the NVMe-homed units ([peft])."""
-        by_piece = {k: self.units[k].slots for k in on_nvme} if nvme_by_piece(config, writers) else None
-        self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in on_nvme}, dtype, writers,
+        files = [k for k in on_nvme if self.units[k].owned]  # whole-frozen units: only the worker's base files
+        by_piece = {k: self.units[k].slots for k in files} if nvme_by_piece(config, writers) else None
+        self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in files}, dtype, writers,
                              writers * ALIGN, by_piece) if on_nvme else None  # the folder's lock and disk first
         self.store = ParameterStore.from_blocks(host_blocks(blocks, on_nvme), dtype, pin=False, shared=True,
                                                 create=True, name=self.name, pad_to=writers * ALIGN)
@@ -164,8 +165,7 @@ class NodeStore:
         pad = writers * ALIGN
         sizes = [-(-layout_numel(layout) // pad) * pad * itemsize + f for layout, f in zip(self.layouts, frozen)]
         on_nvme = place_units(self.units, sizes, tiers, self.config.prefetch, writers)
-        check_nvme_job(on_nvme, self.optimizer, any(frozen[k] for k in on_nvme), writers,
-                       whole_frozen=any(frozen[k] and not self.units[k].owned for k in on_nvme))
+        check_nvme_job(on_nvme, self.optimizer, any(frozen[k] for k in on_nvme), writers)
         return on_nvme
 
     @property

@@ -273,6 +273,7 @@ def _tear_nvme_write(residence: Any, block: int, step: int) -> None:
 def _measurements(result: Any) -> dict[str, Any]:
     return {k: getattr(result, k) for k in ("step", "loss", "loss_plus", "loss_minus", "projected_grad", "lr",
                                              "skipped", "tokens", "seconds", "bytes_h2d", "bytes_d2h",
+                                             "bytes_disk_read", "bytes_disk_written",
                                              "transfer_wait_ms", "replays", "peak_device_bytes")}
 
 

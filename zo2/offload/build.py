@@ -190,21 +190,28 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     plan = _plan(inputs, blocks, frozen, device, materializes_z=materializes_directions(kernels))
     plan = place_tiers_for(inputs, plan, frozen, creates_store=not _sliced(inputs) or inputs.comm.local_rank == 0)
     markers = None
+    # blocks without a trainable parameter (prompt, prefix tuning) past the host budget keep their frozen weights
+    # in files and stream with the host-homed blocks (nothing of theirs is written back)
+    on_files = [i for i in plan.nvme if not blocks[i].owned]
+    on_nvme = [i for i in plan.nvme if blocks[i].owned]
     if inputs.store_spec is not None:  # the scheduler's node store: every unit is already in it
         store, markers = _map_node_store(inputs, device)
-        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in plan.host], device, markers,
-                                           plan.granularity == "matrix")
+        streamer = _stream_from_node_store(inputs, store, [blocks[i] for i in sorted(plan.host + on_files)],
+                                           device, markers, plan.granularity == "matrix")
     else:
-        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in plan.host], device,
+        store, streamer = _stream_from_own_store(inputs, [blocks[i] for i in sorted(plan.host + on_files)], device,
                                                  plan.granularity == "matrix")
-    frozen_ring = attach_frozen(inputs, streamer, frozen_store(inputs, blocks, frozen, device), device)
-    nvme = nvme_residence_for(inputs, [blocks[i] for i in plan.nvme], device, plan.granularity == "matrix",
-                              beside=streamer, frozen=[frozen[i] for i in plan.nvme], beside_frozen=frozen_ring)
+    host_frozen = frozen_store(inputs, blocks, frozen, device, on_files)
+    frozen_ring = attach_frozen(inputs, streamer, host_frozen, device)
+    nvme = nvme_residence_for(inputs, [blocks[i] for i in on_nvme], device, plan.granularity == "matrix",
+                              beside=streamer, frozen=[frozen[i] for i in on_nvme], beside_frozen=frozen_ring)
     keep = {id(m) for u in blocks if u.store_index is not None or u.index in set(plan.nvme)
             for m in inputs.adapter.blocks()[u.index].modules()}
     _place(inputs.model, device, keep)
     residences = _settle_units(inputs, store, streamer, markers, device, nvme, frozen_ring)
     streamed = next((r for r in residences if isinstance(r, StreamedResidence) and r is not nvme), None)
+    if streamed is not None:
+        streamed.frozen_files = getattr(host_frozen, "files", None)  # filled by the loaders, deleted at close
     plan.writeback_every = _writeback_every(inputs, streamed or nvme, kernels, device)
     probe = None
     if inputs.config.writeback_every == "auto" and plan.writeback_every > 1 and streamed is not None:
@@ -255,6 +262,7 @@ def _plan(inputs: OffloadInputs, blocks: list, frozen: list[list[FrozenSlot]], d
                 raise
             plan = make_plan(cfg.offload, block_bytes, fixed, reserve, budget, cfg.prefetch, piece)
     plan.block_reserve_bytes = block_reserve
+    plan.frozen_bytes = [frozen_nbytes(fs) for fs in frozen]
     return plan
 
 

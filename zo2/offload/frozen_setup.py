@@ -4,13 +4,14 @@ zo2.offload.frozen (block granularity) and zo2.offload.piece_frozen (one matrix 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from zo2.errors import ModelError
 from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_slots
+from zo2.offload.nvme_frozen import TieredFrozen, frozen_files_for
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer
 from zo2.offload.store import made_by_first, remove_stale_stores, shared_store_name
@@ -48,10 +49,12 @@ def attach_frozen(inputs: Any, streamer: BlockStreamer | None, frozen: FrozenSto
     return FrozenPieces(frozen, roots, device, inputs.config.prefetch)
 
 
-def frozen_store(inputs: Any, blocks: list, frozen: list[list[FrozenSlot]],
-                 device: torch.device) -> FrozenStore | None:
+def frozen_store(inputs: Any, blocks: list, frozen: list[list[FrozenSlot]], device: torch.device,
+                 on_files: Sequence[int] = ()) -> FrozenStore | TieredFrozen | None:
     """The frozen parameters of the streamed blocks in a pinned host store indexed like the streamer's blocks
-    (a GPU forward must not read pageable host memory); None when the streamed blocks have none."""
+    (a GPU forward must not read pageable host memory); None when the streamed blocks have none. ``on_files``:
+    the streamed blocks (positions in ``blocks``: whole-frozen ones past the host budget) whose frozen parameters
+    live in files on the NVMe tier instead (zo2.offload.nvme_frozen.TieredFrozen; one process per node)."""
     streamed = [(u, fs) for u, fs in zip(blocks, frozen) if u.store_index is not None and fs]
     if not streamed:
         return None
@@ -66,9 +69,23 @@ def frozen_store(inputs: Any, blocks: list, frozen: list[list[FrozenSlot]],
     for u, fs in streamed:
         by_index[u.store_index] = fs
     comm, pin = inputs.comm, device.type == "cuda"
+    if on_files:
+        return _tiered_frozen(inputs, by_index, sorted(blocks[i].store_index for i in on_files), device)
     if comm is None or comm.local_size == 1 or not inputs.config.sliced_transfers:
         return FrozenStore.from_slots(by_index, pin=pin)
     return _node_frozen_store(by_index, comm, pin)
+
+
+def _tiered_frozen(inputs: Any, by_index: list[list[FrozenSlot]], on_files: list[int], device: torch.device
+                   ) -> TieredFrozen:
+    """The streamed blocks' frozen parameters with those of the blocks ``on_files`` (streamer indices) in files,
+    the others in a pinned host store."""
+    files = frozen_files_for(inputs, [by_index[k] for k in on_files], device)
+    host = FrozenStore.from_slots([[] if k in on_files else fs for k, fs in enumerate(by_index)],
+                                  pin=device.type == "cuda")
+    where = [(files, on_files.index(k)) if k in on_files else (host, k) if fs else None
+             for k, fs in enumerate(by_index)]
+    return TieredFrozen(where, files)
 
 
 def _node_frozen_store(blocks: list[list[FrozenSlot]], comm: Any, pin: bool) -> FrozenStore | None:

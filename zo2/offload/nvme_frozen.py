@@ -17,6 +17,10 @@ streamers move its blocks as they move the host store's: with each block into a 
 * a buffer is read into again only once the uploads out of it have landed (``uploaded``: the streamer's H2D
   events, which the read waits for on the I/O thread), and never while it holds a block of the window being read.
 
+Blocks with no trainable parameter (prompt, prefix tuning) past the host budget keep their weights here too; they
+stream with the host-homed blocks, whose streamer reads their frozen weights through :class:`TieredFrozen` (the
+pinned store's blocks and these files' side by side).
+
 At rest the modules' frozen parameters of these blocks are on the meta device (there is no host copy); during a
 block's forwards they are device views, as with the host store. Snapshots hold the adapters only, so nothing here
 is ever saved: a resumed run fills the files again.
@@ -35,7 +39,8 @@ from zo2.offload.frozen import FrozenSlot, FrozenStore, frozen_params
 from zo2.offload.nvme import NvmeStore
 from zo2.offload.nvme_io import aligned_empty
 from zo2.offload.store import ParameterStore, pack_layout, repoint
-from zo2.offload.tiers import staging_buffers
+from zo2.offload.tiered import tier_engine
+from zo2.offload.tiers import refuse_base_on_nvme, staging_buffers
 
 
 FROZEN_STEM = "frozen-"
@@ -48,6 +53,19 @@ def remove_frozen_files(folder: str | Path) -> None:
     for path in Path(folder).glob(f"{FROZEN_STEM}*"):
         if path.suffix in (".a", ".json"):
             path.unlink(missing_ok=True)
+
+
+def frozen_files_for(inputs: Any, frozen: Sequence[list[FrozenSlot]] | None, device: torch.device,
+                     single: bool = True) -> "FrozenFiles | None":
+    """The frozen weights of NVMe-homed blocks (``frozen``: each one's slots) in files under the ``[offload]``
+    section's folder (``inputs``: an engine's OffloadInputs), None when they have none; one process per node only
+    (``single``: zo2 train, or zo2 launch with one worker)."""
+    if not frozen or not any(frozen):
+        return None
+    if not single:
+        refuse_base_on_nvme("several processes per node")
+    return FrozenFiles(inputs.tiers.nvme_path, frozen, tier_engine(inputs, []), pin=device.type == "cuda",
+                       prefetch=inputs.config.prefetch)
 
 
 class FrozenFiles:
@@ -73,6 +91,8 @@ class FrozenFiles:
         self._uploads: list[list] = [[] for _ in self.staging]
         """CUDA: the events of the uploads out of each buffer since it was read into (a new read waits for them)."""
         self.bytes_read = 0
+        """Bytes read from the files since they were made."""
+        self._reported = 0
         self._write_params(params)
 
     # ------------------------------------------------------------------ the store's interface
@@ -102,6 +122,11 @@ class FrozenFiles:
         buf, future = self._reads[index]
         future.result()  # host wait: the read issued ahead, overlapped with earlier compute
         return self.files.typed(index, self.staging[buf])
+
+    def take_read(self) -> int:
+        """Bytes read from the files since the last call (a step's share, for its TransferStats)."""
+        read, self._reported = self.bytes_read - self._reported, self.bytes_read
+        return read
 
     def uploaded(self, index: int, event: Any) -> None:
         """An upload out of block ``index``'s staging buffer was issued (``event``: its H2D event, None on a CPU,
@@ -177,3 +202,47 @@ class FrozenFiles:
         self.files.close()
         if hasattr(self.files.engine, "close"):
             self.files.engine.close()
+
+
+class TieredFrozen:
+    """The frozen weights of a host streamer's blocks split between two tiers, indexed like the streamer's blocks:
+    block ``i`` in ``host`` (a pinned :class:`FrozenStore`) or in ``files`` (:class:`FrozenFiles`), at its index
+    there (``where[i]``: (the store, its index), None where the block has no frozen weight). Blocks without a
+    trainable parameter (prompt, prefix tuning) stream from the host store whichever tier holds their weights, so
+    the NVMe-homed ones keep them in files and the streamer reads them through this (the interface both stores
+    have: ``slots``, ``layout``, ``numel``, ``flat``, ``uploaded``, ``swapped``)."""
+
+    def __init__(self, where: Sequence[tuple[Any, int] | None], files: FrozenFiles):
+        self.where = list(where)
+        self.files = files
+        self.dtype = files.dtype
+        self.slots = [[] if w is None else w[0].slots[w[1]] for w in self.where]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def layout(self, index: int) -> list:
+        w = self.where[index]
+        return [] if w is None else w[0].layout(w[1])
+
+    def numel(self, index: int) -> int:
+        w = self.where[index]
+        return 0 if w is None else w[0].numel(w[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum({id(w[0]): w[0].nbytes for w in self.where if w is not None}.values())
+
+    def flat(self, index: int) -> torch.Tensor:
+        w = self.where[index]
+        return torch.empty(0, dtype=self.dtype) if w is None else w[0].flat(w[1])
+
+    def uploaded(self, index: int, event: Any) -> None:
+        w = self.where[index]
+        hook = None if w is None else getattr(w[0], "uploaded", None)
+        if hook is not None:
+            hook(w[1], event)
+
+    def swapped(self, index: int, flat: torch.Tensor) -> Any:
+        w = self.where[index]
+        return w[0].swapped(w[1], flat)

@@ -22,14 +22,13 @@ import torch
 
 from zo2.errors import ModelError
 from zo2.offload.markers import StoreMarkers
-from zo2.offload.nvme_frozen import FrozenFiles
+from zo2.offload.nvme_frozen import frozen_files_for
 from zo2.offload.nvme_pieces import nvme_piece_residence
 from zo2.offload.nvme_slices import NodeFiles, SlicedNvme, cuts_digest, slice_numels
 from zo2.offload.piece_frozen import FrozenPieces
 from zo2.offload.pieces import RingStreamer, unit_pieces
 from zo2.offload.store import ALIGN, made_by_first, node_writers, pack_layout, repoint, shared_store_name
 from zo2.offload.tiered import NvmeResidence, NvmeStreamer, SliceMarks, build_nvme_tier, nvme_files, tier_engine
-from zo2.offload.tiers import refuse_base_on_nvme
 
 
 def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, matrix: bool,
@@ -53,7 +52,7 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
             residence = build_nvme_tier(units, inputs.params, inputs.tiers.nvme_path, device, prefetch, engine)
         else:
             residence = _node_blocks(inputs, node, units, device)
-        residence.frozen_files = _frozen_files(inputs, frozen, device, one_writer)
+        residence.frozen_files = frozen_files_for(inputs, frozen, device, one_writer)
         residence.streamer.attach_frozen(residence.frozen_files)
         return residence
     ring = beside.ring if isinstance(beside, RingStreamer) else None
@@ -61,7 +60,7 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
         store, extra = nvme_files(units, inputs.params, inputs.tiers.nvme_path, device, engine), {}
     else:
         store, extra = node.mine.store, {"node": node, "comm": comm}
-    files = _frozen_files(inputs, frozen, device, one_writer)
+    files = frozen_files_for(inputs, frozen, device, one_writer)
     pieces = None
     if files is not None:
         roots = {k: inputs.adapter.blocks()[u.index] for k, u in enumerate(units)}
@@ -72,18 +71,6 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
     if node is not None:
         residence.streamer.marks, residence.owner = node.marks, node.owner
     return residence
-
-
-def _frozen_files(inputs: Any, frozen: Sequence[list] | None, device: torch.device, single: bool
-                  ) -> FrozenFiles | None:
-    """The NVMe-homed blocks' frozen weights in files (None when they have none); one process per node only
-    (``single``: zo2 train, or zo2 launch with one worker)."""
-    if not frozen or not any(frozen):
-        return None
-    if not single:
-        refuse_base_on_nvme("several processes per node")
-    return FrozenFiles(inputs.tiers.nvme_path, frozen, tier_engine(inputs, []), pin=device.type == "cuda",
-                       prefetch=inputs.config.prefetch)
 
 
 def _node_blocks(inputs: Any, node: NodeFiles, units: Sequence[Any], device: torch.device) -> NvmeResidence:

@@ -109,6 +109,13 @@ class Plan:
     staging_bytes: int = 0
     """The NVMe tier's pinned staging buffers (host memory, within ``host_budget``)."""
     nvme_path: str | None = None
+    frozen_bytes: list[int] = field(default_factory=list)
+    """Each block's frozen bytes (a PEFT base's; all of a prompt-tuned block's), within ``block_bytes``: read,
+    never written back. Empty: none."""
+
+    def _written(self, blocks: list[int]) -> int:
+        """What a write-back of ``blocks`` moves: their bytes but the frozen ones."""
+        return sum(self.block_bytes[i] - (self.frozen_bytes[i] if self.frozen_bytes else 0) for i in blocks)
 
     @property
     def host(self) -> list[int]:
@@ -124,7 +131,7 @@ class Plan:
     @property
     def bytes_per_step_disk_written(self) -> int:
         """Written to the NVMe files per step, on average over ``writeback_every`` steps."""
-        return self.bytes_per_step_disk_read // self.writeback_every
+        return self._written(self.nvme) // self.writeback_every
 
     @property
     def bytes_per_step_h2d(self) -> int:
@@ -133,7 +140,7 @@ class Plan:
     @property
     def bytes_per_step_d2h(self) -> int:
         """Written back per step, on average over ``writeback_every`` steps."""
-        return self.bytes_per_step_h2d // self.writeback_every
+        return self._written(self.streamed) // self.writeback_every
 
     @property
     def expected_peak(self) -> int:

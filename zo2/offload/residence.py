@@ -122,9 +122,24 @@ class Residence:
         """Let ``fill`` write the weights only this residence holds, a unit at a time: it gets name → host tensor
         views of one unit, which then go home (the loaders: checkpoint shards straight into the NVMe files)."""
 
+    frozen_files: Any = None
+    """Frozen weights of these units kept only in files (zo2.offload.nvme_frozen.FrozenFiles: a PEFT base's, or
+    whole-frozen blocks' past the host budget), or None."""
+
     def fill_frozen(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
-        """As :meth:`fill_home` for the frozen (PEFT base) weights only this residence holds, named as the base
-        model's checkpoint names them."""
+        """As :meth:`fill_home` for the frozen (PEFT base) weights only this residence holds (in files), named as
+        the base model's checkpoint names them."""
+        if self.frozen_files is not None:
+            self.frozen_files.fill(fill)
+
+    def frozen_stats(self) -> TransferStats:
+        """What reading the frozen weights' files moved since the last call (beside :meth:`collect_stats`)."""
+        return TransferStats(bytes_disk_read=self.frozen_files.take_read() if self.frozen_files is not None else 0)
+
+    def close(self) -> None:
+        """End of the run (ZOEngine.close): delete the frozen weights' files (every start fills them again)."""
+        if self.frozen_files is not None:
+            self.frozen_files.close()
 
 
 class DeviceResidence(Residence):

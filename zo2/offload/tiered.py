@@ -293,16 +293,8 @@ class FileHome:
 
     owner: SlicedNvme | None = None
     """A torchrun node's first process: the node's files, whose folder it locks and which it deletes at the end."""
-    frozen_files: Any = None
-    """A PEFT model's frozen base weights of these units (zo2.offload.nvme_frozen.FrozenFiles), or None."""
-
-    def fill_frozen(self, fill: Callable[[dict[str, torch.Tensor]], None]) -> None:
-        if self.frozen_files is not None:
-            self.frozen_files.fill(fill)
-
     def close(self) -> None:
-        if self.frozen_files is not None:
-            self.frozen_files.close()
+        super().close()  # the residence's frozen files (a PEFT base's)
         self.streamer.close()
         if self.whole is not None:
             self.whole.close()

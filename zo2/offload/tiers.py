@@ -131,9 +131,6 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
         raise
     if plan.nvme and stateful:
         refuse_state_on_nvme(inputs.optimizer)
-    blocks = [u for u in inputs.units if u.kind == "block"]
-    if any(not blocks[i].owned for i in plan.nvme):
-        refuse_whole_frozen(len(plan.nvme))
     if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
         refuse_base_on_nvme(f"{comm.local_size} processes per node")
     return plan
@@ -146,14 +143,6 @@ def refuse_state_on_nvme(optimizer: Any, blocks: int | None = None) -> NoReturn:
     raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
                       f"keeps {', '.join(optimizer.state_names)}{beyond}. Use zo-sgd, zo-sgd-sign or "
                       "zo-sgd-conservative, or raise offload.host_memory_budget.")
-
-
-def refuse_whole_frozen(blocks: int) -> NoReturn:
-    """The ConfigError of blocks without a trainable parameter (prompt, prefix tuning) past the host budget."""
-    raise ConfigError(f"offload.nvme_path: {blocks} blocks do not fit offload.host_memory_budget, but the NVMe tier "
-                      "homes blocks that have trainable parameters (LoRA's adapters, or all of a block's weights), "
-                      "and prompt or prefix tuning freezes whole blocks. Raise offload.host_memory_budget so they "
-                      "fit in host memory, or use peft.method = 'lora'.")
 
 
 def refuse_base_on_nvme(processes: str) -> NoReturn:

@@ -24,8 +24,8 @@ import torch
 
 from zo2.errors import CheckpointError, write_failure
 
-TRANSFER_ZERO = {"h2d_gb": 0.0, "d2h_gb": 0.0, "transfer_wait_s": 0.0, "step_s": 0.0, "peak_device_gib": 0.0,
-                 "replays": 0}
+TRANSFER_ZERO = {"h2d_gb": 0.0, "d2h_gb": 0.0, "disk_read_gb": 0.0, "disk_written_gb": 0.0, "transfer_wait_s": 0.0,
+                 "step_s": 0.0, "peak_device_gib": 0.0, "replays": 0}
 
 
 @dataclass
@@ -55,6 +55,8 @@ class MetricsWindow:
         t = self._transfer
         t["h2d_gb"] += getattr(result, "bytes_h2d", 0) / 1e9
         t["d2h_gb"] += getattr(result, "bytes_d2h", 0) / 1e9
+        t["disk_read_gb"] += getattr(result, "bytes_disk_read", 0) / 1e9
+        t["disk_written_gb"] += getattr(result, "bytes_disk_written", 0) / 1e9
         t["transfer_wait_s"] += getattr(result, "transfer_wait_ms", 0.0) / 1e3
         t["step_s"] += getattr(result, "seconds", 0.0)
         t["peak_device_gib"] = max(t["peak_device_gib"], getattr(result, "peak_device_bytes", 0) / 1024 ** 3)
@@ -68,6 +70,8 @@ class MetricsWindow:
         parts = []
         if t["h2d_gb"]:
             parts.append(f"H2D {t['h2d_gb'] / max(t['step_s'], 1e-9):.1f} GB/s")
+            if t["disk_read_gb"]:
+                parts.append(f"NVMe read {t['disk_read_gb'] / max(t['step_s'], 1e-9):.1f} GB/s")
             parts.append(f"wait {100 * t['transfer_wait_s'] / max(t['step_s'], 1e-9):.0f}%")
         if t["peak_device_gib"]:
             parts.append(f"peak {t['peak_device_gib']:.1f} GiB")
@@ -90,6 +94,8 @@ class MetricsWindow:
             "tokens_per_s": self.tokens_per_s(), "time": self.elapsed(), "skipped": self.skipped_total,
             # since the last line: bytes moved each way, time waiting on uploads vs computing, peak memory
             "h2d_gb": self._transfer["h2d_gb"], "d2h_gb": self._transfer["d2h_gb"],
+            # read from and written to the NVMe tier's files (offload.nvme_path)
+            "disk_read_gb": self._transfer["disk_read_gb"], "disk_written_gb": self._transfer["disk_written_gb"],
             "transfer_wait_s": self._transfer["transfer_wait_s"],
             "compute_s": max(self._transfer["step_s"] - self._transfer["transfer_wait_s"], 0.0),
             "peak_device_gib": self._transfer["peak_device_gib"],
@@ -211,6 +217,8 @@ def format_metrics(line: Mapping[str, Any], total: int) -> str:
             f"skipped {line['skipped']} | {line['time']:.1f}s"
             + (f" | H2D {line['h2d_gb']:.2f} GB, D2H {line['d2h_gb']:.2f} GB, wait {line['transfer_wait_s']:.2f}s"
                if line.get("h2d_gb") else "")
+            + (f" | NVMe read {line['disk_read_gb']:.2f} GB, written {line['disk_written_gb']:.2f} GB"
+               if line.get("disk_read_gb") or line.get("disk_written_gb") else "")
             + (f" | peak {line['peak_device_gib']:.2f} GiB" if line.get("peak_device_gib") else ""))
 
 
