@@ -1,6 +1,7 @@
 """Step time of the NVMe tier against the host tier: the same OPT-shaped model (built on the meta device, seeded
 init), every block streamed, homed once in pinned host memory and once on NVMe (``offload.nvme_path``), for each
-``optim.writeback_every`` asked for.
+``optim.writeback_every`` and optimizer asked for (``--optimizer zo-sgd zo-adam``: a stateful optimizer's state of the
+NVMe-homed blocks lives in files beside their weights and moves with them; K = 1 only).
 
 Per configuration: median step time over ``--steps`` after ``--warmup``, the disk bytes read and written per step,
 the read rate through the tier (bytes read per step / step time), and, measured in the same run right after the
@@ -15,6 +16,7 @@ the end.
         --writeback 8 --no-host                                    # a model several times the host budget
     python benchmarks/bench_nvme_tier.py --folder /mnt/nvme/zo2 --preset opt-6.7b --layers 8 --writeback 1 4 16
     python benchmarks/bench_nvme_tier.py --hidden 1024 --layers 8 --steps 3            # a quick CPU run
+    python benchmarks/bench_nvme_tier.py --hidden 512 --layers 4 --writeback 1 --optimizer zo-sgd zo-adam
 """
 
 from __future__ import annotations
@@ -39,18 +41,18 @@ from zo2.config.offload import OffloadConfig  # noqa: E402
 from zo2.offload.loading import empty_model, init_random  # noqa: E402
 from zo2.offload.tiered import NvmeResidence  # noqa: E402
 
-COLUMNS = [("tier", "tier", ""), ("k", "K", "d"), ("step_s", "step s", ".3f"), ("read_gb", "read GB/step", ".2f"),
+COLUMNS = [("tier", "tier", ""), ("optimizer", "optimizer", ""), ("k", "K", "d"), ("step_s", "step s", ".3f"), ("read_gb", "read GB/step", ".2f"),
            ("written_gb", "written GB/step", ".2f"), ("read_gbps", "tier read GB/s", ".2f"),
            ("dd_gbps", "dd GB/s", ".2f"), ("vs_dd", "tier/dd", ".3f"), ("floor_s", "disk floor s", ".3f"),
            ("vs_floor", "step/floor", ".3f")]
 
 
-def run(args: argparse.Namespace, folder: Path | None, k: int) -> dict:
+def run(args: argparse.Namespace, folder: Path | None, k: int, optimizer: str = "zo-sgd") -> dict:
     """One configuration: build, fill, warm up, time."""
     overrides = {"hidden_size": args.hidden, "ffn_size": 4 * args.hidden} if args.hidden else {}
     model = empty_model(opt_config(args.preset, args.layers, **overrides), dtype=torch.bfloat16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = ZOConfig(offload=True, device=device, writeback_every=k, lr=1e-6, seed=0)
+    cfg = ZOConfig(offload=True, device=device, writeback_every=k, lr=1e-6, seed=0, optimizer=optimizer)
     tiers = _tiers(folder, model, cfg, args) if folder is not None else None
     engine = ZOEngine(model, cfg, offload_config=tiers)
     init_random(engine, seed=0)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace, folder: Path | None, k: int) -> dict:
     engine.flush()
     step = statistics.median(times)
     r, w = sum(read) / len(read) / 1e9, sum(written) / len(written) / 1e9
-    row = {"tier": "nvme" if folder is not None else "host", "k": k, "step_s": step, "read_gb": r, "written_gb": w,
+    row = {"tier": "nvme" if folder is not None else "host", "optimizer": optimizer, "k": k, "step_s": step, "read_gb": r, "written_gb": w,
            "plan": engine.plan.to_dict()}
     if folder is not None:
         store = next((res.store for res in engine.residences if isinstance(res, NvmeResidence)), None)
@@ -83,11 +85,15 @@ def run(args: argparse.Namespace, folder: Path | None, k: int) -> dict:
 
 
 def _tiers(folder: Path, model, cfg: ZOConfig, args: argparse.Namespace) -> OffloadConfig:
-    """``--host-budget`` GB, or a host budget of exactly the staging buffers: every streamed block on NVMe."""
+    """``--host-budget`` GB, or a host budget of exactly the staging buffers (of a block's weights and optimizer
+    state): every streamed block on NVMe."""
     from zo2.offload.nvme import round_up
     from zo2.offload.tiers import staging_buffers
+    from zo2.optim.optimizers import build_optimizer
 
-    block = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.model.decoder.layers)
+    opt = build_optimizer(cfg)
+    block = max(sum(p.numel() * (p.element_size() + opt.state_bytes(p.dtype)) for p in layer.parameters())
+                for layer in model.model.decoder.layers)
     budget = int(args.host_budget * 1e9) if args.host_budget else staging_buffers(cfg.prefetch) * round_up(block)
     return OffloadConfig(nvme_path=str(folder), host_memory_budget=budget, nvme_engine=args.engine)
 
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--writeback", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--engine", choices=["auto", "aio", "threads"], default="auto")
+    parser.add_argument("--optimizer", nargs="+", default=["zo-sgd"],
+                        help="zo-sgd, zo-adam, zo-sgd-momentum, ... (stateful ones only at K = 1)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--host-budget", type=float, default=None,
@@ -113,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.folder or tempfile.mkdtemp(prefix="zo2-nvme-tier-"))
     rows = []
     try:
-        for k in args.writeback:
-            if not args.no_host:
-                rows.append(run(args, None, k))
-            shutil.rmtree(folder, ignore_errors=True)
-            rows.append(run(args, folder, k))
+        for optimizer in args.optimizer:
+            for k in args.writeback:
+                if k > 1 and optimizer in ("zo-adam", "zo-sgd-momentum"):
+                    continue  # a stateful optimizer writes back every step
+                if not args.no_host:
+                    rows.append(run(args, None, k, optimizer))
+                shutil.rmtree(folder, ignore_errors=True)
+                rows.append(run(args, folder, k, optimizer))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print_table(rows, COLUMNS)

@@ -366,7 +366,7 @@ class ZOEngine:
         (:meth:`optimizer_state`) for zo-sgd-momentum and zo-adam: what a snapshot must hold for the trajectory
         log's later steps to replay bit-exactly on it. (A snapshot writer takes :meth:`snapshot_tensors`, which
         copies nothing.)"""
-        return {n: _loaded(t).clone() if n in self.params else t for n, t in self.snapshot_tensors().items()}
+        return {n: _loaded(t).clone() for n, t in self.snapshot_tensors().items()}
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor | Deferred]:
         """What :meth:`trainable_state` holds, without copies (after a flush; valid until the next step): the
@@ -375,7 +375,7 @@ class ZOEngine:
         at a time, so a model larger than host memory can be saved."""
         home = self.home_weights()
         tensors: dict[str, torch.Tensor | Deferred] = {n: home.get(n, p.detach()) for n, p in self.params.items()}
-        tensors.update(self.opt_state.state_dict())
+        tensors.update(self.opt_state.tensors())
         return tensors
 
     def home_weights(self) -> dict[str, Deferred]:
@@ -427,8 +427,10 @@ class ZOEngine:
 
     def close(self) -> None:
         """End of the run: the NVMe tier finishes its I/O, lets its folder go and removes the files no run resumes
-        from (a PEFT base's, refilled at every start); the trainable units' files stay for a resume. The engine is
-        not used afterwards. Idempotent; without an NVMe tier it does nothing."""
+        from (a PEFT base's, refilled at every start; a stateful optimizer's state of the NVMe-homed blocks); the
+        trainable units' files stay for a resume. The engine is not used afterwards. Idempotent; without an NVMe
+        tier it does nothing."""
+        self.opt_state.close()  # the NVMe-homed blocks' optimizer state files, while the folder is still held
         for residence in self.residences:
             close = getattr(residence, "close", None)
             if close is not None and not getattr(residence, "closed", False):

@@ -149,13 +149,6 @@ def test_engine_refuses_a_model_larger_than_the_host_budget_without_nvme(tmp_pat
         ZOEngine(model, ZOConfig(offload=True), offload_config=tiers)
 
 
-def test_nvme_tier_refuses_stateful_optimizers(tmp_path):
-    model = tiny_model("opt", seed=1, num_hidden_layers=LAYERS)
-    with pytest.raises(ConfigError, match="optimizer state"):
-        nvme_engine(model, tmp_path, optimizer="zo-adam")
-    assert not list(tmp_path.iterdir())  # refused before any file was made
-
-
 # ------------------------------------------------------------------------------------------------ the streamer
 class GatedEngine(ThreadPoolEngine):
     """A thread-pool engine whose reads of one unit wait until the test opens the gate; it records every read."""

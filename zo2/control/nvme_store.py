@@ -68,7 +68,7 @@ def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, wr
     if not on_nvme:
         return
     if optimizer.state_names:
-        refuse_state_on_nvme(optimizer, len(on_nvme))
+        refuse_state_on_nvme(optimizer, "under zo2 launch", len(on_nvme))
     if frozen_base and writers > 1:
         refuse_base_on_nvme(f"{writers} workers per node")
 

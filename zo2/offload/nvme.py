@@ -96,6 +96,12 @@ class FolderLock:
             self._file.close()
             self._file = None
 
+    def __del__(self) -> None:  # an engine dropped without close(): the folder goes with it, quietly
+        try:
+            self.release()
+        except Exception:
+            pass
+
 
 class NvmeStore:
     """One file pair per unit under ``folder``: the unit's flat buffer (``dtype``, the numel of its layout)
@@ -244,6 +250,13 @@ class NvmeStore:
                     raise ResourceError(f"The NVMe file {path} does not exist or is short: the process that owns "
                                         "the folder (the scheduler, or the node's first process) creates the files "
                                         "before the others map them.")
+
+    def forget(self) -> None:
+        """Make every unit unwritten (its marker removed): a fresh start over files a previous run left."""
+        for k in range(len(self)):
+            self.marker_path(k).unlink(missing_ok=True)
+            self._markers[k] = None
+        fsync_dir(self.folder)
 
     def remove_files(self) -> None:
         """Delete every file of the store (versions, markers): the owner's clean-up of files no one resumes from."""

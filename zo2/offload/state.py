@@ -12,6 +12,8 @@ out like the unit's parameter buffer (same offsets; float32, float64 for float64
 * blocks streamed one matrix at a time (zo2.offload.pieces) keep one host store per state buffer laid out like
   the weights' store, moved a piece at a time with the weights' pieces by rings of their own
   (:class:`PiecewiseState`).
+* blocks homed on the NVMe tier (one process, streamed whole) keep it in files beside their weights, moved in
+  lockstep with them by streamers of their own (zo2.offload.nvme_state.NvmeState).
 
 Stateless optimizers keep nothing and every method here is a no-op for them.
 """
@@ -24,7 +26,7 @@ import torch
 
 from zo2.errors import CheckpointError, ResourceError
 from zo2.offload.pieces import PieceStore, RingStreamer
-from zo2.offload.store import ALIGN, SHM_DIR, ParameterStore, Segment, made_by_first
+from zo2.offload.store import ALIGN, SHM_DIR, Deferred, ParameterStore, Segment, made_by_first
 from zo2.offload.streamer import BlockStreamer, TransferStats
 from zo2.optim.optimizers import UnitState
 from zo2.optim.update import math_dtype
@@ -97,10 +99,12 @@ class OptimizerState:
     """Every unit's :class:`UnitState`: resident buffers on the device, streamed ones in a host store."""
 
     def __init__(self, names: tuple[str, ...], units: list["Unit"], dtype_of, device: torch.device,
-                 prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None):
+                 prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None, nvme: Any = None):
         """``area``: a node's :class:`StateArea` (the scheduler's, or a torchrun node's): the streamed blocks'
-        state is streamed from (and written back to) it, sliced by ``ranges`` like the weights."""
+        state is streamed from (and written back to) it, sliced by ``ranges`` like the weights. ``nvme``: the
+        NVMe-homed blocks' state in files (zo2.offload.nvme_state.NvmeState), or None."""
         self.names = names
+        self.nvme = nvme
         self.units = units
         self.states: dict[str, UnitState] = {}
         self.store: ParameterStore | None = None
@@ -115,7 +119,7 @@ class OptimizerState:
         """A streamed unit's buffer in the state store, by its index in the weights' store (a node store holds
         every unit, so those indices need not start at 0 or be consecutive; an area is indexed like it)."""
         for u in units:
-            if u.store_index is None:
+            if u.store_index is None and not (nvme is not None and nvme.holds(u)):
                 n = u.flat.numel()
                 self.states[u.name] = UnitState({s: torch.zeros(n, dtype=math_dtype(u.flat.dtype), device=device)
                                                  for s in names})
@@ -135,17 +139,11 @@ class OptimizerState:
                 st.ranges = dict(ranges or {})
                 self.streamers[name] = st
             return
-        layouts = [self._stacked(u.layout) for u in streamed]
+        layouts = [stacked_layout(self.names, u.layout) for u in streamed]
         self.store = ParameterStore(layouts, math_dtype(dtype_of(streamed[0])), pin=device.type == "cuda")
         for buf in self.store.buffers:
             buf.zero_()
         self.streamer = BlockStreamer(self.store, device, prefetch)
-
-    def _stacked(self, layout: list[Segment]) -> list[Segment]:
-        """The layout of a block's state buffer: one copy of the weights' layout per state name, back to back."""
-        n = max((s.offset + s.numel for s in layout), default=0)
-        return [Segment(f"{name}/{s.name}", j * n + s.offset, s.numel, s.shape)
-                for j, name in enumerate(self.names) for s in layout]
 
     @property
     def stateful(self) -> bool:
@@ -155,18 +153,30 @@ class OptimizerState:
     def _all_streamers(self) -> list[BlockStreamer]:
         return list(self.streamers.values()) or ([self.streamer] if self.streamer is not None else [])
 
+    def _every_streamer(self) -> list[BlockStreamer]:
+        """The host-homed blocks' state streamers and the NVMe-homed ones'."""
+        return self._all_streamers() + (list(self.nvme.streamers.values()) if self.nvme is not None else [])
+
+    def _on_nvme(self, unit: "Unit") -> bool:
+        return self.nvme is not None and self.nvme.holds(unit)
+
     def begin(self, units: Iterable["Unit"]) -> None:
         """A pass that applies an update starts: prefetch the first streamed blocks' state."""
+        units = list(units)
         order = [self._slot[u.store_index] for u in units if u.store_index is not None] if self.names else []
         for streamer in self._all_streamers():
             streamer.begin(order)
+        if self.nvme is not None:
+            self.nvme.begin(units)
 
     def acquire(self, unit: "Unit") -> UnitState | None:
         """The unit's state on the compute device (a streamed block's is uploaded); None when stateless."""
         if not self.names:
             return None
         state = self.states[unit.name]
-        if unit.store_index is not None and self.streamers:
+        if self._on_nvme(unit):
+            state.buffers = self.nvme.acquire(unit)
+        elif unit.store_index is not None and self.streamers:
             state.buffers = {s: st.acquire(self._slot[unit.store_index]) for s, st in self.streamers.items()}
         elif unit.store_index is not None:
             slot = self.streamer.acquire(self._slot[unit.store_index])
@@ -176,19 +186,24 @@ class OptimizerState:
 
     def updated(self, unit: "Unit") -> None:
         """The unit's state was updated on the device: write a streamed block's back to the host store."""
-        if unit.store_index is not None and self.names:
+        if self._on_nvme(unit):
+            self.nvme.updated(unit)
+        elif unit.store_index is not None and self.names:
             for streamer in self._all_streamers():
                 streamer.write_back(self._slot[unit.store_index])
 
     def release(self, unit: "Unit") -> None:
         """The visit of ``unit`` ends: its state's device slot may be reused."""
-        if unit.store_index is not None and self.names and self.states[unit.name].buffers:
+        if self._on_nvme(unit) and self.states[unit.name].buffers:
+            self.states[unit.name].buffers = {}
+            self.nvme.release(unit)
+        elif unit.store_index is not None and self.names and self.states[unit.name].buffers:
             self.states[unit.name].buffers = {}
             for streamer in self._all_streamers():
                 streamer.release(self._slot[unit.store_index])
 
     def synchronize(self) -> None:
-        for streamer in self._all_streamers():
+        for streamer in self._every_streamer():
             streamer.synchronize()
 
     # A unit streamed one piece at a time (zo2.offload.pieces) has its state moved by a PiecewiseState.
@@ -206,14 +221,20 @@ class OptimizerState:
         """Every piece of ``unit`` received the visit's update: count it once (Adam's t)."""
 
     def invalidate(self) -> None:
-        for streamer in self._all_streamers():
+        for streamer in self._every_streamer():
             streamer.invalidate()
 
     def add_stats(self, stats: TransferStats) -> TransferStats:
         """``stats`` (the weights' transfers) plus the state's since the last call."""
-        for streamer in self._all_streamers():
+        for streamer in self._every_streamer():
             stats.add(streamer.collect_stats())
         return stats
+
+    def close(self) -> None:
+        """The end of the run (ZOEngine.close): the NVMe-homed state's files go (no run starts from them)."""
+        if self.nvme is not None:
+            self.nvme.close()
+            self.nvme = None
 
     # ------------------------------------------------------------------ snapshots
     def _host_buffers(self, unit: "Unit") -> dict[str, torch.Tensor]:
@@ -233,17 +254,25 @@ class OptimizerState:
             raise RuntimeError(f"optimizer state counts differ between units ({sorted(counts)}): flush first")
         return counts.pop() if counts else 0
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of every state buffer by parameter, ``optimizer/<buffer>/<parameter>``, and ``optimizer/step``
-        (call after a flush and :meth:`synchronize`)."""
+    def tensors(self) -> dict[str, torch.Tensor | Deferred]:
+        """Every state buffer by parameter, ``optimizer/<buffer>/<parameter>``, and ``optimizer/step``, copying
+        nothing (call after a flush and :meth:`synchronize`; valid until the next step): views where the state is
+        kept, the NVMe-homed blocks' as :class:`~zo2.offload.store.Deferred` reads of their files (a snapshot
+        writer loads one tensor at a time)."""
         if not self.names:
             return {}
-        out = {}
+        out: dict[str, torch.Tensor | Deferred] = {}
         for unit in self.units:
-            out.update({k: v.detach().clone()
-                        for k, v in state_views(self.names, self._host_buffers(unit), unit.layout).items()})
+            if not self._on_nvme(unit):
+                out.update(state_views(self.names, self._host_buffers(unit), unit.layout))
+        if self.nvme is not None:
+            out.update(self.nvme.tensors(PREFIX))
         out[STEP_KEY] = torch.tensor(self.count(), dtype=torch.int64)
         return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of :meth:`tensors` (the whole state in memory)."""
+        return {k: (v.load() if isinstance(v, Deferred) else v).detach().clone() for k, v in self.tensors().items()}
 
     @torch.no_grad()
     def load_state_dict(self, tensors) -> None:
@@ -252,9 +281,14 @@ class OptimizerState:
             return
         views = {}
         for unit in self.units:
-            views.update(state_views(self.names, self._host_buffers(unit), unit.layout))
+            if not self._on_nvme(unit):
+                views.update(state_views(self.names, self._host_buffers(unit), unit.layout))
         self.invalidate()  # device copies of the state uploaded ahead are stale now
+        on_nvme = {} if self.nvme is None else {k: d.shape for k, d in self.nvme.tensors(PREFIX).items()}
+        check_saved({**{k: tuple(v.shape) for k, v in views.items()}, **on_nvme}, tensors, self.names)
         count = load_views(views, tensors, self.names)
+        if self.nvme is not None:
+            self.nvme.load(tensors, PREFIX, count)
         for state in self.states.values():
             state.count = count
 
@@ -362,34 +396,50 @@ def state_views(names: Iterable[str], buffers: dict[str, torch.Tensor], layout: 
             for name in names for seg in layout}
 
 
-@torch.no_grad()
-def load_views(views: dict[str, torch.Tensor], tensors, names: Iterable[str]) -> int:
-    """Copy saved ``tensors`` into the state ``views`` (:func:`state_views`), checking that every one is there
-    with its shape; returns the saved update count (``optimizer/step``)."""
-    missing = [k for k in [*views, STEP_KEY] if k not in tensors]
+def stacked_layout(names: Sequence[str], layout: Sequence[Segment]) -> list[Segment]:
+    """The layout of a block's state buffer: one copy of the weights' ``layout`` per state buffer (``names``),
+    back to back, each segment named ``<buffer>/<parameter>``."""
+    n = max((s.offset + s.numel for s in layout), default=0)
+    return [Segment(f"{name}/{s.name}", j * n + s.offset, s.numel, s.shape)
+            for j, name in enumerate(names) for s in layout]
+
+
+def check_saved(shapes: dict[str, tuple[int, ...]], tensors, names: Iterable[str]) -> None:
+    """CheckpointError unless ``tensors`` holds every state tensor ``shapes`` names (name → shape), with that
+    shape, and the update count."""
+    missing = [k for k in [*shapes, STEP_KEY] if k not in tensors]
     if missing:
         raise CheckpointError(
             f"The saved state lacks {len(missing)} optimizer-state tensors, e.g. {missing[:2]}: it was saved "
             f"without the state of this optimizer ({', '.join(names)}). Resume it with the optimizer it "
             "was trained with (the run's optim.optimizer), or replay the trajectory from the base weights "
             "(`zo2 replay RUN_DIR --from-base`).")
-    for key, view in views.items():
+    for key, shape in shapes.items():
         saved = tensors[key]
-        if tuple(saved.shape) != tuple(view.shape):
+        if tuple(saved.shape) != tuple(shape):
             raise CheckpointError(f"Saved optimizer state {key} has shape {tuple(saved.shape)}, the parameter's is "
-                                  f"{tuple(view.shape)}.")
-        view.copy_(saved)
+                                  f"{tuple(shape)}.")
+
+
+@torch.no_grad()
+def load_views(views: dict[str, torch.Tensor], tensors, names: Iterable[str]) -> int:
+    """Copy saved ``tensors`` into the state ``views`` (:func:`state_views`), checking that every one is there
+    with its shape (:func:`check_saved`); returns the saved update count (``optimizer/step``)."""
+    check_saved({k: tuple(v.shape) for k, v in views.items()}, tensors, names)
+    for key, view in views.items():
+        view.copy_(tensors[key])
     return int(tensors[STEP_KEY])
 
 
 def build_optimizer_state(optimizer: Any, units: list["Unit"], dtype_of, device: torch.device, prefetch: int, *,
                           streamer: BlockStreamer | None, store: ParameterStore | None, comm: Any = None,
-                          area: StateArea | None = None, from_area: bool = False) -> OptimizerState:
+                          area: StateArea | None = None, from_area: bool = False, nvme: Any = None
+                          ) -> OptimizerState:
     """The optimizer's per-unit state, once the units are placed (``streamer``/``store``: the weights' ones).
     With sliced transfers a stateful optimizer's streamed state lives in a state area shared by the node's
     processes (``area``: the scheduler's; under torchrun the node's first process creates one beside the shared
     weights store), streamed in the weights' slices; ``from_area`` (under the scheduler): the state starts from
-    the area."""
+    the area. ``nvme``: the NVMe-homed blocks' state (zo2.offload.nvme_state.NvmeState), or None."""
     ranges = None
     if streamer is not None and streamer.ranges and optimizer.state_names:
         ranges = streamer.ranges
@@ -399,7 +449,8 @@ def build_optimizer_state(optimizer: Any, units: list["Unit"], dtype_of, device:
         state = PiecewiseState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
                                pieces=streamer.store)
     else:
-        state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
+        state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
+                               nvme=nvme)
     if area is not None and from_area:
         state.load_area()
     return state

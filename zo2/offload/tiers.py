@@ -122,26 +122,27 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
             budget = comm.local_share(default_host_budget(), "agreeing on the host memory budget")
     elif not creates_store:
         return plan  # a torchrun node's first process checks its store
-    stateful = nvme_path is not None and inputs.optimizer.state_names
-    try:
-        plan = place_tiers(plan, budget, nvme_path, inputs.config.prefetch)
-    except ResourceError:
-        if stateful:  # the blocks (with their state) need the NVMe tier, which cannot hold the state
-            refuse_state_on_nvme(inputs.optimizer)
-        raise
-    if plan.nvme and stateful:
-        refuse_state_on_nvme(inputs.optimizer)
+    plan = place_tiers(plan, budget, nvme_path, inputs.config.prefetch)
+    if plan.nvme and inputs.optimizer.state_names:
+        if comm is not None and comm.local_size > 1:
+            refuse_state_on_nvme(inputs.optimizer, f"with {comm.local_size} processes per node")
+        if plan.granularity != "block":
+            refuse_state_on_nvme(inputs.optimizer, "one matrix at a time (optim.stream_granularity = "
+                                 f"{inputs.config.stream_granularity!r} chose it for the device budget)")
     if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
         refuse_base_on_nvme(f"{comm.local_size} processes per node")
     return plan
 
 
-def refuse_state_on_nvme(optimizer: Any, blocks: int | None = None) -> NoReturn:
+def refuse_state_on_nvme(optimizer: Any, how: str, blocks: int | None = None) -> NoReturn:
     """The ConfigError of a stateful optimizer whose blocks (``blocks`` of them, where counted) need the NVMe
-    tier, which does not hold optimizer state."""
+    tier ``how`` (e.g. 'under zo2 launch'), where it does not hold optimizer state: it does for one process per
+    node streaming whole blocks (zo2.offload.nvme_state)."""
     beyond = "" if blocks is None else f"; {blocks} blocks do not fit offload.host_memory_budget"
-    raise ConfigError(f"offload.nvme_path: the NVMe tier does not hold optimizer state yet, and {optimizer.name} "
-                      f"keeps {', '.join(optimizer.state_names)}{beyond}. Use zo-sgd, zo-sgd-sign or "
+    raise ConfigError(f"offload.nvme_path: {optimizer.name} keeps {', '.join(optimizer.state_names)}, and the NVMe "
+                      "tier holds optimizer state only for one process per node streaming whole blocks (zo2 train "
+                      f"with optim.stream_granularity = 'block'), not {how}{beyond}. Use zo2 train with 'block' "
+                      "(raise optim.gpu_memory_budget if 'auto' chose matrices), or zo-sgd, zo-sgd-sign or "
                       "zo-sgd-conservative, or raise offload.host_memory_budget.")
 
 
