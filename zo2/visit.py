@@ -101,7 +101,7 @@ class Visitor:
             state = UnitState({n: b[part] for n, b in state.buffers.items()}, state.count)
         update_flat(self.kernels, self.config, target, table, update, self.optimizer, state)
         if state is not None:
-            self.opt_state.piece_updated(piece)
+            self.opt_state.piece_updated(unit, piece, update.step)
 
     def apply(self, unit: Any, update: Update) -> None:
         """Apply ``update`` to ``unit`` unless it holds it already (a logged step replayed)."""

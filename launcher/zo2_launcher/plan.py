@@ -55,6 +55,9 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
                         "rates rate.nvme_read_gbs / rate.nvme_write_gbs")
     p.add_argument("--writeback-every", type=int, default=1, metavar="K",
                    help="streamed blocks written back every K steps (optim.writeback_every; default 1)")
+    p.add_argument("--optimizer", default="zo-sgd", metavar="NAME",
+                   help="optim.optimizer: zo-sgd (default), zo-sgd-sign, zo-sgd-conservative, or a stateful one whose "
+                        "state sits and moves with the weights: zo-sgd-momentum (4 bytes per weight), zo-adam (8)")
     p.add_argument("--gpus-per-node", type=int, default=1, metavar="N", help="GPUs per node, 1..8 (default 1)")
     p.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
     p.add_argument("--calibrate", metavar="FILE.json", help="fit rates to a benchmarks/bench_offload.py JSON (and the "
@@ -79,7 +82,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rates = rates.updated(args.set)
     common = dict(dtype=args.dtype, compute_dtype=args.compute_dtype, direction=args.direction,
                   prefetch=args.prefetch, offload=args.offload, granularity=args.granularity,
-                  host_budget_gb=args.host_budget, nvme=args.nvme, writeback_every=args.writeback_every)
+                  host_budget_gb=args.host_budget, nvme=args.nvme, writeback_every=args.writeback_every,
+                  optimizer=args.optimizer)
     if args.scaling:
         tokens = args.tokens or plan.SCALING_BATCH * plan.SCALING_SEQ
         seq = args.seq or (plan.SCALING_SEQ if args.tokens is None else min(args.tokens, 2048))

@@ -98,17 +98,19 @@ def test_lora_with_its_base_on_nvme_equals_resident_on_cuda(tmp_path, granularit
     assert files.bytes_read >= 6 * files.nbytes
 
 
-@pytest.mark.parametrize("optimizer", ["zo-adam", "zo-sgd-momentum"])
-def test_optimizer_state_on_nvme_equals_resident_on_cuda(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, granularity", [("zo-adam", "block"), ("zo-sgd-momentum", "block"),
+                                                    ("zo-adam", "matrix")])
+def test_optimizer_state_on_nvme_equals_resident_on_cuda(tmp_path, optimizer, granularity):
     """zo-adam's moments and zo-sgd-momentum's buffer of the NVMe-homed blocks read into pinned staging buffers,
-    uploaded and written back on the H2D and D2H streams in lockstep with the weights (zo2.offload.nvme_state)."""
+    uploaded and written back on the H2D and D2H streams in lockstep with the weights, by block or a piece at a
+    time (zo2.offload.nvme_state)."""
     base = tiny_model("llama", seed=7, num_hidden_layers=8)
     resident = _engine(clone_model(base), offload=False, optimizer=optimizer)
     host = _engine(clone_model(base), offload=True, optimizer=optimizer)
     block = max(host.plan.block_bytes)  # weights and state
     tiers = OffloadConfig(nvme_path=str(tmp_path), host_memory_budget=staging_buffers(1) * round_up(block) + 2 * block,
                           nvme_engine="auto")
-    nvme = _engine(clone_model(base), tiers, offload=True, optimizer=optimizer)
+    nvme = _engine(clone_model(base), tiers, offload=True, optimizer=optimizer, stream_granularity=granularity)
     assert nvme.plan.nvme == list(range(2, 8))
     assert all(s.staging[0].is_pinned() for s in nvme.opt_state.nvme.streamers.values())
     _same_steps(resident, nvme, 6)

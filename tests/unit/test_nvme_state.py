@@ -35,16 +35,21 @@ def nvme_engine(model, folder, *, optimizer: str, host_blocks: int = 0, **cfg) -
     return ZOEngine(model, ZOConfig(offload=True, optimizer=optimizer, **CFG, **cfg), offload_config=tiers)
 
 
-@pytest.mark.parametrize("optimizer, host_blocks", [("zo-adam", 0), ("zo-sgd-momentum", 2)])
-def test_optimizer_state_on_nvme_matches_the_host_tier_and_resident_bit_for_bit(tmp_path, optimizer, host_blocks):
+@pytest.mark.parametrize("optimizer, host_blocks, granularity", [
+    ("zo-adam", 0, "block"), ("zo-sgd-momentum", 2, "block"), ("zo-adam", 2, "matrix"),
+    ("zo-sgd-momentum", 0, "matrix")])
+def test_optimizer_state_on_nvme_matches_the_host_tier_and_resident_bit_for_bit(tmp_path, optimizer, host_blocks,
+                                                                               granularity):
     """Five steps (four updates): the same losses, weights and state all-resident, in pinned host memory and with
-    the blocks past the host budget on NVMe, their state in files of its own, read and written every update;
-    the state's files go when the engine closes, the weights' stay."""
+    the blocks past the host budget on NVMe, their state in files of its own, read and written every update (one
+    matrix at a time: a piece's state with the piece, a block's files once all its pieces hold the update); the
+    state's files go when the engine closes, the weights' stay."""
     base = tiny_model("opt", seed=3, num_hidden_layers=LAYERS)
     cfg = dict(optimizer=optimizer)
     resident = ZOEngine(clone_model(base), ZOConfig(offload=False, **CFG, **cfg))
     host = ZOEngine(clone_model(base), ZOConfig(offload=True, **CFG, **cfg))
-    on_disk = nvme_engine(clone_model(base), tmp_path, host_blocks=host_blocks, optimizer=optimizer)
+    on_disk = nvme_engine(clone_model(base), tmp_path, host_blocks=host_blocks, optimizer=optimizer,
+                          stream_granularity=granularity)
     nvme = list(range(host_blocks, LAYERS))
     assert on_disk.plan.nvme == nvme
     names = on_disk.optimizer.state_names
@@ -69,7 +74,8 @@ def test_optimizer_state_on_nvme_matches_the_host_tier_and_resident_bit_for_bit(
     assert not list(tmp_path.glob(f"{STATE_STEM}*")) and list(tmp_path.glob("unit-*"))
 
 
-def test_snapshots_read_the_state_from_the_files_and_a_resume_writes_it_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_snapshots_read_the_state_from_the_files_and_a_resume_writes_it_back(tmp_path, monkeypatch, granularity):
     """A snapshot holds the NVMe-homed blocks' weights and Adam's moments as deferred reads of their files (each
     file read once, one block in host memory at a time); a fresh engine that ran other steps resumes from it
     (lazily) and ends where the uninterrupted run and the all-resident run end."""
@@ -77,7 +83,7 @@ def test_snapshots_read_the_state_from_the_files_and_a_resume_writes_it_back(tmp
     from zo2.train.checkpoint import latest_good_snapshot, save_snapshot
 
     base = tiny_model("llama", seed=7, num_hidden_layers=LAYERS)
-    straight = nvme_engine(clone_model(base), tmp_path / "a", optimizer="zo-adam")
+    straight = nvme_engine(clone_model(base), tmp_path / "a", optimizer="zo-adam", stream_granularity=granularity)
     run(straight, 3)
     tensors = straight.snapshot_tensors()
     state = [k for k in tensors if k.startswith("optimizer/") and ".layers." in k]
@@ -93,7 +99,7 @@ def test_snapshots_read_the_state_from_the_files_and_a_resume_writes_it_back(tmp
     run(straight, 3, first=3)
     final = straight.trainable_state()
 
-    resumed = nvme_engine(clone_model(base), tmp_path / "b", optimizer="zo-adam")
+    resumed = nvme_engine(clone_model(base), tmp_path / "b", optimizer="zo-adam", stream_granularity=granularity)
     run(resumed, 2, first=50)  # other weights and another state: all overwritten by the snapshot
     snap = latest_good_snapshot(tmp_path / "run")
     resumed.load_trainable_state(snap.tensors)
@@ -131,7 +137,7 @@ def test_several_processes_per_node_refuse_the_state_on_nvme_with_the_fix():
                      optimizer=SimpleNamespace(name="zo-adam", state_names=("exp_avg", "exp_avg_sq")))
     plan = _plan()
     plan.granularity = "block"
-    with pytest.raises(ConfigError, match=r"not with 2 processes per node.*zo2 train with 'block'"):
+    with pytest.raises(ConfigError, match=r"one process per node \(zo2 train\), not with 2 processes per node"):
         place_tiers_for(inputs, plan, [[]] * 5, creates_store=True)
 
 

@@ -210,6 +210,9 @@ def test_cli_plan_prints_the_table(capsys, tmp_path):
     assert {r["name"] for r in data["rows"]} == {"zo-ddp", "zo-ddp+sliced", "2d", "2d+sliced"}
     assert main(["plan", "--scaling", "--calibrate", str(H200)]) == 0
     assert "3x speed-up" in capsys.readouterr().out
+    assert main(["plan", "--preset", "opt-13b", "--optimizer", "zo-adam", "--offload", "stream"]) == 0
+    text = capsys.readouterr().out  # 40 blocks of 0.63 GB bf16 weights and 2.52 GB of moments, both ways
+    assert "zo-adam (8 bytes of state per weight)" in text and "per step 125.9 GB host→device, 125.9 GB" in text
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -218,6 +221,8 @@ def test_cli_plan_prints_the_table(capsys, tmp_path):
     (["--preset", "nope"], "--preset 'nope'"),
     (["--calibrate", "/nonexistent.json"], "--calibrate"),
     (["--dtype", "int8"], "--dtype 'int8'"),
+    (["--optimizer", "adam"], "Did you mean 'zo-adam'"),
+    (["--optimizer", "zo-adam", "--writeback-every", "2"], "needs a stateless optimizer"),
 ])
 def test_cli_plan_bad_flags_exit_2(capsys, argv, needle):
     code = main(["plan", *argv])
@@ -358,3 +363,51 @@ def test_cli_plan_nvme_and_its_calibration(capsys, tmp_path):
     assert "on NVMe" in text and "NVMe→host" in text and "NVMe read 2.3" in text and "nvme" in text
     assert main(["plan", "--host-budget", "0"]) == 2
     assert "--host-budget" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a stateful optimizer
+
+def test_adams_state_sits_streams_and_is_homed_with_the_weights():
+    """Hand-computed with zo-adam (8 bytes of state per weight beside 2 of bf16): 5 blocks of 1 GB weights + 4 GB
+    moments; a 20.5 GB host budget holds the 3 staging buffers (15 GB) and one block, four go to NVMe, each read
+    with its moments (5 GB at 2 GB/s) and written back whole every step (5 GB at 1 GB/s); the PCIe moves 5 GB
+    up and 5 GB down per block. Several processes per node cannot home the state on NVMe (the engine refuses it)."""
+    shape = replace(TOY, layers=5)
+    rates = replace(ROUND, nvme_read_gbs=2.0, nvme_write_gbs=1.0, gpu_mem_gb=100)
+    work = _stream(host_budget_gb=20.5, nvme=True, optimizer="zo-adam")
+    p = predict_layout(shape, Layout(), work, rates)
+    sgd = predict_layout(shape, Layout(), _stream(host_budget_gb=20.5, nvme=True), rates)
+    assert (p.streamed_blocks, p.nvme_blocks) == (5, 4) and p.fits
+    assert p.host_mem_gb == pytest.approx(20.0, rel=1e-5)  # 3 staging buffers + 1 block, each 5 GB
+    assert p.nvme_read_gb == pytest.approx(20.0) and p.nvme_written_gb == pytest.approx(20.0)
+    assert p.breakdown.nvme_s == pytest.approx(4 * (2.5 + 5.0))
+    assert p.breakdown.pcie_s == pytest.approx(5 * 10 / 16)  # 10 GB both ways at the bidirectional rate
+    # prefetch + 2 block slots of 5 GB (moments included) for each tier's streamer (zo-sgd's blocks all fit the
+    # host budget: one set of 1 GB), and the embedding's and head's moments
+    slots = 2 * 3 * 5e9
+    assert p.gpu_mem_gb * 1e9 - sgd.gpu_mem_gb * 1e9 == pytest.approx(slots - 3 * 1e9 + 8 * TOY.fixed_params, rel=1e-6)
+    two = predict_layout(shape, Layout(2, 1, 1, True), work, rates)
+    assert not two.fits and any("optimizer state on NVMe" in n for n in two.notes)
+    assert predict_layout(shape, Layout(2, 1, 1, True), _stream(host_budget_gb=20.5, nvme=True), rates).fits
+    with pytest.raises(ConfigError, match="--writeback-every 4 needs a stateless optimizer"):
+        Workload(optimizer="zo-adam", writeback_every=4)
+    with pytest.raises(ConfigError, match="--optimizer"):
+        Workload(optimizer="adam")
+
+
+def test_tiers_with_adams_state_home_blocks_as_the_engine_places_them():
+    """The engine places blocks by their weights and optimizer state together (zo2.offload.build's block bytes):
+    zo2 plan's split with --optimizer zo-adam is the engine's on those bytes."""
+    from zo2.offload.planner import Plan
+    from zo2.offload.tiers import place_tiers as engine_tiers
+    from zo2.parallel.plan_memory import place_tiers
+
+    shape = replace(TOY, layers=10)
+    block = shape.block_params * (2 + 8)
+    for budget_gb in (40.0, 62.5, 200.0):
+        ours = place_tiers(shape, _stream(host_budget_gb=budget_gb, nvme=True, optimizer="zo-adam"), Layout(), ROUND,
+                           streamed=10)
+        engine = Plan(resident=[], streamed=list(range(10)), block_bytes=[block] * 10, fixed_bytes=0,
+                      slot_bytes=0, reserve_bytes=0, budget=None, prefetch=1)
+        engine = engine_tiers(engine, int(budget_gb * 1e9), "/nvme", 1)
+        assert (ours.host, ours.nvme) == (len(engine.host), len(engine.nvme)), budget_gb

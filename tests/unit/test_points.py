@@ -153,9 +153,11 @@ def test_an_input_without_the_batch_rows_is_refused_with_the_reason():
             lin(torch.ones(5, 2))
 
 
-def test_the_start_of_run_plan_prints_zo2_plans_peak():
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-adam", "zo-sgd-momentum"])
+def test_the_start_of_run_plan_prints_zo2_plans_peak(optimizer):
     """The engine's plan with a batch's activations is the peak ``zo2 plan`` predicts for the same shape,
-    residency and batch (both use zo2.parallel.plan_memory.activation_bytes)."""
+    residency, batch and optimizer (both use zo2.parallel.plan_memory.activation_bytes; a stateful optimizer's
+    state sits with the resident units and streams with the blocks in both)."""
     from dataclasses import replace
 
     from zo2.config.presets import get_preset
@@ -165,7 +167,7 @@ def test_the_start_of_run_plan_prints_zo2_plans_peak():
     from zo2.train.model import build_model
 
     m = replace(get_preset("opt-125m").model, num_layers=2, dtype="bf16")
-    engine = ZOEngine(build_model(m), ZOConfig(offload=True, kernels="torch"))
+    engine = ZOEngine(build_model(m), ZOConfig(offload=True, kernels="torch", optimizer=optimizer))
     engine.plan.reserve_bytes -= 4 * max(p.numel() for u in engine.units if u.kind == "block"
                                          for n in u.owned for p in [engine.params[n]])  # zo2 plan models Triton
     engine.plan.block_reserve_bytes -= 4 * max(p.numel() for u in engine.units if u.kind == "block"
@@ -175,7 +177,8 @@ def test_the_start_of_run_plan_prints_zo2_plans_peak():
     act_block, logits, loss = _act(m, 4 * 128)
     ours = engine.plan.peak_with(lambda block, reserve: working_bytes(block, reserve, act_block, logits, loss))
     shape = shape_from_config(m)
-    theirs = predict_layout(shape, Layout(), Workload(tokens=4 * 128, seq=128, offload="stream"), Rates()).gpu_mem_gb
+    work = Workload(tokens=4 * 128, seq=128, offload="stream", optimizer=optimizer)
+    theirs = predict_layout(shape, Layout(), work, Rates()).gpu_mem_gb
     assert ours == pytest.approx(theirs * 1e9, rel=1e-6)
     assert f"with the activations of a 4x128 batch {ours / 1e9:.2f} GB" in text
 

@@ -20,7 +20,8 @@ from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot
 from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbytes, frozen_of, frozen_store
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
-from zo2.offload.pieces import PieceMarkers, PieceStore, RingStreamer, piece_store, piecewise_residence
+from zo2.offload.pieces import (PieceMarkers, PieceStore, PiecewiseResidence, RingStreamer, piece_store,
+                               piecewise_residence)
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, made_by_first, node_writers, pack_layout,
                                remove_stale_stores, repoint, shared_store_name)
@@ -413,8 +414,10 @@ def _nvme_state(inputs: OffloadInputs, nvme: FileHome | None, device: torch.devi
     if nvme is None or not names:
         return None
     units = nvme.units()
+    pieces = nvme.streamer.store.pieces if isinstance(nvme, PiecewiseResidence) else None  # one matrix at a time
     return NvmeState(names, units, [u.layout for u in units], math_dtype(inputs.unit_dtype(units[0])), device,
-                     inputs.config.prefetch, inputs.tiers.nvme_path, lambda: tier_engine(inputs, []))
+                     inputs.config.prefetch, inputs.tiers.nvme_path, lambda: tier_engine(inputs, []), pieces,
+                     nvme.pass_order if pieces is not None else None)
 
 
 def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.device, matrix: bool = False

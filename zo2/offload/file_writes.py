@@ -14,6 +14,15 @@ class QueuedWrites:
     _writes: list
     io: Any
     nvme: Any
+    zero_unwritten = False
+    """A unit never written reads as zeros (zo2.offload.nvme_state: a fresh optimizer state), not as an error."""
+
+    def _read_unit(self, unit: int, buf: Any) -> None:
+        """Read ``unit``'s current version into ``buf`` (its file's bytes; on the I/O thread)."""
+        if self.zero_unwritten and self.nvme.current(unit) is None:
+            buf.zero_()
+            return
+        self.nvme.read(unit, buf)
 
     def _raise_failed_writes(self, wait: bool = False) -> None:
         """Raise the first failed write; drop the finished ones (``wait``: wait for every one first)."""

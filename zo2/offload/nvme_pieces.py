@@ -172,7 +172,7 @@ class NvmePieceStreamer(QueuedWrites, RingStreamer):
     def _read_job(self, unit: int, buf: int, after: list) -> None:
         for event in after:
             event.synchronize()  # the pieces uploaded out of this buffer have left it
-        self.nvme.read(unit, self.staging[buf][: self.nvme.file_bytes(unit)])
+        self._read_unit(unit, self.staging[buf][: self.nvme.file_bytes(unit)])
 
     def _free_buffer(self, force: bool) -> int | None:
         """A buffer no unit holds, else the buffer of a clean unit outside the window (``force``: the clean one

@@ -1,20 +1,28 @@
 """A stateful optimizer's state on the NVMe tier: the momentum or Adam's moments of the NVMe-homed blocks, in
-files beside their weights (one process per node, blocks streamed whole).
+files beside their weights (one process per node; blocks streamed whole or one matrix at a time).
 
 zo-sgd-momentum keeps one float32 buffer per parameter element and zo-adam two: for a model whose weights pass
 host memory the state passes it two to four times over, so the blocks whose weights live on NVMe keep their state
-there too. :class:`NvmeState` holds one file pair per block (``state-<k>.a/.b`` and a marker, written crash-safely
-as the weights' are), each the block's state buffers back to back (:func:`~zo2.offload.state.stacked_layout`: one copy of the block's
-layout per buffer, the host tier's layout), and an :class:`~zo2.offload.tiered.NvmeStreamer` of its own that
-moves it in lockstep with the block's weights, as the host tier's state streamer does: a pass that applies an
-update begins it in the weights' order (the disk reads the state ahead into a few pinned staging buffers), the
-visit that applies a block's update uploads its state, updates it beside the weights, writes it back (from a
-staging buffer, on the I/O thread) and releases it.
+there too. :class:`NvmeState` holds per state buffer one file pair per block (``state-<buffer>-<k>.a/.b`` and a
+marker, written crash-safely as the weights' are; laid out as the block's weights) and a streamer that moves it in
+lockstep with the block's weights, as the node state area's streamers do:
+
+* by block (:class:`~zo2.offload.tiered.NvmeStreamer`): a pass that applies an update begins them in the weights'
+  order (the disk reads the state ahead into a few pinned staging buffers); the visit that applies a block's
+  update uploads its state, updates it beside the weights, writes it back (from a staging buffer, on the
+  streamer's I/O thread) and releases it;
+* one matrix at a time (:class:`~zo2.offload.nvme_pieces.NvmePieceStreamer` over the weights' pieces: the state is
+  laid out as the weights, so the bounds are theirs): a piece's state is uploaded when the piece is updated,
+  written back into its block's staging buffer and released, and once every piece of the block holds the update
+  the buffer goes to the file, as the weights' do.
+
+One file per buffer, not the buffers back to back: a snapshot writes the state by name (every block's ``exp_avg``,
+then every block's ``exp_avg_sq``), so each file is read once.
 
 A run starts from zero state: the markers a previous run left are removed and a block never written reads as
 zeros, so nothing is written at the start. Snapshots read each block's state from its file when the writer asks for
-it (one block in host memory at a time); a resume writes the snapshot's state into the files a block at a time.
-The files are deleted when the engine closes: no run starts from them (a resume starts from a snapshot).
+it (one block's buffer in host memory at a time); a resume writes the snapshot's state into the files a block at a
+time. The files are deleted when the engine closes: no run starts from them (a resume starts from a snapshot).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 
 from zo2.offload.nvme import NvmeStore
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units
+from zo2.offload.nvme_pieces import NvmePieceStreamer, StagedPieces
 from zo2.offload.tiered import NvmeStreamer
 
 STATE_STEM = "state-"
@@ -38,16 +47,25 @@ class NvmeState:
     docstring)."""
 
     def __init__(self, names: Sequence[str], units: Sequence[Any], layouts: Sequence[Sequence[Segment]],
-                 dtype: torch.dtype, device: torch.device, prefetch: int, folder: str, engine: Callable[[], Any]):
+                 dtype: torch.dtype, device: torch.device, prefetch: int, folder: str, engine: Callable[[], Any],
+                 pieces: Sequence[tuple[int, int, int]] | None = None,
+                 pass_order: Callable[[Sequence[Any]], list[int]] | None = None):
         self.names = tuple(names)
         self._index = {u.name: k for k, u in enumerate(units)}
         self.layouts = [list(layout) for layout in layouts]
         self.stores = {s: NvmeStore(folder, self.layouts, dtype, engine=engine(), pin=device.type == "cuda",
                                     names=[f"{STATE_STEM}{s}-{k}" for k in range(len(units))]) for s in self.names}
-        self.streamers = {}
+        self.pieces = list(pieces) if pieces is not None else None
+        """One matrix at a time: the weights' pieces, (unit k, lo, hi) each, as their residence's streamer numbers
+        them; ``pass_order(units)`` gives a pass's pieces in upload order."""
+        self._pass_order = pass_order
+        self._left: dict[int, int] = {}
+        """One matrix at a time: block → its pieces not yet updated in this visit."""
+        self.streamers: dict[str, Any] = {}
         for s, store in self.stores.items():
             store.forget()  # a fresh start: every block's state is zero until its first write
-            self.streamers[s] = NvmeStreamer(store, device, prefetch)
+            self.streamers[s] = NvmeStreamer(store, device, prefetch) if pieces is None else \
+                NvmePieceStreamer(StagedPieces(store, self.pieces), device, prefetch)
             self.streamers[s].zero_unwritten = True
 
     def holds(self, unit: Any) -> bool:
@@ -56,7 +74,8 @@ class NvmeState:
     # ------------------------------------------------------------------ the streaming schedule
     def begin(self, units: Sequence[Any]) -> None:
         """A pass that applies an update visits ``units`` in this order: read their state ahead."""
-        order = [self._index[u.name] for u in units if u.name in self._index]
+        order = [self._index[u.name] for u in units if u.name in self._index] if self.pieces is None else \
+            self._pass_order(units)
         for streamer in self.streamers.values():
             streamer.begin(order)
 
@@ -72,6 +91,24 @@ class NvmeState:
     def release(self, unit: Any) -> None:
         for streamer in self.streamers.values():
             streamer.release(self._index[unit.name])
+
+    def acquire_piece(self, piece: int) -> dict[str, torch.Tensor]:
+        """One matrix at a time: the state buffers of the weights' piece ``piece`` on the device."""
+        return {s: streamer.acquire(piece) for s, streamer in self.streamers.items()}
+
+    def piece_updated(self, piece: int, step: int) -> None:
+        """The piece's state holds the update of ``step``: written back into its block's staging buffers and
+        released; the block's files are written once every piece of it is."""
+        k = self.pieces[piece][0]
+        for streamer in self.streamers.values():
+            streamer.write_back(piece, step)
+            streamer.release(piece)
+        left = self._left.get(k, sum(1 for unit, _, _ in self.pieces if unit == k)) - 1
+        self._left[k] = left
+        if left == 0:
+            del self._left[k]
+            for streamer in self.streamers.values():
+                streamer.write_unit(k, step)
 
     # ------------------------------------------------------------------ snapshots and resumes
     def _reader(self, name: str) -> Callable[[int], torch.Tensor]:

@@ -12,8 +12,8 @@ out like the unit's parameter buffer (same offsets; float32, float64 for float64
 * blocks streamed one matrix at a time (zo2.offload.pieces) keep one host store per state buffer laid out like
   the weights' store, moved a piece at a time with the weights' pieces by rings of their own
   (:class:`PiecewiseState`).
-* blocks homed on the NVMe tier (one process, streamed whole) keep it in files beside their weights, moved in
-  lockstep with them by streamers of their own (zo2.offload.nvme_state.NvmeState).
+* blocks homed on the NVMe tier (one process) keep it in files beside their weights, moved in lockstep with them
+  by streamers of their own, by block or a piece at a time (zo2.offload.nvme_state.NvmeState).
 
 Stateless optimizers keep nothing and every method here is a no-op for them.
 """
@@ -208,17 +208,25 @@ class OptimizerState:
 
     # A unit streamed one piece at a time (zo2.offload.pieces) has its state moved by a PiecewiseState.
     def acquire_piece(self, unit: "Unit", piece: int) -> UnitState | None:
-        """The state of ``unit``'s piece ``piece`` on the device, at the unit's update count; None when stateless."""
+        """The state of ``unit``'s piece ``piece`` (its residence's numbering) on the device, at the unit's update
+        count; None when stateless."""
+        if self._on_nvme(unit):
+            return UnitState(self.nvme.acquire_piece(piece), self.states[unit.name].count)
         if self.names:
             raise RuntimeError(f"{unit.name} streams piece by piece but its optimizer state does not; this is a bug "
                                "in zo2.")
         return None
 
-    def piece_updated(self, piece: int) -> None:
-        """The piece's state was updated on the device: write it back and release it."""
+    def piece_updated(self, unit: "Unit", piece: int, step: int) -> None:
+        """The state of ``unit``'s piece holds the update of ``step`` on the device: write it back and release
+        it."""
+        if self._on_nvme(unit):
+            self.nvme.piece_updated(piece, step)
 
     def advance(self, unit: "Unit") -> None:
         """Every piece of ``unit`` received the visit's update: count it once (Adam's t)."""
+        if self._on_nvme(unit):
+            self.states[unit.name].count += 1
 
     def invalidate(self) -> None:
         for streamer in self._every_streamer():
@@ -339,11 +347,11 @@ class PiecewiseState(OptimizerState):
 
     def __init__(self, names: tuple[str, ...], units: list["Unit"], dtype_of, device: torch.device,
                  prefetch: int = 1, area=None, ranges: dict[int, tuple[int, int]] | None = None, *,
-                 pieces: PieceStore):
+                 pieces: PieceStore, nvme: Any = None):
         self.pieces = pieces
         self.hosts: dict[str, ParameterStore] = {}
         """Per state buffer, the host store the streamed blocks' state lives in (indexed like the weights')."""
-        super().__init__(names, units, dtype_of, device, prefetch, area=area, ranges=ranges)
+        super().__init__(names, units, dtype_of, device, prefetch, area=area, ranges=ranges, nvme=nvme)
 
     def _stream(self, streamed: list["Unit"], dtype_of, device: torch.device, prefetch: int,
                 ranges: dict[int, tuple[int, int]] | None) -> None:
@@ -370,11 +378,17 @@ class PiecewiseState(OptimizerState):
         order = res.pass_order(units) if res is not None else []
         for streamer in self._all_streamers():
             streamer.begin(order)
+        if self.nvme is not None:
+            self.nvme.begin(units)
 
     def acquire_piece(self, unit: "Unit", piece: int) -> UnitState | None:
+        if self._on_nvme(unit):
+            return super().acquire_piece(unit, piece)
         return UnitState({s: st.acquire(piece) for s, st in self.streamers.items()}, self.states[unit.name].count)
 
-    def piece_updated(self, piece: int) -> None:
+    def piece_updated(self, unit: "Unit", piece: int, step: int) -> None:
+        if self._on_nvme(unit):
+            return super().piece_updated(unit, piece, step)
         for streamer in self._all_streamers():
             streamer.write_back(piece)
             streamer.release(piece)
@@ -447,7 +461,7 @@ def build_optimizer_state(optimizer: Any, units: list["Unit"], dtype_of, device:
             area = _shared_area(optimizer, store, comm, device)
     if streamer is not None and isinstance(streamer.store, PieceStore) and optimizer.state_names:
         state = PiecewiseState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
-                               pieces=streamer.store)
+                               pieces=streamer.store, nvme=nvme)
     else:
         state = OptimizerState(optimizer.state_names, units, dtype_of, device, prefetch, area=area, ranges=ranges,
                                nvme=nvme)

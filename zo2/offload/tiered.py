@@ -146,16 +146,10 @@ class NvmeStreamer(QueuedWrites, BlockStreamer):
         self.stats.bytes_disk_read += self.nvme.file_bytes(block)
         return True
 
-    zero_unwritten = False
-    """A block never written reads as zeros (zo2.offload.nvme_state: a fresh optimizer state), not as an error."""
-
     def _read_job(self, block: int, buf: int, after: Any) -> None:
         if after is not None:
             after.synchronize()  # the buffer's previous block has been uploaded out of it
-        if self.zero_unwritten and self.nvme.current(block) is None:
-            self.staging[buf][: self.nvme.file_bytes(block)].zero_()
-            return
-        self.nvme.read(block, self.staging[buf][: self.nvme.file_bytes(block)])
+        self._read_unit(block, self.staging[buf][: self.nvme.file_bytes(block)])
 
     def _free_buffer(self, force: bool) -> int | None:
         """A staging buffer no pending read holds (``force``: drop the read furthest ahead to get one)."""

@@ -183,6 +183,13 @@ class ZOAdam(ZOOptimizer):
         return m_hat / (torch.sqrt(v_hat) + self.eps)
 
 
+def state_names_of(name: str) -> tuple[str, ...]:
+    """The state buffers optimizer ``name`` keeps per weight element (float32, as a ZOOptimizer's ``state_names``)."""
+    classes = {"zo-sgd": ZOSGD, "zo-sgd-conservative": ZOSGDConservative, "zo-sgd-momentum": ZOSGDMomentum,
+               "zo-sgd-sign": ZOSGDSign, "zo-adam": ZOAdam}
+    return classes[name].state_names
+
+
 def build_optimizer(config) -> ZOOptimizer:
     """The optimizer named by ``config.optimizer`` (a ZOConfig), with its hyper-parameters."""
     name = config.optimizer

@@ -46,6 +46,11 @@ floor, generalised)::
   ``rate.nvme_write_gbs``, one drive per node shared by its ranks.
 - The lagging write-back (``--writeback-every K``): write-backs move 1/K of the bytes; an upload replays the
   (K-1)/2 updates its home lacks on average, one update pass each.
+- A stateful optimizer (``--optimizer``: zo-sgd-momentum 4 bytes of float32 state per weight, zo-adam 8): the
+  state sits with each resident unit, streams with each streamed block through the same slots (one matrix at a
+  time: beside its weight, in rings of its own), is homed with it in host memory or on NVMe, and moves both ways
+  every step (K = 1); the update reads and writes it once (Adam's element-wise passes are more: a floor). Its
+  state on NVMe needs one process per node, as the engine does.
 - Host DRAM bandwidth per node (an assumption, default 480 GB/s ≈ 78% of two DDR5-4800 sockets): every byte
   uploaded or written back by any GPU of the node crosses it; unsliced N GPUs move N× the bytes of sliced ones.
 
@@ -107,7 +112,7 @@ def predict(model: str | ModelShape, *, tokens: int = 2048, seq: int | None = No
             compute_dtype: str = "bf16", gpus_per_node: int = 1, nodes: int = 1, rates: Rates | None = None,
             direction: str = "gaussian", prefetch: int = 1, offload: str = "auto",
             granularity: str = "block", host_budget_gb: float | None = None, nvme: bool = False,
-            writeback_every: int = 1) -> PlanReport:
+            writeback_every: int = 1, optimizer: str = "zo-sgd") -> PlanReport:
     """Predict single-GPU ZO2 and every layout of ``gpus_per_node`` × ``nodes`` GPUs for ``model`` (a preset name
     or a :class:`ModelShape`) at ``tokens`` global tokens per step (sequences of ``seq``, default
     min(tokens, 2048)); the streamed blocks homed in ``host_budget_gb`` of pinned host memory per node and, with
@@ -116,7 +121,7 @@ def predict(model: str | ModelShape, *, tokens: int = 2048, seq: int | None = No
     work = Workload(tokens=tokens, seq=seq if seq is not None else min(tokens, 2048), dtype=dtype,
                     compute_dtype=compute_dtype, direction=direction, prefetch=prefetch, offload=offload,
                     granularity=granularity, host_budget_gb=host_budget_gb, nvme=nvme,
-                    writeback_every=writeback_every)
+                    writeback_every=writeback_every, optimizer=optimizer)
     rates = rates or Rates()
     rates.check()
     Layout(gpus_per_node, nodes)  # validates the flags

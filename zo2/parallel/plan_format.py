@@ -59,7 +59,8 @@ def format_report(report: PlanReport) -> str:
             f"({s.block_params * DTYPE_BYTES[w.dtype] / GB:.2f} GB {w.dtype}); {w.tokens} tokens per step "
             f"({w.batch} x {w.seq}), {w.direction} directions, prefetch {w.prefetch}, offload {w.offload}"
             + (", one matrix at a time" if w.granularity == "matrix" else "")
-            + (f", written back every {w.writeback_every} steps" if w.writeback_every > 1 else "") + "; "
+            + (f", written back every {w.writeback_every} steps" if w.writeback_every > 1 else "")
+            + (f", {w.optimizer} ({w.state_bytes} bytes of state per weight)" if w.state_bytes else "") + "; "
             f"{report.gpus_per_node} GPU(s) per node x {report.nodes} node(s)")
     rows = [report.baseline] + report.rows
     lines = [head, _tiers_line(report), "", format_table([_plan_row(p) for p in rows], PLAN_COLUMNS)]
@@ -75,12 +76,13 @@ def _tiers_line(report: PlanReport) -> str:
     """Where single-GPU ZO2's streamed blocks live and what each tier moves per step (as the start-of-run plan)."""
     w, p = report.workload, report.baseline
     block = report.model.block_params * DTYPE_BYTES[w.dtype] / GB
+    state = report.model.block_params * w.state_bytes / GB  # a stateful optimizer's, moved both ways every step
     budget = w.host_budget_gb if w.host_budget_gb is not None else report.rates.host_capacity_gb
     host = p.streamed_blocks - p.nvme_blocks
     line = (f"tiers (zo2, 1 GPU): {p.resident_blocks} blocks on the device, {host} in pinned host memory "
             f"({p.host_mem_gb:.1f} GB of a {budget:.0f} GB host budget), {p.nvme_blocks} on NVMe"
-            + ("" if w.nvme else " (no --nvme)") + f"; per step {p.streamed_blocks * block:.1f} GB host→device, "
-            f"{p.streamed_blocks * block / w.writeback_every:.1f} GB device→host")
+            + ("" if w.nvme else " (no --nvme)") + f"; per step {p.streamed_blocks * (block + state):.1f} GB "
+            f"host→device, {p.streamed_blocks * (block / w.writeback_every + state):.1f} GB device→host")
     if p.nvme_blocks:
         line += f", {p.nvme_read_gb:.1f} GB NVMe→host, {p.nvme_written_gb:.1f} GB host→NVMe"
     return line

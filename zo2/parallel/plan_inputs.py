@@ -9,6 +9,7 @@ from typing import Iterable
 
 from zo2.config.base import did_you_mean
 from zo2.errors import ConfigError
+from zo2.optim.optimizers import OPTIMIZERS, state_names_of
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -233,6 +234,9 @@ class Workload:
     writeback_every: int = 1
     """Streamed blocks written back every K steps (``optim.writeback_every``): the write-backs move 1/K of the
     bytes, and an upload replays the (K-1)/2 updates its home copy lacks on average."""
+    optimizer: str = "zo-sgd"
+    """``optim.optimizer``: zo-sgd-momentum keeps one float32 buffer per weight element, zo-adam two; the state
+    sits, streams and is homed with its block's weights (read and written back every step)."""
 
     def __post_init__(self) -> None:
         _require_int("--tokens", self.tokens, 1)
@@ -247,6 +251,10 @@ class Workload:
         _require_int("--prefetch", self.prefetch, 0)
         _choice("--granularity", self.granularity, ("block", "matrix"))
         _require_int("--writeback-every", self.writeback_every, 1)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.state_bytes and self.writeback_every > 1:
+            raise ConfigError(f"--writeback-every {self.writeback_every} needs a stateless optimizer; {self.optimizer} "
+                              "writes its state back every step (the engine refuses it too). Use 1.")
         if self.host_budget_gb is not None and not (isinstance(self.host_budget_gb, (int, float))
                                                     and 0 < self.host_budget_gb < math.inf):
             raise ConfigError(f"--host-budget {self.host_budget_gb}: give the pinned host memory per node in GB, a "
@@ -255,6 +263,11 @@ class Workload:
     @property
     def batch(self) -> int:
         return self.tokens // self.seq
+
+    @property
+    def state_bytes(self) -> int:
+        """Optimizer-state bytes per weight element (float32 buffers)."""
+        return 4 * len(state_names_of(self.optimizer))
 
 
 @dataclass(frozen=True)

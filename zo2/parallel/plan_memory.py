@@ -55,8 +55,10 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates, t
 
     The rank's points run as one batch (zo2.points): a block's activations hold ``copies`` × the rank's tokens
     (its hidden states in and out, and a feed-forward intermediate with its per-point parts joined); one module's
-    parameters at a point are formed at a time."""
-    s, c = DTYPE_BYTES[work.dtype], DTYPE_BYTES[work.compute_dtype]
+    parameters at a point are formed at a time. A stateful optimizer's state (``work.state_bytes`` per element)
+    sits with each resident unit's weights and streams with each streamed one's (one matrix at a time, the state
+    of the largest weight beside it in rings of its own)."""
+    s, c = DTYPE_BYTES[work.dtype] + work.state_bytes, DTYPE_BYTES[work.compute_dtype]
     block, fixed = shape.block_params * s, shape.fixed_params * s
     copies = 2 // layout.pp
     rank_tokens = work.tokens // layout.dp
@@ -90,8 +92,9 @@ def residency(shape: ModelShape, work: Workload, layout: Layout, rates: Rates, t
 
 
 def host_store_bytes(shape: ModelShape, work: Workload, layout: Layout, streamed: int) -> int:
-    """Pinned host bytes per node holding the ``streamed`` blocks: one store per rank, or one per node sliced."""
-    store = streamed * shape.block_params * DTYPE_BYTES[work.dtype]
+    """Pinned host bytes per node holding the ``streamed`` blocks (with their optimizer state): one store per rank,
+    or one per node sliced."""
+    store = streamed * shape.block_params * (DTYPE_BYTES[work.dtype] + work.state_bytes)
     return store * (1 if layout.sliced else layout.gpus_per_node)
 
 
@@ -117,7 +120,7 @@ def place_tiers(shape: ModelShape, work: Workload, layout: Layout, rates: Rates,
     staging buffers (``prefetch`` + 2 of a block, per store) of the engine's placement. A node keeps one store per
     rank, or one per node with sliced transfers."""
     copies = 1 if layout.sliced else layout.gpus_per_node
-    block = shape.block_params * DTYPE_BYTES[work.dtype]
+    block = shape.block_params * (DTYPE_BYTES[work.dtype] + work.state_bytes)
     budget = (work.host_budget_gb if work.host_budget_gb is not None else rates.host_capacity_gb) * GB
     everything = host_store_bytes(shape, work, layout, streamed)
     if everything <= budget:

@@ -48,9 +48,11 @@ def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: R
                      ) -> tuple[float, dict[str, float], float, float]:
     """(compute time of a resident block, busy time of each resource for one streamed block, time to bring one
     block in when nothing overlaps it: its upload, plus the all-gather when sliced; the NVMe drive's busy time
-    for one NVMe-homed block)."""
+    for one NVMe-homed block). A stateful optimizer's state (``work.state_bytes`` per element) is read and
+    written by every update and moves with its block both ways every step."""
     s, c = DTYPE_BYTES[work.dtype], DTYPE_BYTES[work.compute_dtype]
     block_s = shape.block_params * s
+    state_s = shape.block_params * work.state_bytes
     copies = 2 // layout.pp
     n = layout.gpus_per_node if layout.sliced else 1
     k = work.writeback_every
@@ -60,24 +62,24 @@ def _block_resources(shape: ModelShape, work: Workload, layout: Layout, rates: R
     # module (zo2.points: read θ, write the point) with the update's kernel
     points = _kernel_s(copies * (block_s + shape.block_params * c), upd_frac, rates)
     points += copies * rates.point_overhead_ms / 1e3
-    resident = fwd + _kernel_s(2 * block_s, upd_frac, rates) + points
+    resident = fwd + _kernel_s(2 * (block_s + state_s), upd_frac, rates) + points
     # a lagging home (written back every K steps) is (K-1)/2 updates behind on average, each replayed on upload
     replays = (k - 1) / 2 * _kernel_s(2 * block_s / n, upd_frac, rates)
     if n == 1:
         streamed_compute = resident + replays
         nvlink = 0.0
     else:
-        streamed_compute = fwd + _kernel_s(2 * block_s / n, upd_frac, rates) + points + replays
+        streamed_compute = fwd + _kernel_s(2 * (block_s + state_s) / n, upd_frac, rates) + points + replays
         nvlink = block_s * (n - 1) / n / (rates.nvlink_gbs * GB) + rates.collective_latency_us * 1e-6
-    moved = block_s / n
-    pcie = max(moved / (rates.h2d_gbs * GB), moved / k / (rates.d2h_gbs * GB),
-               (moved + moved / k) / (rates.bidir_gbs * GB))
+    up, down = (block_s + state_s) / n, (block_s / k + state_s) / n  # the state goes back every step
+    pcie = max(up / (rates.h2d_gbs * GB), down / (rates.d2h_gbs * GB), (up + down) / (rates.bidir_gbs * GB))
     per_node = 1 if layout.sliced else layout.gpus_per_node
-    host = (1 + 1 / k) * block_s * per_node / (rates.host_mem_gbs * GB)
+    host = (up + down) * n * per_node / (rates.host_mem_gbs * GB)
     # one drive per node: every rank's store reads the block and writes it back every K steps
-    nvme = block_s * per_node * (1 / (rates.nvme_read_gbs * GB) + 1 / k / (rates.nvme_write_gbs * GB))
+    nvme = per_node * ((block_s + state_s) / (rates.nvme_read_gbs * GB)
+                       + (block_s / k + state_s) / (rates.nvme_write_gbs * GB))
     return (resident, {"compute": streamed_compute, "pcie": pcie, "nvlink": nvlink, "host-dram": host},
-            moved / (rates.h2d_gbs * GB) + nvlink, nvme)
+            up / (rates.h2d_gbs * GB) + nvlink, nvme)
 
 
 def _head_s(shape: ModelShape, work: Workload, layout: Layout, rates: Rates) -> float:
@@ -119,16 +121,21 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                      pcie_s=mem.streamed * per_block["pcie"] + fill, nvlink_s=mem.streamed * per_block["nvlink"],
                      host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm, nvme_s=tiers.nvme * nvme)
     bound = _bound(per_block, tiers, nvme, mem.resident * res_compute + head, fill, comm)
-    notes = [n for n in (mem.note, tiers.note) if n]
-    block = shape.block_params * DTYPE_BYTES[work.dtype] * (1 if layout.sliced else layout.gpus_per_node)
+    state_note = "optimizer state on NVMe needs one process per node (zo2 train)" \
+        if tiers.nvme and work.state_bytes and layout.gpus_per_node > 1 else ""  # as the engine refuses it
+    notes = [n for n in (mem.note, tiers.note, state_note) if n]
+    per_node = 1 if layout.sliced else layout.gpus_per_node
+    weights = shape.block_params * DTYPE_BYTES[work.dtype] * per_node
+    state = shape.block_params * work.state_bytes * per_node
     speedup = (baseline_step_s / step) if baseline_step_s else 1.0
     return Prediction(name=layout.name, strategy=layout.strategy, gpus_per_node=layout.gpus_per_node,
                       nodes=layout.nodes, dp=layout.dp, pp=layout.pp, sliced=layout.sliced, mode=mem.mode,
                       resident_blocks=mem.resident, streamed_blocks=mem.streamed, step_s=step,
                       tokens_per_s=work.tokens / step, speedup=speedup, bound=bound, gpu_mem_gb=mem.peak / GB,
-                      host_mem_gb=tiers.host_bytes / GB, breakdown=busy, fits=mem.fits and not tiers.note,
-                      notes=notes, nvme_blocks=tiers.nvme, nvme_read_gb=tiers.nvme * block / GB,
-                      nvme_written_gb=tiers.nvme * block / work.writeback_every / GB)
+                      host_mem_gb=tiers.host_bytes / GB, breakdown=busy,
+                      fits=mem.fits and not tiers.note and not state_note, notes=notes, nvme_blocks=tiers.nvme,
+                      nvme_read_gb=tiers.nvme * (weights + state) / GB,
+                      nvme_written_gb=tiers.nvme * (weights / work.writeback_every + state) / GB)
 
 
 
