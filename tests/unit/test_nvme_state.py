@@ -125,6 +125,28 @@ def test_a_snapshot_before_any_update_holds_zero_state_and_the_fresh_files_are_n
     assert state and all(not v.any() for v in state.values())
 
 
+@pytest.mark.parametrize("method, granularity", [("lora", "matrix"), ("prompt", "block")])
+def test_peft_with_adam_on_nvme_trains_as_resident(tmp_path, method, granularity):
+    """LoRA's adapters on NVMe keep their moments beside them (their base weights in files of their own); prompt
+    tuning's NVMe-homed blocks have no trainable weight and no state there. Bit for bit as resident."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
+    from test_nvme_frozen import adapters, lora, tiered, whole_frozen
+
+    base = tiny_model("opt", seed=3, num_hidden_layers=8)
+    make = (lambda: lora(clone_model(base))) if method == "lora" else (lambda: whole_frozen(clone_model(base), method))
+    resident = ZOEngine(make(), ZOConfig(offload=False, optimizer="zo-adam", **CFG))
+    on_disk = tiered(make(), tmp_path, host_blocks=2, stream_granularity=granularity, optimizer="zo-adam")
+    assert on_disk.plan.nvme and (on_disk.opt_state.nvme is not None) == (method == "lora")
+    for s in range(4):
+        batch = padded_batch(seed=s)
+        assert resident.step(batch).losses == on_disk.step(batch).losses, s
+    a, b = resident.trainable_state(), on_disk.trainable_state()
+    assert int(a[STEP_KEY]) == 4 and a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert adapters(on_disk)
+    on_disk.close()
+    assert not list(tmp_path.glob(f"{STATE_STEM}*")) and not list(tmp_path.glob("frozen-*"))
+
+
 def test_several_processes_per_node_refuse_the_state_on_nvme_with_the_fix():
     """torchrun with several processes per node: the node's files hold no optimizer state yet (refused, with the
     fix, before any file)."""
