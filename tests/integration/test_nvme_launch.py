@@ -366,3 +366,47 @@ def test_a_torchrun_run_on_nvme_resumes_bit_for_bit(tmp_path, request, granulari
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert logged(run_dir) == logged(reference)
     assert_same(final_weights(run_dir), final_weights(reference))
+
+
+@pytest.fixture(scope="module")
+def adam_references(tmp_path_factory):
+    """zo2 train with zo-adam, every block in host memory, by block and one matrix at a time (each made once)."""
+    made: dict[str, Path] = {}
+
+    def reference(granularity: str) -> Path:
+        if granularity not in made:
+            made[granularity] = tmp_path_factory.mktemp(f"adam_{granularity}") / "run"
+            train_job(job(made[granularity], "optim.optimizer=zo-adam", f"optim.stream_granularity={granularity}"),
+                      quiet=True)
+        return made[granularity]
+
+    return reference
+
+
+ADAM_BUDGET = 132_864 + 3 * 602_112 + 2 * 3 * BLOCK + 3 * BLOCK // 2
+"""With zo-adam a block is its weights and two moments (3 x BLOCK): the embedding and head, 3 staging buffers of
+such a block, two blocks and a half: the first two blocks stay in host memory, the last six go to NVMe."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["block", "matrix"])
+def test_torchrun_processes_keep_adams_state_in_the_nodes_nvme_files(tmp_path, adam_references, granularity):
+    """Two torchrun processes with zo-adam: the NVMe-homed blocks' moments live in node files cut as the weights'
+    (the first process makes them), each process streams, updates and writes back its slice of them; snapshots
+    read every slice, a resume writes each process's own. Logs, weights and moments (snapshots) equal zo2 train
+    without NVMe bit for bit; the first process deletes the files at the end."""
+    reference = adam_references(granularity)
+    folder, run_dir = tmp_path / "nvme", tmp_path / "run"
+    extra = ("parallel.pp=2", "optim.optimizer=zo-adam", f"optim.stream_granularity={granularity}",
+             f"offload.nvme_path={folder}", f"offload.host_memory_budget={ADAM_BUDGET}", "offload.nvme_engine=threads")
+    part = _torchrun("--out", str(run_dir), *_sets(*BASE, *extra, "train.steps=4"))
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert "6 on NVMe in" in part.stderr  # the plan: the last six blocks (with their moments) on NVMe
+    rest = _torchrun("--resume", str(run_dir), *_sets(f"train.steps={STEPS}"))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert logged(run_dir) == logged(reference)
+    for step in (3, STEPS):
+        ours, theirs = final_weights(run_dir, step), final_weights(reference, step)
+        assert any(k.startswith("optimizer/") for k in theirs)
+        assert_same(ours, theirs)
+    assert scheduler_files(folder) == [] and (folder / LOCK_FILE).exists()

@@ -147,22 +147,6 @@ def test_peft_with_adam_on_nvme_trains_as_resident(tmp_path, method, granularity
     assert not list(tmp_path.glob(f"{STATE_STEM}*")) and not list(tmp_path.glob("frozen-*"))
 
 
-def test_several_processes_per_node_refuse_the_state_on_nvme_with_the_fix():
-    """torchrun with several processes per node: the node's files hold no optimizer state yet (refused, with the
-    fix, before any file)."""
-    from types import SimpleNamespace
-
-    from test_nvme_pieces import _inputs, _plan
-    from zo2.offload.tiers import place_tiers_for
-
-    inputs = _inputs(comm=SimpleNamespace(local_size=2, local_share=lambda v, why: v),
-                     optimizer=SimpleNamespace(name="zo-adam", state_names=("exp_avg", "exp_avg_sq")))
-    plan = _plan()
-    plan.granularity = "block"
-    with pytest.raises(ConfigError, match=r"one process per node \(zo2 train\), not with 2 processes per node"):
-        place_tiers_for(inputs, plan, [[]] * 5, creates_store=True)
-
-
 def test_zo2_train_with_adam_on_nvme_saves_and_resumes_the_same_run(tmp_path):
     """zo2 train with zo-adam and every block on NVMe: snapshots (weights and moments read from the files) and
     final/ equal the run in host memory; a resume from step 3 (the moments written back into the files) too."""

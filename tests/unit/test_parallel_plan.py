@@ -371,7 +371,7 @@ def test_adams_state_sits_streams_and_is_homed_with_the_weights():
     """Hand-computed with zo-adam (8 bytes of state per weight beside 2 of bf16): 5 blocks of 1 GB weights + 4 GB
     moments; a 20.5 GB host budget holds the 3 staging buffers (15 GB) and one block, four go to NVMe, each read
     with its moments (5 GB at 2 GB/s) and written back whole every step (5 GB at 1 GB/s); the PCIe moves 5 GB
-    up and 5 GB down per block. Several processes per node cannot home the state on NVMe (the engine refuses it)."""
+    up and 5 GB down per block."""
     shape = replace(TOY, layers=5)
     rates = replace(ROUND, nvme_read_gbs=2.0, nvme_write_gbs=1.0, gpu_mem_gb=100)
     work = _stream(host_budget_gb=20.5, nvme=True, optimizer="zo-adam")
@@ -386,9 +386,6 @@ def test_adams_state_sits_streams_and_is_homed_with_the_weights():
     # host budget: one set of 1 GB), and the embedding's and head's moments
     slots = 2 * 3 * 5e9
     assert p.gpu_mem_gb * 1e9 - sgd.gpu_mem_gb * 1e9 == pytest.approx(slots - 3 * 1e9 + 8 * TOY.fixed_params, rel=1e-6)
-    two = predict_layout(shape, Layout(2, 1, 1, True), work, rates)
-    assert not two.fits and any("optimizer state on NVMe" in n for n in two.notes)
-    assert predict_layout(shape, Layout(2, 1, 1, True), _stream(host_budget_gb=20.5, nvme=True), rates).fits
     with pytest.raises(ConfigError, match="--writeback-every 4 needs a stateless optimizer"):
         Workload(optimizer="zo-adam", writeback_every=4)
     with pytest.raises(ConfigError, match="--optimizer"):

@@ -20,8 +20,7 @@ from zo2.offload.cuda_time import cuda_timed
 from zo2.offload.frozen import FrozenSlot
 from zo2.offload.frozen_setup import attach_frozen, frozen_by_block, frozen_nbytes, frozen_of, frozen_store
 from zo2.offload.piece_frozen import FrozenPieces, frozen_readers, reader_bytes
-from zo2.offload.pieces import (PieceMarkers, PieceStore, PiecewiseResidence, RingStreamer, piece_store,
-                               piecewise_residence)
+from zo2.offload.pieces import PieceMarkers, PieceStore, RingStreamer, piece_store, piecewise_residence
 from zo2.offload.planner import WRITEBACK_LIMIT, Plan, WritebackProbe, auto_writeback, make_plan, parse_budget
 from zo2.offload.store import (ALIGN, ParameterStore, layout_numel, made_by_first, node_writers, pack_layout,
                                remove_stale_stores, repoint, shared_store_name)
@@ -31,8 +30,8 @@ from zo2.offload.residence import DeviceResidence, Residence, StreamedResidence,
 from zo2.offload.state import OptimizerState, StateArea, build_optimizer_state
 from zo2.offload.streamer import BlockStreamer
 from zo2.offload.nvme_homes import nvme_residence_for
-from zo2.offload.nvme_state import NvmeState
-from zo2.offload.tiered import FileHome, host_blocks, tier_engine
+from zo2.offload.nvme_state import nvme_state_for
+from zo2.offload.tiered import FileHome, host_blocks
 from zo2.offload.tiers import place_tiers_for
 from zo2.optim.update import math_dtype
 
@@ -222,7 +221,7 @@ def build_offload(inputs: OffloadInputs, device: torch.device) -> Offload:
     state_area = _map_state_area(inputs, store, device)
     opt_state = build_optimizer_state(inputs.optimizer, inputs.units, inputs.unit_dtype, device, cfg.prefetch,
                                       streamer=streamer, store=store, comm=inputs.comm, area=state_area,
-                                      from_area=inputs.store_spec is not None, nvme=_nvme_state(inputs, nvme, device))
+                                      from_area=inputs.store_spec is not None, nvme=nvme_state_for(inputs, nvme, device))
     if plan.streamed or cfg.offload is not False:
         log.info(plan.describe())
 
@@ -405,19 +404,6 @@ def _streamer(inputs: OffloadInputs, store: ParameterStore, streamed: list, devi
         indices = range(len(streamer.store)) if matrix else [u.store_index for u in streamed]
         streamer.ranges = {k: inputs.comm.slice_bounds(streamer.store.flat(k).numel()) for k in indices}
     return streamer
-
-
-def _nvme_state(inputs: OffloadInputs, nvme: FileHome | None, device: torch.device) -> NvmeState | None:
-    """A stateful optimizer's state of the NVMe-homed blocks, in files beside their weights (place_tiers_for
-    refused the layouts it cannot serve), or None."""
-    names = inputs.optimizer.state_names
-    if nvme is None or not names:
-        return None
-    units = nvme.units()
-    pieces = nvme.streamer.store.pieces if isinstance(nvme, PiecewiseResidence) else None  # one matrix at a time
-    return NvmeState(names, units, [u.layout for u in units], math_dtype(inputs.unit_dtype(units[0])), device,
-                     inputs.config.prefetch, inputs.tiers.nvme_path, lambda: tier_engine(inputs, []), pieces,
-                     nvme.pass_order if pieces is not None else None)
 
 
 def _stream_from_own_store(inputs: OffloadInputs, streamed: list, device: torch.device, matrix: bool = False

@@ -49,15 +49,15 @@ class SlicedNvme:
     """The slices of the units ``numels`` (unit index → its padded numel, a multiple of ``writers``) of the shared
     store ``name``, in ``folder``: every writer's (``writer=None``), or only ``writer``'s.
 
-    ``create=True`` (the owner: the scheduler, or a torchrun node's first process) takes the folder's lock,
-    deletes the files of owners that are gone, checks the disk and makes the files; otherwise the files must
-    exist. ``store`` is the underlying :class:`NvmeStore`; its entry ``i`` is ``entries[i]`` = (unit, writer).
+    ``create=True`` (the owner: the scheduler, or a torchrun node's first process) takes the folder's lock (unless
+    ``lock`` is False: it holds it already, for the weights' files), deletes the files of owners that are gone,
+    checks the disk and makes the files; otherwise the files must exist. ``store`` is the underlying :class:`NvmeStore`; its entry ``i`` is ``entries[i]`` = (unit, writer).
     ``cuts``: unit → its pieces' [lo, hi) ranges (each a multiple of ``writers`` long), whose shares make up each
     writer's slice; a unit without cuts is sliced contiguously."""
 
     def __init__(self, folder: str | Path, name: str, numels: Mapping[int, int], dtype: torch.dtype, writers: int,
                  *, engine: IOEngine, pin: bool, create: bool = False, writer: int | None = None,
-                 cuts: Mapping[int, Sequence[tuple[int, int]]] | None = None):
+                 cuts: Mapping[int, Sequence[tuple[int, int]]] | None = None, lock: bool = True):
         self.folder = Path(folder)
         self.units = sorted(numels)
         self.numels = dict(numels)
@@ -73,7 +73,7 @@ class SlicedNvme:
         self.lock = None
         if create:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.lock = FolderLock(self.folder)
+            self.lock = FolderLock(self.folder) if lock else None
             freed = remove_stale_stores(self.folder)  # the files of owners that died (their pid is in the name)
             if freed:
                 log.warning("NVMe store: removed %.2f GB of files left in %s by a run that died", freed / 1e9,
@@ -116,10 +116,15 @@ class SlicedNvme:
         """Read the markers again (the writers switch them as they write their slices back)."""
         self.store.refresh()
 
-    def read(self, unit: int, out: torch.Tensor) -> None:
-        """Fill ``out`` (the unit's padded numel, the store's dtype) from every writer's slice."""
+    def read(self, unit: int, out: torch.Tensor, unwritten_zero: bool = False) -> None:
+        """Fill ``out`` (the unit's padded numel, the store's dtype) from every writer's slice (``unwritten_zero``:
+        a slice never written gives zeros, not an error)."""
         for w in range(self.writers):
             parts = self.parts(unit, w)
+            if unwritten_zero and self.store.current(self.entry(unit, w)) is None:
+                for lo, hi in parts:
+                    out[lo:hi].zero_()
+                continue
             if len(parts) == 1:
                 self.store.read(self.entry(unit, w), out[parts[0][0] : parts[0][1]])
                 continue

@@ -1,5 +1,6 @@
 """A stateful optimizer's state on the NVMe tier: the momentum or Adam's moments of the NVMe-homed blocks, in
-files beside their weights (one process per node; blocks streamed whole or one matrix at a time).
+files beside their weights (blocks streamed whole or one matrix at a time; one process, or a torchrun node's
+processes each moving its slice).
 
 zo-sgd-momentum keeps one float32 buffer per parameter element and zo-adam two: for a model whose weights pass
 host memory the state passes it two to four times over, so the blocks whose weights live on NVMe keep their state
@@ -19,54 +20,155 @@ lockstep with the block's weights, as the node state area's streamers do:
 One file per buffer, not the buffers back to back: a snapshot writes the state by name (every block's ``exp_avg``,
 then every block's ``exp_avg_sq``), so each file is read once.
 
-A run starts from zero state: the markers a previous run left are removed and a block never written reads as
-zeros, so nothing is written at the start. Snapshots read each block's state from its file when the writer asks for
+With several processes per node (torchrun, sliced transfers) the files are the node's, cut as the weights' node
+files are (zo2.offload.nvme_slices.SlicedNvme: one file pair per block and writer, the same ranges): the node's
+first process makes them (:func:`node_state_files`), each process streams, updates and writes back its slice of
+every block's state (the update of a slice needs only that slice's state: nothing is gathered), snapshots read
+every writer's slices and a resume writes each process's own.
+
+A run starts from zero state: the markers a previous run left are removed (new node files have none) and a block
+never written reads as zeros, so nothing is written at the start. Snapshots read each block's state from its file when the writer asks for
 it (one block's buffer in host memory at a time); a resume writes the snapshot's state into the files a block at a
 time. The files are deleted when the engine closes: no run starts from them (a resume starts from a snapshot).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from zo2.offload.nvme import NvmeStore
+from zo2.offload.nvme_slices import SlicedNvme
+from zo2.offload.pieces import PiecewiseResidence
+from zo2.offload.store import layout_numel, made_by_first, shared_store_name
+from zo2.optim.update import math_dtype
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units
 from zo2.offload.nvme_pieces import NvmePieceStreamer, StagedPieces
-from zo2.offload.tiered import NvmeStreamer
+from zo2.offload.tiered import NvmeStreamer, tier_engine
 
 STATE_STEM = "state-"
-"""The files' names: ``state-<buffer>-<k>.a``, ``.b`` and ``.json``, block k of the NVMe-homed ones."""
+"""One process's files: ``state-<buffer>-<k>.a``, ``.b`` and ``.json``, block k of the NVMe-homed ones (a node's:
+``<the weights' node name>-state-<buffer>-unit<k>-w<writer>``)."""
+
+
+@dataclass
+class StateFiles:
+    """One state buffer's files: ``store`` is what the streamer moves (this process's slices where the node's
+    processes share the files: its entry k is block k's slice), ``whole`` reads every writer's slices (None: the
+    store holds whole blocks), ``owner``: the node's first process's handle on the files it made (deleted at the
+    end)."""
+
+    store: NvmeStore
+    whole: SlicedNvme | None = None
+    mine: SlicedNvme | None = None
+    owner: SlicedNvme | None = None
+    homes: Sequence[int] = ()
+    """With node files: block k's unit index in them."""
+
+    def read(self, k: int, numel: int) -> torch.Tensor:
+        """Block ``k``'s whole state buffer (``numel``, zeros where nothing was written yet)."""
+        flat = torch.zeros(numel, dtype=self.store.dtype)
+        if self.whole is not None:
+            self.whole.refresh()  # the other processes switched their markers as they wrote
+            self.whole.read(self.homes[k], flat, unwritten_zero=True)
+        elif self.store.current(k) is not None:
+            self.store.read(k, flat)
+        return flat
+
+    def write(self, k: int, flat: torch.Tensor, step: int) -> None:
+        """Store ``flat`` (block ``k``'s whole buffer): all of it, or this process's slice of the node's files."""
+        if self.mine is None:
+            self.store.write(k, flat, step)
+        else:
+            self.mine.write(self.homes[k], flat, step, writers=[self.mine.entries[0][1]])
+
+    def close(self) -> None:
+        """Delete the files (no run starts from them): one process's, or the node's by the process that made them."""
+        engines = {id(x.engine): x.engine for x in [self.store] + [f.store for f in (self.whole, self.owner) if f]}
+        if self.mine is None:
+            self.store.remove_files()
+        for files in (self.whole, self.mine):
+            if files is not None:
+                files.close()
+        if self.owner is not None:
+            self.owner.close(remove=True)
+        for engine in engines.values():
+            if hasattr(engine, "close"):
+                engine.close()
+
+
+def own_state_files(names: Sequence[str], layouts: Sequence[Sequence[Segment]], dtype: torch.dtype, folder: str,
+                    engine: Callable[[], Any], pin: bool) -> dict[str, StateFiles]:
+    """One process's state files: per buffer an :class:`NvmeStore` of whole blocks (``state-<buffer>-<k>``), its
+    markers from an earlier run removed."""
+    files = {}
+    for s in names:
+        store = NvmeStore(folder, layouts, dtype, engine=engine(), pin=pin,
+                          names=[f"{STATE_STEM}{s}-{k}" for k in range(len(layouts))])
+        store.forget()  # a fresh start: every block's state is zero until its first write
+        files[s] = StateFiles(store)
+    return files
+
+
+def node_state_files(names: Sequence[str], weights: SlicedNvme, name: str, writer: int, homes: Sequence[int],
+                     dtype: torch.dtype, engine: Callable[[], Any], pin: bool, comm: Any) -> dict[str, StateFiles]:
+    """A torchrun node's state files: per buffer the node's files cut as the weights' (``weights``: every writer's
+    slices of them, named ``name``), made by the node's first process (the folder's lock is the weights'), each
+    process streaming slice ``writer`` of the blocks ``homes``."""
+    files = {}
+    for s in names:
+        stem = f"{name}-state-{s}"
+        args = (weights.folder, stem, weights.numels, dtype, weights.writers)
+        cut = dict(cuts=weights.cuts)
+        owner = made_by_first(comm, lambda: SlicedNvme(*args, engine=engine(), pin=False, create=True, lock=False,
+                                                       **cut), f"making the optimizer state's NVMe files ({s})")
+        mine = SlicedNvme(*args, engine=engine(), pin=pin, writer=writer, **cut)
+        whole = SlicedNvme(*args, engine=mine.store.engine, pin=False, **cut)
+        files[s] = StateFiles(mine.store, whole=whole, mine=mine, owner=owner, homes=list(homes))
+    return files
 
 
 class NvmeState:
-    """The state buffers ``names`` (float32, or ``dtype``) of the NVMe-homed ``units`` (``units[k]``: laid out as
-    ``layouts[k]``), in files under ``folder`` read and written with I/O engines ``engine()`` makes (one per
-    buffer: an engine serves one thread), streamed to ``device`` in lockstep with the weights (see the module
-    docstring)."""
+    """The state buffers ``names`` of the NVMe-homed ``units`` (``units[k]``: laid out as ``layouts[k]``, of
+    ``numels[k]`` elements padded as their weights' files), in ``files`` (per buffer), streamed to ``device`` in
+    lockstep with the weights (see the module docstring): by block, or the weights' ``pieces`` one matrix at a time
+    (``pass_order(units)``: a pass's pieces in upload order). ``ranges``: with node files, this process's part of
+    each block (or piece), as the weights' streamer has them; ``writers``: the node's processes; ``barrier``: waits
+    for them."""
 
     def __init__(self, names: Sequence[str], units: Sequence[Any], layouts: Sequence[Sequence[Segment]],
-                 dtype: torch.dtype, device: torch.device, prefetch: int, folder: str, engine: Callable[[], Any],
+                 numels: Sequence[int], files: dict[str, StateFiles], device: torch.device, prefetch: int, *,
                  pieces: Sequence[tuple[int, int, int]] | None = None,
-                 pass_order: Callable[[Sequence[Any]], list[int]] | None = None):
+                 pass_order: Callable[[Sequence[Any]], list[int]] | None = None,
+                 ranges: dict[int, tuple[int, int]] | None = None, writers: int = 1,
+                 barrier: Callable[[], None] | None = None):
         self.names = tuple(names)
         self._index = {u.name: k for k, u in enumerate(units)}
         self.layouts = [list(layout) for layout in layouts]
-        self.stores = {s: NvmeStore(folder, self.layouts, dtype, engine=engine(), pin=device.type == "cuda",
-                                    names=[f"{STATE_STEM}{s}-{k}" for k in range(len(units))]) for s in self.names}
+        self.numels = list(numels)
+        self.files = files
+        self.barrier = barrier
         self.pieces = list(pieces) if pieces is not None else None
         """One matrix at a time: the weights' pieces, (unit k, lo, hi) each, as their residence's streamer numbers
-        them; ``pass_order(units)`` gives a pass's pieces in upload order."""
+        them."""
         self._pass_order = pass_order
         self._left: dict[int, int] = {}
         """One matrix at a time: block → its pieces not yet updated in this visit."""
         self.streamers: dict[str, Any] = {}
-        for s, store in self.stores.items():
-            store.forget()  # a fresh start: every block's state is zero until its first write
-            self.streamers[s] = NvmeStreamer(store, device, prefetch) if pieces is None else \
-                NvmePieceStreamer(StagedPieces(store, self.pieces), device, prefetch)
-            self.streamers[s].zero_unwritten = True
+        for s, f in files.items():
+            if pieces is None:
+                streamer = NvmeStreamer(f.store, device, prefetch, numels=self.numels)
+            else:
+                streamer = NvmePieceStreamer(StagedPieces(f.store, self.pieces, writers), device, prefetch)
+            streamer.ranges = dict(ranges or {})
+            streamer.zero_unwritten = True
+            self.streamers[s] = streamer
+
+    @property
+    def stores(self) -> dict[str, NvmeStore]:
+        return {s: f.store for s, f in self.files.items()}
 
     def holds(self, unit: Any) -> bool:
         return unit.name in self._index
@@ -80,7 +182,8 @@ class NvmeState:
             streamer.begin(order)
 
     def acquire(self, unit: Any) -> dict[str, torch.Tensor]:
-        """``unit``'s state buffers on the device (uploaded from staging buffers its files were read into)."""
+        """``unit``'s state buffers on the device (uploaded from staging buffers its files were read into; with node
+        files this process's part of each)."""
         return {s: streamer.acquire(self._index[unit.name]) for s, streamer in self.streamers.items()}
 
     def updated(self, unit: Any) -> None:
@@ -111,47 +214,69 @@ class NvmeState:
                 streamer.write_unit(k, step)
 
     # ------------------------------------------------------------------ snapshots and resumes
-    def _reader(self, name: str) -> Callable[[int], torch.Tensor]:
-        store, streamer = self.stores[name], self.streamers[name]
-
-        def read(k: int) -> torch.Tensor:
-            flat = torch.zeros(store.numels[k], dtype=store.dtype)
-            if store.current(k) is not None:
-                streamer.run(lambda: store.read(k, flat))
-            return flat
-
-        return read
-
     def tensors(self, prefix: str) -> dict[str, Deferred]:
         """Every state tensor by its snapshot name (``prefix`` + ``<buffer>/<parameter>``), each read from its
-        block's file when loaded (call after a synchronize): one block's buffer in host memory at a time."""
+        block's files when loaded (call after a flush): one block's buffer in host memory at a time."""
         out: dict[str, Deferred] = {}
         for s, streamer in self.streamers.items():
             streamer.drain()
-            deferred = deferred_units(dict(enumerate(self.layouts)), self.stores[s].dtype, self._reader(s))
+            f = self.files[s]
+
+            def read(k: int, f: StateFiles = f, streamer: Any = streamer) -> torch.Tensor:
+                return streamer.run(lambda: f.read(k, self.numels[k]))
+
+            deferred = deferred_units(dict(enumerate(self.layouts)), f.store.dtype, read)
             out.update({f"{prefix}{s}/{name}": d for name, d in deferred.items()})
         return out
 
     @torch.no_grad()
     def load(self, tensors: Any, prefix: str, step: int) -> None:
         """Write every block's state from ``tensors`` (named as :meth:`tensors` names them; checked by the
-        caller) into its files, one block's buffer at a time, as holding ``step``."""
+        caller) into its files, one block's buffer at a time, as holding ``step`` (with node files each process
+        writes its slices, then waits for the others)."""
         for s, streamer in self.streamers.items():
-            store = self.stores[s]
+            f = self.files[s]
             streamer.drain()
             for k, layout in enumerate(self.layouts):
-                buf = store.staging(k)
-                flat = store.typed(k, buf)
-                flat.zero_()
+                flat = torch.zeros(self.numels[k], dtype=f.store.dtype)
                 for name, view in ParameterStore.views(flat, layout).items():
                     view.copy_(tensors[f"{prefix}{s}/{name}"])
-                streamer.run(lambda: store.write(k, buf, step))
+                streamer.run(lambda: f.write(k, flat, step))
             streamer.invalidate()
+        if self.barrier is not None:
+            self.barrier()  # every process's slices are written before anyone reads whole blocks
 
     def close(self) -> None:
         """Finish the I/O and delete the files (no run starts from them)."""
         for s, streamer in self.streamers.items():
             streamer.close()
-            self.stores[s].remove_files()
-            if hasattr(self.stores[s].engine, "close"):
-                self.stores[s].engine.close()
+            self.files[s].close()
+
+
+def nvme_state_for(inputs: Any, nvme: Any, device: torch.device) -> "NvmeState | None":
+    """A stateful optimizer's state of the NVMe-homed blocks (``nvme``: their residence; ``inputs``: an engine's
+    zo2.offload.build.OffloadInputs), in files beside their weights (one process's, or a torchrun node's cut as the
+    weights' are), streamed as the weights are (by block, or their pieces); None without a stateful optimizer or
+    NVMe-homed blocks."""
+    names = inputs.optimizer.state_names
+    if nvme is None or not names:
+        return None
+    units = nvme.units()
+    layouts = [u.layout for u in units]
+    dtype, pin = math_dtype(inputs.unit_dtype(units[0])), device.type == "cuda"
+
+    def engine() -> Any:  # one I/O engine per state buffer's I/O thread
+        return tier_engine(inputs, [])
+
+    piecewise = isinstance(nvme, PiecewiseResidence)
+    pieces = dict(pieces=nvme.streamer.store.pieces, pass_order=nvme.pass_order) if piecewise else {}
+    if nvme.whole is None:  # one process's files of whole blocks
+        files = own_state_files(names, layouts, dtype, inputs.tiers.nvme_path, engine, pin)
+        return NvmeState(names, units, layouts, [layout_numel(x) for x in layouts], files, device,
+                         inputs.config.prefetch, **pieces)
+    homes = [next(i for i, v in enumerate(inputs.units) if v is u) for u in units]  # as the weights' node files
+    files = node_state_files(names, nvme.whole, shared_store_name(inputs.comm), nvme.writer, homes, dtype, engine,
+                             pin, inputs.comm)
+    return NvmeState(names, units, layouts, [nvme.whole.numels[h] for h in homes], files, device,
+                     inputs.config.prefetch, ranges=nvme.streamer.ranges, writers=nvme.whole.writers,
+                     barrier=nvme.barrier, **pieces)

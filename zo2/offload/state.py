@@ -12,8 +12,9 @@ out like the unit's parameter buffer (same offsets; float32, float64 for float64
 * blocks streamed one matrix at a time (zo2.offload.pieces) keep one host store per state buffer laid out like
   the weights' store, moved a piece at a time with the weights' pieces by rings of their own
   (:class:`PiecewiseState`).
-* blocks homed on the NVMe tier (one process) keep it in files beside their weights, moved in lockstep with them
-  by streamers of their own, by block or a piece at a time (zo2.offload.nvme_state.NvmeState).
+* blocks homed on the NVMe tier keep it in files beside their weights (a torchrun node's, sliced as the weights'),
+  moved in lockstep with them by streamers of their own, by block or a piece at a time
+  (zo2.offload.nvme_state.NvmeState).
 
 Stateless optimizers keep nothing and every method here is a no-op for them.
 """

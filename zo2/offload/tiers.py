@@ -123,8 +123,6 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
     elif not creates_store:
         return plan  # a torchrun node's first process checks its store
     plan = place_tiers(plan, budget, nvme_path, inputs.config.prefetch)
-    if plan.nvme and inputs.optimizer.state_names and comm is not None and comm.local_size > 1:
-        refuse_state_on_nvme(inputs.optimizer, f"with {comm.local_size} processes per node")
     if plan.nvme and any(frozen[i] for i in plan.nvme) and comm is not None and comm.local_size > 1:
         refuse_base_on_nvme(f"{comm.local_size} processes per node")
     return plan
@@ -132,12 +130,12 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
 
 def refuse_state_on_nvme(optimizer: Any, how: str, blocks: int | None = None) -> NoReturn:
     """The ConfigError of a stateful optimizer whose blocks (``blocks`` of them, where counted) need the NVMe
-    tier ``how`` (e.g. 'under zo2 launch'), where it does not hold optimizer state: it does for one process per
-    node (zo2.offload.nvme_state)."""
+    tier ``how`` (e.g. 'under zo2 launch'), where it does not hold optimizer state: it does under zo2 train and
+    torchrun (zo2.offload.nvme_state)."""
     beyond = "" if blocks is None else f"; {blocks} blocks do not fit offload.host_memory_budget"
     raise ConfigError(f"offload.nvme_path: {optimizer.name} keeps {', '.join(optimizer.state_names)}, and the NVMe "
-                      f"tier holds optimizer state only for one process per node (zo2 train), not {how}{beyond}. "
-                      "Run it under zo2 train on one GPU, use zo-sgd, zo-sgd-sign or zo-sgd-conservative, or raise "
+                      f"tier holds optimizer state under zo2 train and torchrun, not {how}{beyond}. Run it with "
+                      "zo2 train or torchrun, use zo-sgd, zo-sgd-sign or zo-sgd-conservative, or raise "
                       "offload.host_memory_budget.")
 
 

@@ -49,8 +49,7 @@ floor, generalised)::
 - A stateful optimizer (``--optimizer``: zo-sgd-momentum 4 bytes of float32 state per weight, zo-adam 8): the
   state sits with each resident unit, streams with each streamed block through the same slots (one matrix at a
   time: beside its weight, in rings of its own), is homed with it in host memory or on NVMe, and moves both ways
-  every step (K = 1); the update reads and writes it once (Adam's element-wise passes are more: a floor). Its
-  state on NVMe needs one process per node, as the engine does.
+  every step (K = 1); the update reads and writes it once (Adam's element-wise passes are more: a floor).
 - Host DRAM bandwidth per node (an assumption, default 480 GB/s ≈ 78% of two DDR5-4800 sockets): every byte
   uploaded or written back by any GPU of the node crosses it; unsliced N GPUs move N× the bytes of sliced ones.
 

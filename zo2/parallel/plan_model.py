@@ -121,9 +121,7 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                      pcie_s=mem.streamed * per_block["pcie"] + fill, nvlink_s=mem.streamed * per_block["nvlink"],
                      host_mem_s=mem.streamed * per_block["host-dram"], network_s=comm, nvme_s=tiers.nvme * nvme)
     bound = _bound(per_block, tiers, nvme, mem.resident * res_compute + head, fill, comm)
-    state_note = "optimizer state on NVMe needs one process per node (zo2 train)" \
-        if tiers.nvme and work.state_bytes and layout.gpus_per_node > 1 else ""  # as the engine refuses it
-    notes = [n for n in (mem.note, tiers.note, state_note) if n]
+    notes = [n for n in (mem.note, tiers.note) if n]
     per_node = 1 if layout.sliced else layout.gpus_per_node
     weights = shape.block_params * DTYPE_BYTES[work.dtype] * per_node
     state = shape.block_params * work.state_bytes * per_node
@@ -133,7 +131,7 @@ def predict_layout(shape: ModelShape, layout: Layout, work: Workload | None = No
                       resident_blocks=mem.resident, streamed_blocks=mem.streamed, step_s=step,
                       tokens_per_s=work.tokens / step, speedup=speedup, bound=bound, gpu_mem_gb=mem.peak / GB,
                       host_mem_gb=tiers.host_bytes / GB, breakdown=busy,
-                      fits=mem.fits and not tiers.note and not state_note, notes=notes, nvme_blocks=tiers.nvme,
+                      fits=mem.fits and not tiers.note, notes=notes, nvme_blocks=tiers.nvme,
                       nvme_read_gb=tiers.nvme * (weights + state) / GB,
                       nvme_written_gb=tiers.nvme * (weights / work.writeback_every + state) / GB)
 
