@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the NVMe tier (about 6 minutes on an H100/H200): tests/gpu/test_nvme_gpu.py (the tier on CUDA,
 # bit for bit against the host tier and all-resident, fp32 and bf16, writeback_every 1 and 3; one matrix at a time
-# sharing the host tier's ring; a LoRA base homed on NVMe, by block and by matrix; zo-adam's and zo-sgd-momentum's
-# state on NVMe); the drive's write and read rates (benchmarks/bench_nvme.py, 2 × 1 GiB); then the issue's
+# sharing the host tier's ring; a LoRA base and prompt-tuned blocks homed on NVMe, by block and by matrix; zo-adam's
+# and zo-sgd-momentum's state on NVMe); the drive's write and read rates (benchmarks/bench_nvme.py, 2 × 1 GiB); then the issue's
 # benchmark, benchmarks/bench_nvme_tier.py on the OPT-13B shape with a 4 GB host budget (full depth, 40 blocks =
 # 25 GB, when the disk has room for both versions of every block, 56 GB; else 24 blocks): step time against the
 # disk floor and the tier's read rate against dd iflag=direct over the same files, measured in the same run; then
