@@ -410,3 +410,29 @@ def test_torchrun_processes_keep_adams_state_in_the_nodes_nvme_files(tmp_path, a
         assert any(k.startswith("optimizer/") for k in theirs)
         assert_same(ours, theirs)
     assert scheduler_files(folder) == [] and (folder / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("workers, fault", [(1, "0:4:4"), pytest.param(2, "1:4:4", marks=pytest.mark.slow)])
+def test_adams_state_on_nvme_under_zo2_launch_is_repaired_and_equals_zo2_train(tmp_path, adam_references, workers,
+                                                                              fault):
+    """zo2 launch with zo-adam: the scheduler homes the NVMe-homed units' moments in node files beside their
+    weights (units placed by weights and moments together), the workers stream their slices of them; a worker
+    killed mid NVMe write in step 4 is repaired by rebuilding weights and moments from the snapshot and the log
+    (into the files). Logs, weights and moments equal zo2 train without NVMe."""
+    folder = tmp_path / "nvme"
+    extra = [f"offload.nvme_path={folder}", f"offload.host_memory_budget={3 * BUDGET}", "offload.nvme_engine=threads",
+             "optim.optimizer=zo-adam"] + (["parallel.pp=2"] if workers == 2 else [])
+    sched, seen = run_scheduler(tmp_path / "run", *extra, workers=workers, fault=fault)
+    spec = seen["spec"]
+    assert spec.nvme_units == tuple(range(1 + HOST_BLOCKS, 1 + LAYERS)), spec.nvme_units
+    # per unit and worker slice the weights' versions a and b and marker, each moment's a and b (no marker: unwritten)
+    assert len(seen["files"]) == (LAYERS - HOST_BLOCKS) * workers * (3 + 2 * 2)
+    (repair,) = sched.recoveries
+    assert "signal 9" in repair["why"] and repair["step"] == 4 and repair["rebuilt"] >= LAYERS, repair
+    reference = adam_references("block")
+    assert logged(tmp_path / "run") == logged(reference)
+    for step in (3, STEPS):
+        ours, theirs = final_weights(tmp_path / "run", step), final_weights(reference, step)
+        assert any(k.startswith("optimizer/") for k in theirs)
+        assert_same(ours, theirs)
+    assert scheduler_files(folder) == []

@@ -426,18 +426,29 @@ def test_a_training_run_on_the_nvme_tier_saves_the_same_model(tmp_path):
     assert_same_state(a, b)
 
 
-def test_the_node_store_refuses_optimizer_state_on_nvme_before_making_files(tmp_path):
-    """zo2 launch: a stateful optimizer whose blocks would go to NVMe is a ConfigError before any file exists."""
+def test_the_node_store_homes_the_optimizer_state_with_its_nvme_homed_units(tmp_path):
+    """zo2 launch with zo-adam: the node store places units by their weights and moments together and makes the
+    moments' node files beside the NVMe-homed units' (never written: they read as zeros); the state area holds the
+    host-homed units' moments only."""
     from zo2.config import load_config
     from zo2.control.store import NodeStore
     from zo2.train.build import build_job_model, build_tokenizer
 
     job = load_config("tiny-opt", overrides=["optim.optimizer=zo-adam", f"offload.nvme_path={tmp_path / 'nvme'}",
-                                             "offload.host_memory_budget=800000"])
-    model = build_job_model(job, build_tokenizer(job))
-    with pytest.raises(ConfigError, match=r"optimizer state under zo2 train and torchrun, not under zo2 launch"):
-        NodeStore(model, job.optim, 1, job.offload)
-    assert not (tmp_path / "nvme").exists()
+                                             "offload.host_memory_budget=2400000"])
+    store = NodeStore(build_job_model(job, build_tokenizer(job)), job.optim, 1, job.offload)
+    try:
+        on_nvme = store.nvme.units
+        assert on_nvme and set(store.nvme.state) == {"exp_avg", "exp_avg_sq"}
+        assert all(store.state.buffers(k)["exp_avg"].numel() == 0 for k in on_nvme)
+        state = store.state_tensors()
+        block = [n for n in state if ".layers.3." in n and n.startswith("optimizer/exp_avg_sq/")]
+        assert block and all(not state[n].load().any() for n in block)  # read from the files: zeros
+        files = sorted(p.name for p in (tmp_path / "nvme").glob(f"{store.name}-state-exp_avg-*.a"))
+        assert len(files) == len(on_nvme)
+    finally:
+        store.close()
+    assert not list((tmp_path / "nvme").glob(f"{store.name}*"))
 
 
 @pytest.mark.parametrize("method, workers", [("prompt", 2), ("lora", 2)])

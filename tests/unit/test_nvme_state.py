@@ -12,7 +12,6 @@ import torch
 from zo2 import ZOEngine
 from zo2.config import ZOConfig
 from zo2.config.offload import OffloadConfig
-from zo2.errors import ConfigError
 from zo2.offload.nvme import PAGE, round_up
 from zo2.offload.nvme_state import STATE_STEM
 from zo2.offload.state import STEP_KEY

@@ -47,9 +47,9 @@ class OffloadConfig:
     """Folder on a local (NVMe) disk for the blocks that do not fit ``host_memory_budget``: one file pair per block
     (per block and worker slice under ``zo2 launch`` and torchrun, where the scheduler or the node's first process
     makes them and each process streams its slice), written crash-safely, read back through ``nvme_engine`` into a
-    few pinned staging buffers every step and written every ``optim.writeback_every`` steps; under ``zo2 train``
-    and torchrun a stateful optimizer's state (zo-sgd-momentum, zo-adam) of those blocks in more file pairs beside
-    them, and (one process per node) a PEFT model's frozen weights of them in files of one version. One run at a time: the
+    few pinned staging buffers every step and written every ``optim.writeback_every`` steps; a stateful
+    optimizer's state (zo-sgd-momentum, zo-adam) of those blocks in more file pairs beside them, and (one process
+    per node) a PEFT model's frozen weights of them in files of one version. One run at a time: the
     owner holds a lock on the folder (``.zo2-nvme.lock``) and a second run is refused, naming the pid that holds
     it. Unset: no NVMe tier (a model too large for host memory is refused with the numbers)."""
     host_memory_budget: int | str | None = None

@@ -22,9 +22,10 @@ from zo2.errors import ResourceError
 from zo2.offload.nvme import open_engine, round_up
 from zo2.offload.nvme_frozen import remove_frozen_files
 from zo2.offload.nvme_slices import SlicedNvme, slice_numels
+from zo2.offload.nvme_state import state_stem
 from zo2.offload.pieces import unit_pieces
 from zo2.offload.store import Deferred, ParameterStore, Segment, deferred_units, repoint
-from zo2.offload.tiers import default_host_budget, refuse_base_on_nvme, refuse_state_on_nvme, staging_buffers
+from zo2.offload.tiers import default_host_budget, refuse_base_on_nvme, staging_buffers
 
 
 def _gb(n: float) -> str:
@@ -61,24 +62,25 @@ def place_units(units: Sequence[Any], unit_bytes: Sequence[int], tiers: Any, pre
     return blocks[host:]
 
 
-def check_nvme_job(on_nvme: Sequence[int], optimizer: Any, frozen_base: bool, writers: int = 1) -> None:
+def check_nvme_job(on_nvme: Sequence[int], frozen_base: bool, writers: int = 1) -> None:
     """ConfigError for what the NVMe tier cannot hold yet, when ``on_nvme`` units were placed there (before any
     file is made); ``frozen_base``: some of them have frozen base weights (the workers' own, [peft]);
     ``writers``: the workers per node."""
     if not on_nvme:
         return
-    if optimizer.state_names:
-        refuse_state_on_nvme(optimizer, "under zo2 launch", len(on_nvme))
     if frozen_base and writers > 1:
         refuse_base_on_nvme(f"{writers} workers per node")
 
 
 class NodeNvme:
     """The NVMe-homed units of the node store ``name`` (unit index → its layout), each padded to ``pad_to`` and cut
-    into one slice per writer, in ``tiers.nvme_path`` (read and written with ``tiers``' I/O engine)."""
+    into one slice per writer, in ``tiers.nvme_path`` (read and written with ``tiers``' I/O engine); a stateful
+    optimizer's state buffers ``state_names`` (``state_dtype``) of them in node files cut the same way
+    (``state[name]``, zo2.offload.nvme_state: the workers stream their slices as they do the weights')."""
 
     def __init__(self, tiers: Any, name: str, layouts: Mapping[int, Sequence[Segment]], dtype: torch.dtype,
-                 writers: int, pad_to: int, slots: Mapping[int, Sequence[Any]] | None = None):
+                 writers: int, pad_to: int, slots: Mapping[int, Sequence[Any]] | None = None,
+                 state_names: Sequence[str] = (), state_dtype: torch.dtype = torch.float32):
         self.folder = Path(tiers.nvme_path)
         self.layouts = {k: list(v) for k, v in layouts.items()}
         self.numels = slice_numels(self.layouts, pad_to)
@@ -90,6 +92,29 @@ class NodeNvme:
         engine = open_engine(tiers.nvme_engine, tiers.nvme_queue_depth, tiers.block_size_bytes)
         self.files = SlicedNvme(self.folder, name, self.numels, dtype, writers, engine=engine, pin=False,
                                 create=True, cuts=self.cuts)
+        self.state = {s: SlicedNvme(self.folder, state_stem(name, s), self.numels, state_dtype, writers,
+                                    engine=engine, pin=False, create=True, cuts=self.cuts, lock=False)
+                      for s in state_names} if self.numels else {}
+        """A stateful optimizer's state files, never written yet (every unit's state reads as zeros)."""
+
+    def read_state(self, name: str, unit: int) -> torch.Tensor:
+        """State buffer ``name`` of ``unit`` (every writer's slice; zeros where none was written), in a new host
+        buffer."""
+        files = self.state[name]
+        files.refresh()  # the workers switched markers as they wrote their slices back
+        flat = torch.zeros(self.numels[unit], dtype=files.store.dtype)
+        files.read(unit, flat, unwritten_zero=True)
+        return flat
+
+    def state_tensors(self, prefix: str) -> dict[str, Deferred]:
+        """Every NVMe-homed unit's state by its snapshot name (``prefix`` + ``<buffer>/<parameter>``), each read
+        when loaded: one unit's buffer in host memory at a time."""
+        out: dict[str, Deferred] = {}
+        for s, files in self.state.items():
+            deferred = deferred_units({k: self.layouts[k] for k in self.units}, files.store.dtype,
+                                      lambda k, s=s: self.read_state(s, k))
+            out.update({f"{prefix}{s}/{n}": d for n, d in deferred.items()})
+        return out
 
     @property
     def units(self) -> list[int]:
@@ -153,5 +178,7 @@ class NodeNvme:
         folder."""
         try:
             remove_frozen_files(self.folder)
+            for files in self.state.values():
+                files.close(remove=True)
         finally:
             self.files.close(remove=True)

@@ -29,8 +29,8 @@ import torch
 from zo2.control.nvme_store import NodeNvme, check_nvme_job, place_units
 from zo2.errors import ResourceError
 from zo2.offload.markers import StoreMarkers, layout_digest
-from zo2.offload.state import STEP_KEY, StateArea, load_views, state_views
-from zo2.offload.store import ALIGN, layout_numel, new_store_name, pack_layout
+from zo2.offload.state import PREFIX, STEP_KEY, StateArea, load_views, state_views
+from zo2.offload.store import ALIGN, ParameterStore, layout_numel, new_store_name, pack_layout
 from zo2.offload.nvme_slices import cuts_digest
 from zo2.offload.tiered import host_blocks
 
@@ -108,7 +108,6 @@ class NodeStore:
         from zo2.models.units import build_units
         from zo2.offload.arith import segment_table
         from zo2.models.base import adapter_for
-        from zo2.offload.store import ParameterStore
         from zo2.optim.optimizers import build_optimizer
         from zo2.optim.update import math_dtype
 
@@ -140,7 +139,7 @@ class NodeStore:
         files = [k for k in on_nvme if self.units[k].owned]  # whole-frozen units: only the worker's base files
         by_piece = {k: self.units[k].slots for k in files} if nvme_by_piece(config, writers) else None
         self.nvme = NodeNvme(tiers, self.name, {k: self.layouts[k] for k in files}, dtype, writers,
-                             writers * ALIGN, by_piece) if on_nvme else None  # the folder's lock and disk first
+                             writers * ALIGN, by_piece, names, math_dtype(dtype)) if on_nvme else None  # lock, disk
         self.store = ParameterStore.from_blocks(host_blocks(blocks, on_nvme), dtype, pin=False, shared=True,
                                                 create=True, name=self.name, pad_to=writers * ALIGN)
         self.markers = StoreMarkers(self.name, len(self.units), writers, create=True)
@@ -156,16 +155,16 @@ class NodeStore:
                               tuple(on_nvme), cuts_digest(self.nvme.cuts) if self.nvme else "")
 
     def _place(self, tiers: Any, dtype: torch.dtype, writers: int, frozen: Sequence[int]) -> list[int]:
-        """The units homed on NVMe (none without ``tiers.nvme_path``), each one's bytes counted with its frozen
-        base weights (``frozen``: the workers keep those in host memory, or in files beside these on NVMe);
-        ConfigError where the job cannot have any."""
+        """The units homed on NVMe (none without ``tiers.nvme_path``), each one's bytes counted with its optimizer
+        state (homed with it) and its frozen base weights (``frozen``: the workers keep those in host memory, or in
+        files beside these on NVMe); ConfigError where the job cannot have any."""
         if tiers is None or tiers.nvme_path is None:
             return []
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = torch.empty((), dtype=dtype).element_size() + self.optimizer.state_bytes(dtype)  # with the state
         pad = writers * ALIGN
         sizes = [-(-layout_numel(layout) // pad) * pad * itemsize + f for layout, f in zip(self.layouts, frozen)]
         on_nvme = place_units(self.units, sizes, tiers, self.config.prefetch, writers)
-        check_nvme_job(on_nvme, self.optimizer, any(frozen[k] for k in on_nvme), writers)
+        check_nvme_job(on_nvme, any(frozen[k] for k in on_nvme), writers)
         return on_nvme
 
     @property
@@ -202,7 +201,8 @@ class NodeStore:
         copy), as :meth:`zo2.ZOEngine.optimizer_state` names it; empty when stateless."""
         if self.state is None:
             return {}
-        return {**self._state_views(), STEP_KEY: torch.tensor(self.state.count, dtype=torch.int64)}
+        on_nvme = self.nvme.state_tensors(PREFIX) if self.nvme is not None else {}  # read when the writer asks
+        return {**self._state_views(), **on_nvme, STEP_KEY: torch.tensor(self.state.count, dtype=torch.int64)}
 
     def _state_views(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -283,9 +283,12 @@ class NodeStore:
                 if rebuild:
                     slices = [((0, self.numel(k)), self._reload(k, flat, snapshot, fill_base))]
                 counts["rebuilt" if rebuild else "caught_up"] += 1
-                final_count = self._replay(k, flat, slices, records, step, kernels, device, start_count)
+                state = self._unit_state(k, snapshot) if self.state is not None else None
+                final_count = self._replay(k, flat, slices, records, step, kernels, device, start_count, state)
                 if nvme:
                     self.nvme.write(k, flat, step)
+                    for name, files in self.nvme.state.items():  # the unit's state, homed beside it
+                        files.write(k, state[name], step)
             self.markers.table[k, :, 0] = step
             self.markers.table[k, :, 1] = 0
         if self.state is not None:
@@ -312,9 +315,10 @@ class NodeStore:
         return [int(h) for h in held], False
 
     def _replay(self, k: int, flat: torch.Tensor, slices: list, records: Sequence[dict], step: int, kernels: Any,
-                device: torch.device, start_count: int) -> int:
+                device: torch.device, start_count: int, buffers: dict[str, torch.Tensor] | None = None) -> int:
         """Replay the logged updates from each slice's first step to ``step`` on ``slices`` ((lo, hi), first) of
-        unit ``k``'s buffer ``flat``; returns the optimizer state's update count after them."""
+        unit ``k``'s buffer ``flat`` (and on its optimizer state ``buffers``, by name); returns the optimizer
+        state's update count after them."""
         from zo2.offload.arith import update_flat
         from zo2.optim.optimizers import UnitState
         from zo2.train.checkpoint import replay_updates
@@ -327,18 +331,31 @@ class NodeStore:
             target = flat[lo:hi]
             work = target.to(device) if device.type != "cpu" else target
             state = None
-            if self.state is not None:  # always the whole unit (rebuilt)
-                state = UnitState({n: b.to(device) for n, b in self.state.buffers(k).items()}, start_count)
+            if buffers is not None:  # always the whole unit (rebuilt)
+                state = UnitState({n: b.to(device) for n, b in buffers.items()}, start_count)
             replay_updates(lambda u: update_flat(kernels, self.config, work, table, u, self.optimizer, state),
                            records, first, step + 1)
             if work is not target:
                 target.copy_(work)
             if state is not None:
-                for n, b in self.state.buffers(k).items():
+                for n, b in buffers.items():
                     if state.buffers[n] is not b:  # replayed on another device
                         b.copy_(state.buffers[n])
                 count = state.count
         return count
+
+    def _unit_state(self, k: int, snapshot: Any) -> dict[str, torch.Tensor]:
+        """Unit ``k``'s optimizer state to replay on, as of ``snapshot`` (zero without one): the area's buffers
+        (:meth:`_reload_state` filled them), or, for an NVMe-homed unit, new host buffers filled here."""
+        if not self.on_nvme(k) or not self.nvme.state:
+            return self.state.buffers(k)
+        out = {}
+        for name in self.state.names:
+            out[name] = self.nvme.buffer(k).to(self.state.stores[name].dtype)
+            if snapshot is not None:
+                for seg, view in ParameterStore.views(out[name], self.nvme.layouts[k]).items():
+                    view.copy_(snapshot.tensors[f"{PREFIX}{name}/{seg}"])
+        return out
 
     def _reload_state(self, snapshot: Any) -> None:
         """The optimizer state from ``snapshot`` (its ``optimizer/...`` tensors), or zero at the start."""

@@ -54,6 +54,7 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
             residence = _node_blocks(inputs, node, units, device)
         residence.frozen_files = frozen_files_for(inputs, frozen, device, one_writer)
         residence.streamer.attach_frozen(residence.frozen_files)
+        residence.node = node
         return residence
     ring = beside.ring if isinstance(beside, RingStreamer) else None
     if node is None:
@@ -67,7 +68,7 @@ def nvme_residence_for(inputs: Any, units: Sequence[Any], device: torch.device, 
         shared = beside_frozen.streamer.ring if beside_frozen is not None else None
         pieces = FrozenPieces(files, roots, device, prefetch, ring=shared)
     residence = nvme_piece_residence(store, units, device, prefetch, ring, pieces, **extra)
-    residence.frozen_files = files
+    residence.frozen_files, residence.node = files, node
     if node is not None:
         residence.streamer.marks, residence.owner = node.marks, node.owner
     return residence

@@ -1,6 +1,6 @@
 """A stateful optimizer's state on the NVMe tier: the momentum or Adam's moments of the NVMe-homed blocks, in
-files beside their weights (blocks streamed whole or one matrix at a time; one process, or a torchrun node's
-processes each moving its slice).
+files beside their weights (blocks streamed whole or one matrix at a time; one process, or a node's processes
+each moving its slice: torchrun, zo2 launch).
 
 zo-sgd-momentum keeps one float32 buffer per parameter element and zo-adam two: for a model whose weights pass
 host memory the state passes it two to four times over, so the blocks whose weights live on NVMe keep their state
@@ -20,11 +20,12 @@ lockstep with the block's weights, as the node state area's streamers do:
 One file per buffer, not the buffers back to back: a snapshot writes the state by name (every block's ``exp_avg``,
 then every block's ``exp_avg_sq``), so each file is read once.
 
-With several processes per node (torchrun, sliced transfers) the files are the node's, cut as the weights' node
-files are (zo2.offload.nvme_slices.SlicedNvme: one file pair per block and writer, the same ranges): the node's
-first process makes them (:func:`node_state_files`), each process streams, updates and writes back its slice of
-every block's state (the update of a slice needs only that slice's state: nothing is gathered), snapshots read
-every writer's slices and a resume writes each process's own.
+With several processes per node (torchrun, sliced transfers) and under zo2 launch the files are the node's, cut as
+the weights' node files are (zo2.offload.nvme_slices.SlicedNvme: one file pair per block and writer, the same
+ranges): the node's first process makes them (:func:`node_state_files`), or the scheduler
+(zo2.control.nvme_store.NodeNvme, which rebuilds them with the weights after a failure); each process streams,
+updates and writes back its slice of every block's state (the update of a slice needs only that slice's state:
+nothing is gathered), snapshots read every writer's slices and a resume writes each process's own.
 
 A run starts from zero state: the markers a previous run left are removed (new node files have none) and a block
 never written reads as zeros, so nothing is written at the start. Snapshots read each block's state from its file when the writer asks for
@@ -51,6 +52,11 @@ from zo2.offload.tiered import NvmeStreamer, tier_engine
 STATE_STEM = "state-"
 """One process's files: ``state-<buffer>-<k>.a``, ``.b`` and ``.json``, block k of the NVMe-homed ones (a node's:
 ``<the weights' node name>-state-<buffer>-unit<k>-w<writer>``)."""
+
+
+def state_stem(name: str, buffer: str) -> str:
+    """The node files' name of state buffer ``buffer`` beside the weights' node files ``name``."""
+    return f"{name}-state-{buffer}"
 
 
 @dataclass
@@ -113,17 +119,19 @@ def own_state_files(names: Sequence[str], layouts: Sequence[Sequence[Segment]], 
 
 
 def node_state_files(names: Sequence[str], weights: SlicedNvme, name: str, writer: int, homes: Sequence[int],
-                     dtype: torch.dtype, engine: Callable[[], Any], pin: bool, comm: Any) -> dict[str, StateFiles]:
-    """A torchrun node's state files: per buffer the node's files cut as the weights' (``weights``: every writer's
-    slices of them, named ``name``), made by the node's first process (the folder's lock is the weights'), each
-    process streaming slice ``writer`` of the blocks ``homes``."""
+                     dtype: torch.dtype, engine: Callable[[], Any], pin: bool, comm: Any, make: bool
+                     ) -> dict[str, StateFiles]:
+    """A node's state files: per buffer the node's files cut as the weights' (``weights``: this process's slices of
+    them, named ``name``), each process streaming slice ``writer`` of the blocks ``homes``; made here by a torchrun
+    node's first process (``make``: the folder's lock is the weights'), else by the scheduler (zo2 launch)."""
     files = {}
     for s in names:
-        stem = f"{name}-state-{s}"
+        stem = state_stem(name, s)
         args = (weights.folder, stem, weights.numels, dtype, weights.writers)
         cut = dict(cuts=weights.cuts)
         owner = made_by_first(comm, lambda: SlicedNvme(*args, engine=engine(), pin=False, create=True, lock=False,
-                                                       **cut), f"making the optimizer state's NVMe files ({s})")
+                                                       **cut), f"making the optimizer state's NVMe files ({s})") \
+            if make else None
         mine = SlicedNvme(*args, engine=engine(), pin=pin, writer=writer, **cut)
         whole = SlicedNvme(*args, engine=mine.store.engine, pin=False, **cut)
         files[s] = StateFiles(mine.store, whole=whole, mine=mine, owner=owner, homes=list(homes))
@@ -270,13 +278,13 @@ def nvme_state_for(inputs: Any, nvme: Any, device: torch.device) -> "NvmeState |
 
     piecewise = isinstance(nvme, PiecewiseResidence)
     pieces = dict(pieces=nvme.streamer.store.pieces, pass_order=nvme.pass_order) if piecewise else {}
-    if nvme.whole is None:  # one process's files of whole blocks
+    node, spec = nvme.node, inputs.store_spec
+    if node is None:  # one process's files of whole blocks
         files = own_state_files(names, layouts, dtype, inputs.tiers.nvme_path, engine, pin)
         return NvmeState(names, units, layouts, [layout_numel(x) for x in layouts], files, device,
                          inputs.config.prefetch, **pieces)
-    homes = [next(i for i, v in enumerate(inputs.units) if v is u) for u in units]  # as the weights' node files
-    files = node_state_files(names, nvme.whole, shared_store_name(inputs.comm), nvme.writer, homes, dtype, engine,
-                             pin, inputs.comm)
-    return NvmeState(names, units, layouts, [nvme.whole.numels[h] for h in homes], files, device,
-                     inputs.config.prefetch, ranges=nvme.streamer.ranges, writers=nvme.whole.writers,
-                     barrier=nvme.barrier, **pieces)
+    name = spec.name if spec is not None else shared_store_name(inputs.comm)  # as the weights' node files
+    files = node_state_files(names, node.mine, name, node.writer, node.homes, dtype, engine, pin, inputs.comm,
+                             make=spec is None)
+    return NvmeState(names, units, layouts, node.numels, files, device, inputs.config.prefetch,
+                     ranges=nvme.streamer.ranges, writers=node.mine.writers, barrier=nvme.barrier, **pieces)

@@ -309,7 +309,7 @@ class OptimizerState:
         and the update count."""
         self.invalidate()
         for unit in self.units:
-            if unit.store_index is None:
+            if unit.store_index is None and not self._on_nvme(unit):  # NVMe-homed: streamed from its files
                 src, dst = self.area.buffers(unit.home), self.states[unit.name].buffers
                 for name in self.names:
                     dst[name].copy_(src[name][:dst[name].numel()])
@@ -322,7 +322,7 @@ class OptimizerState:
         share of each resident unit's state (``lo_hi(numel)``, as the weights) and the count into the area."""
         self.synchronize()
         for unit in self.units:
-            if unit.store_index is None:
+            if unit.store_index is None and not self._on_nvme(unit):  # NVMe-homed: its files are home already
                 src, dst = self.states[unit.name].buffers, self.area.buffers(unit.home)
                 for name in self.names:
                     lo, hi = lo_hi(dst[name].numel())

@@ -293,6 +293,9 @@ class FileHome:
 
     owner: SlicedNvme | None = None
     """A torchrun node's first process: the node's files, whose folder it locks and which it deletes at the end."""
+    node: Any = None
+    """The node's files where its processes share them (zo2.offload.nvme_slices.NodeFiles: torchrun, zo2 launch),
+    or None (one process's own files)."""
     def close(self) -> None:
         super().close()  # the residence's frozen files (a PEFT base's)
         self.streamer.close()

@@ -128,17 +128,6 @@ def place_tiers_for(inputs: Any, plan: Plan, frozen: list, creates_store: bool) 
     return plan
 
 
-def refuse_state_on_nvme(optimizer: Any, how: str, blocks: int | None = None) -> NoReturn:
-    """The ConfigError of a stateful optimizer whose blocks (``blocks`` of them, where counted) need the NVMe
-    tier ``how`` (e.g. 'under zo2 launch'), where it does not hold optimizer state: it does under zo2 train and
-    torchrun (zo2.offload.nvme_state)."""
-    beyond = "" if blocks is None else f"; {blocks} blocks do not fit offload.host_memory_budget"
-    raise ConfigError(f"offload.nvme_path: {optimizer.name} keeps {', '.join(optimizer.state_names)}, and the NVMe "
-                      f"tier holds optimizer state under zo2 train and torchrun, not {how}{beyond}. Run it with "
-                      "zo2 train or torchrun, use zo-sgd, zo-sgd-sign or zo-sgd-conservative, or raise "
-                      "offload.host_memory_budget.")
-
-
 def refuse_base_on_nvme(processes: str) -> NoReturn:
     """The ConfigError of a PEFT base past the host budget with ``processes`` (e.g. '2 workers per node'): the
     NVMe tier holds one process's own base files only."""
