@@ -74,48 +74,25 @@ def test_one_matrix_at_a_time_from_nvme_equals_resident_on_cuda(tmp_path, k):
 
 
 @pytest.mark.parametrize("granularity", ["block", "matrix"])
-def test_lora_with_its_base_on_nvme_equals_resident_on_cuda(tmp_path, granularity):
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_a_peft_base_on_nvme_equals_resident_on_cuda(tmp_path, method, granularity):
     """The NVMe-homed blocks' base weights read into pinned staging buffers and uploaded on the H2D stream (a buffer
-    read into again only after the H2D events of the uploads out of it), with the block or a reader at a time."""
+    read into again only after the H2D events of the uploads out of it), with the block or a reader at a time;
+    prompt-tuned (whole-frozen) blocks stream with the host-homed ones, their weights read through
+    zo2.offload.nvme_frozen.TieredFrozen."""
     pytest.importorskip("peft", reason="peft is not installed")
     from zo2.config.peft import PeftConfig
     from zo2.models.peft_adapter import apply_peft
 
     base = tiny_model("llama", seed=7, num_hidden_layers=8).to(torch.bfloat16)
-    lora = PeftConfig(method="lora", r=4)
+    peft = PeftConfig(method="lora", r=4) if method == "lora" else PeftConfig(method=method, num_virtual_tokens=4)
     cfg = dict(storage_dtype="bf16", compute_dtype="bf16")
-    resident = _engine(apply_peft(clone_model(base), lora, "llama", seed=3), offload=False, **cfg)
-    host = _engine(apply_peft(clone_model(base), lora, "llama", seed=3), offload=True, **cfg)
+    resident = _engine(apply_peft(clone_model(base), peft, "llama", seed=3), offload=False, **cfg)
+    host = _engine(apply_peft(clone_model(base), peft, "llama", seed=3), offload=True, **cfg)
     block = max(host.plan.block_bytes)
     tiers = OffloadConfig(nvme_path=str(tmp_path), host_memory_budget=staging_buffers(1) * round_up(block) + 2 * block,
                           nvme_engine="auto")
-    nvme = _engine(apply_peft(clone_model(base), lora, "llama", seed=3), tiers, offload=True,
-                   stream_granularity=granularity, **cfg)
-    assert nvme.plan.nvme == list(range(2, 8))
-    files = nvme.residences[-1].frozen_files
-    assert files.staging[0].is_pinned()
-    _same_steps(resident, nvme, 6)
-    assert files.bytes_read >= 6 * files.nbytes
-
-
-@pytest.mark.parametrize("granularity", ["block", "matrix"])
-def test_prompt_tuned_blocks_past_the_host_budget_equal_resident_on_cuda(tmp_path, granularity):
-    """Whole-frozen (prompt-tuned) blocks past the host budget: their weights read from files into pinned staging
-    buffers and uploaded with the host-homed blocks' (zo2.offload.nvme_frozen.TieredFrozen), a buffer read into
-    again only after the H2D events of the uploads out of it."""
-    pytest.importorskip("peft", reason="peft is not installed")
-    from zo2.config.peft import PeftConfig
-    from zo2.models.peft_adapter import apply_peft
-
-    base = tiny_model("llama", seed=7, num_hidden_layers=8).to(torch.bfloat16)
-    prompt = PeftConfig(method="prompt", num_virtual_tokens=4)
-    cfg = dict(storage_dtype="bf16", compute_dtype="bf16")
-    resident = _engine(apply_peft(clone_model(base), prompt, "llama", seed=3), offload=False, **cfg)
-    host = _engine(apply_peft(clone_model(base), prompt, "llama", seed=3), offload=True, **cfg)
-    block = max(host.plan.block_bytes)
-    tiers = OffloadConfig(nvme_path=str(tmp_path), host_memory_budget=staging_buffers(1) * round_up(block) + 2 * block,
-                          nvme_engine="auto")
-    nvme = _engine(apply_peft(clone_model(base), prompt, "llama", seed=3), tiers, offload=True,
+    nvme = _engine(apply_peft(clone_model(base), peft, "llama", seed=3), tiers, offload=True,
                    stream_granularity=granularity, **cfg)
     assert nvme.plan.nvme == list(range(2, 8))
     files = next(r.frozen_files for r in nvme.residences if getattr(r, "frozen_files", None) is not None)
