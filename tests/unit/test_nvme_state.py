@@ -176,9 +176,9 @@ def test_zo2_train_with_adam_on_nvme_saves_and_resumes_the_same_run(tmp_path):
 
 @pytest.mark.slow
 def test_host_memory_stays_under_the_budget_with_adams_state_larger_than_it(tmp_path):
-    """48 fp32 blocks of ~12.6 MB with zo-adam (their moments twice that), a host budget of 5 blocks with their
-    state: building, filling, two steps and a snapshot never hold the weights or the moments (a copy of either
-    would pass the bound)."""
+    """48 fp32 blocks of ~12.6 MB with zo-adam (their moments twice that: 1.2 GB), a host budget of 5 blocks with
+    their state: building, filling, two steps and a snapshot never hold the moments (a copy of them would pass the
+    bound by 40 % and more; the snapshot used to make one, and grew 1.6 GB). The weights' bound is test_nvme_residence's."""
     from transformers import AutoConfig
 
     from test_snapshot_stream import peak_growth
@@ -204,8 +204,9 @@ def test_host_memory_stays_under_the_budget_with_adams_state_larger_than_it(tmp_
         save_snapshot(tmp_path / "run", 2, engine.snapshot_tensors(), {"data": 2})
     assert len(engine.plan.nvme) >= 46
     p = engine.plan
-    # on a CPU the device's slots and working reserve are host memory too
-    bound = p.host_budget + p.slot_bytes + p.reserve_bytes + p.fixed_bytes + (64 << 20)
-    assert bound < 48 * block / 3, "a copy of the weights alone (a third) must pass what the test allows"
+    # on a CPU the device's slots and working reserve are host memory too; the snapshot holds one block's buffer of
+    # each moment and a bounce buffer per file store; and the I/O threads' allocator arenas vary by ±60 MB
+    bound = p.host_budget + p.slot_bytes + p.reserve_bytes + p.fixed_bytes + 2 * block + (192 << 20)
+    assert bound < 0.7 * 48 * block * 2 / 3, "a copy of the moments must pass what the test allows by far"
     assert grown[0] < bound, f"grew anonymous memory by {grown[0] / 1e6:.0f} MB; the bound is {bound / 1e6:.0f} MB"
     engine.close()
