@@ -100,11 +100,7 @@ class NodeNvme:
     def read_state(self, name: str, unit: int) -> torch.Tensor:
         """State buffer ``name`` of ``unit`` (every writer's slice; zeros where none was written), in a new host
         buffer."""
-        files = self.state[name]
-        files.refresh()  # the workers switched markers as they wrote their slices back
-        flat = torch.zeros(self.numels[unit], dtype=files.store.dtype)
-        files.read(unit, flat, unwritten_zero=True)
-        return flat
+        return self.state[name].read_whole(unit, unwritten_zero=True)
 
     def state_tensors(self, prefix: str) -> dict[str, Deferred]:
         """Every NVMe-homed unit's state by its snapshot name (``prefix`` + ``<buffer>/<parameter>``), each read
@@ -137,10 +133,7 @@ class NodeNvme:
 
     def read(self, unit: int) -> torch.Tensor:
         """The unit's current weights (every writer's slice, as its marker names it), in a new host buffer."""
-        self.files.refresh()  # the workers switched markers as they wrote their slices back
-        flat = self.buffer(unit)
-        self.files.read(unit, flat)
-        return flat
+        return self.files.read_whole(unit)
 
     def write(self, unit: int, flat: torch.Tensor, step: int) -> None:
         """Store ``flat`` as the unit's weights after ``step`` (every slice, crash-safely)."""

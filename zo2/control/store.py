@@ -351,7 +351,7 @@ class NodeStore:
             return self.state.buffers(k)
         out = {}
         for name in self.state.names:
-            out[name] = self.nvme.buffer(k).to(self.state.stores[name].dtype)
+            out[name] = torch.zeros(self.nvme.numels[k], dtype=self.state.stores[name].dtype)
             if snapshot is not None:
                 for seg, view in ParameterStore.views(out[name], self.nvme.layouts[k]).items():
                     view.copy_(snapshot.tensors[f"{PREFIX}{name}/{seg}"])

@@ -135,6 +135,14 @@ class SlicedNvme:
                 out[lo:hi].copy_(mine[at : at + hi - lo])
                 at += hi - lo
 
+    def read_whole(self, unit: int, unwritten_zero: bool = False) -> torch.Tensor:
+        """The unit's current padded buffer in a new host tensor: the markers read again (the writers switch them as
+        they write their slices back), then :meth:`read`."""
+        self.refresh()
+        flat = torch.zeros(self.numels[unit], dtype=self.store.dtype)
+        self.read(unit, flat, unwritten_zero)
+        return flat
+
     def write(self, unit: int, flat: torch.Tensor, step: int, writers: Sequence[int] | None = None) -> None:
         """Store the slices of ``flat`` (the unit's padded buffer) as holding ``step``: every writer's, or those of
         ``writers``; each crash-safely (:meth:`NvmeStore.write`)."""

@@ -35,6 +35,7 @@ time. The files are deleted when the engine closes: no run starts from them (a r
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -75,11 +76,10 @@ class StateFiles:
 
     def read(self, k: int, numel: int) -> torch.Tensor:
         """Block ``k``'s whole state buffer (``numel``, zeros where nothing was written yet)."""
+        if self.whole is not None:  # every writer's slices
+            return self.whole.read_whole(self.homes[k], unwritten_zero=True)
         flat = torch.zeros(numel, dtype=self.store.dtype)
-        if self.whole is not None:
-            self.whole.refresh()  # the other processes switched their markers as they wrote
-            self.whole.read(self.homes[k], flat, unwritten_zero=True)
-        elif self.store.current(k) is not None:
+        if self.store.current(k) is not None:
             self.store.read(k, flat)
         return flat
 
@@ -162,6 +162,8 @@ class NvmeState:
         """One matrix at a time: the weights' pieces, (unit k, lo, hi) each, as their residence's streamer numbers
         them."""
         self._pass_order = pass_order
+        self._pieces_of = Counter(k for k, _, _ in self.pieces or ())
+        """One matrix at a time: block → its number of pieces."""
         self._left: dict[int, int] = {}
         """One matrix at a time: block → its pieces not yet updated in this visit."""
         self.streamers: dict[str, Any] = {}
@@ -214,7 +216,7 @@ class NvmeState:
         for streamer in self.streamers.values():
             streamer.write_back(piece, step)
             streamer.release(piece)
-        left = self._left.get(k, sum(1 for unit, _, _ in self.pieces if unit == k)) - 1
+        left = self._left.get(k, self._pieces_of[k]) - 1
         self._left[k] = left
         if left == 0:
             del self._left[k]
